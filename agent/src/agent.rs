@@ -1,0 +1,149 @@
+//! `ferry agent`: wires discovery -> state -> datapath + proxy, and runs until SIGTERM.
+
+use std::{collections::HashMap, path::PathBuf, sync::Arc};
+
+use anyhow::Context;
+use tokio::{
+    net::TcpListener,
+    signal::unix::{SignalKind, signal},
+};
+
+use crate::{
+    config::{self, Config},
+    datapath::Datapath,
+    discovery::StaticFile,
+    inpod::PodNetns,
+    proxy::{PodHandle, PodListeners, Proxy},
+    state::{State, StateHandle, Workload},
+    telemetry::Telemetry,
+};
+
+/// A local workload being captured and served.
+struct RunningPod {
+    spec: config::Workload,
+    netns_cookie: u64,
+    _handle: PodHandle,
+}
+
+struct Agent {
+    datapath: Datapath,
+    proxy: Proxy,
+    state: StateHandle,
+    telemetry: Arc<Telemetry>,
+    pods: HashMap<String, RunningPod>,
+}
+
+pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
+    let source = StaticFile { path: config_path };
+    let config = source.read()?;
+    let (datapath, orig_dst, counters) = Datapath::load().context("loading the eBPF programs")?;
+    let telemetry = Telemetry::new(counters);
+    for addr in [config.metrics_addr, config.readiness_addr] {
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
+        tokio::spawn(telemetry.clone().serve(listener));
+    }
+    let state = StateHandle::new(State::from_config(&config));
+    let proxy = Proxy::new(state.clone(), orig_dst, telemetry.proxy.clone());
+    let mut agent = Agent {
+        datapath,
+        proxy,
+        state,
+        telemetry,
+        pods: HashMap::new(),
+    };
+    agent.reconcile(&config);
+    agent.telemetry.set_ready(true);
+    tracing::info!(node = %config.node, workloads = agent.pods.len(), "ready");
+
+    let mut hangup = signal(SignalKind::hangup())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    loop {
+        tokio::select! {
+            _ = hangup.recv() => match source.read() {
+                Ok(config) => {
+                    agent.state.store(State::from_config(&config));
+                    agent.reconcile(&config);
+                    tracing::info!(workloads = agent.pods.len(), "config reloaded");
+                }
+                Err(e) => tracing::error!("config reload rejected, the previous config stays in force: {e}"),
+            },
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+        }
+    }
+    agent.shutdown();
+    Ok(())
+}
+
+impl Agent {
+    /// Makes the captured pods match the config's local meshed workloads.
+    fn reconcile(&mut self, config: &Config) {
+        let desired: HashMap<String, &config::Workload> = config
+            .local_meshed_workloads()
+            .map(|w| (format!("{}/{}", w.namespace, w.name), w))
+            .collect();
+        let stale: Vec<String> = self
+            .pods
+            .iter()
+            .filter(|(key, pod)| desired.get(*key).is_none_or(|w| **w != pod.spec))
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in stale {
+            self.stop_pod(&key);
+        }
+        for (key, spec) in desired {
+            if self.pods.contains_key(&key) {
+                continue;
+            }
+            match self.start_pod(spec) {
+                Ok(pod) => {
+                    tracing::info!(workload = %key, netns_cookie = pod.netns_cookie, "workload captured");
+                    self.pods.insert(key, pod);
+                }
+                // One bad workload must not keep the others from being served.
+                Err(e) => tracing::error!(workload = %key, "cannot capture workload: {e:#}"),
+            }
+        }
+        self.telemetry.meshed_workloads.set(self.pods.len() as i64);
+    }
+
+    fn start_pod(&mut self, spec: &config::Workload) -> anyhow::Result<RunningPod> {
+        // Config validation guarantees both paths for local workloads.
+        let netns_path = spec.netns.as_deref().context("no netns")?;
+        let cgroup = spec.cgroup.as_deref().context("no cgroup")?;
+        let netns = PodNetns::open(netns_path)
+            .with_context(|| format!("opening netns {}", netns_path.display()))?;
+        let listeners = PodListeners::bind(&netns).context("binding the pod's listeners")?;
+        self.datapath
+            .attach_pod(&netns, cgroup, &spec.ips, &listeners.inbound_plaintext)?;
+        let netns_cookie = netns.cookie();
+        let handle = self
+            .proxy
+            .serve_pod(Arc::new(Workload::from(spec)), netns, listeners);
+        Ok(RunningPod {
+            spec: spec.clone(),
+            netns_cookie,
+            _handle: handle,
+        })
+    }
+
+    fn stop_pod(&mut self, key: &str) {
+        if let Some(pod) = self.pods.remove(key) {
+            // Detach first so no new connection is redirected to listeners about to close.
+            self.datapath.detach_pod(pod.netns_cookie);
+            tracing::info!(workload = %key, "workload released");
+        }
+    }
+
+    fn shutdown(mut self) {
+        self.telemetry.set_ready(false);
+        let keys: Vec<String> = self.pods.keys().cloned().collect();
+        for key in keys {
+            self.stop_pod(&key);
+        }
+        tracing::info!(attached = self.datapath.attached_pods(), "stopped");
+    }
+}

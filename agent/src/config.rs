@@ -1,0 +1,236 @@
+//! The static configuration file (the embedded default's source of truth).
+//!
+//! Parsing is strict: unknown fields, bad addresses and missing paths are errors that name the
+//! field (with its line) or the path, so a typo never silently changes what is meshed.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+
+/// Default SPIFFE trust domain.
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Config {
+    /// This node's name; workloads whose `node` matches are local and get captured.
+    pub node: String,
+    #[serde(default = "default_trust_domain")]
+    pub trust_domain: String,
+    /// Prometheus metrics listener (in the agent's netns).
+    #[serde(default = "default_metrics_addr")]
+    pub metrics_addr: SocketAddr,
+    /// Readiness listener (`/healthz/ready`).
+    #[serde(default = "default_readiness_addr")]
+    pub readiness_addr: SocketAddr,
+    #[serde(default)]
+    pub workloads: Vec<Workload>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Workload {
+    pub name: String,
+    pub namespace: String,
+    #[serde(default = "default_service_account")]
+    pub service_account: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub ips: Vec<IpAddr>,
+    pub node: String,
+    /// False for a known workload that does not take part in the mesh (gets plain TCP).
+    #[serde(default = "default_true")]
+    pub meshed: bool,
+    /// Local workloads only: the pod's network namespace file (e.g. /run/netns/NAME).
+    pub netns: Option<PathBuf>,
+    /// Local workloads only: the pod's cgroup v2 directory.
+    pub cgroup: Option<PathBuf>,
+}
+
+fn default_trust_domain() -> String {
+    DEFAULT_TRUST_DOMAIN.to_owned()
+}
+fn default_service_account() -> String {
+    "default".to_owned()
+}
+fn default_metrics_addr() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 15020))
+}
+fn default_readiness_addr() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 15021))
+}
+const fn default_true() -> bool {
+    true
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Syntax {
+        path: PathBuf,
+        source: serde_yaml::Error,
+    },
+    #[error("{path}: {field}: {problem}")]
+    Invalid {
+        path: PathBuf,
+        field: String,
+        problem: String,
+    },
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and validates config text; `path` only labels errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let config: Config = serde_yaml::from_str(text).map_err(|source| ConfigError::Syntax {
+            path: path.to_owned(),
+            source,
+        })?;
+        config
+            .validate()
+            .map_err(|(field, problem)| ConfigError::Invalid {
+                path: path.to_owned(),
+                field,
+                problem,
+            })?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), (String, String)> {
+        let mut seen_ips = BTreeMap::new();
+        for (i, w) in self.workloads.iter().enumerate() {
+            let field = |name: &str| format!("workloads[{i}].{name} ({}/{})", w.namespace, w.name);
+            if w.ips.is_empty() {
+                return Err((field("ips"), "a workload needs at least one IP".into()));
+            }
+            for ip in &w.ips {
+                if let Some(other) = seen_ips.insert(*ip, i) {
+                    return Err((
+                        field("ips"),
+                        format!("{ip} is also used by workloads[{other}]"),
+                    ));
+                }
+            }
+            if w.node != self.node {
+                continue;
+            }
+            for (name, path) in [("netns", &w.netns), ("cgroup", &w.cgroup)] {
+                match path {
+                    None => {
+                        return Err((field(name), "required for a workload on this node".into()));
+                    }
+                    Some(p) if !p.exists() => {
+                        return Err((field(name), format!("{} does not exist", p.display())));
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Workloads on this node that are captured.
+    pub fn local_meshed_workloads(&self) -> impl Iterator<Item = &Workload> {
+        self.workloads
+            .iter()
+            .filter(|w| w.node == self.node && w.meshed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, String> {
+        Config::parse(text, Path::new("test.yaml")).map_err(|e| e.to_string())
+    }
+
+    const REMOTE_ONLY: &str = "
+node: n1
+workloads:
+  - name: a
+    namespace: default
+    serviceAccount: sa-a
+    ips: [10.0.0.1]
+    node: n2
+";
+
+    #[test]
+    fn parses_defaults() {
+        let c = parse(REMOTE_ONLY).unwrap();
+        assert_eq!(c.trust_domain, "cluster.local");
+        assert_eq!(c.metrics_addr.port(), 15020);
+        assert!(c.workloads[0].meshed);
+        assert_eq!(c.local_meshed_workloads().count(), 0);
+    }
+
+    #[test]
+    fn unknown_field_is_named_with_its_line() {
+        let err = parse(&REMOTE_ONLY.replace("    node: n2", "    node: n2\n    colour: red"))
+            .unwrap_err();
+        assert!(err.contains("unknown field `colour`"), "{err}");
+        assert!(err.contains("line 8"), "{err}");
+        assert!(err.starts_with("test.yaml"), "{err}");
+    }
+
+    #[test]
+    fn bad_ip_is_named() {
+        let err = parse(&REMOTE_ONLY.replace("10.0.0.1", "10.0.0.300")).unwrap_err();
+        assert!(err.contains("workloads[0].ips"), "{err}");
+        assert!(err.contains("invalid IP address"), "{err}");
+    }
+
+    #[test]
+    fn local_workload_needs_netns() {
+        let err = parse(&REMOTE_ONLY.replace("node: n2", "node: n1")).unwrap_err();
+        assert!(err.contains("workloads[0].netns (default/a)"), "{err}");
+        assert!(err.contains("required"), "{err}");
+    }
+
+    #[test]
+    fn missing_paths_are_named() {
+        let local = REMOTE_ONLY.replace(
+            "node: n2",
+            "node: n1\n    netns: /proc/self/ns/net\n    cgroup: /nonexistent/cg",
+        );
+        let err = parse(&local).unwrap_err();
+        assert!(err.contains("workloads[0].cgroup"), "{err}");
+        assert!(err.contains("/nonexistent/cg does not exist"), "{err}");
+        let local = local.replace("/proc/self/ns/net", "/run/netns/nope-ferry");
+        let err = parse(&local).unwrap_err();
+        assert!(err.contains("workloads[0].netns"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_ip_is_an_error() {
+        let twice = format!(
+            "{REMOTE_ONLY}{}",
+            &REMOTE_ONLY["\nnode: n1\nworkloads:\n".len()..]
+        );
+        let err = parse(&twice).unwrap_err();
+        assert!(err.contains("also used by workloads[0]"), "{err}");
+    }
+
+    #[test]
+    fn missing_required_field() {
+        let err = parse(&REMOTE_ONLY.replace("    namespace: default\n", "")).unwrap_err();
+        assert!(err.contains("missing field `namespace`"), "{err}");
+    }
+}

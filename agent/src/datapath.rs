@@ -1,0 +1,316 @@
+//! The eBPF side of the agent: loads Ferry's programs once, attaches them per meshed pod, and
+//! owns the maps they share with user space.
+//!
+//! Per pod: connect4, getpeername4 and sock_ops on the pod's cgroup; sk_lookup on its netns; its
+//! netns cookie in `MESHED_NETNS`; its inbound plaintext listener in `INBOUND_LISTENERS`.
+//! Links are owned by file descriptors, so they detach when the agent exits.
+
+use std::{
+    collections::HashMap,
+    fs::File,
+    net::{IpAddr, SocketAddr},
+    os::fd::AsRawFd,
+    path::Path,
+    sync::{Arc, Mutex},
+};
+
+use aya::{
+    Ebpf,
+    maps::{self, MapData, PerCpuArray, SockHash},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps,
+        cgroup_sock_addr::CgroupSockAddrLinkId, sk_lookup::SkLookupLinkId, sock_ops::SockOpsLinkId,
+    },
+};
+use aya_log::EbpfLogger;
+use ferry_common::{ConnKey, Counter, IpKey, SockAddr, maps as map_names, programs as prog_names};
+use tokio::io::unix::AsyncFd;
+
+use crate::inpod::PodNetns;
+
+/// The compiled eBPF object, built by agent/build.rs.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ferry-ebpf"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("eBPF program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("eBPF map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("eBPF object has no {0}")]
+    Missing(&'static str),
+    #[error("cannot open cgroup {path}: {source}")]
+    Cgroup {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("pod IP {0} is not IPv4; IPv6 capture is not supported yet")]
+    Ipv6(IpAddr),
+}
+
+/// Links attached for one pod, so the pod can be detached alone.
+#[derive(Debug, Default)]
+struct PodLinks {
+    connect4: Option<CgroupSockAddrLinkId>,
+    getpeername4: Option<CgroupSockAddrLinkId>,
+    sock_ops: Option<SockOpsLinkId>,
+    sk_lookup: Option<SkLookupLinkId>,
+    ips: Vec<IpKey>,
+    registered_netns: bool,
+}
+
+pub struct Datapath {
+    ebpf: Ebpf,
+    meshed_netns: maps::HashMap<MapData, u64, u32>,
+    listeners: SockHash<MapData, IpKey>,
+    pods: HashMap<u64, PodLinks>,
+}
+
+/// Original destinations of redirected connections, shared with the outbound proxy.
+#[derive(Clone)]
+pub struct OrigDstTable(Arc<Mutex<maps::HashMap<MapData, ConnKey, SockAddr>>>);
+
+/// The programs' per-CPU event counters.
+#[derive(Clone)]
+pub struct Counters(Arc<PerCpuArray<MapData, u64>>);
+
+impl Datapath {
+    /// Loads the programs into the kernel and starts forwarding their log lines to `tracing`.
+    /// Nothing is attached yet.
+    pub fn load() -> Result<(Datapath, OrigDstTable, Counters), DatapathError> {
+        let mut ebpf = Ebpf::load(EBPF_OBJECT)?;
+        match EbpfLogger::init(&mut ebpf) {
+            Ok(logger) => spawn_log_forwarder(logger),
+            Err(e) => tracing::warn!("eBPF log forwarding unavailable: {e}"),
+        }
+        for name in [prog_names::CONNECT4, prog_names::GETPEERNAME4] {
+            program::<CgroupSockAddr>(&mut ebpf, name)?
+                .load()
+                .map_err(|source| DatapathError::Program { name, source })?;
+        }
+        program::<SockOps>(&mut ebpf, prog_names::SOCK_OPS)?
+            .load()
+            .map_err(|source| DatapathError::Program {
+                name: prog_names::SOCK_OPS,
+                source,
+            })?;
+        program::<SkLookup>(&mut ebpf, prog_names::SK_LOOKUP)?
+            .load()
+            .map_err(|source| DatapathError::Program {
+                name: prog_names::SK_LOOKUP,
+                source,
+            })?;
+
+        let meshed_netns = take_map(&mut ebpf, map_names::MESHED_NETNS)?;
+        let listeners = take_map(&mut ebpf, map_names::INBOUND_LISTENERS)?;
+        let orig_dst = take_map(&mut ebpf, map_names::ORIG_DST)?;
+        let counters = take_map(&mut ebpf, map_names::COUNTERS)?;
+        let datapath = Datapath {
+            ebpf,
+            meshed_netns,
+            listeners,
+            pods: HashMap::new(),
+        };
+        Ok((
+            datapath,
+            OrigDstTable(Arc::new(Mutex::new(orig_dst))),
+            Counters(Arc::new(counters)),
+        ))
+    }
+
+    /// Starts capturing a pod: registers its netns and inbound listener, then attaches the programs.
+    /// On error nothing of the pod stays attached.
+    pub fn attach_pod(
+        &mut self,
+        netns: &PodNetns,
+        cgroup: &Path,
+        ips: &[IpAddr],
+        inbound_listener: &impl AsRawFd,
+    ) -> Result<(), DatapathError> {
+        let mut links = PodLinks::default();
+        let result = self.attach_links(&mut links, netns, cgroup, ips, inbound_listener);
+        if result.is_err() {
+            self.detach_links(links);
+        } else {
+            self.pods.insert(netns.cookie(), links);
+        }
+        result
+    }
+
+    fn attach_links(
+        &mut self,
+        links: &mut PodLinks,
+        netns: &PodNetns,
+        cgroup: &Path,
+        ips: &[IpAddr],
+        inbound_listener: &impl AsRawFd,
+    ) -> Result<(), DatapathError> {
+        let map_err = |name| move |source| DatapathError::Map { name, source };
+        let cgroup_dir = File::open(cgroup).map_err(|source| DatapathError::Cgroup {
+            path: cgroup.display().to_string(),
+            source,
+        })?;
+
+        // Listener and netns first: a connection captured a moment later must find both.
+        for ip in ips {
+            let IpAddr::V4(v4) = ip else {
+                return Err(DatapathError::Ipv6(*ip));
+            };
+            let key = IpKey::v4(u32::from_ne_bytes(v4.octets()));
+            self.listeners
+                .insert(key, inbound_listener.as_raw_fd(), 0)
+                .map_err(map_err(map_names::INBOUND_LISTENERS))?;
+            links.ips.push(key);
+        }
+        self.meshed_netns
+            .insert(netns.cookie(), 0, 0)
+            .map_err(map_err(map_names::MESHED_NETNS))?;
+        links.registered_netns = true;
+
+        let attach_err = |name| move |source| DatapathError::Program { name, source };
+        links.sk_lookup = Some(
+            program::<SkLookup>(&mut self.ebpf, prog_names::SK_LOOKUP)?
+                .attach(netns.as_fd())
+                .map_err(attach_err(prog_names::SK_LOOKUP))?,
+        );
+        links.getpeername4 = Some(
+            program::<CgroupSockAddr>(&mut self.ebpf, prog_names::GETPEERNAME4)?
+                .attach(&cgroup_dir, CgroupAttachMode::Single)
+                .map_err(attach_err(prog_names::GETPEERNAME4))?,
+        );
+        links.sock_ops = Some(
+            program::<SockOps>(&mut self.ebpf, prog_names::SOCK_OPS)?
+                .attach(&cgroup_dir, CgroupAttachMode::Single)
+                .map_err(attach_err(prog_names::SOCK_OPS))?,
+        );
+        // connect4 last: once it runs, connections are redirected and need everything above.
+        links.connect4 = Some(
+            program::<CgroupSockAddr>(&mut self.ebpf, prog_names::CONNECT4)?
+                .attach(&cgroup_dir, CgroupAttachMode::Single)
+                .map_err(attach_err(prog_names::CONNECT4))?,
+        );
+        Ok(())
+    }
+
+    /// Stops capturing a pod (new connections go direct; open ones are not touched).
+    pub fn detach_pod(&mut self, netns_cookie: u64) {
+        if let Some(links) = self.pods.remove(&netns_cookie) {
+            self.detach_links(links);
+            let _ = self.meshed_netns.remove(&netns_cookie);
+        }
+    }
+
+    fn detach_links(&mut self, links: PodLinks) {
+        // Reverse order of attach: stop redirecting before the listener goes away.
+        let results = [
+            links.connect4.map(|id| {
+                program::<CgroupSockAddr>(&mut self.ebpf, prog_names::CONNECT4)
+                    .and_then(|p| detach(p.detach(id), prog_names::CONNECT4))
+            }),
+            links.sock_ops.map(|id| {
+                program::<SockOps>(&mut self.ebpf, prog_names::SOCK_OPS)
+                    .and_then(|p| detach(p.detach(id), prog_names::SOCK_OPS))
+            }),
+            links.getpeername4.map(|id| {
+                program::<CgroupSockAddr>(&mut self.ebpf, prog_names::GETPEERNAME4)
+                    .and_then(|p| detach(p.detach(id), prog_names::GETPEERNAME4))
+            }),
+            links.sk_lookup.map(|id| {
+                program::<SkLookup>(&mut self.ebpf, prog_names::SK_LOOKUP)
+                    .and_then(|p| detach(p.detach(id), prog_names::SK_LOOKUP))
+            }),
+        ];
+        for err in results.into_iter().flatten().filter_map(Result::err) {
+            tracing::warn!("detaching: {err}");
+        }
+        for key in &links.ips {
+            let _ = self.listeners.remove(key);
+        }
+    }
+
+    /// Number of pods currently captured.
+    pub fn attached_pods(&self) -> usize {
+        self.pods.len()
+    }
+}
+
+fn detach(
+    result: Result<(), aya::programs::ProgramError>,
+    name: &'static str,
+) -> Result<(), DatapathError> {
+    result.map_err(|source| DatapathError::Program { name, source })
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, DatapathError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let program = ebpf.program_mut(name).ok_or(DatapathError::Missing(name))?;
+    program
+        .try_into()
+        .map_err(|source| DatapathError::Program { name, source })
+}
+
+fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(DatapathError::Missing(name))?;
+    T::try_from(map).map_err(|source| DatapathError::Map { name, source })
+}
+
+fn spawn_log_forwarder(logger: EbpfLogger<&'static dyn log::Log>) {
+    // SAFETY: the logger owns its ring buffer's fd, which lives as long as the AsyncFd.
+    let Ok(mut fd) = (unsafe { AsyncFd::register(logger) }) else {
+        tracing::warn!("eBPF log forwarding unavailable: cannot poll the log ring");
+        return;
+    };
+    tokio::spawn(async move {
+        loop {
+            let Ok(mut guard) = fd.readable_mut().await else {
+                return;
+            };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+}
+
+impl OrigDstTable {
+    /// Takes (reads and removes) the original destination of a connection accepted on a pod's
+    /// outbound listener, keyed by the pod's netns and the client's port.
+    pub fn take(&self, netns_cookie: u64, client_port: u16) -> Option<SocketAddr> {
+        let key = ConnKey::new(netns_cookie, client_port);
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let dst = map.get(&key, 0).ok()?;
+        // Removing keeps a stale entry from ever naming the destination of a later connection.
+        let _ = map.remove(&key);
+        let ip = std::net::Ipv4Addr::from(dst.ip[0].to_ne_bytes());
+        Some(SocketAddr::from((ip, dst.port)))
+    }
+}
+
+impl Counters {
+    /// Each counter summed over all CPUs.
+    pub fn read(&self) -> Vec<(Counter, u64)> {
+        Counter::ALL
+            .iter()
+            .map(|&c| {
+                let sum = self
+                    .0
+                    .get(&(c as u32), 0)
+                    .map(|v| v.iter().sum())
+                    .unwrap_or(0);
+                (c, sum)
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,18 @@
+//! Discovery: where the agent learns about workloads. The static file is the embedded default;
+//! each read yields a whole new config, turned into [`State`](crate::state::State) by the agent.
+
+use std::path::PathBuf;
+
+use crate::config::{Config, ConfigError};
+
+/// The static YAML config file, re-read on SIGHUP.
+#[derive(Debug, Clone)]
+pub struct StaticFile {
+    pub path: PathBuf,
+}
+
+impl StaticFile {
+    pub fn read(&self) -> Result<Config, ConfigError> {
+        Config::load(&self.path)
+    }
+}

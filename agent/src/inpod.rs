@@ -1,0 +1,130 @@
+//! Sockets inside pod network namespaces.
+//!
+//! The agent stays in the node's netns. A socket keeps the netns it was created in, so to listen or
+//! connect *as the pod* the creating thread briefly enters the pod's netns with `setns(2)`, makes
+//! the socket, and returns before doing anything else. Everything after creation (bind, connect,
+//! accept) happens on ordinary tokio sockets.
+
+use std::{
+    fs::File,
+    io,
+    net::SocketAddr,
+    os::fd::{AsFd, AsRawFd, BorrowedFd},
+    path::Path,
+    sync::OnceLock,
+};
+
+use ferry_common::AGENT_MARK;
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// `SO_NETNS_COOKIE` (not yet in every libc crate release).
+const SO_NETNS_COOKIE: libc::c_int = 71;
+const LISTEN_BACKLOG: i32 = 1024;
+
+/// An open handle on a pod's network namespace and its kernel cookie.
+#[derive(Debug)]
+pub struct PodNetns {
+    file: File,
+    cookie: u64,
+}
+
+impl PodNetns {
+    /// Opens a netns file (e.g. /run/netns/NAME or /proc/PID/ns/net) and reads its cookie.
+    pub fn open(path: &Path) -> io::Result<PodNetns> {
+        let file = File::open(path)?;
+        let probe = in_netns(file.as_fd(), || {
+            Socket::new(Domain::IPV4, Type::STREAM, None)
+        })?;
+        let cookie = netns_cookie(&probe)?;
+        Ok(PodNetns { file, cookie })
+    }
+
+    /// The kernel's identifier of this netns, as `bpf_get_netns_cookie()` sees it.
+    pub fn cookie(&self) -> u64 {
+        self.cookie
+    }
+
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+
+    /// A non-blocking listener bound inside this netns.
+    pub fn listen(&self, addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
+        let socket = in_netns(self.as_fd(), || new_tcp_socket(addr))?;
+        socket.set_reuse_address(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(LISTEN_BACKLOG)?;
+        tokio::net::TcpListener::from_std(socket.into())
+    }
+
+    /// Connects from inside this netns, with the agent's mark so capture ignores it.
+    pub async fn connect(&self, dst: SocketAddr) -> io::Result<tokio::net::TcpStream> {
+        let socket = in_netns(self.as_fd(), || new_tcp_socket(dst))?;
+        socket.set_mark(AGENT_MARK)?;
+        socket.set_tcp_nodelay(true)?;
+        let stream = tokio::net::TcpSocket::from_std_stream(socket.into());
+        stream.connect(dst).await
+    }
+}
+
+fn new_tcp_socket(addr: SocketAddr) -> io::Result<Socket> {
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking(),
+        Some(Protocol::TCP),
+    )?;
+    socket.set_cloexec(true)?;
+    Ok(socket)
+}
+
+fn netns_cookie(socket: &Socket) -> io::Result<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: valid fd, and a buffer of the size we pass.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+/// The netns the agent lives in, opened once before any thread moves.
+fn home_netns() -> &'static File {
+    static HOME: OnceLock<File> = OnceLock::new();
+    HOME.get_or_init(|| File::open("/proc/self/ns/net").expect("cannot open the agent's own netns"))
+}
+
+/// Runs `f` on the current thread while it is inside `netns`, then returns to the agent's netns.
+/// `f` must only create sockets: it must not block or yield.
+fn in_netns<T>(netns: BorrowedFd<'_>, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+    let home = home_netns();
+    setns(netns)?;
+    let result = f();
+    // A worker thread left in a pod's netns would open later sockets in the wrong pod: never go on.
+    if let Err(e) = setns(home.as_fd()) {
+        eprintln!("ferry: cannot return to the agent's netns: {e}; aborting");
+        std::process::abort();
+    }
+    result
+}
+
+fn setns(netns: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: plain syscall on a valid fd.
+    if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Makes sure the agent's own netns is recorded before threads start entering pods.
+pub fn init() {
+    home_netns();
+}

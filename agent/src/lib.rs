@@ -1,0 +1,12 @@
+//! Ferry's node agent. See docs/architecture.md for where a packet goes and which module does
+//! each step.
+
+pub mod agent;
+pub mod cli;
+pub mod config;
+pub mod datapath;
+pub mod discovery;
+pub mod inpod;
+pub mod proxy;
+pub mod state;
+pub mod telemetry;

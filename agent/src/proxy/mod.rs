@@ -1,0 +1,191 @@
+//! The node-local proxy: one set of listeners inside each meshed pod's netns, one process.
+//!
+//! - [`outbound`]: the pod's app connected somewhere; eBPF redirected it to 127.0.0.1:15001.
+//! - [`tunnel`]: carries an outbound connection to the destination's node.
+//! - [`inbound`]: connections arriving for the pod (15006 plaintext, 15008 HBONE), delivered to the app.
+//! - [`relay`]: copies bytes both ways once both ends are connected.
+
+mod inbound;
+mod outbound;
+mod relay;
+mod route;
+mod tunnel;
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    io,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    sync::{Arc, RwLock},
+};
+
+use ferry_common::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
+use tokio::{net::TcpListener, task::JoinSet};
+
+pub use route::Route;
+
+use crate::{
+    datapath::OrigDstTable,
+    inpod::PodNetns,
+    state::{StateHandle, Workload},
+    telemetry::ProxyMetrics,
+};
+
+/// A meshed pod on this node, as the proxy sees it.
+#[derive(Debug)]
+pub struct LocalPod {
+    pub workload: Arc<Workload>,
+    pub netns: PodNetns,
+}
+
+/// The proxy's listeners inside one pod's netns, bound before capture is attached.
+#[derive(Debug)]
+pub struct PodListeners {
+    outbound: TcpListener,
+    /// Registered with the datapath so sk_lookup can steer inbound connections to it.
+    pub inbound_plaintext: TcpListener,
+    hbone: TcpListener,
+}
+
+impl PodListeners {
+    pub fn bind(netns: &PodNetns) -> io::Result<PodListeners> {
+        let any = |port| SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+        Ok(PodListeners {
+            outbound: netns.listen(SocketAddr::from((Ipv4Addr::LOCALHOST, OUTBOUND_PORT)))?,
+            inbound_plaintext: netns.listen(any(INBOUND_PLAINTEXT_PORT))?,
+            hbone: netns.listen(any(HBONE_PORT))?,
+        })
+    }
+}
+
+#[derive(Clone)]
+pub struct Proxy {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    state: StateHandle,
+    local_pods: RwLock<HashMap<IpAddr, Arc<LocalPod>>>,
+    orig_dst: OrigDstTable,
+    metrics: Arc<ProxyMetrics>,
+}
+
+/// Serving one pod; dropping it closes the pod's listeners (open connections run to their end).
+pub struct PodHandle {
+    proxy: Proxy,
+    pod: Arc<LocalPod>,
+    _accept_loops: JoinSet<()>,
+}
+
+impl Drop for PodHandle {
+    fn drop(&mut self) {
+        let mut pods = self
+            .proxy
+            .inner
+            .local_pods
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        for ip in &self.pod.workload.ips {
+            if pods.get(ip).is_some_and(|p| Arc::ptr_eq(p, &self.pod)) {
+                pods.remove(ip);
+            }
+        }
+    }
+}
+
+impl Proxy {
+    pub fn new(state: StateHandle, orig_dst: OrigDstTable, metrics: Arc<ProxyMetrics>) -> Proxy {
+        Proxy {
+            inner: Arc::new(Inner {
+                state,
+                local_pods: RwLock::default(),
+                orig_dst,
+                metrics,
+            }),
+        }
+    }
+
+    /// Starts accepting on a pod's listeners.
+    pub fn serve_pod(
+        &self,
+        workload: Arc<Workload>,
+        netns: PodNetns,
+        listeners: PodListeners,
+    ) -> PodHandle {
+        let pod = Arc::new(LocalPod { workload, netns });
+        {
+            let mut pods = self
+                .inner
+                .local_pods
+                .write()
+                .unwrap_or_else(|e| e.into_inner());
+            for ip in &pod.workload.ips {
+                pods.insert(*ip, pod.clone());
+            }
+        }
+        let mut loops = JoinSet::new();
+        let inner = &self.inner;
+        loops.spawn(accept_loop(
+            listeners.outbound,
+            pod.clone(),
+            inner.clone(),
+            outbound::handle,
+        ));
+        loops.spawn(accept_loop(
+            listeners.inbound_plaintext,
+            pod.clone(),
+            inner.clone(),
+            inbound::handle_plaintext,
+        ));
+        loops.spawn(accept_loop(
+            listeners.hbone,
+            pod.clone(),
+            inner.clone(),
+            inbound::handle_hbone,
+        ));
+        PodHandle {
+            proxy: self.clone(),
+            pod,
+            _accept_loops: loops,
+        }
+    }
+
+    fn local_pod(&self, ip: IpAddr) -> Option<Arc<LocalPod>> {
+        self.inner
+            .local_pods
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&ip)
+            .cloned()
+    }
+}
+
+async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    pod: Arc<LocalPod>,
+    inner: Arc<Inner>,
+    handler: F,
+) where
+    F: Fn(Proxy, Arc<LocalPod>, tokio::net::TcpStream, SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let proxy = Proxy { inner };
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(handler(proxy.clone(), pod.clone(), stream, peer));
+            }
+            Err(e) => {
+                // Out of fds or memory: back off rather than spin, keep serving.
+                tracing::warn!(pod = %pod.workload.key(), "accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Ports of the proxy itself: a connection *to* one of them on the app's behalf would loop.
+fn is_proxy_port(port: u16) -> bool {
+    matches!(port, OUTBOUND_PORT | INBOUND_PLAINTEXT_PORT | HBONE_PORT)
+}

@@ -1,0 +1,155 @@
+//! Types shared by Ferry's eBPF programs and the user-space agent.
+//!
+//! Everything here is `#[repr(C)]` with explicit padding so both sides agree byte for byte on map
+//! keys and values. Addresses are stored IPv6-sized so IPv6 capture can reuse the same maps.
+#![no_std]
+
+/// `SO_MARK` carried by every socket the agent opens; capture lets these through untouched.
+pub const AGENT_MARK: u32 = 0x539;
+/// In each meshed pod's netns: where outbound connections are redirected (on 127.0.0.1).
+pub const OUTBOUND_PORT: u16 = 15001;
+/// In each meshed pod's netns: where inbound plaintext connections are steered.
+pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
+/// In each meshed pod's netns: the HBONE (mTLS tunnel) listener.
+pub const HBONE_PORT: u16 = 15008;
+
+/// Upper bound on meshed pods per node (size of the per-pod maps).
+pub const MAX_MESHED_PODS: u32 = 4096;
+/// Upper bound on connections whose original destination is remembered at once.
+pub const MAX_TRACKED_CONNECTIONS: u32 = 65536;
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// Map names, as the eBPF object defines them.
+pub mod maps {
+    pub const MESHED_NETNS: &str = "MESHED_NETNS";
+    pub const ORIG_DST_BY_SOCKET: &str = "ORIG_DST_BY_SOCKET";
+    pub const ORIG_DST: &str = "ORIG_DST";
+    pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
+    pub const COUNTERS: &str = "COUNTERS";
+}
+
+/// Program names, as the eBPF object defines them.
+pub mod programs {
+    pub const CONNECT4: &str = "ferry_connect4";
+    pub const SOCK_OPS: &str = "ferry_sock_ops";
+    pub const GETPEERNAME4: &str = "ferry_getpeername4";
+    pub const SK_LOOKUP: &str = "ferry_sk_lookup";
+}
+
+/// An IP address and port. `ip` holds the address in network byte order (IPv4 in `ip[0]`);
+/// `port` is in host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockAddr {
+    pub ip: [u32; 4],
+    pub port: u16,
+    pub family: u16,
+}
+
+impl SockAddr {
+    /// `ip` in network byte order, as the kernel hands it over; `port` in host order.
+    pub const fn v4(ip: u32, port: u16) -> Self {
+        Self {
+            ip: [ip, 0, 0, 0],
+            port,
+            family: AF_INET,
+        }
+    }
+}
+
+/// Key of an IP address (the SOCKHASH of inbound listeners is keyed by pod IP).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct IpKey {
+    pub ip: [u32; 4],
+    pub family: u32,
+}
+
+impl IpKey {
+    pub const fn v4(ip: u32) -> Self {
+        Self {
+            ip: [ip, 0, 0, 0],
+            family: AF_INET as u32,
+        }
+    }
+}
+
+/// Identifies a redirected connection as the agent sees it on accept: the pod's netns and the
+/// app's local (ephemeral) port, which is the peer port of the accepted socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnKey {
+    pub netns_cookie: u64,
+    pub port: u16,
+    pub _pad: [u8; 6],
+}
+
+impl ConnKey {
+    pub const fn new(netns_cookie: u64, port: u16) -> Self {
+        Self {
+            netns_cookie,
+            port,
+            _pad: [0; 6],
+        }
+    }
+}
+
+/// Per-CPU event counters, indexes into the `COUNTERS` array.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Outbound connects rewritten to the pod's outbound listener.
+    Redirected = 0,
+    /// Connects left alone: not TCP, not a meshed netns, or to loopback.
+    Passed = 1,
+    /// Connects left alone because the socket carries the agent's mark.
+    ExemptByMark = 2,
+    /// A redirected connection reached the outbound listener without a stored destination.
+    OrigDstMiss = 3,
+    /// Inbound connections steered to the pod's plaintext listener.
+    InboundSteered = 4,
+    /// Inbound lookups left alone: HBONE port or local traffic.
+    InboundPassed = 5,
+    /// Inbound lookups for an address with no registered listener.
+    InboundNoListener = 6,
+    /// A map update failed in the kernel (the connection went through uncaptured).
+    MapUpdateFailed = 7,
+}
+
+impl Counter {
+    pub const COUNT: u32 = 8;
+    pub const ALL: [Counter; Self::COUNT as usize] = [
+        Counter::Redirected,
+        Counter::Passed,
+        Counter::ExemptByMark,
+        Counter::OrigDstMiss,
+        Counter::InboundSteered,
+        Counter::InboundPassed,
+        Counter::InboundNoListener,
+        Counter::MapUpdateFailed,
+    ];
+
+    /// Stable snake_case name, used in metrics and logs.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::Redirected => "redirected",
+            Counter::Passed => "passed",
+            Counter::ExemptByMark => "exempt_by_mark",
+            Counter::OrigDstMiss => "orig_dst_miss",
+            Counter::InboundSteered => "inbound_steered",
+            Counter::InboundPassed => "inbound_passed",
+            Counter::InboundNoListener => "inbound_no_listener",
+            Counter::MapUpdateFailed => "map_update_failed",
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain `#[repr(C)]` data with explicit padding and no invalid bit patterns.
+    unsafe impl aya::Pod for super::SockAddr {}
+    unsafe impl aya::Pod for super::IpKey {}
+    unsafe impl aya::Pod for super::ConnKey {}
+}

@@ -1,0 +1,193 @@
+//! Ferry's eBPF programs: in-pod, socket-level capture (see docs/architecture.md).
+//!
+//! - `ferry_connect4` (cgroup/connect4): rewrites a meshed pod's outbound TCP connect to the pod's
+//!   outbound listener and remembers the original destination under the socket cookie.
+//! - `ferry_sock_ops` (sockops): when that connection is established, re-keys the destination by
+//!   (netns cookie, client port), which is what the agent knows after `accept()`.
+//! - `ferry_getpeername4` (cgroup/getpeername4): the app's `getpeername()` sees the original destination.
+//! - `ferry_sk_lookup` (sk_lookup, per pod netns): steers inbound connections to the pod's plaintext listener.
+//!
+//! Rare events are logged through aya-log; nothing is logged per packet or per connection.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, sk_action::SK_PASS},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
+    maps::{HashMap, LruHashMap, PerCpuArray, SockHash},
+    programs::{SkLookupContext, SockAddrContext, SockOpsContext},
+};
+use aya_log_ebpf::warn;
+use ferry_common::{
+    AF_INET, AGENT_MARK, ConnKey, Counter, HBONE_PORT, IpKey, MAX_MESHED_PODS,
+    MAX_TRACKED_CONNECTIONS, OUTBOUND_PORT, SockAddr,
+};
+
+const IPPROTO_TCP: u32 = 6;
+/// cgroup/connect4 and getpeername4 verdict: let the call proceed.
+const ALLOW: i32 = 1;
+/// 127.0.0.1 as the kernel stores it (network byte order).
+const LOOPBACK: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
+
+/// Netns cookies of meshed pods (value reserved for flags).
+#[map]
+static MESHED_NETNS: HashMap<u64, u32> = HashMap::with_max_entries(MAX_MESHED_PODS, 0);
+
+/// Original destination by socket cookie: written on connect, read by sock_ops and getpeername.
+#[map]
+static ORIG_DST_BY_SOCKET: LruHashMap<u64, SockAddr> =
+    LruHashMap::with_max_entries(MAX_TRACKED_CONNECTIONS, 0);
+
+/// Original destination by (netns cookie, client port): read and deleted by the agent on accept.
+#[map]
+static ORIG_DST: LruHashMap<ConnKey, SockAddr> =
+    LruHashMap::with_max_entries(MAX_TRACKED_CONNECTIONS, 0);
+
+/// Each meshed pod's inbound plaintext listener, keyed by pod IP.
+#[map]
+static INBOUND_LISTENERS: SockHash<IpKey> = SockHash::with_max_entries(MAX_MESHED_PODS, 0);
+
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
+
+#[inline(always)]
+fn count(counter: Counter) {
+    if let Some(value) = COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: per-CPU slot, no concurrent writer.
+        unsafe { *value += 1 };
+    }
+}
+
+#[inline(always)]
+fn is_loopback(ip_be: u32) -> bool {
+    u32::from_be(ip_be) >> 24 == 127
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn ferry_connect4(ctx: SockAddrContext) -> i32 {
+    redirect_outbound(&ctx);
+    ALLOW
+}
+
+#[inline(always)]
+fn redirect_outbound(ctx: &SockAddrContext) {
+    // SAFETY: the context pointer is valid for the program's run.
+    let addr = unsafe { &mut *ctx.sock_addr };
+    if addr.protocol != IPPROTO_TCP {
+        count(Counter::Passed);
+        return;
+    }
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    if unsafe { MESHED_NETNS.get(&netns) }.is_none() {
+        count(Counter::Passed);
+        return;
+    }
+    let sk = unsafe { addr.__bindgen_anon_1.sk };
+    if !sk.is_null() && unsafe { (*sk).mark } == AGENT_MARK {
+        count(Counter::ExemptByMark);
+        return;
+    }
+    let dst_ip = addr.user_ip4;
+    if is_loopback(dst_ip) {
+        count(Counter::Passed);
+        return;
+    }
+    let dst = SockAddr::v4(dst_ip, u16::from_be(addr.user_port as u16));
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if ORIG_DST_BY_SOCKET.insert(&cookie, &dst, 0).is_err() {
+        count(Counter::MapUpdateFailed);
+        warn!(ctx, "connect4: original-destination map full, connection not captured");
+        return;
+    }
+    addr.user_ip4 = LOOPBACK;
+    addr.user_port = u32::from(OUTBOUND_PORT.to_be());
+    count(Counter::Redirected);
+}
+
+#[sock_ops]
+pub fn ferry_sock_ops(ctx: SockOpsContext) -> u32 {
+    if ctx.op() == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && ctx.family() == u32::from(AF_INET) {
+        record_established(&ctx);
+    }
+    0
+}
+
+#[inline(always)]
+fn record_established(ctx: &SockOpsContext) {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(dst) = (unsafe { ORIG_DST_BY_SOCKET.get(&cookie) }).copied() else {
+        if ctx.remote_ip4() == LOOPBACK && remote_port(ctx) == OUTBOUND_PORT {
+            count(Counter::OrigDstMiss);
+            warn!(ctx, "sock_ops: connection to the outbound listener without a stored destination");
+        }
+        return;
+    };
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // local_port is in host byte order.
+    let key = ConnKey::new(netns, ctx.local_port() as u16);
+    if ORIG_DST.insert(&key, &dst, 0).is_err() {
+        count(Counter::MapUpdateFailed);
+        warn!(ctx, "sock_ops: original-destination map update failed");
+    }
+}
+
+/// sock_ops `remote_port` is in network order; depending on the kernel in the low or high 16 bits.
+#[inline(always)]
+fn remote_port(ctx: &SockOpsContext) -> u16 {
+    let raw = ctx.remote_port();
+    let be = if raw > 0xffff { raw >> 16 } else { raw };
+    u16::from_be(be as u16)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn ferry_getpeername4(ctx: SockAddrContext) -> i32 {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if let Some(dst) = unsafe { ORIG_DST_BY_SOCKET.get(&cookie) }.copied() {
+        let addr = unsafe { &mut *ctx.sock_addr };
+        addr.user_ip4 = dst.ip[0];
+        addr.user_port = u32::from(dst.port.to_be());
+    }
+    ALLOW
+}
+
+#[sk_lookup]
+pub fn ferry_sk_lookup(ctx: SkLookupContext) -> u32 {
+    steer_inbound(&ctx);
+    SK_PASS
+}
+
+#[inline(always)]
+fn steer_inbound(ctx: &SkLookupContext) {
+    // Copy the fields to the stack: map helpers reject pointers into the context.
+    let lookup = unsafe { &*ctx.lookup };
+    let (protocol, family) = (lookup.protocol, lookup.family);
+    if protocol != IPPROTO_TCP || family != u32::from(AF_INET) {
+        return;
+    }
+    let local_port = lookup.local_port;
+    let local_ip = lookup.local_ip4;
+    let remote_ip = lookup.remote_ip4;
+    let ifindex = lookup.ingress_ifindex;
+    // Local traffic includes the agent's own delivery to the pod's IP, which reports the
+    // ingress interface of eth0, not lo: match it by source address as well.
+    let local = ifindex == 1 || remote_ip == local_ip || is_loopback(remote_ip);
+    if local_port == u32::from(HBONE_PORT) || local {
+        count(Counter::InboundPassed);
+        return;
+    }
+    match INBOUND_LISTENERS.redirect_sk_lookup(ctx, IpKey::v4(local_ip), 0) {
+        Ok(()) => count(Counter::InboundSteered),
+        Err(_) => {
+            count(Counter::InboundNoListener);
+            warn!(ctx, "sk_lookup: no inbound listener for {:i}", u32::from_be(local_ip));
+        }
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

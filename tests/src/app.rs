@@ -1,0 +1,136 @@
+//! Driving the sandbox's helper app (src/bin/sandbox-app.rs) inside pods.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::{Pod, app_bin};
+
+/// An echo server running in a pod; records the peer of every connection it accepts.
+pub struct Server {
+    child: Child,
+    accepted: Arc<Mutex<Vec<SocketAddr>>>,
+}
+
+impl Server {
+    /// Peers of the connections accepted so far.
+    pub fn accepted(&self) -> Vec<SocketAddr> {
+        self.accepted.lock().unwrap().clone()
+    }
+
+    /// Waits up to `timeout` for at least `n` accepted connections.
+    pub fn wait_accepted(&self, n: usize, timeout: Duration) -> Vec<SocketAddr> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let accepted = self.accepted();
+            if accepted.len() >= n || std::time::Instant::now() > deadline {
+                return accepted;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What a client connection in a pod saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnectOutcome {
+    /// Connected, the echo came back intact. `peer` is what getpeername() said.
+    Echoed {
+        peer: SocketAddr,
+        bytes: usize,
+    },
+    /// connect() was refused.
+    Refused,
+    /// Connected (to the proxy), then reset.
+    Reset {
+        peer: Option<SocketAddr>,
+    },
+    TimedOut,
+    Other(String),
+}
+
+impl Pod {
+    fn app(&self, args: &[&str]) -> Result<Child> {
+        let mut cmd = Command::new(app_bin()?);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        self.netns.spawn(cmd, Some(&self.cgroup))
+    }
+
+    /// Starts an echo server on 0.0.0.0:`port` in this pod and waits until it listens.
+    pub fn serve(&self, port: u16) -> Result<Server> {
+        let mut child = self.app(&["serve", &port.to_string()])?;
+        let stdout = child.stdout.take().context("server stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        match lines.next() {
+            Some(Ok(line)) if line == "listening" => {}
+            other => bail!("server in {} did not start: {other:?}", self.spec.name),
+        }
+        let accepted = Arc::new(Mutex::new(Vec::new()));
+        let sink = accepted.clone();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                if let Some(peer) = line.strip_prefix("accepted ").and_then(|p| p.parse().ok()) {
+                    sink.lock().unwrap().push(peer);
+                }
+            }
+        });
+        Ok(Server { child, accepted })
+    }
+
+    /// Connects from this pod to `to`, sends `bytes` bytes and checks they are echoed back.
+    pub fn connect(&self, to: SocketAddr, bytes: usize) -> Result<ConnectOutcome> {
+        self.connect_with(to, bytes, &[])
+    }
+
+    /// Like [`Pod::connect`], with extra flags of `sandbox-app connect` (e.g. `--mark`).
+    pub fn connect_with(
+        &self,
+        to: SocketAddr,
+        bytes: usize,
+        extra: &[&str],
+    ) -> Result<ConnectOutcome> {
+        let mut args = vec!["connect".to_owned(), to.to_string(), bytes.to_string()];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let output = self.app(&args)?.wait_with_output()?;
+        parse_outcome(&String::from_utf8_lossy(&output.stdout))
+    }
+}
+
+fn parse_outcome(output: &str) -> Result<ConnectOutcome> {
+    let mut peer = None;
+    for line in output.lines() {
+        let (word, rest) = line.split_once(' ').unwrap_or((line, ""));
+        match word {
+            "peer" => peer = Some(rest.parse()?),
+            "echoed" => {
+                return Ok(ConnectOutcome::Echoed {
+                    peer: peer.context("no peer line")?,
+                    bytes: rest.parse()?,
+                });
+            }
+            "refused" => return Ok(ConnectOutcome::Refused),
+            "reset" => return Ok(ConnectOutcome::Reset { peer }),
+            "timeout" => return Ok(ConnectOutcome::TimedOut),
+            "error" => return Ok(ConnectOutcome::Other(rest.to_owned())),
+            _ => {}
+        }
+    }
+    bail!("sandbox-app printed no outcome: {output:?}")
+}

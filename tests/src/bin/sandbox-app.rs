@@ -1,0 +1,115 @@
+//! The sandbox's application: an echo server and a client, run inside pods.
+//!
+//! serve PORT                      -> "listening", then "accepted PEER" per connection
+//! connect ADDR BYTES [--mark M]   -> "peer ADDR" (getpeername), then one of
+//!                                    "echoed N" | "refused" | "reset" | "timeout" | "error MSG"
+
+use std::{
+    io::{ErrorKind, Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    process::ExitCode,
+    time::Duration,
+};
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
+        ["serve", port] => serve(port.parse().expect("port")),
+        ["connect", addr, bytes, rest @ ..] => {
+            let mark = match rest {
+                ["--mark", m] => Some(parse_u32(m)),
+                _ => None,
+            };
+            connect(
+                addr.parse().expect("address"),
+                bytes.parse().expect("byte count"),
+                mark,
+            );
+        }
+        _ => {
+            eprintln!("usage: sandbox-app serve PORT | connect ADDR BYTES [--mark M]");
+            return ExitCode::from(2);
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+fn parse_u32(s: &str) -> u32 {
+    match s.strip_prefix("0x") {
+        Some(hex) => u32::from_str_radix(hex, 16).expect("hex mark"),
+        None => s.parse().expect("mark"),
+    }
+}
+
+fn serve(port: u16) {
+    let listener = TcpListener::bind(("0.0.0.0", port)).expect("bind");
+    println!("listening");
+    for stream in listener.incoming() {
+        let Ok(mut stream) = stream else { continue };
+        println!("accepted {}", stream.peer_addr().expect("peer"));
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match stream.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if stream.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+            let _ = stream.shutdown(Shutdown::Write);
+        });
+    }
+}
+
+fn connect(addr: SocketAddr, bytes: usize, mark: Option<u32>) {
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    if let Some(mark) = mark {
+        socket.set_mark(mark).expect("SO_MARK");
+    }
+    if let Err(e) = socket.connect_timeout(&addr.into(), Duration::from_secs(5)) {
+        report_error(&e);
+        return;
+    }
+    let mut stream: TcpStream = socket.into();
+    let peer = stream.peer_addr().expect("getpeername");
+    println!("peer {peer}");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let payload: Vec<u8> = (0..bytes).map(|i| (i % 251) as u8).collect();
+    // Write and read concurrently so large payloads cannot deadlock on full buffers.
+    let mut writer = stream.try_clone().expect("clone");
+    let sender = std::thread::spawn(move || {
+        writer.write_all(&payload)?;
+        writer.shutdown(Shutdown::Write)?;
+        Ok::<_, std::io::Error>(payload)
+    });
+    let mut echoed = Vec::with_capacity(bytes);
+    let read = stream.read_to_end(&mut echoed);
+    let sent = sender.join().expect("sender thread");
+    match (read, sent) {
+        (Err(e), _) | (_, Err(e)) => report_error(&e),
+        (Ok(_), Ok(payload)) if echoed == payload => println!("echoed {}", echoed.len()),
+        (Ok(_), Ok(_)) => println!("error echo mismatch: got {} bytes", echoed.len()),
+    }
+}
+
+fn report_error(e: &std::io::Error) {
+    match e.kind() {
+        ErrorKind::ConnectionRefused => println!("refused"),
+        ErrorKind::ConnectionReset | ErrorKind::BrokenPipe | ErrorKind::ConnectionAborted => {
+            println!("reset")
+        }
+        ErrorKind::TimedOut | ErrorKind::WouldBlock => println!("timeout"),
+        _ => println!("error {e}"),
+    }
+}

@@ -1,0 +1,486 @@
+//! A network-namespace sandbox for Ferry: "nodes" and "pods" as network namespaces (pods also get
+//! a cgroup v2 directory), joined by veths, with Ferry agents running in the node namespaces.
+//! Used by the end-to-end tests and by `cargo xtask demo`.
+//!
+//! Everything created is owned by a guard that removes it on drop, also while a test panics.
+//! Names carry a per-process prefix so concurrent tests never collide.
+
+mod app;
+mod sys;
+
+use std::{
+    fmt::Write as _,
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+
+pub use app::{ConnectOutcome, Server};
+pub use sys::{Cgroup, Netns};
+
+/// The cgroup v2 hierarchy of this machine (hybrid layout).
+pub const CGROUP2_ROOT: &str = "/sys/fs/cgroup/unified";
+/// The underlay subnet joining the nodes: node i (from 1) is 10.200.0.i.
+const UNDERLAY_PREFIX: [u8; 3] = [10, 200, 0];
+
+/// How to lay out a sandbox: nodes, each with pods.
+#[derive(Debug, Clone)]
+pub struct PodSpec {
+    pub name: &'static str,
+    pub namespace: &'static str,
+    pub service_account: &'static str,
+    /// Listed in the config as meshed (captured); unmeshed pods are not listed at all.
+    pub meshed: bool,
+}
+
+impl PodSpec {
+    pub const fn meshed(name: &'static str, service_account: &'static str) -> PodSpec {
+        PodSpec {
+            name,
+            namespace: "default",
+            service_account,
+            meshed: true,
+        }
+    }
+    pub const fn unmeshed(name: &'static str) -> PodSpec {
+        PodSpec {
+            name,
+            namespace: "default",
+            service_account: "default",
+            meshed: false,
+        }
+    }
+}
+
+pub struct Pod {
+    pub spec: PodSpec,
+    pub node: String,
+    pub ip: Ipv4Addr,
+    pub netns: Netns,
+    pub cgroup: Cgroup,
+}
+
+pub struct Node {
+    pub name: String,
+    pub underlay_ip: Ipv4Addr,
+    pub netns: Netns,
+    agent: Option<Agent>,
+}
+
+pub struct Sandbox {
+    pub id: String,
+    pub dir: PathBuf,
+    // Field order is drop order: agents and pods go before the nodes and the cgroup parent.
+    pub pods: Vec<Pod>,
+    pub nodes: Vec<Node>,
+    _cgroup: Cgroup,
+}
+
+/// A unique short prefix per sandbox: netns and cgroup names must not collide across tests.
+fn unique_id(label: &str) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "fy{}{}-{label}",
+        std::process::id() % 100_000,
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+impl Sandbox {
+    /// Builds the topology: nodes joined by one underlay bridge-less veth chain (two nodes: one
+    /// veth pair), pods with /32 addresses routed by their node.
+    pub fn new(label: &str, layout: &[(&str, Vec<PodSpec>)]) -> Result<Sandbox> {
+        sys::require_root()?;
+        let id = unique_id(label);
+        let dir = std::env::temp_dir().join(&id);
+        std::fs::create_dir_all(&dir)?;
+        let cgroup = Cgroup::create(&Path::new(CGROUP2_ROOT).join(&id))?;
+        let mut sandbox = Sandbox {
+            id: id.clone(),
+            dir,
+            pods: Vec::new(),
+            nodes: Vec::new(),
+            _cgroup: cgroup,
+        };
+        if layout.len() > 2 {
+            bail!("the sandbox supports one or two nodes");
+        }
+        for (i, (node_name, _)) in layout.iter().enumerate() {
+            let netns = Netns::create(&format!("{id}-{node_name}"))?;
+            let underlay_ip = Ipv4Addr::new(
+                UNDERLAY_PREFIX[0],
+                UNDERLAY_PREFIX[1],
+                UNDERLAY_PREFIX[2],
+                i as u8 + 1,
+            );
+            netns.ip(&["link", "set", "lo", "up"])?;
+            netns.sysctl("net.ipv4.ip_forward", "1")?;
+            sandbox.nodes.push(Node {
+                name: node_name.to_string(),
+                underlay_ip,
+                netns,
+                agent: None,
+            });
+        }
+        if sandbox.nodes.len() == 2 {
+            let (a, b) = (&sandbox.nodes[0], &sandbox.nodes[1]);
+            a.netns.ip(&[
+                "link",
+                "add",
+                "ul",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "ul",
+                "netns",
+                b.netns.name(),
+            ])?;
+            for node in [a, b] {
+                node.netns.ip(&[
+                    "addr",
+                    "add",
+                    &format!("{}/24", node.underlay_ip),
+                    "dev",
+                    "ul",
+                ])?;
+                node.netns.ip(&["link", "set", "ul", "up"])?;
+            }
+            for (from, to) in [(0, 1), (1, 0)] {
+                let (from, to) = (&sandbox.nodes[from], &sandbox.nodes[to]);
+                from.netns.ip(&[
+                    "route",
+                    "add",
+                    &pod_subnet(to_index(&sandbox, &to.name)),
+                    "via",
+                    &to.underlay_ip.to_string(),
+                ])?;
+            }
+        }
+        for (node_index, (node_name, pods)) in layout.iter().enumerate() {
+            for (pod_index, spec) in pods.iter().enumerate() {
+                let pod = sandbox.add_pod(node_index, node_name, pod_index, spec.clone())?;
+                sandbox.pods.push(pod);
+            }
+        }
+        Ok(sandbox)
+    }
+
+    fn add_pod(
+        &self,
+        node_index: usize,
+        node_name: &str,
+        pod_index: usize,
+        spec: PodSpec,
+    ) -> Result<Pod> {
+        let node = &self.nodes[node_index];
+        let netns = Netns::create(&format!("{}-{}", self.id, spec.name))?;
+        let cgroup = Cgroup::create(&Path::new(CGROUP2_ROOT).join(&self.id).join(spec.name))?;
+        let ip = Ipv4Addr::new(10, node_index as u8 + 1, 0, pod_index as u8 + 2);
+        let gateway = Ipv4Addr::new(10, node_index as u8 + 1, 0, 1).to_string();
+        let host_side = format!("p{pod_index}");
+        node.netns.ip(&[
+            "link",
+            "add",
+            &host_side,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            netns.name(),
+        ])?;
+        node.netns
+            .ip(&["addr", "add", &format!("{gateway}/32"), "dev", &host_side])?;
+        node.netns.ip(&["link", "set", &host_side, "up"])?;
+        node.netns
+            .ip(&["route", "add", &format!("{ip}/32"), "dev", &host_side])?;
+        netns.ip(&["link", "set", "lo", "up"])?;
+        netns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
+        netns.ip(&["link", "set", "eth0", "up"])?;
+        netns.ip(&["route", "add", &gateway, "dev", "eth0", "scope", "link"])?;
+        netns.ip(&["route", "add", "default", "via", &gateway, "dev", "eth0"])?;
+        Ok(Pod {
+            spec,
+            node: node_name.to_string(),
+            ip,
+            netns,
+            cgroup,
+        })
+    }
+
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods
+            .iter()
+            .find(|p| p.spec.name == name)
+            .unwrap_or_else(|| panic!("no pod {name}"))
+    }
+
+    pub fn node(&self, name: &str) -> &Node {
+        self.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .unwrap_or_else(|| panic!("no node {name}"))
+    }
+
+    fn node_mut(&mut self, name: &str) -> &mut Node {
+        self.nodes
+            .iter_mut()
+            .find(|n| n.name == name)
+            .unwrap_or_else(|| panic!("no node {name}"))
+    }
+
+    /// The static config for one node's agent: every meshed pod of the sandbox, with netns and
+    /// cgroup for the node's own.
+    pub fn config_for(&self, node: &str) -> String {
+        let mut yaml = format!("node: {node}\nworkloads:\n");
+        for pod in self.pods.iter().filter(|p| p.spec.meshed) {
+            let _ = write!(
+                yaml,
+                "  - name: {}\n    namespace: {}\n    serviceAccount: {}\n    ips: [{}]\n    node: {}\n",
+                pod.spec.name, pod.spec.namespace, pod.spec.service_account, pod.ip, pod.node
+            );
+            if pod.node == node {
+                let _ = write!(
+                    yaml,
+                    "    netns: {}\n    cgroup: {}\n",
+                    pod.netns.path().display(),
+                    pod.cgroup.path().display()
+                );
+            }
+        }
+        yaml
+    }
+
+    pub fn config_path(&self, node: &str) -> PathBuf {
+        self.dir.join(format!("{node}.yaml"))
+    }
+
+    pub fn log_path(&self, node: &str) -> PathBuf {
+        self.dir.join(format!("{node}.log"))
+    }
+
+    /// Writes the node's config (from [`Sandbox::config_for`] unless given) and starts its agent,
+    /// waiting until it reports ready.
+    pub fn start_agent(&mut self, node: &str, config: Option<&str>) -> Result<()> {
+        let config_path = self.config_path(node);
+        std::fs::write(
+            &config_path,
+            config.map_or_else(|| self.config_for(node), str::to_owned),
+        )?;
+        let log_path = self.log_path(node);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)?;
+        let n = self.node_mut(node);
+        let mut cmd = Command::new(ferry_bin()?);
+        cmd.arg("agent").arg("--config").arg(&config_path);
+        cmd.stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "info");
+        }
+        let child = n.netns.spawn(cmd, None)?;
+        n.agent = Some(Agent {
+            child,
+            log_path: log_path.clone(),
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok((200, _)) = self.node(node).http_get(15021, "/healthz/ready") {
+                return Ok(());
+            }
+            let n = self.node_mut(node);
+            if let Some(status) = n
+                .agent
+                .as_mut()
+                .and_then(|a| a.child.try_wait().ok().flatten())
+            {
+                n.agent = None;
+                bail!(
+                    "agent on {node} exited with {status}:\n{}",
+                    std::fs::read_to_string(&log_path).unwrap_or_default()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "agent on {node} not ready after 20 s:\n{}",
+                    std::fs::read_to_string(&log_path).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops the node's agent with SIGTERM and waits for it to exit; returns its exit status.
+    pub fn stop_agent(&mut self, node: &str) -> Option<std::process::ExitStatus> {
+        self.node_mut(node)
+            .agent
+            .take()
+            .map(|mut agent| agent.terminate())
+    }
+
+    /// Sends SIGHUP (config reload) to the node's agent after writing `config`.
+    pub fn reload_agent(&self, node: &str, config: &str) -> Result<()> {
+        std::fs::write(self.config_path(node), config)?;
+        let agent = self
+            .node(node)
+            .agent
+            .as_ref()
+            .context("agent not running")?;
+        sys::signal(&agent.child, libc::SIGHUP)
+    }
+
+    /// The agent's log so far.
+    pub fn agent_log(&self, node: &str) -> String {
+        std::fs::read_to_string(self.log_path(node)).unwrap_or_default()
+    }
+
+    /// Scrapes the node agent's Prometheus endpoint.
+    pub fn metrics(&self, node: &str) -> Result<String> {
+        let (status, body) = self.node(node).http_get(15020, "/metrics")?;
+        if status != 200 {
+            bail!("metrics on {node}: HTTP {status}");
+        }
+        Ok(body)
+    }
+
+    /// One sample value of the node's metrics, 0 when the series does not exist (yet).
+    pub fn metric(&self, node: &str, series: &str) -> Result<f64> {
+        let text = self.metrics(node)?;
+        Ok(metric_value(&text, series).unwrap_or(0.0))
+    }
+}
+
+/// The value of the series written exactly as `name{labels}` (or bare `name`) in an exposition.
+pub fn metric_value(exposition: &str, series: &str) -> Option<f64> {
+    exposition.lines().find_map(|line| {
+        let rest = line.strip_prefix(series)?;
+        rest.strip_prefix(' ')?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    })
+}
+
+fn to_index(sandbox: &Sandbox, node: &str) -> usize {
+    sandbox
+        .nodes
+        .iter()
+        .position(|n| n.name == node)
+        .expect("node exists")
+}
+
+fn pod_subnet(node_index: usize) -> String {
+    format!("10.{}.0.0/24", node_index + 1)
+}
+
+impl Node {
+    /// A tiny HTTP/1.1 GET to the node's agent on 127.0.0.1, from inside the node's netns.
+    pub fn http_get(&self, port: u16, path: &str) -> Result<(u16, String)> {
+        use std::io::{Read, Write};
+        let mut stream = self.netns.connect(
+            SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+            Duration::from_secs(2),
+        )?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        let status = response
+            .split_whitespace()
+            .nth(1)
+            .context("empty HTTP response")?
+            .parse()?;
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        Ok((status, body))
+    }
+}
+
+struct Agent {
+    child: Child,
+    log_path: PathBuf,
+}
+
+impl Agent {
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = sys::signal(&self.child, libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!(
+            "agent did not stop on SIGTERM within 10 s; killing it (log: {})",
+            self.log_path.display()
+        );
+        let _ = self.child.kill();
+        self.child.wait().expect("wait for killed agent")
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.terminate();
+        }
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            node.agent = None;
+        }
+        self.pods.clear();
+        self.nodes.clear();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The `ferry` binary: $FERRY_BIN, else beside (or one level above) the running executable, as
+/// cargo lays out target/<profile>/ and target/<profile>/deps/.
+pub fn ferry_bin() -> Result<PathBuf> {
+    sibling_bin("FERRY_BIN", "ferry")
+}
+
+/// The sandbox's helper app (echo server / client).
+pub fn app_bin() -> Result<PathBuf> {
+    sibling_bin("FERRY_SANDBOX_APP", "sandbox-app")
+}
+
+fn sibling_bin(env: &str, name: &str) -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os(env) {
+        return Ok(PathBuf::from(path));
+    }
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().context("executable has no directory")?;
+    [
+        dir.join(name),
+        dir.parent().map(|d| d.join(name)).unwrap_or_default(),
+    ]
+    .into_iter()
+    .find(|p| p.is_file())
+    .with_context(|| {
+        format!(
+            "`{name}` not found next to {}: build it first (cargo build --workspace) or set {env}",
+            exe.display()
+        )
+    })
+}

@@ -1,0 +1,206 @@
+//! Kernel objects of the sandbox, each removed when its guard drops.
+
+use std::{
+    fs::File,
+    io,
+    net::{SocketAddr, TcpStream},
+    os::{
+        fd::{AsRawFd, OwnedFd},
+        unix::process::CommandExt,
+    },
+    path::{Path, PathBuf},
+    process::{Child, Command},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+
+pub(crate) fn require_root() -> Result<()> {
+    // SAFETY: trivial syscall.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the Ferry sandbox needs root (network namespaces, cgroups, eBPF); run as root");
+    }
+    Ok(())
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let output = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !output.status.success() {
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+pub(crate) fn signal(child: &Child, signal: libc::c_int) -> Result<()> {
+    // SAFETY: signalling our own child by pid.
+    if unsafe { libc::kill(child.id() as libc::pid_t, signal) } != 0 {
+        return Err(io::Error::last_os_error().into());
+    }
+    Ok(())
+}
+
+/// A named network namespace (/run/netns/NAME), deleted on drop.
+#[derive(Debug)]
+pub struct Netns {
+    name: String,
+    path: PathBuf,
+}
+
+impl Netns {
+    pub fn create(name: &str) -> Result<Netns> {
+        // A leftover from a killed run of the same name would make `add` fail: clear it first.
+        let _ = Command::new("ip").args(["netns", "del", name]).output();
+        run(Command::new("ip").args(["netns", "add", name]))?;
+        Ok(Netns {
+            name: name.to_owned(),
+            path: Path::new("/run/netns").join(name),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// `ip -n NAME ARGS...`
+    pub fn ip(&self, args: &[&str]) -> Result<()> {
+        run(Command::new("ip").arg("-n").arg(&self.name).args(args))
+    }
+
+    pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
+        run(Command::new("ip").args([
+            "netns",
+            "exec",
+            &self.name,
+            "sysctl",
+            "-qw",
+            &format!("{key}={value}"),
+        ]))
+    }
+
+    /// Connects to `addr` from inside this netns (a socket keeps the netns it was made in).
+    pub fn connect(&self, addr: SocketAddr, timeout: Duration) -> Result<TcpStream> {
+        let file = File::open(&self.path)?;
+        let stream = std::thread::scope(|s| {
+            s.spawn(|| -> io::Result<TcpStream> {
+                setns(&file)?;
+                TcpStream::connect_timeout(&addr, timeout)
+            })
+            .join()
+            .expect("connect thread panicked")
+        })?;
+        Ok(stream)
+    }
+
+    /// Spawns `cmd` inside this netns and, if given, inside `cgroup` (before it runs any code).
+    /// Uses setns instead of `ip netns exec`, which would hide the host's cgroup2 mount.
+    pub fn spawn(&self, mut cmd: Command, cgroup: Option<&Cgroup>) -> Result<Child> {
+        let netns: OwnedFd = File::open(&self.path)?.into();
+        let procs: Option<OwnedFd> = match cgroup {
+            Some(cg) => Some(
+                File::options()
+                    .write(true)
+                    .open(cg.path().join("cgroup.procs"))?
+                    .into(),
+            ),
+            None => None,
+        };
+        // SAFETY: the closure only makes async-signal-safe syscalls on fds opened beforehand.
+        unsafe {
+            cmd.pre_exec(move || {
+                if let Some(procs) = &procs {
+                    let mut digits = [0u8; 20];
+                    let text = format_pid(libc::getpid() as u32, &mut digits);
+                    if libc::write(procs.as_raw_fd(), text.as_ptr().cast(), text.len()) < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
+                if libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Ok(cmd
+            .spawn()
+            .with_context(|| format!("spawning {cmd:?} in netns {}", self.name))?)
+    }
+}
+
+fn setns(file: &File) -> io::Result<()> {
+    // SAFETY: plain syscall on a valid fd; only this thread moves.
+    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Decimal digits of `pid` without allocating (runs between fork and exec).
+fn format_pid(mut pid: u32, buf: &mut [u8; 20]) -> &[u8] {
+    let mut start = buf.len();
+    loop {
+        start -= 1;
+        buf[start] = b'0' + (pid % 10) as u8;
+        pid /= 10;
+        if pid == 0 {
+            return &buf[start..];
+        }
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+/// A cgroup v2 directory, removed on drop (once its processes are gone).
+#[derive(Debug)]
+pub struct Cgroup {
+    path: PathBuf,
+}
+
+impl Cgroup {
+    pub fn create(path: &Path) -> Result<Cgroup> {
+        std::fs::create_dir_all(path)
+            .with_context(|| format!("creating cgroup {}", path.display()))?;
+        Ok(Cgroup {
+            path: path.to_owned(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        // Processes may take a moment to leave after being killed.
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.path).is_ok() || !self.path.exists() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("cannot remove cgroup {}", self.path.display());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn formats_pids() {
+        let mut buf = [0u8; 20];
+        assert_eq!(super::format_pid(0, &mut buf), b"0");
+        assert_eq!(super::format_pid(4_194_304, &mut buf), b"4194304");
+    }
+}
