@@ -59,5 +59,276 @@ fn cross_node_connection_goes_through_both_agents() {
         .unwrap(),
         1.0
     );
-    println!("{}", sb.agent_log("node1"));
+}
+
+fn metric(sb: &Sandbox, node: &str, series: &str) -> f64 {
+    sb.metric(node, series)
+        .unwrap_or_else(|e| panic!("scraping {node}: {e}"))
+}
+
+const REDIRECTED: &str = "ferry_datapath_events_total{event=\"redirected\"}";
+const STEERED: &str = "ferry_datapath_events_total{event=\"inbound_steered\"}";
+const EXEMPT: &str = "ferry_datapath_events_total{event=\"exempt_by_mark\"}";
+
+#[test]
+fn same_node_connection_is_proxied_once() {
+    let mut sb = two_nodes("snode");
+    sb.start_agent("node1", None).unwrap();
+    let server = sb.pod("b").serve(8080).unwrap();
+    let outcome = sb.pod("a").connect(addr(&sb, "b", 8080), 100_000).unwrap();
+    assert_eq!(
+        outcome,
+        ConnectOutcome::Echoed {
+            peer: addr(&sb, "b", 8080),
+            bytes: 100_000
+        }
+    );
+    assert_eq!(
+        server.wait_accepted(1, Duration::from_secs(2))[0].ip(),
+        sb.pod("b").ip
+    );
+    assert_eq!(metric(&sb, "node1", REDIRECTED), 1.0);
+    // Handed to b's inbound side inside the agent, not steered again through b's netns.
+    assert_eq!(metric(&sb, "node1", STEERED), 0.0);
+    assert_eq!(
+        metric(
+            &sb,
+            "node1",
+            "ferry_proxy_connections_opened_total{direction=\"outbound\",route=\"same_node\"}"
+        ),
+        1.0
+    );
+}
+
+#[test]
+fn connection_counts_stay_exact_without_loops() {
+    let mut sb = two_nodes("exact");
+    sb.start_agent("node1", None).unwrap();
+    sb.start_agent("node2", None).unwrap();
+    let server = sb.pod("c").serve(8080).unwrap();
+    const N: usize = 20;
+    for _ in 0..N {
+        let outcome = sb.pod("a").connect(addr(&sb, "c", 8080), 1000).unwrap();
+        assert!(
+            matches!(outcome, ConnectOutcome::Echoed { bytes: 1000, .. }),
+            "{outcome:?}"
+        );
+    }
+    assert_eq!(server.wait_accepted(N, Duration::from_secs(2)).len(), N);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(server.accepted().len(), N, "the app saw extra connections");
+    assert_eq!(metric(&sb, "node1", REDIRECTED), N as f64);
+    assert_eq!(metric(&sb, "node2", STEERED), N as f64);
+    assert_eq!(
+        metric(&sb, "node2", REDIRECTED),
+        0.0,
+        "the inbound agent's delivery was captured"
+    );
+    assert_eq!(
+        metric(&sb, "node1", EXEMPT) + metric(&sb, "node2", EXEMPT),
+        0.0
+    );
+}
+
+#[test]
+fn sockets_with_the_agent_mark_are_not_redirected() {
+    let mut sb = two_nodes("mark");
+    sb.start_agent("node1", None).unwrap();
+    let server = sb.pod("b").serve(8080).unwrap();
+    let outcome = sb
+        .pod("a")
+        .connect_with(addr(&sb, "b", 8080), 10, &["--mark", "0x539"])
+        .unwrap();
+    assert_eq!(
+        outcome,
+        ConnectOutcome::Echoed {
+            peer: addr(&sb, "b", 8080),
+            bytes: 10
+        }
+    );
+    assert_eq!(metric(&sb, "node1", EXEMPT), 1.0);
+    assert_eq!(metric(&sb, "node1", REDIRECTED), 0.0);
+    // Not redirected, but inbound to a meshed pod is still steered through b's agent side.
+    assert_eq!(metric(&sb, "node1", STEERED), 1.0);
+    assert_eq!(server.wait_accepted(1, Duration::from_secs(2)).len(), 1);
+}
+
+#[test]
+fn unmeshed_pod_bypasses_the_agent() {
+    let mut sb = two_nodes("unmeshed");
+    sb.start_agent("node1", None).unwrap();
+    sb.start_agent("node2", None).unwrap();
+    let server_u = sb.pod("u").serve(8080).unwrap();
+    let server_c = sb.pod("c").serve(8080).unwrap();
+
+    // From the unmeshed pod: nothing captures its outbound connection.
+    let outcome = sb.pod("u").connect(addr(&sb, "c", 8080), 100).unwrap();
+    assert_eq!(
+        outcome,
+        ConnectOutcome::Echoed {
+            peer: addr(&sb, "c", 8080),
+            bytes: 100
+        }
+    );
+    assert_eq!(metric(&sb, "node1", REDIRECTED), 0.0);
+    // The meshed destination still receives it through its agent (plaintext inbound).
+    assert_eq!(metric(&sb, "node2", STEERED), 1.0);
+    assert_eq!(server_c.wait_accepted(1, Duration::from_secs(2)).len(), 1);
+
+    // To the unmeshed pod: captured at the source, passed through from the source pod's address.
+    let outcome = sb.pod("a").connect(addr(&sb, "u", 8080), 100).unwrap();
+    assert_eq!(
+        outcome,
+        ConnectOutcome::Echoed {
+            peer: addr(&sb, "u", 8080),
+            bytes: 100
+        }
+    );
+    assert_eq!(
+        server_u.wait_accepted(1, Duration::from_secs(2))[0].ip(),
+        sb.pod("a").ip
+    );
+    assert_eq!(
+        metric(
+            &sb,
+            "node1",
+            "ferry_proxy_connections_opened_total{direction=\"outbound\",route=\"passthrough\"}"
+        ),
+        1.0
+    );
+}
+
+#[test]
+fn closed_destination_port_resets_promptly() {
+    let mut sb = two_nodes("refused");
+    sb.start_agent("node1", None).unwrap();
+    sb.start_agent("node2", None).unwrap();
+    for (to, node) in [("c", "node2"), ("b", "node1"), ("u", "node1")] {
+        let started = std::time::Instant::now();
+        let outcome = sb.pod("a").connect(addr(&sb, to, 9999), 10).unwrap();
+        // The app's connect() reached the proxy, so the refusal arrives as a reset.
+        assert!(
+            matches!(outcome, ConnectOutcome::Reset { .. }),
+            "to {to}: {outcome:?}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "to {to}: took {:?}",
+            started.elapsed()
+        );
+        let failures = metric(
+            &sb,
+            node,
+            "ferry_proxy_connection_failures_total{direction=\"inbound\",reason=\"connect\"}",
+        ) + metric(
+            &sb,
+            node,
+            "ferry_proxy_connection_failures_total{direction=\"outbound\",reason=\"connect\"}",
+        );
+        assert!(failures >= 1.0, "to {to}: failure not counted on {node}");
+    }
+}
+
+#[test]
+fn pods_reach_each_other_directly_after_the_agents_stop() {
+    let mut sb = two_nodes("stop");
+    sb.start_agent("node1", None).unwrap();
+    sb.start_agent("node2", None).unwrap();
+    let server = sb.pod("c").serve(8080).unwrap();
+    assert!(matches!(
+        sb.pod("a").connect(addr(&sb, "c", 8080), 10).unwrap(),
+        ConnectOutcome::Echoed { .. }
+    ));
+    assert_eq!(
+        server.wait_accepted(1, Duration::from_secs(2))[0].ip(),
+        sb.pod("c").ip
+    );
+
+    assert!(
+        sb.stop_agent("node1").unwrap().success(),
+        "{}",
+        sb.agent_log("node1")
+    );
+    assert!(
+        sb.stop_agent("node2").unwrap().success(),
+        "{}",
+        sb.agent_log("node2")
+    );
+    let outcome = sb.pod("a").connect(addr(&sb, "c", 8080), 10).unwrap();
+    assert_eq!(
+        outcome,
+        ConnectOutcome::Echoed {
+            peer: addr(&sb, "c", 8080),
+            bytes: 10
+        }
+    );
+    // Direct now: the server sees the real client.
+    assert_eq!(
+        server.wait_accepted(2, Duration::from_secs(2))[1].ip(),
+        sb.pod("a").ip
+    );
+}
+
+#[test]
+fn reload_releases_removed_workloads_and_rejects_bad_config() {
+    let mut sb = two_nodes("reload");
+    sb.start_agent("node1", None).unwrap();
+    let _server = sb.pod("u").serve(8080).unwrap();
+    assert!(matches!(
+        sb.pod("b").connect(addr(&sb, "u", 8080), 10).unwrap(),
+        ConnectOutcome::Echoed { .. }
+    ));
+    assert_eq!(metric(&sb, "node1", REDIRECTED), 1.0);
+    assert_eq!(metric(&sb, "node1", "ferry_meshed_workloads"), 2.0);
+
+    // A config that fails to parse changes nothing.
+    sb.reload_agent("node1", "node: node1\nworkloads: [{bogus: 1}]\n")
+        .unwrap();
+    wait_for_log(&sb, "node1", "config reload rejected");
+    assert_eq!(metric(&sb, "node1", "ferry_meshed_workloads"), 2.0);
+
+    // Without b: b is detached and its listeners are closed.
+    let without_b: String = {
+        let full = sb.config_for("node1");
+        let start = full.find("  - name: b\n").unwrap();
+        let end = full[start + 1..]
+            .find("  - name:")
+            .map_or(full.len(), |i| start + 1 + i);
+        format!("{}{}", &full[..start], &full[end..])
+    };
+    sb.reload_agent("node1", &without_b).unwrap();
+    wait_for_log(&sb, "node1", "workload released");
+    assert_eq!(metric(&sb, "node1", "ferry_meshed_workloads"), 1.0);
+    let outcome = sb.pod("b").connect(addr(&sb, "u", 8080), 10).unwrap();
+    assert_eq!(
+        outcome,
+        ConnectOutcome::Echoed {
+            peer: addr(&sb, "u", 8080),
+            bytes: 10
+        }
+    );
+    assert_eq!(metric(&sb, "node1", REDIRECTED), 1.0, "b is still captured");
+    let outbound_listener = SocketAddr::from(([127, 0, 0, 1], 15001));
+    assert_eq!(
+        sb.pod("b").connect(outbound_listener, 1).unwrap(),
+        ConnectOutcome::Refused
+    );
+    // a is untouched.
+    assert!(matches!(
+        sb.pod("a").connect(addr(&sb, "u", 8080), 10).unwrap(),
+        ConnectOutcome::Echoed { .. }
+    ));
+    assert_eq!(metric(&sb, "node1", REDIRECTED), 2.0);
+}
+
+fn wait_for_log(sb: &Sandbox, node: &str, text: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !sb.agent_log(node).contains(text) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {text:?} in the log of {node}:\n{}",
+            sb.agent_log(node)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
