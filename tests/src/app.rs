@@ -113,6 +113,33 @@ impl Pod {
     }
 }
 
+impl Pod {
+    /// Median and 99th percentile round trip, in microseconds, of `count` 1-byte ping-pongs
+    /// to an echo server.
+    pub fn ping_pong(&self, to: SocketAddr, count: usize) -> Result<(u64, u64)> {
+        let line = self.measure(&["rr", &to.to_string(), &count.to_string()], "rr")?;
+        let mut values = line.split_whitespace().map(str::parse::<u64>);
+        match (values.next(), values.next()) {
+            (Some(Ok(p50)), Some(Ok(p99))) => Ok((p50, p99)),
+            _ => bail!("bad rr output {line:?}"),
+        }
+    }
+
+    /// Throughput in Gbit/s of `mib` MiB sent to an echo server and read back concurrently.
+    pub fn bulk(&self, to: SocketAddr, mib: usize) -> Result<f64> {
+        Ok(self.measure(&["bulk", &to.to_string(), &mib.to_string()], "bulk")?.trim().parse()?)
+    }
+
+    fn measure(&self, args: &[&str], word: &str) -> Result<String> {
+        let output = self.app(args)?.wait_with_output()?;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(word).map(str::to_owned))
+            .with_context(|| format!("sandbox-app {args:?} printed {stdout:?}"))
+    }
+}
+
 fn parse_outcome(output: &str) -> Result<ConnectOutcome> {
     let mut peer = None;
     for line in output.lines() {

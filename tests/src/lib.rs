@@ -94,8 +94,15 @@ impl Sandbox {
     /// Builds the topology: nodes joined by one underlay bridge-less veth chain (two nodes: one
     /// veth pair), pods with /32 addresses routed by their node.
     pub fn new(label: &str, layout: &[(&str, Vec<PodSpec>)]) -> Result<Sandbox> {
+        Sandbox::named(&unique_id(label), layout)
+    }
+
+    /// Like [`Sandbox::new`] with a fixed id, for a sandbox that outlives its process (the demo's
+    /// `--keep`); [`teardown`] removes it by id. Leftovers of the same id are removed first.
+    pub fn named(id: &str, layout: &[(&str, Vec<PodSpec>)]) -> Result<Sandbox> {
         sys::require_root()?;
-        let id = unique_id(label);
+        teardown(id);
+        let id = id.to_owned();
         let dir = std::env::temp_dir().join(&id);
         std::fs::create_dir_all(&dir)?;
         let cgroup = Cgroup::create(&Path::new(CGROUP2_ROOT).join(&id))?;
@@ -288,6 +295,8 @@ impl Sandbox {
             cmd.env("RUST_LOG", "info");
         }
         let child = n.netns.spawn(cmd, None)?;
+        std::fs::write(self.dir.join(format!("{node}.pid")), child.id().to_string())?;
+        let n = self.node_mut(node);
         n.agent = Some(Agent {
             child,
             log_path: log_path.clone(),
@@ -441,6 +450,48 @@ impl Drop for Agent {
             self.terminate();
         }
     }
+}
+
+impl Sandbox {
+    /// Leaves everything running (agents, servers, namespaces) when the guard goes away.
+    pub fn keep(self) {
+        std::mem::forget(self);
+    }
+}
+
+/// Removes whatever a sandbox of this id left behind: agents (by pid file), pod processes (by
+/// cgroup), namespaces, cgroups and the work directory. Safe to call when nothing is there.
+pub fn teardown(id: &str) {
+    let dir = std::env::temp_dir().join(id);
+    for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+        if entry.path().extension().is_some_and(|e| e == "pid") {
+            if let Some(pid) = std::fs::read_to_string(entry.path()).ok().and_then(|p| p.trim().parse().ok()) {
+                sys::terminate_pid(pid);
+            }
+        }
+    }
+    let cgroup_root = Path::new(CGROUP2_ROOT).join(id);
+    for pod in std::fs::read_dir(&cgroup_root).into_iter().flatten().flatten() {
+        sys::kill_cgroup(&pod.path());
+        let _ = std::fs::remove_dir(pod.path());
+    }
+    let _ = std::fs::remove_dir(&cgroup_root);
+    sys::delete_netns_with_prefix(&format!("{id}-"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// [`teardown`] of every sandbox whose id starts with `prefix` (e.g. after killed test runs).
+pub fn teardown_prefix(prefix: &str) {
+    let ids = std::fs::read_dir(CGROUP2_ROOT)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+        .filter(|name| name.starts_with(prefix));
+    for id in ids {
+        teardown(&id);
+    }
+    sys::delete_netns_with_prefix(prefix);
 }
 
 impl Drop for Sandbox {

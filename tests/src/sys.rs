@@ -42,6 +42,42 @@ pub(crate) fn signal(child: &Child, signal: libc::c_int) -> Result<()> {
     Ok(())
 }
 
+/// Sends SIGTERM to a process and waits up to 5 s for it to go, then SIGKILL.
+pub(crate) fn terminate_pid(pid: libc::pid_t) {
+    // SAFETY: plain signals; a stale pid at worst gets ESRCH.
+    unsafe {
+        if libc::kill(pid, libc::SIGTERM) != 0 {
+            return;
+        }
+        for _ in 0..250 {
+            if libc::kill(pid, 0) != 0 {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        libc::kill(pid, libc::SIGKILL);
+    }
+}
+
+/// SIGKILLs every process in a cgroup directory.
+pub(crate) fn kill_cgroup(path: &Path) {
+    let procs = std::fs::read_to_string(path.join("cgroup.procs")).unwrap_or_default();
+    for pid in procs.lines().filter_map(|l| l.trim().parse::<libc::pid_t>().ok()) {
+        // SAFETY: plain signal.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+}
+
+pub(crate) fn delete_netns_with_prefix(prefix: &str) {
+    let Ok(output) = Command::new("ip").args(["netns", "list"]).output() else { return };
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or_default();
+        if name.starts_with(prefix) {
+            let _ = Command::new("ip").args(["netns", "del", name]).output();
+        }
+    }
+}
+
 /// A named network namespace (/run/netns/NAME), deleted on drop.
 #[derive(Debug)]
 pub struct Netns {

@@ -1,1 +1,74 @@
-fn main() {}
+//! `cargo xtask ...`: setup, tests and the demo sandbox.
+
+mod demo;
+mod setup;
+
+use std::process::Command;
+
+use anyhow::{Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Ferry's build, test and demo tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what the build and tests need (idempotent; seconds when all is there).
+    Setup,
+    /// Setup, format check, clippy -D warnings, build (eBPF included), unit and end-to-end tests.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Two nodes with two pods each in network namespaces; traffic through the agents.
+    Demo {
+        #[command(subcommand)]
+        action: Option<demo::Action>,
+        /// Leave the sandbox running and print how to poke at it.
+        #[arg(long)]
+        keep: bool,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Task::Setup => setup::run(),
+        Task::Test { args } => test(&args),
+        Task::Demo { action, keep } => demo::run(action, keep),
+    }
+}
+
+fn test(args: &[String]) -> Result<()> {
+    setup::run()?;
+    // Leftovers of test runs that were killed (their guards never ran).
+    ferry_sandbox::teardown_prefix("fy");
+    cargo(&["fmt", "--all", "--", "--check"])?;
+    cargo(&["fmt", "--manifest-path", "ebpf/programs/Cargo.toml", "--", "--check"])?;
+    cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
+    cargo(&["build", "--workspace", "--bins"])?;
+    let mut test_args = vec!["test", "--workspace"];
+    test_args.extend(args.iter().map(String::as_str));
+    cargo(&test_args)
+}
+
+/// Runs cargo in the workspace root, failing on a non-zero exit.
+pub(crate) fn cargo(args: &[&str]) -> Result<()> {
+    eprintln!("+ cargo {}", args.join(" "));
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(args)
+        .current_dir(workspace_root())
+        .status()?;
+    if !status.success() {
+        bail!("cargo {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+pub(crate) fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask/ is in the root").to_owned()
+}

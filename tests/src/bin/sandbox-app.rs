@@ -3,6 +3,8 @@
 //! serve PORT                      -> "listening", then "accepted PEER" per connection
 //! connect ADDR BYTES [--mark M]   -> "peer ADDR" (getpeername), then one of
 //!                                    "echoed N" | "refused" | "reset" | "timeout" | "error MSG"
+//! rr ADDR COUNT                   -> "rr P50_US P99_US": 1-byte ping-pong round trips
+//! bulk ADDR MIB                   -> "bulk GBIT_PER_S": MIB MiB each way through the echo server
 
 use std::{
     io::{ErrorKind, Read, Write},
@@ -31,8 +33,10 @@ fn main() -> ExitCode {
                 mark,
             );
         }
+        ["rr", addr, count] => ping_pong(addr.parse().expect("address"), count.parse().expect("count")),
+        ["bulk", addr, mib] => bulk(addr.parse().expect("address"), mib.parse().expect("MiB")),
         _ => {
-            eprintln!("usage: sandbox-app serve PORT | connect ADDR BYTES [--mark M]");
+            eprintln!("usage: sandbox-app serve PORT | connect ADDR BYTES [--mark M] | rr ADDR COUNT | bulk ADDR MIB");
             return ExitCode::from(2);
         }
     }
@@ -112,4 +116,49 @@ fn report_error(e: &std::io::Error) {
         ErrorKind::TimedOut | ErrorKind::WouldBlock => println!("timeout"),
         _ => println!("error {e}"),
     }
+}
+
+fn ping_pong(addr: SocketAddr, count: usize) {
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream.set_nodelay(true).expect("nodelay");
+    let mut rtts: Vec<Duration> = Vec::with_capacity(count);
+    let mut byte = [0u8; 1];
+    for _ in 0..count {
+        let start = std::time::Instant::now();
+        stream.write_all(&byte).expect("write");
+        stream.read_exact(&mut byte).expect("read");
+        rtts.push(start.elapsed());
+    }
+    rtts.sort();
+    let at = |q: f64| rtts[((rtts.len() - 1) as f64 * q) as usize].as_micros();
+    println!("rr {} {}", at(0.5), at(0.99));
+}
+
+fn bulk(addr: SocketAddr, mib: usize) {
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    let mut writer = stream.try_clone().expect("clone");
+    let total = mib * 1024 * 1024;
+    let start = std::time::Instant::now();
+    let sender = std::thread::spawn(move || {
+        let chunk = vec![7u8; 256 * 1024];
+        let mut sent = 0;
+        while sent < total {
+            let n = chunk.len().min(total - sent);
+            writer.write_all(&chunk[..n]).expect("write");
+            sent += n;
+        }
+        writer.shutdown(Shutdown::Write).expect("shutdown");
+    });
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut received = 0;
+    while received < total {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => received += n,
+            Err(e) => panic!("read: {e}"),
+        }
+    }
+    sender.join().expect("sender");
+    let secs = start.elapsed().as_secs_f64();
+    println!("bulk {:.2}", received as f64 * 8.0 / secs / 1e9);
 }
