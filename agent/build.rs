@@ -12,19 +12,12 @@ const BPF_TARGET: &str = "bpfel-unknown-none";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 fn main() {
-    let manifest_dir =
-        PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
-    let root = manifest_dir
-        .parent()
-        .expect("agent/ lives in the workspace root");
+    let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
+    let root = manifest_dir.parent().expect("agent/ lives in the workspace root");
     let ebpf = root.join("ebpf");
-    for path in [
-        "programs/src",
-        "programs/Cargo.toml",
-        "programs/Cargo.lock",
-        "common/src",
-        "common/Cargo.toml",
-    ] {
+    for path in
+        ["programs/src", "programs/Cargo.toml", "programs/Cargo.lock", "common/src", "common/Cargo.toml"]
+    {
         println!("cargo:rerun-if-changed={}", ebpf.join(path).display());
     }
     println!("cargo:rerun-if-env-changed=FERRY_TOOLS");
@@ -39,27 +32,19 @@ fn main() {
         )
     });
     let path = env::join_paths(
-        std::iter::once(linker_dir)
-            .chain(env::split_paths(&env::var_os("PATH").unwrap_or_default())),
+        std::iter::once(linker_dir).chain(env::split_paths(&env::var_os("PATH").unwrap_or_default())),
     )
     .expect("PATH");
 
     let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.args([
-        "build",
-        "--release",
-        "-Z",
-        "build-std=core",
-        "--target",
-        BPF_TARGET,
-    ])
-    .arg("--manifest-path")
-    .arg(ebpf.join("programs/Cargo.toml"))
-    .arg("--target-dir")
-    .arg(&target_dir)
-    .env("RUSTC_BOOTSTRAP", "1")
-    .env("PATH", path);
+    cmd.args(["build", "--release", "-Z", "build-std=core", "--target", BPF_TARGET])
+        .arg("--manifest-path")
+        .arg(ebpf.join("programs/Cargo.toml"))
+        .arg("--target-dir")
+        .arg(&target_dir)
+        .env("RUSTC_BOOTSTRAP", "1")
+        .env("PATH", path);
     // Settings of the outer (host) build must not leak into the eBPF build.
     for (key, _) in env::vars_os() {
         let key = key.to_string_lossy();
@@ -72,30 +57,22 @@ fn main() {
             cmd.env_remove(key.as_ref());
         }
     }
-    let status = cmd
-        .status()
-        .expect("cannot run cargo for the eBPF programs");
+    let status = cmd.status().expect("cannot run cargo for the eBPF programs");
     assert!(
         status.success(),
         "building the eBPF programs failed (see above); `cargo xtask setup` installs what they need"
     );
 
-    let object = target_dir
-        .join(BPF_TARGET)
-        .join("release")
-        .join("ferry-ebpf");
+    let object = target_dir.join(BPF_TARGET).join("release").join("ferry-ebpf");
     std::fs::copy(&object, out_dir.join("ferry-ebpf"))
         .unwrap_or_else(|e| panic!("copying {}: {e}", object.display()));
 }
 
 /// Where `cargo xtask setup` installs tools: $FERRY_TOOLS, else ~/.cache/ferry-tools.
 fn tools_dir() -> PathBuf {
-    env::var_os("FERRY_TOOLS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(&env::var_os("HOME").unwrap_or_else(|| "/root".into()))
-                .join(".cache/ferry-tools")
-        })
+    env::var_os("FERRY_TOOLS").map(PathBuf::from).unwrap_or_else(|| {
+        Path::new(&env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cache/ferry-tools")
+    })
 }
 
 fn bpf_linker_dir() -> Option<PathBuf> {

@@ -39,20 +39,12 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     let (datapath, orig_dst, counters) = Datapath::load().context("loading the eBPF programs")?;
     let telemetry = Telemetry::new(counters);
     for addr in [config.metrics_addr, config.readiness_addr] {
-        let listener = TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding {addr}"))?;
+        let listener = TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
         tokio::spawn(telemetry.clone().serve(listener));
     }
     let state = StateHandle::new(State::from_config(&config));
     let proxy = Proxy::new(state.clone(), orig_dst, telemetry.proxy.clone());
-    let mut agent = Agent {
-        datapath,
-        proxy,
-        state,
-        telemetry,
-        pods: HashMap::new(),
-    };
+    let mut agent = Agent { datapath, proxy, state, telemetry, pods: HashMap::new() };
     agent.reconcile(&config);
     agent.telemetry.set_ready(true);
     tracing::info!(node = %config.node, workloads = agent.pods.len(), "ready");
@@ -81,10 +73,8 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
 impl Agent {
     /// Makes the captured pods match the config's local meshed workloads.
     fn reconcile(&mut self, config: &Config) {
-        let desired: HashMap<String, &config::Workload> = config
-            .local_meshed_workloads()
-            .map(|w| (format!("{}/{}", w.namespace, w.name), w))
-            .collect();
+        let desired: HashMap<String, &config::Workload> =
+            config.local_meshed_workloads().map(|w| (format!("{}/{}", w.namespace, w.name), w)).collect();
         let stale: Vec<String> = self
             .pods
             .iter()
@@ -114,20 +104,13 @@ impl Agent {
         // Config validation guarantees both paths for local workloads.
         let netns_path = spec.netns.as_deref().context("no netns")?;
         let cgroup = spec.cgroup.as_deref().context("no cgroup")?;
-        let netns = PodNetns::open(netns_path)
-            .with_context(|| format!("opening netns {}", netns_path.display()))?;
+        let netns =
+            PodNetns::open(netns_path).with_context(|| format!("opening netns {}", netns_path.display()))?;
         let listeners = PodListeners::bind(&netns).context("binding the pod's listeners")?;
-        self.datapath
-            .attach_pod(&netns, cgroup, &spec.ips, &listeners.inbound_plaintext)?;
+        self.datapath.attach_pod(&netns, cgroup, &spec.ips, &listeners.inbound_plaintext)?;
         let netns_cookie = netns.cookie();
-        let handle = self
-            .proxy
-            .serve_pod(Arc::new(Workload::from(spec)), netns, listeners);
-        Ok(RunningPod {
-            spec: spec.clone(),
-            netns_cookie,
-            _handle: handle,
-        })
+        let handle = self.proxy.serve_pod(Arc::new(Workload::from(spec)), netns, listeners);
+        Ok(RunningPod { spec: spec.clone(), netns_cookie, _handle: handle })
     }
 
     fn stop_pod(&mut self, key: &str) {

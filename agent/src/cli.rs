@@ -7,11 +7,7 @@ use clap::{Parser, Subcommand};
 use crate::telemetry::LogFormat;
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "ferry",
-    version,
-    about = "Ferry: sidecarless service-mesh node agent"
-)]
+#[command(name = "ferry", version, about = "Ferry: sidecarless service-mesh node agent")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

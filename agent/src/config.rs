@@ -70,46 +70,30 @@ const fn default_true() -> bool {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("{path}: {source}")]
-    Syntax {
-        path: PathBuf,
-        source: serde_yaml::Error,
-    },
+    Syntax { path: PathBuf, source: serde_yaml::Error },
     #[error("{path}: {field}: {problem}")]
-    Invalid {
-        path: PathBuf,
-        field: String,
-        problem: String,
-    },
+    Invalid { path: PathBuf, field: String, problem: String },
 }
 
 impl Config {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         Config::parse(&text, path)
     }
 
     /// Parses and validates config text; `path` only labels errors.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let config: Config = serde_yaml::from_str(text).map_err(|source| ConfigError::Syntax {
+        let config: Config = serde_yaml::from_str(text)
+            .map_err(|source| ConfigError::Syntax { path: path.to_owned(), source })?;
+        config.validate().map_err(|(field, problem)| ConfigError::Invalid {
             path: path.to_owned(),
-            source,
+            field,
+            problem,
         })?;
-        config
-            .validate()
-            .map_err(|(field, problem)| ConfigError::Invalid {
-                path: path.to_owned(),
-                field,
-                problem,
-            })?;
         Ok(config)
     }
 
@@ -122,10 +106,7 @@ impl Config {
             }
             for ip in &w.ips {
                 if let Some(other) = seen_ips.insert(*ip, i) {
-                    return Err((
-                        field("ips"),
-                        format!("{ip} is also used by workloads[{other}]"),
-                    ));
+                    return Err((field("ips"), format!("{ip} is also used by workloads[{other}]")));
                 }
             }
             if w.node != self.node {
@@ -148,9 +129,7 @@ impl Config {
 
     /// Workloads on this node that are captured.
     pub fn local_meshed_workloads(&self) -> impl Iterator<Item = &Workload> {
-        self.workloads
-            .iter()
-            .filter(|w| w.node == self.node && w.meshed)
+        self.workloads.iter().filter(|w| w.node == self.node && w.meshed)
     }
 }
 
@@ -183,10 +162,9 @@ workloads:
 
     #[test]
     fn unknown_field_is_named_with_its_line() {
-        let err = parse(&REMOTE_ONLY.replace("    node: n2", "    node: n2\n    colour: red"))
-            .unwrap_err();
+        let err = parse(&REMOTE_ONLY.replace("    node: n2", "    node: n2\n    colour: red")).unwrap_err();
         assert!(err.contains("unknown field `colour`"), "{err}");
-        assert!(err.contains("line 8"), "{err}");
+        assert!(err.contains("line 9"), "{err}");
         assert!(err.starts_with("test.yaml"), "{err}");
     }
 
@@ -206,10 +184,8 @@ workloads:
 
     #[test]
     fn missing_paths_are_named() {
-        let local = REMOTE_ONLY.replace(
-            "node: n2",
-            "node: n1\n    netns: /proc/self/ns/net\n    cgroup: /nonexistent/cg",
-        );
+        let local = REMOTE_ONLY
+            .replace("node: n2", "node: n1\n    netns: /proc/self/ns/net\n    cgroup: /nonexistent/cg");
         let err = parse(&local).unwrap_err();
         assert!(err.contains("workloads[0].cgroup"), "{err}");
         assert!(err.contains("/nonexistent/cg does not exist"), "{err}");
@@ -220,10 +196,7 @@ workloads:
 
     #[test]
     fn duplicate_ip_is_an_error() {
-        let twice = format!(
-            "{REMOTE_ONLY}{}",
-            &REMOTE_ONLY["\nnode: n1\nworkloads:\n".len()..]
-        );
+        let twice = format!("{REMOTE_ONLY}{}", &REMOTE_ONLY["\nnode: n1\nworkloads:\n".len()..]);
         let err = parse(&twice).unwrap_err();
         assert!(err.contains("also used by workloads[0]"), "{err}");
     }

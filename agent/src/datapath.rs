@@ -18,8 +18,8 @@ use aya::{
     Ebpf,
     maps::{self, MapData, PerCpuArray, SockHash},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps,
-        cgroup_sock_addr::CgroupSockAddrLinkId, sk_lookup::SkLookupLinkId, sock_ops::SockOpsLinkId,
+        CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps, cgroup_sock_addr::CgroupSockAddrLinkId,
+        sk_lookup::SkLookupLinkId, sock_ops::SockOpsLinkId,
     },
 };
 use aya_log::EbpfLogger;
@@ -36,22 +36,13 @@ pub enum DatapathError {
     #[error("loading the eBPF object: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("eBPF program {name}: {source}")]
-    Program {
-        name: &'static str,
-        source: aya::programs::ProgramError,
-    },
+    Program { name: &'static str, source: aya::programs::ProgramError },
     #[error("eBPF map {name}: {source}")]
-    Map {
-        name: &'static str,
-        source: aya::maps::MapError,
-    },
+    Map { name: &'static str, source: aya::maps::MapError },
     #[error("eBPF object has no {0}")]
     Missing(&'static str),
     #[error("cannot open cgroup {path}: {source}")]
-    Cgroup {
-        path: String,
-        source: std::io::Error,
-    },
+    Cgroup { path: String, source: std::io::Error },
     #[error("pod IP {0} is not IPv4; IPv6 capture is not supported yet")]
     Ipv6(IpAddr),
 }
@@ -98,32 +89,17 @@ impl Datapath {
         }
         program::<SockOps>(&mut ebpf, prog_names::SOCK_OPS)?
             .load()
-            .map_err(|source| DatapathError::Program {
-                name: prog_names::SOCK_OPS,
-                source,
-            })?;
+            .map_err(|source| DatapathError::Program { name: prog_names::SOCK_OPS, source })?;
         program::<SkLookup>(&mut ebpf, prog_names::SK_LOOKUP)?
             .load()
-            .map_err(|source| DatapathError::Program {
-                name: prog_names::SK_LOOKUP,
-                source,
-            })?;
+            .map_err(|source| DatapathError::Program { name: prog_names::SK_LOOKUP, source })?;
 
         let meshed_netns = take_map(&mut ebpf, map_names::MESHED_NETNS)?;
         let listeners = take_map(&mut ebpf, map_names::INBOUND_LISTENERS)?;
         let orig_dst = take_map(&mut ebpf, map_names::ORIG_DST)?;
         let counters = take_map(&mut ebpf, map_names::COUNTERS)?;
-        let datapath = Datapath {
-            ebpf,
-            meshed_netns,
-            listeners,
-            pods: HashMap::new(),
-        };
-        Ok((
-            datapath,
-            OrigDstTable(Arc::new(Mutex::new(orig_dst))),
-            Counters(Arc::new(counters)),
-        ))
+        let datapath = Datapath { ebpf, meshed_netns, listeners, pods: HashMap::new() };
+        Ok((datapath, OrigDstTable(Arc::new(Mutex::new(orig_dst))), Counters(Arc::new(counters))))
     }
 
     /// Starts capturing a pod: registers its netns and inbound listener, then attaches the programs.
@@ -154,10 +130,8 @@ impl Datapath {
         inbound_listener: &impl AsRawFd,
     ) -> Result<(), DatapathError> {
         let map_err = |name| move |source| DatapathError::Map { name, source };
-        let cgroup_dir = File::open(cgroup).map_err(|source| DatapathError::Cgroup {
-            path: cgroup.display().to_string(),
-            source,
-        })?;
+        let cgroup_dir = File::open(cgroup)
+            .map_err(|source| DatapathError::Cgroup { path: cgroup.display().to_string(), source })?;
 
         // Listener and netns first: a connection captured a moment later must find both.
         for ip in ips {
@@ -170,9 +144,7 @@ impl Datapath {
                 .map_err(map_err(map_names::INBOUND_LISTENERS))?;
             links.ips.push(key);
         }
-        self.meshed_netns
-            .insert(netns.cookie(), 0, 0)
-            .map_err(map_err(map_names::MESHED_NETNS))?;
+        self.meshed_netns.insert(netns.cookie(), 0, 0).map_err(map_err(map_names::MESHED_NETNS))?;
         links.registered_netns = true;
 
         let attach_err = |name| move |source| DatapathError::Program { name, source };
@@ -242,10 +214,7 @@ impl Datapath {
     }
 }
 
-fn detach(
-    result: Result<(), aya::programs::ProgramError>,
-    name: &'static str,
-) -> Result<(), DatapathError> {
+fn detach(result: Result<(), aya::programs::ProgramError>, name: &'static str) -> Result<(), DatapathError> {
     result.map_err(|source| DatapathError::Program { name, source })
 }
 
@@ -254,9 +223,7 @@ where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
 {
     let program = ebpf.program_mut(name).ok_or(DatapathError::Missing(name))?;
-    program
-        .try_into()
-        .map_err(|source| DatapathError::Program { name, source })
+    program.try_into().map_err(|source| DatapathError::Program { name, source })
 }
 
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
@@ -304,11 +271,7 @@ impl Counters {
         Counter::ALL
             .iter()
             .map(|&c| {
-                let sum = self
-                    .0
-                    .get(&(c as u32), 0)
-                    .map(|v| v.iter().sum())
-                    .unwrap_or(0);
+                let sum = self.0.get(&(c as u32), 0).map(|v| v.iter().sum()).unwrap_or(0);
                 (c, sum)
             })
             .collect()

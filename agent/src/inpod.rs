@@ -32,9 +32,7 @@ impl PodNetns {
     /// Opens a netns file (e.g. /run/netns/NAME or /proc/PID/ns/net) and reads its cookie.
     pub fn open(path: &Path) -> io::Result<PodNetns> {
         let file = File::open(path)?;
-        let probe = in_netns(file.as_fd(), || {
-            Socket::new(Domain::IPV4, Type::STREAM, None)
-        })?;
+        let probe = in_netns(file.as_fd(), || Socket::new(Domain::IPV4, Type::STREAM, None))?;
         let cookie = netns_cookie(&probe)?;
         Ok(PodNetns { file, cookie })
     }
@@ -68,11 +66,7 @@ impl PodNetns {
 }
 
 fn new_tcp_socket(addr: SocketAddr) -> io::Result<Socket> {
-    let socket = Socket::new(
-        Domain::for_address(addr),
-        Type::STREAM.nonblocking(),
-        Some(Protocol::TCP),
-    )?;
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
     socket.set_cloexec(true)?;
     Ok(socket)
 }

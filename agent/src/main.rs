@@ -14,10 +14,7 @@ fn main() -> ExitCode {
             // Before any thread exists: the agent's own netns, to come back to from pods.
             inpod::init();
             telemetry::init_logging(log_format);
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
+            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
                 Ok(runtime) => runtime,
                 Err(e) => {
                     eprintln!("ferry: cannot start the runtime: {e}");

@@ -28,10 +28,7 @@ impl Workload {
 
     /// SPIFFE identity: `spiffe://<trust-domain>/ns/<ns>/sa/<sa>`.
     pub fn identity(&self, trust_domain: &str) -> String {
-        format!(
-            "spiffe://{trust_domain}/ns/{}/sa/{}",
-            self.namespace, self.service_account
-        )
+        format!("spiffe://{trust_domain}/ns/{}/sa/{}", self.namespace, self.service_account)
     }
 }
 
@@ -65,11 +62,7 @@ impl State {
                 by_ip.insert(*ip, w.clone());
             }
         }
-        State {
-            node: config.node.clone(),
-            trust_domain: config.trust_domain.clone(),
-            by_ip,
-        }
+        State { node: config.node.clone(), trust_domain: config.trust_domain.clone(), by_ip }
     }
 
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {

@@ -82,27 +82,14 @@ pub struct ProxyMetrics {
 
 impl ProxyMetrics {
     pub fn opened(&self, direction: Direction, route: &'static str) {
-        self.opened
-            .get_or_create(&RouteLabels {
-                direction: direction.as_str(),
-                route,
-            })
-            .inc();
+        self.opened.get_or_create(&RouteLabels { direction: direction.as_str(), route }).inc();
     }
     pub fn closed(&self, direction: Direction, route: &'static str) {
-        self.closed
-            .get_or_create(&RouteLabels {
-                direction: direction.as_str(),
-                route,
-            })
-            .inc();
+        self.closed.get_or_create(&RouteLabels { direction: direction.as_str(), route }).inc();
     }
     pub fn failed(&self, direction: Direction, reason: FailureReason) {
         self.failed
-            .get_or_create(&FailureLabels {
-                direction: direction.as_str(),
-                reason: reason.as_str(),
-            })
+            .get_or_create(&FailureLabels { direction: direction.as_str(), reason: reason.as_str() })
             .inc();
     }
 }
@@ -173,12 +160,7 @@ impl Telemetry {
             Info::new([("version", env!("CARGO_PKG_VERSION"))]),
         );
         registry.register_collector(Box::new(DatapathCollector(datapath)));
-        Arc::new(Telemetry {
-            registry,
-            proxy,
-            meshed_workloads,
-            ready: AtomicBool::new(false),
-        })
+        Arc::new(Telemetry { registry, proxy, meshed_workloads, ready: AtomicBool::new(false) })
     }
 
     pub fn set_ready(&self, ready: bool) {
@@ -195,9 +177,7 @@ impl Telemetry {
     fn respond(&self, path: &str) -> Response<Full<Bytes>> {
         let (status, body) = match path {
             "/metrics" => (StatusCode::OK, self.render()),
-            "/healthz/ready" if self.ready.load(Ordering::Acquire) => {
-                (StatusCode::OK, "ready\n".into())
-            }
+            "/healthz/ready" if self.ready.load(Ordering::Acquire) => (StatusCode::OK, "ready\n".into()),
             "/healthz/ready" => (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into()),
             _ => (StatusCode::NOT_FOUND, "not found\n".into()),
         };
@@ -230,9 +210,7 @@ impl Telemetry {
                     let response = telemetry.respond(req.uri().path());
                     async move { Ok::<_, std::convert::Infallible>(response) }
                 });
-                let _ = http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
+                let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
             });
         }
     }
@@ -251,10 +229,8 @@ pub fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr);
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),

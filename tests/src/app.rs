@@ -65,10 +65,7 @@ pub enum ConnectOutcome {
 impl Pod {
     fn app(&self, args: &[&str]) -> Result<Child> {
         let mut cmd = Command::new(app_bin()?);
-        cmd.args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+        cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit());
         self.netns.spawn(cmd, Some(&self.cgroup))
     }
 
@@ -99,12 +96,7 @@ impl Pod {
     }
 
     /// Like [`Pod::connect`], with extra flags of `sandbox-app connect` (e.g. `--mark`).
-    pub fn connect_with(
-        &self,
-        to: SocketAddr,
-        bytes: usize,
-        extra: &[&str],
-    ) -> Result<ConnectOutcome> {
+    pub fn connect_with(&self, to: SocketAddr, bytes: usize, extra: &[&str]) -> Result<ConnectOutcome> {
         let mut args = vec!["connect".to_owned(), to.to_string(), bytes.to_string()];
         args.extend(extra.iter().map(|s| s.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();

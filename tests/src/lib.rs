@@ -39,20 +39,10 @@ pub struct PodSpec {
 
 impl PodSpec {
     pub const fn meshed(name: &'static str, service_account: &'static str) -> PodSpec {
-        PodSpec {
-            name,
-            namespace: "default",
-            service_account,
-            meshed: true,
-        }
+        PodSpec { name, namespace: "default", service_account, meshed: true }
     }
     pub const fn unmeshed(name: &'static str) -> PodSpec {
-        PodSpec {
-            name,
-            namespace: "default",
-            service_account: "default",
-            meshed: false,
-        }
+        PodSpec { name, namespace: "default", service_account: "default", meshed: false }
     }
 }
 
@@ -83,11 +73,7 @@ pub struct Sandbox {
 /// A unique short prefix per sandbox: netns and cgroup names must not collide across tests.
 fn unique_id(label: &str) -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "fy{}{}-{label}",
-        std::process::id() % 100_000,
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    )
+    format!("fy{}{}-{label}", std::process::id() % 100_000, NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
 impl Sandbox {
@@ -106,32 +92,18 @@ impl Sandbox {
         let dir = std::env::temp_dir().join(&id);
         std::fs::create_dir_all(&dir)?;
         let cgroup = Cgroup::create(&Path::new(CGROUP2_ROOT).join(&id))?;
-        let mut sandbox = Sandbox {
-            id: id.clone(),
-            dir,
-            pods: Vec::new(),
-            nodes: Vec::new(),
-            _cgroup: cgroup,
-        };
+        let mut sandbox =
+            Sandbox { id: id.clone(), dir, pods: Vec::new(), nodes: Vec::new(), _cgroup: cgroup };
         if layout.len() > 2 {
             bail!("the sandbox supports one or two nodes");
         }
         for (i, (node_name, _)) in layout.iter().enumerate() {
             let netns = Netns::create(&format!("{id}-{node_name}"))?;
-            let underlay_ip = Ipv4Addr::new(
-                UNDERLAY_PREFIX[0],
-                UNDERLAY_PREFIX[1],
-                UNDERLAY_PREFIX[2],
-                i as u8 + 1,
-            );
+            let underlay_ip =
+                Ipv4Addr::new(UNDERLAY_PREFIX[0], UNDERLAY_PREFIX[1], UNDERLAY_PREFIX[2], i as u8 + 1);
             netns.ip(&["link", "set", "lo", "up"])?;
             netns.sysctl("net.ipv4.ip_forward", "1")?;
-            sandbox.nodes.push(Node {
-                name: node_name.to_string(),
-                underlay_ip,
-                netns,
-                agent: None,
-            });
+            sandbox.nodes.push(Node { name: node_name.to_string(), underlay_ip, netns, agent: None });
         }
         if sandbox.nodes.len() == 2 {
             let (a, b) = (&sandbox.nodes[0], &sandbox.nodes[1]);
@@ -148,13 +120,7 @@ impl Sandbox {
                 b.netns.name(),
             ])?;
             for node in [a, b] {
-                node.netns.ip(&[
-                    "addr",
-                    "add",
-                    &format!("{}/24", node.underlay_ip),
-                    "dev",
-                    "ul",
-                ])?;
+                node.netns.ip(&["addr", "add", &format!("{}/24", node.underlay_ip), "dev", "ul"])?;
                 node.netns.ip(&["link", "set", "ul", "up"])?;
             }
             for (from, to) in [(0, 1), (1, 0)] {
@@ -177,13 +143,7 @@ impl Sandbox {
         Ok(sandbox)
     }
 
-    fn add_pod(
-        &self,
-        node_index: usize,
-        node_name: &str,
-        pod_index: usize,
-        spec: PodSpec,
-    ) -> Result<Pod> {
+    fn add_pod(&self, node_index: usize, node_name: &str, pod_index: usize, spec: PodSpec) -> Result<Pod> {
         let node = &self.nodes[node_index];
         let netns = Netns::create(&format!("{}-{}", self.id, spec.name))?;
         let cgroup = Cgroup::create(&Path::new(CGROUP2_ROOT).join(&self.id).join(spec.name))?;
@@ -202,44 +162,27 @@ impl Sandbox {
             "netns",
             netns.name(),
         ])?;
-        node.netns
-            .ip(&["addr", "add", &format!("{gateway}/32"), "dev", &host_side])?;
+        node.netns.ip(&["addr", "add", &format!("{gateway}/32"), "dev", &host_side])?;
         node.netns.ip(&["link", "set", &host_side, "up"])?;
-        node.netns
-            .ip(&["route", "add", &format!("{ip}/32"), "dev", &host_side])?;
+        node.netns.ip(&["route", "add", &format!("{ip}/32"), "dev", &host_side])?;
         netns.ip(&["link", "set", "lo", "up"])?;
         netns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
         netns.ip(&["link", "set", "eth0", "up"])?;
         netns.ip(&["route", "add", &gateway, "dev", "eth0", "scope", "link"])?;
         netns.ip(&["route", "add", "default", "via", &gateway, "dev", "eth0"])?;
-        Ok(Pod {
-            spec,
-            node: node_name.to_string(),
-            ip,
-            netns,
-            cgroup,
-        })
+        Ok(Pod { spec, node: node_name.to_string(), ip, netns, cgroup })
     }
 
     pub fn pod(&self, name: &str) -> &Pod {
-        self.pods
-            .iter()
-            .find(|p| p.spec.name == name)
-            .unwrap_or_else(|| panic!("no pod {name}"))
+        self.pods.iter().find(|p| p.spec.name == name).unwrap_or_else(|| panic!("no pod {name}"))
     }
 
     pub fn node(&self, name: &str) -> &Node {
-        self.nodes
-            .iter()
-            .find(|n| n.name == name)
-            .unwrap_or_else(|| panic!("no node {name}"))
+        self.nodes.iter().find(|n| n.name == name).unwrap_or_else(|| panic!("no node {name}"))
     }
 
     fn node_mut(&mut self, name: &str) -> &mut Node {
-        self.nodes
-            .iter_mut()
-            .find(|n| n.name == name)
-            .unwrap_or_else(|| panic!("no node {name}"))
+        self.nodes.iter_mut().find(|n| n.name == name).unwrap_or_else(|| panic!("no node {name}"))
     }
 
     /// The static config for one node's agent: every meshed pod of the sandbox, with netns and
@@ -276,42 +219,27 @@ impl Sandbox {
     /// waiting until it reports ready.
     pub fn start_agent(&mut self, node: &str, config: Option<&str>) -> Result<()> {
         let config_path = self.config_path(node);
-        std::fs::write(
-            &config_path,
-            config.map_or_else(|| self.config_for(node), str::to_owned),
-        )?;
+        std::fs::write(&config_path, config.map_or_else(|| self.config_for(node), str::to_owned))?;
         let log_path = self.log_path(node);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
         let n = self.node_mut(node);
         let mut cmd = Command::new(ferry_bin()?);
         cmd.arg("agent").arg("--config").arg(&config_path);
-        cmd.stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
+        cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }
         let child = n.netns.spawn(cmd, None)?;
         std::fs::write(self.dir.join(format!("{node}.pid")), child.id().to_string())?;
         let n = self.node_mut(node);
-        n.agent = Some(Agent {
-            child,
-            log_path: log_path.clone(),
-        });
+        n.agent = Some(Agent { child, log_path: log_path.clone() });
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok((200, _)) = self.node(node).http_get(15021, "/healthz/ready") {
                 return Ok(());
             }
             let n = self.node_mut(node);
-            if let Some(status) = n
-                .agent
-                .as_mut()
-                .and_then(|a| a.child.try_wait().ok().flatten())
-            {
+            if let Some(status) = n.agent.as_mut().and_then(|a| a.child.try_wait().ok().flatten()) {
                 n.agent = None;
                 bail!(
                     "agent on {node} exited with {status}:\n{}",
@@ -330,20 +258,13 @@ impl Sandbox {
 
     /// Stops the node's agent with SIGTERM and waits for it to exit; returns its exit status.
     pub fn stop_agent(&mut self, node: &str) -> Option<std::process::ExitStatus> {
-        self.node_mut(node)
-            .agent
-            .take()
-            .map(|mut agent| agent.terminate())
+        self.node_mut(node).agent.take().map(|mut agent| agent.terminate())
     }
 
     /// Sends SIGHUP (config reload) to the node's agent after writing `config`.
     pub fn reload_agent(&self, node: &str, config: &str) -> Result<()> {
         std::fs::write(self.config_path(node), config)?;
-        let agent = self
-            .node(node)
-            .agent
-            .as_ref()
-            .context("agent not running")?;
+        let agent = self.node(node).agent.as_ref().context("agent not running")?;
         sys::signal(&agent.child, libc::SIGHUP)
     }
 
@@ -372,20 +293,12 @@ impl Sandbox {
 pub fn metric_value(exposition: &str, series: &str) -> Option<f64> {
     exposition.lines().find_map(|line| {
         let rest = line.strip_prefix(series)?;
-        rest.strip_prefix(' ')?
-            .split_whitespace()
-            .next()?
-            .parse()
-            .ok()
+        rest.strip_prefix(' ')?.split_whitespace().next()?.parse().ok()
     })
 }
 
 fn to_index(sandbox: &Sandbox, node: &str) -> usize {
-    sandbox
-        .nodes
-        .iter()
-        .position(|n| n.name == node)
-        .expect("node exists")
+    sandbox.nodes.iter().position(|n| n.name == node).expect("node exists")
 }
 
 fn pod_subnet(node_index: usize) -> String {
@@ -396,26 +309,14 @@ impl Node {
     /// A tiny HTTP/1.1 GET to the node's agent on 127.0.0.1, from inside the node's netns.
     pub fn http_get(&self, port: u16, path: &str) -> Result<(u16, String)> {
         use std::io::{Read, Write};
-        let mut stream = self.netns.connect(
-            SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
-            Duration::from_secs(2),
-        )?;
+        let mut stream =
+            self.netns.connect(SocketAddr::from((Ipv4Addr::LOCALHOST, port)), Duration::from_secs(2))?;
         stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        write!(
-            stream,
-            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-        )?;
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
         let mut response = String::new();
         stream.read_to_string(&mut response)?;
-        let status = response
-            .split_whitespace()
-            .nth(1)
-            .context("empty HTTP response")?
-            .parse()?;
-        let body = response
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default();
+        let status = response.split_whitespace().nth(1).context("empty HTTP response")?.parse()?;
+        let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
         Ok((status, body))
     }
 }
@@ -435,10 +336,7 @@ impl Agent {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        eprintln!(
-            "agent did not stop on SIGTERM within 10 s; killing it (log: {})",
-            self.log_path.display()
-        );
+        eprintln!("agent did not stop on SIGTERM within 10 s; killing it (log: {})", self.log_path.display());
         let _ = self.child.kill();
         self.child.wait().expect("wait for killed agent")
     }
@@ -464,10 +362,10 @@ impl Sandbox {
 pub fn teardown(id: &str) {
     let dir = std::env::temp_dir().join(id);
     for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-        if entry.path().extension().is_some_and(|e| e == "pid") {
-            if let Some(pid) = std::fs::read_to_string(entry.path()).ok().and_then(|p| p.trim().parse().ok()) {
-                sys::terminate_pid(pid);
-            }
+        if entry.path().extension().is_some_and(|e| e == "pid")
+            && let Some(pid) = std::fs::read_to_string(entry.path()).ok().and_then(|p| p.trim().parse().ok())
+        {
+            sys::terminate_pid(pid);
         }
     }
     let cgroup_root = Path::new(CGROUP2_ROOT).join(id);
@@ -522,16 +420,13 @@ fn sibling_bin(env: &str, name: &str) -> Result<PathBuf> {
     }
     let exe = std::env::current_exe()?;
     let dir = exe.parent().context("executable has no directory")?;
-    [
-        dir.join(name),
-        dir.parent().map(|d| d.join(name)).unwrap_or_default(),
-    ]
-    .into_iter()
-    .find(|p| p.is_file())
-    .with_context(|| {
-        format!(
-            "`{name}` not found next to {}: build it first (cargo build --workspace) or set {env}",
-            exe.display()
-        )
-    })
+    [dir.join(name), dir.parent().map(|d| d.join(name)).unwrap_or_default()]
+        .into_iter()
+        .find(|p| p.is_file())
+        .with_context(|| {
+            format!(
+                "`{name}` not found next to {}: build it first (cargo build --workspace) or set {env}",
+                exe.display()
+            )
+        })
 }

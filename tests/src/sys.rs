@@ -26,10 +26,7 @@ pub(crate) fn require_root() -> Result<()> {
 fn run(cmd: &mut Command) -> Result<()> {
     let output = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !output.status.success() {
-        bail!(
-            "{cmd:?} failed: {}",
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&output.stderr).trim());
     }
     Ok(())
 }
@@ -90,10 +87,7 @@ impl Netns {
         // A leftover from a killed run of the same name would make `add` fail: clear it first.
         let _ = Command::new("ip").args(["netns", "del", name]).output();
         run(Command::new("ip").args(["netns", "add", name]))?;
-        Ok(Netns {
-            name: name.to_owned(),
-            path: Path::new("/run/netns").join(name),
-        })
+        Ok(Netns { name: name.to_owned(), path: Path::new("/run/netns").join(name) })
     }
 
     pub fn name(&self) -> &str {
@@ -139,12 +133,7 @@ impl Netns {
     pub fn spawn(&self, mut cmd: Command, cgroup: Option<&Cgroup>) -> Result<Child> {
         let netns: OwnedFd = File::open(&self.path)?.into();
         let procs: Option<OwnedFd> = match cgroup {
-            Some(cg) => Some(
-                File::options()
-                    .write(true)
-                    .open(cg.path().join("cgroup.procs"))?
-                    .into(),
-            ),
+            Some(cg) => Some(File::options().write(true).open(cg.path().join("cgroup.procs"))?.into()),
             None => None,
         };
         // SAFETY: the closure only makes async-signal-safe syscalls on fds opened beforehand.
@@ -163,9 +152,7 @@ impl Netns {
                 Ok(())
             });
         }
-        Ok(cmd
-            .spawn()
-            .with_context(|| format!("spawning {cmd:?} in netns {}", self.name))?)
+        cmd.spawn().with_context(|| format!("spawning {cmd:?} in netns {}", self.name))
     }
 }
 
@@ -192,9 +179,7 @@ fn format_pid(mut pid: u32, buf: &mut [u8; 20]) -> &[u8] {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
     }
 }
 
@@ -206,11 +191,8 @@ pub struct Cgroup {
 
 impl Cgroup {
     pub fn create(path: &Path) -> Result<Cgroup> {
-        std::fs::create_dir_all(path)
-            .with_context(|| format!("creating cgroup {}", path.display()))?;
-        Ok(Cgroup {
-            path: path.to_owned(),
-        })
+        std::fs::create_dir_all(path).with_context(|| format!("creating cgroup {}", path.display()))?;
+        Ok(Cgroup { path: path.to_owned() })
     }
 
     pub fn path(&self) -> &Path {

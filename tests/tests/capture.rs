@@ -10,11 +10,7 @@ fn two_nodes(label: &str) -> Sandbox {
         &[
             (
                 "node1",
-                vec![
-                    PodSpec::meshed("a", "sa-a"),
-                    PodSpec::meshed("b", "sa-b"),
-                    PodSpec::unmeshed("u"),
-                ],
+                vec![PodSpec::meshed("a", "sa-a"), PodSpec::meshed("b", "sa-b"), PodSpec::unmeshed("u")],
             ),
             ("node2", vec![PodSpec::meshed("c", "sa-c")]),
         ],
@@ -35,10 +31,7 @@ fn cross_node_connection_goes_through_both_agents() {
     let outcome = sb.pod("a").connect(addr(&sb, "c", 8080), 200_000).unwrap();
     assert_eq!(
         outcome,
-        ConnectOutcome::Echoed {
-            peer: addr(&sb, "c", 8080),
-            bytes: 200_000
-        },
+        ConnectOutcome::Echoed { peer: addr(&sb, "c", 8080), bytes: 200_000 },
         "{}",
         sb.agent_log("node1")
     );
@@ -46,24 +39,12 @@ fn cross_node_connection_goes_through_both_agents() {
     // Delivered by node2's agent from inside pod c: the app sees a local peer.
     assert_eq!(accepted.len(), 1);
     assert_eq!(accepted[0].ip(), sb.pod("c").ip, "{accepted:?}");
-    assert_eq!(
-        sb.metric("node1", "ferry_datapath_events_total{event=\"redirected\"}")
-            .unwrap(),
-        1.0
-    );
-    assert_eq!(
-        sb.metric(
-            "node2",
-            "ferry_datapath_events_total{event=\"inbound_steered\"}"
-        )
-        .unwrap(),
-        1.0
-    );
+    assert_eq!(sb.metric("node1", "ferry_datapath_events_total{event=\"redirected\"}").unwrap(), 1.0);
+    assert_eq!(sb.metric("node2", "ferry_datapath_events_total{event=\"inbound_steered\"}").unwrap(), 1.0);
 }
 
 fn metric(sb: &Sandbox, node: &str, series: &str) -> f64 {
-    sb.metric(node, series)
-        .unwrap_or_else(|e| panic!("scraping {node}: {e}"))
+    sb.metric(node, series).unwrap_or_else(|e| panic!("scraping {node}: {e}"))
 }
 
 const REDIRECTED: &str = "ferry_datapath_events_total{event=\"redirected\"}";
@@ -76,17 +57,8 @@ fn same_node_connection_is_proxied_once() {
     sb.start_agent("node1", None).unwrap();
     let server = sb.pod("b").serve(8080).unwrap();
     let outcome = sb.pod("a").connect(addr(&sb, "b", 8080), 100_000).unwrap();
-    assert_eq!(
-        outcome,
-        ConnectOutcome::Echoed {
-            peer: addr(&sb, "b", 8080),
-            bytes: 100_000
-        }
-    );
-    assert_eq!(
-        server.wait_accepted(1, Duration::from_secs(2))[0].ip(),
-        sb.pod("b").ip
-    );
+    assert_eq!(outcome, ConnectOutcome::Echoed { peer: addr(&sb, "b", 8080), bytes: 100_000 });
+    assert_eq!(server.wait_accepted(1, Duration::from_secs(2))[0].ip(), sb.pod("b").ip);
     assert_eq!(metric(&sb, "node1", REDIRECTED), 1.0);
     // Handed to b's inbound side inside the agent, not steered again through b's netns.
     assert_eq!(metric(&sb, "node1", STEERED), 0.0);
@@ -109,25 +81,15 @@ fn connection_counts_stay_exact_without_loops() {
     const N: usize = 20;
     for _ in 0..N {
         let outcome = sb.pod("a").connect(addr(&sb, "c", 8080), 1000).unwrap();
-        assert!(
-            matches!(outcome, ConnectOutcome::Echoed { bytes: 1000, .. }),
-            "{outcome:?}"
-        );
+        assert!(matches!(outcome, ConnectOutcome::Echoed { bytes: 1000, .. }), "{outcome:?}");
     }
     assert_eq!(server.wait_accepted(N, Duration::from_secs(2)).len(), N);
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(server.accepted().len(), N, "the app saw extra connections");
     assert_eq!(metric(&sb, "node1", REDIRECTED), N as f64);
     assert_eq!(metric(&sb, "node2", STEERED), N as f64);
-    assert_eq!(
-        metric(&sb, "node2", REDIRECTED),
-        0.0,
-        "the inbound agent's delivery was captured"
-    );
-    assert_eq!(
-        metric(&sb, "node1", EXEMPT) + metric(&sb, "node2", EXEMPT),
-        0.0
-    );
+    assert_eq!(metric(&sb, "node2", REDIRECTED), 0.0, "the inbound agent's delivery was captured");
+    assert_eq!(metric(&sb, "node1", EXEMPT) + metric(&sb, "node2", EXEMPT), 0.0);
 }
 
 #[test]
@@ -135,17 +97,8 @@ fn sockets_with_the_agent_mark_are_not_redirected() {
     let mut sb = two_nodes("mark");
     sb.start_agent("node1", None).unwrap();
     let server = sb.pod("b").serve(8080).unwrap();
-    let outcome = sb
-        .pod("a")
-        .connect_with(addr(&sb, "b", 8080), 10, &["--mark", "0x539"])
-        .unwrap();
-    assert_eq!(
-        outcome,
-        ConnectOutcome::Echoed {
-            peer: addr(&sb, "b", 8080),
-            bytes: 10
-        }
-    );
+    let outcome = sb.pod("a").connect_with(addr(&sb, "b", 8080), 10, &["--mark", "0x539"]).unwrap();
+    assert_eq!(outcome, ConnectOutcome::Echoed { peer: addr(&sb, "b", 8080), bytes: 10 });
     assert_eq!(metric(&sb, "node1", EXEMPT), 1.0);
     assert_eq!(metric(&sb, "node1", REDIRECTED), 0.0);
     // Not redirected, but inbound to a meshed pod is still steered through b's agent side.
@@ -163,13 +116,7 @@ fn unmeshed_pod_bypasses_the_agent() {
 
     // From the unmeshed pod: nothing captures its outbound connection.
     let outcome = sb.pod("u").connect(addr(&sb, "c", 8080), 100).unwrap();
-    assert_eq!(
-        outcome,
-        ConnectOutcome::Echoed {
-            peer: addr(&sb, "c", 8080),
-            bytes: 100
-        }
-    );
+    assert_eq!(outcome, ConnectOutcome::Echoed { peer: addr(&sb, "c", 8080), bytes: 100 });
     assert_eq!(metric(&sb, "node1", REDIRECTED), 0.0);
     // The meshed destination still receives it through its agent (plaintext inbound).
     assert_eq!(metric(&sb, "node2", STEERED), 1.0);
@@ -177,17 +124,8 @@ fn unmeshed_pod_bypasses_the_agent() {
 
     // To the unmeshed pod: captured at the source, passed through from the source pod's address.
     let outcome = sb.pod("a").connect(addr(&sb, "u", 8080), 100).unwrap();
-    assert_eq!(
-        outcome,
-        ConnectOutcome::Echoed {
-            peer: addr(&sb, "u", 8080),
-            bytes: 100
-        }
-    );
-    assert_eq!(
-        server_u.wait_accepted(1, Duration::from_secs(2))[0].ip(),
-        sb.pod("a").ip
-    );
+    assert_eq!(outcome, ConnectOutcome::Echoed { peer: addr(&sb, "u", 8080), bytes: 100 });
+    assert_eq!(server_u.wait_accepted(1, Duration::from_secs(2))[0].ip(), sb.pod("a").ip);
     assert_eq!(
         metric(
             &sb,
@@ -207,15 +145,8 @@ fn closed_destination_port_resets_promptly() {
         let started = std::time::Instant::now();
         let outcome = sb.pod("a").connect(addr(&sb, to, 9999), 10).unwrap();
         // The app's connect() reached the proxy, so the refusal arrives as a reset.
-        assert!(
-            matches!(outcome, ConnectOutcome::Reset { .. }),
-            "to {to}: {outcome:?}"
-        );
-        assert!(
-            started.elapsed() < Duration::from_secs(2),
-            "to {to}: took {:?}",
-            started.elapsed()
-        );
+        assert!(matches!(outcome, ConnectOutcome::Reset { .. }), "to {to}: {outcome:?}");
+        assert!(started.elapsed() < Duration::from_secs(2), "to {to}: took {:?}", started.elapsed());
         let failures = metric(
             &sb,
             node,
@@ -235,38 +166,15 @@ fn pods_reach_each_other_directly_after_the_agents_stop() {
     sb.start_agent("node1", None).unwrap();
     sb.start_agent("node2", None).unwrap();
     let server = sb.pod("c").serve(8080).unwrap();
-    assert!(matches!(
-        sb.pod("a").connect(addr(&sb, "c", 8080), 10).unwrap(),
-        ConnectOutcome::Echoed { .. }
-    ));
-    assert_eq!(
-        server.wait_accepted(1, Duration::from_secs(2))[0].ip(),
-        sb.pod("c").ip
-    );
+    assert!(matches!(sb.pod("a").connect(addr(&sb, "c", 8080), 10).unwrap(), ConnectOutcome::Echoed { .. }));
+    assert_eq!(server.wait_accepted(1, Duration::from_secs(2))[0].ip(), sb.pod("c").ip);
 
-    assert!(
-        sb.stop_agent("node1").unwrap().success(),
-        "{}",
-        sb.agent_log("node1")
-    );
-    assert!(
-        sb.stop_agent("node2").unwrap().success(),
-        "{}",
-        sb.agent_log("node2")
-    );
+    assert!(sb.stop_agent("node1").unwrap().success(), "{}", sb.agent_log("node1"));
+    assert!(sb.stop_agent("node2").unwrap().success(), "{}", sb.agent_log("node2"));
     let outcome = sb.pod("a").connect(addr(&sb, "c", 8080), 10).unwrap();
-    assert_eq!(
-        outcome,
-        ConnectOutcome::Echoed {
-            peer: addr(&sb, "c", 8080),
-            bytes: 10
-        }
-    );
+    assert_eq!(outcome, ConnectOutcome::Echoed { peer: addr(&sb, "c", 8080), bytes: 10 });
     // Direct now: the server sees the real client.
-    assert_eq!(
-        server.wait_accepted(2, Duration::from_secs(2))[1].ip(),
-        sb.pod("a").ip
-    );
+    assert_eq!(server.wait_accepted(2, Duration::from_secs(2))[1].ip(), sb.pod("a").ip);
 }
 
 #[test]
@@ -274,16 +182,12 @@ fn reload_releases_removed_workloads_and_rejects_bad_config() {
     let mut sb = two_nodes("reload");
     sb.start_agent("node1", None).unwrap();
     let _server = sb.pod("u").serve(8080).unwrap();
-    assert!(matches!(
-        sb.pod("b").connect(addr(&sb, "u", 8080), 10).unwrap(),
-        ConnectOutcome::Echoed { .. }
-    ));
+    assert!(matches!(sb.pod("b").connect(addr(&sb, "u", 8080), 10).unwrap(), ConnectOutcome::Echoed { .. }));
     assert_eq!(metric(&sb, "node1", REDIRECTED), 1.0);
     assert_eq!(metric(&sb, "node1", "ferry_meshed_workloads"), 2.0);
 
     // A config that fails to parse changes nothing.
-    sb.reload_agent("node1", "node: node1\nworkloads: [{bogus: 1}]\n")
-        .unwrap();
+    sb.reload_agent("node1", "node: node1\nworkloads: [{bogus: 1}]\n").unwrap();
     wait_for_log(&sb, "node1", "config reload rejected");
     assert_eq!(metric(&sb, "node1", "ferry_meshed_workloads"), 2.0);
 
@@ -291,33 +195,19 @@ fn reload_releases_removed_workloads_and_rejects_bad_config() {
     let without_b: String = {
         let full = sb.config_for("node1");
         let start = full.find("  - name: b\n").unwrap();
-        let end = full[start + 1..]
-            .find("  - name:")
-            .map_or(full.len(), |i| start + 1 + i);
+        let end = full[start + 1..].find("  - name:").map_or(full.len(), |i| start + 1 + i);
         format!("{}{}", &full[..start], &full[end..])
     };
     sb.reload_agent("node1", &without_b).unwrap();
     wait_for_log(&sb, "node1", "workload released");
     assert_eq!(metric(&sb, "node1", "ferry_meshed_workloads"), 1.0);
     let outcome = sb.pod("b").connect(addr(&sb, "u", 8080), 10).unwrap();
-    assert_eq!(
-        outcome,
-        ConnectOutcome::Echoed {
-            peer: addr(&sb, "u", 8080),
-            bytes: 10
-        }
-    );
+    assert_eq!(outcome, ConnectOutcome::Echoed { peer: addr(&sb, "u", 8080), bytes: 10 });
     assert_eq!(metric(&sb, "node1", REDIRECTED), 1.0, "b is still captured");
     let outbound_listener = SocketAddr::from(([127, 0, 0, 1], 15001));
-    assert_eq!(
-        sb.pod("b").connect(outbound_listener, 1).unwrap(),
-        ConnectOutcome::Refused
-    );
+    assert_eq!(sb.pod("b").connect(outbound_listener, 1).unwrap(), ConnectOutcome::Refused);
     // a is untouched.
-    assert!(matches!(
-        sb.pod("a").connect(addr(&sb, "u", 8080), 10).unwrap(),
-        ConnectOutcome::Echoed { .. }
-    ));
+    assert!(matches!(sb.pod("a").connect(addr(&sb, "u", 8080), 10).unwrap(), ConnectOutcome::Echoed { .. }));
     assert_eq!(metric(&sb, "node1", REDIRECTED), 2.0);
 }
 

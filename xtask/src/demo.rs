@@ -53,7 +53,14 @@ fn demo(keep: bool) -> Result<()> {
         ],
     )?;
     for pod in &sb.pods {
-        println!("   pod {} on {}: {} (netns {}, meshed: {})", pod.spec.name, pod.node, pod.ip, pod.netns.name(), pod.spec.meshed);
+        println!(
+            "   pod {} on {}: {} (netns {}, meshed: {})",
+            pod.spec.name,
+            pod.node,
+            pod.ip,
+            pod.netns.name(),
+            pod.spec.meshed
+        );
     }
     let servers = sb.pods.iter().map(|p| p.serve(PORT)).collect::<Result<Vec<_>>>()?;
 

@@ -51,9 +51,44 @@ fn test(args: &[String]) -> Result<()> {
     cargo(&["fmt", "--manifest-path", "ebpf/programs/Cargo.toml", "--", "--check"])?;
     cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
     cargo(&["build", "--workspace", "--bins"])?;
-    let mut test_args = vec!["test", "--workspace"];
+    let mut test_args = vec!["test", "--workspace", "--no-fail-fast"];
     test_args.extend(args.iter().map(String::as_str));
-    cargo(&test_args)
+    run_tests(&test_args)
+}
+
+/// Runs `cargo test`, echoing its output, and closes with one line that sums every test binary.
+fn run_tests(args: &[&str]) -> Result<()> {
+    eprintln!("+ cargo {}", args.join(" "));
+    let mut child = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(args)
+        .current_dir(workspace_root())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    let stdout = child.stdout.take().expect("piped stdout");
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+        let line = line?;
+        println!("{line}");
+        if let Some(summary) = line.strip_prefix("test result: ") {
+            let count = |word: &str| {
+                summary
+                    .split(';')
+                    .find_map(|part| {
+                        part.trim().strip_suffix(word)?.trim().rsplit(' ').next()?.parse::<u64>().ok()
+                    })
+                    .unwrap_or(0)
+            };
+            passed += count("passed");
+            failed += count("failed");
+            ignored += count("ignored");
+        }
+    }
+    let status = child.wait()?;
+    println!("\ntests: {passed} passed, {failed} failed, {ignored} skipped");
+    if !status.success() || failed > 0 {
+        bail!("cargo test failed ({status})");
+    }
+    Ok(())
 }
 
 /// Runs cargo in the workspace root, failing on a non-zero exit.

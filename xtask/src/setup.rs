@@ -99,7 +99,12 @@ fn bpf_linker() -> Result<()> {
 fn debian_packages() -> Result<()> {
     let missing: Vec<&str> = DEBIAN_PACKAGES
         .iter()
-        .filter(|(command, _)| !Command::new("sh").args(["-c", &format!("command -v {command}")]).output().is_ok_and(|o| o.status.success()))
+        .filter(|(command, _)| {
+            !Command::new("sh")
+                .args(["-c", &format!("command -v {command}")])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
         .map(|(_, package)| *package)
         .collect();
     if missing.is_empty() {
@@ -107,7 +112,8 @@ fn debian_packages() -> Result<()> {
     }
     eprintln!("setup: apt-get install {}", missing.join(" "));
     let update = Command::new("apt-get").arg("update").status()?;
-    let install = Command::new("apt-get").args(["install", "-y", "--no-install-recommends"]).args(&missing).status()?;
+    let install =
+        Command::new("apt-get").args(["install", "-y", "--no-install-recommends"]).args(&missing).status()?;
     if !update.success() || !install.success() {
         bail!("apt-get install {} failed", missing.join(" "));
     }

@@ -79,12 +79,7 @@ pub struct PodHandle {
 
 impl Drop for PodHandle {
     fn drop(&mut self) {
-        let mut pods = self
-            .proxy
-            .inner
-            .local_pods
-            .write()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut pods = self.proxy.inner.local_pods.write().unwrap_or_else(|e| e.into_inner());
         for ip in &self.pod.workload.ips {
             if pods.get(ip).is_some_and(|p| Arc::ptr_eq(p, &self.pod)) {
                 pods.remove(ip);
@@ -95,77 +90,38 @@ impl Drop for PodHandle {
 
 impl Proxy {
     pub fn new(state: StateHandle, orig_dst: OrigDstTable, metrics: Arc<ProxyMetrics>) -> Proxy {
-        Proxy {
-            inner: Arc::new(Inner {
-                state,
-                local_pods: RwLock::default(),
-                orig_dst,
-                metrics,
-            }),
-        }
+        Proxy { inner: Arc::new(Inner { state, local_pods: RwLock::default(), orig_dst, metrics }) }
     }
 
     /// Starts accepting on a pod's listeners.
-    pub fn serve_pod(
-        &self,
-        workload: Arc<Workload>,
-        netns: PodNetns,
-        listeners: PodListeners,
-    ) -> PodHandle {
+    pub fn serve_pod(&self, workload: Arc<Workload>, netns: PodNetns, listeners: PodListeners) -> PodHandle {
         let pod = Arc::new(LocalPod { workload, netns });
         {
-            let mut pods = self
-                .inner
-                .local_pods
-                .write()
-                .unwrap_or_else(|e| e.into_inner());
+            let mut pods = self.inner.local_pods.write().unwrap_or_else(|e| e.into_inner());
             for ip in &pod.workload.ips {
                 pods.insert(*ip, pod.clone());
             }
         }
         let mut loops = JoinSet::new();
         let inner = &self.inner;
-        loops.spawn(accept_loop(
-            listeners.outbound,
-            pod.clone(),
-            inner.clone(),
-            outbound::handle,
-        ));
+        loops.spawn(accept_loop(listeners.outbound, pod.clone(), inner.clone(), outbound::handle));
         loops.spawn(accept_loop(
             listeners.inbound_plaintext,
             pod.clone(),
             inner.clone(),
             inbound::handle_plaintext,
         ));
-        loops.spawn(accept_loop(
-            listeners.hbone,
-            pod.clone(),
-            inner.clone(),
-            inbound::handle_hbone,
-        ));
-        PodHandle {
-            proxy: self.clone(),
-            pod,
-            _accept_loops: loops,
-        }
+        loops.spawn(accept_loop(listeners.hbone, pod.clone(), inner.clone(), inbound::handle_hbone));
+        PodHandle { proxy: self.clone(), pod, _accept_loops: loops }
     }
 
     fn local_pod(&self, ip: IpAddr) -> Option<Arc<LocalPod>> {
-        self.inner
-            .local_pods
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&ip)
-            .cloned()
+        self.inner.local_pods.read().unwrap_or_else(|e| e.into_inner()).get(&ip).cloned()
     }
 }
 
-async fn accept_loop<F, Fut>(
-    listener: TcpListener,
-    pod: Arc<LocalPod>,
-    inner: Arc<Inner>,
-    handler: F,
-) where
+async fn accept_loop<F, Fut>(listener: TcpListener, pod: Arc<LocalPod>, inner: Arc<Inner>, handler: F)
+where
     F: Fn(Proxy, Arc<LocalPod>, tokio::net::TcpStream, SocketAddr) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {

@@ -10,29 +10,12 @@ use crate::telemetry::{Direction, FailureReason};
 pub(super) async fn handle(proxy: Proxy, pod: Arc<LocalPod>, client: TcpStream, peer: SocketAddr) {
     let metrics = &proxy.inner.metrics;
     let Some(dst) = proxy.inner.orig_dst.take(pod.netns.cookie(), peer.port()) else {
-        let flow = Flow::new(
-            Direction::Outbound,
-            "unknown",
-            pod.workload.key(),
-            peer,
-            peer,
-        );
-        flow.fail(
-            client,
-            metrics,
-            FailureReason::OrigDstMiss,
-            &"no original destination recorded",
-        );
+        let flow = Flow::new(Direction::Outbound, "unknown", pod.workload.key(), peer, peer);
+        flow.fail(client, metrics, FailureReason::OrigDstMiss, &"no original destination recorded");
         return;
     };
     let route = Route::for_destination(&proxy.inner.state.load(), dst.ip());
-    let flow = Flow::new(
-        Direction::Outbound,
-        route.as_str(),
-        pod.workload.key(),
-        peer,
-        dst,
-    );
+    let flow = Flow::new(Direction::Outbound, route.as_str(), pod.workload.key(), peer, dst);
     let upstream = match route {
         Route::SameNode => match proxy.local_pod(dst.ip()) {
             Some(dst_pod) => inbound::deliver(&dst_pod, dst).await,

@@ -29,14 +29,7 @@ impl Flow {
         src: SocketAddr,
         dst: SocketAddr,
     ) -> Flow {
-        Flow {
-            direction,
-            route,
-            pod,
-            src,
-            dst,
-            started: Instant::now(),
-        }
+        Flow { direction, route, pod, src, dst, started: Instant::now() }
     }
 
     /// The connection could not be set up: tell the app with a reset, count and log why.
@@ -66,8 +59,7 @@ impl Flow {
     ) {
         metrics.opened(self.direction, self.route);
         let result =
-            copy_bidirectional_with_sizes(&mut downstream, &mut upstream, BUFFER_SIZE, BUFFER_SIZE)
-                .await;
+            copy_bidirectional_with_sizes(&mut downstream, &mut upstream, BUFFER_SIZE, BUFFER_SIZE).await;
         let duration = self.started.elapsed();
         metrics.closed(self.direction, self.route);
         match result {
@@ -82,13 +74,7 @@ impl Flow {
         }
     }
 
-    fn log_closed(
-        &self,
-        sent: u64,
-        received: u64,
-        duration: Duration,
-        error: Option<&std::io::Error>,
-    ) {
+    fn log_closed(&self, sent: u64, received: u64, duration: Duration, error: Option<&std::io::Error>) {
         tracing::info!(
             target: "access",
             direction = self.direction.as_str(), route = self.route, pod = %self.pod,

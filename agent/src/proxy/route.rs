@@ -54,21 +54,9 @@ workloads:
         .unwrap();
         let state = State::from_config(&config);
         let ip = |s: &str| s.parse().unwrap();
-        assert_eq!(
-            Route::for_destination(&state, ip("10.0.1.2")),
-            Route::SameNode
-        );
-        assert_eq!(
-            Route::for_destination(&state, ip("10.0.2.2")),
-            Route::Tunnel
-        );
-        assert_eq!(
-            Route::for_destination(&state, ip("10.0.2.3")),
-            Route::Passthrough
-        );
-        assert_eq!(
-            Route::for_destination(&state, ip("192.0.2.1")),
-            Route::Passthrough
-        );
+        assert_eq!(Route::for_destination(&state, ip("10.0.1.2")), Route::SameNode);
+        assert_eq!(Route::for_destination(&state, ip("10.0.2.2")), Route::Tunnel);
+        assert_eq!(Route::for_destination(&state, ip("10.0.2.3")), Route::Passthrough);
+        assert_eq!(Route::for_destination(&state, ip("192.0.2.1")), Route::Passthrough);
     }
 }

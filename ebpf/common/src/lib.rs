@@ -51,11 +51,7 @@ pub struct SockAddr {
 impl SockAddr {
     /// `ip` in network byte order, as the kernel hands it over; `port` in host order.
     pub const fn v4(ip: u32, port: u16) -> Self {
-        Self {
-            ip: [ip, 0, 0, 0],
-            port,
-            family: AF_INET,
-        }
+        Self { ip: [ip, 0, 0, 0], port, family: AF_INET }
     }
 }
 
@@ -69,10 +65,7 @@ pub struct IpKey {
 
 impl IpKey {
     pub const fn v4(ip: u32) -> Self {
-        Self {
-            ip: [ip, 0, 0, 0],
-            family: AF_INET as u32,
-        }
+        Self { ip: [ip, 0, 0, 0], family: AF_INET as u32 }
     }
 }
 
@@ -88,11 +81,7 @@ pub struct ConnKey {
 
 impl ConnKey {
     pub const fn new(netns_cookie: u64, port: u16) -> Self {
-        Self {
-            netns_cookie,
-            port,
-            _pad: [0; 6],
-        }
+        Self { netns_cookie, port, _pad: [0; 6] }
     }
 }
 

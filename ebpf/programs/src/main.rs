@@ -21,8 +21,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use ferry_common::{
-    AF_INET, AGENT_MARK, ConnKey, Counter, HBONE_PORT, IpKey, MAX_MESHED_PODS,
-    MAX_TRACKED_CONNECTIONS, OUTBOUND_PORT, SockAddr,
+    AF_INET, AGENT_MARK, ConnKey, Counter, HBONE_PORT, IpKey, MAX_MESHED_PODS, MAX_TRACKED_CONNECTIONS,
+    OUTBOUND_PORT, SockAddr,
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -42,8 +42,7 @@ static ORIG_DST_BY_SOCKET: LruHashMap<u64, SockAddr> =
 
 /// Original destination by (netns cookie, client port): read and deleted by the agent on accept.
 #[map]
-static ORIG_DST: LruHashMap<ConnKey, SockAddr> =
-    LruHashMap::with_max_entries(MAX_TRACKED_CONNECTIONS, 0);
+static ORIG_DST: LruHashMap<ConnKey, SockAddr> = LruHashMap::with_max_entries(MAX_TRACKED_CONNECTIONS, 0);
 
 /// Each meshed pod's inbound plaintext listener, keyed by pod IP.
 #[map]

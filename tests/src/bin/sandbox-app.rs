@@ -15,28 +15,21 @@ use std::{
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    match args
-        .iter()
-        .map(String::as_str)
-        .collect::<Vec<_>>()
-        .as_slice()
-    {
+    match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
         ["serve", port] => serve(port.parse().expect("port")),
         ["connect", addr, bytes, rest @ ..] => {
             let mark = match rest {
                 ["--mark", m] => Some(parse_u32(m)),
                 _ => None,
             };
-            connect(
-                addr.parse().expect("address"),
-                bytes.parse().expect("byte count"),
-                mark,
-            );
+            connect(addr.parse().expect("address"), bytes.parse().expect("byte count"), mark);
         }
         ["rr", addr, count] => ping_pong(addr.parse().expect("address"), count.parse().expect("count")),
         ["bulk", addr, mib] => bulk(addr.parse().expect("address"), mib.parse().expect("MiB")),
         _ => {
-            eprintln!("usage: sandbox-app serve PORT | connect ADDR BYTES [--mark M] | rr ADDR COUNT | bulk ADDR MIB");
+            eprintln!(
+                "usage: sandbox-app serve PORT | connect ADDR BYTES [--mark M] | rr ADDR COUNT | bulk ADDR MIB"
+            );
             return ExitCode::from(2);
         }
     }
@@ -74,8 +67,7 @@ fn serve(port: u16) {
 }
 
 fn connect(addr: SocketAddr, bytes: usize, mark: Option<u32>) {
-    let socket =
-        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
     if let Some(mark) = mark {
         socket.set_mark(mark).expect("SO_MARK");
     }
@@ -86,9 +78,7 @@ fn connect(addr: SocketAddr, bytes: usize, mark: Option<u32>) {
     let mut stream: TcpStream = socket.into();
     let peer = stream.peer_addr().expect("getpeername");
     println!("peer {peer}");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
+    stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
     let payload: Vec<u8> = (0..bytes).map(|i| (i % 251) as u8).collect();
     // Write and read concurrently so large payloads cannot deadlock on full buffers.
     let mut writer = stream.try_clone().expect("clone");
