@@ -1,6 +1,11 @@
 //! `ferry agent`: wires discovery -> state -> datapath + proxy, and runs until SIGTERM.
 
-use std::{collections::HashMap, path::PathBuf, sync::Arc};
+use std::{
+    collections::{BTreeSet, HashMap},
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
 
 use anyhow::Context;
 use tokio::{
@@ -12,6 +17,7 @@ use crate::{
     config::{self, Config},
     datapath::Datapath,
     discovery::StaticFile,
+    identity::{CertManager, FileCa},
     inpod::PodNetns,
     proxy::{PodHandle, PodListeners, Proxy},
     state::{State, StateHandle, Workload},
@@ -29,9 +35,13 @@ struct Agent {
     datapath: Datapath,
     proxy: Proxy,
     state: StateHandle,
+    certs: Arc<CertManager>,
     telemetry: Arc<Telemetry>,
     pods: HashMap<String, RunningPod>,
 }
+
+/// How long shutdown waits for HBONE peers to finish their streams after GOAWAY.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
 
 pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     let source = StaticFile { path: config_path };
@@ -42,9 +52,12 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
         let listener = TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
         tokio::spawn(telemetry.clone().serve(listener));
     }
+    let ca = FileCa::init(&config.ca_dir)?;
+    let certs = Arc::new(CertManager::new(ca, config.cert_ttl)?);
+    tokio::spawn(certs.clone().rotate());
     let state = StateHandle::new(State::from_config(&config));
-    let proxy = Proxy::new(state.clone(), orig_dst, telemetry.proxy.clone());
-    let mut agent = Agent { datapath, proxy, state, telemetry, pods: HashMap::new() };
+    let proxy = Proxy::new(state.clone(), orig_dst, telemetry.proxy.clone(), certs.clone());
+    let mut agent = Agent { datapath, proxy, state, certs, telemetry, pods: HashMap::new() };
     agent.reconcile(&config);
     agent.telemetry.set_ready(true);
     tracing::info!(node = %config.node, workloads = agent.pods.len(), "ready");
@@ -66,7 +79,7 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
             _ = interrupt.recv() => break,
         }
     }
-    agent.shutdown();
+    agent.shutdown().await;
     Ok(())
 }
 
@@ -84,11 +97,16 @@ impl Agent {
         for key in stale {
             self.stop_pod(&key);
         }
+        let identities: BTreeSet<_> =
+            desired.values().map(|w| Workload::from(*w).identity(&config.trust_domain)).collect();
+        if let Err(e) = self.certs.set_wanted(identities) {
+            tracing::error!("issuing workload certificates: {e}");
+        }
         for (key, spec) in desired {
             if self.pods.contains_key(&key) {
                 continue;
             }
-            match self.start_pod(spec) {
+            match self.start_pod(spec, &config.trust_domain) {
                 Ok(pod) => {
                     tracing::info!(workload = %key, netns_cookie = pod.netns_cookie, "workload captured");
                     self.pods.insert(key, pod);
@@ -100,17 +118,28 @@ impl Agent {
         self.telemetry.meshed_workloads.set(self.pods.len() as i64);
     }
 
-    fn start_pod(&mut self, spec: &config::Workload) -> anyhow::Result<RunningPod> {
+    fn start_pod(&mut self, spec: &config::Workload, trust_domain: &str) -> anyhow::Result<RunningPod> {
         // Config validation guarantees both paths for local workloads.
         let netns_path = spec.netns.as_deref().context("no netns")?;
         let cgroup = spec.cgroup.as_deref().context("no cgroup")?;
         let netns =
             PodNetns::open(netns_path).with_context(|| format!("opening netns {}", netns_path.display()))?;
         let listeners = PodListeners::bind(&netns).context("binding the pod's listeners")?;
+        let workload = Arc::new(Workload::from(spec));
+        let identity = workload.identity(trust_domain);
+        if self.certs.current(&identity).is_none() {
+            anyhow::bail!("no certificate for {identity}");
+        }
+        // Listeners are bound: connections captured from here on wait in their backlog.
         self.datapath.attach_pod(&netns, cgroup, &spec.ips, &listeners.inbound_plaintext)?;
         let netns_cookie = netns.cookie();
-        let handle = self.proxy.serve_pod(Arc::new(Workload::from(spec)), netns, listeners);
-        Ok(RunningPod { spec: spec.clone(), netns_cookie, _handle: handle })
+        match self.proxy.serve_pod(workload, identity, netns, listeners) {
+            Ok(handle) => Ok(RunningPod { spec: spec.clone(), netns_cookie, _handle: handle }),
+            Err(e) => {
+                self.datapath.detach_pod(netns_cookie);
+                Err(e.into())
+            }
+        }
     }
 
     fn stop_pod(&mut self, key: &str) {
@@ -121,8 +150,9 @@ impl Agent {
         }
     }
 
-    fn shutdown(mut self) {
+    async fn shutdown(mut self) {
         self.telemetry.set_ready(false);
+        self.proxy.drain(DRAIN_DEADLINE).await;
         let keys: Vec<String> = self.pods.keys().cloned().collect();
         for key in keys {
             self.stop_pod(&key);

@@ -26,4 +26,44 @@ pub enum Command {
         #[arg(long, value_enum, default_value = "text")]
         log_format: LogFormat,
     },
+    /// Manage the file CA of the embedded default.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Create a root CA (EC P-256) in DIR, unless DIR already holds one; print its certificate.
+    ///
+    /// DIR gets root-cert.pem and root-key.pem (mode 0600). To use an existing root instead, put
+    /// its PEM certificate and PKCS#8 key (EC P-256 or RSA >= 2048) there under those names.
+    /// Extra roots to trust go in DIR/trust-bundle.pem.
+    ///
+    /// Example: ferry ca init /var/lib/ferry/ca
+    Init {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
+    /// Issue a workload certificate from the CA in DIR, e.g. for a peer outside the mesh agent.
+    ///
+    /// Example: ferry ca issue /var/lib/ferry/ca spiffe://cluster.local/ns/default/sa/web \
+    ///            --cert web.pem --key web-key.pem --ttl 1h
+    Issue {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+        /// The identity, spiffe://<trust-domain>/ns/<ns>/sa/<sa>.
+        #[arg(value_name = "SPIFFE_ID")]
+        identity: String,
+        /// Where to write the certificate chain (PEM).
+        #[arg(long, value_name = "FILE")]
+        cert: PathBuf,
+        /// Where to write the private key (PKCS#8 PEM, mode 0600).
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        /// Validity, e.g. 24h, 30m.
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        ttl: std::time::Duration,
+    },
 }

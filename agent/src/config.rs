@@ -7,6 +7,7 @@ use std::{
     collections::BTreeMap,
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use serde::Deserialize;
@@ -21,6 +22,12 @@ pub struct Config {
     pub node: String,
     #[serde(default = "default_trust_domain")]
     pub trust_domain: String,
+    /// The file CA: root-cert.pem + root-key.pem (created on first use), optional trust-bundle.pem.
+    #[serde(default = "default_ca_dir")]
+    pub ca_dir: PathBuf,
+    /// Lifetime of workload certificates; they are re-issued at half-life.
+    #[serde(default = "default_cert_ttl", with = "humantime_serde")]
+    pub cert_ttl: Duration,
     /// Prometheus metrics listener (in the agent's netns).
     #[serde(default = "default_metrics_addr")]
     pub metrics_addr: SocketAddr,
@@ -53,6 +60,12 @@ pub struct Workload {
 
 fn default_trust_domain() -> String {
     DEFAULT_TRUST_DOMAIN.to_owned()
+}
+fn default_ca_dir() -> PathBuf {
+    PathBuf::from("/var/lib/ferry/ca")
+}
+const fn default_cert_ttl() -> Duration {
+    Duration::from_secs(24 * 3600)
 }
 fn default_service_account() -> String {
     "default".to_owned()
@@ -98,6 +111,12 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), (String, String)> {
+        if self.cert_ttl < Duration::from_secs(2) {
+            return Err(("certTtl".into(), "must be at least 2s".into()));
+        }
+        crate::identity::SpiffeId::parse(&format!("spiffe://{}/ns/a/sa/b", self.trust_domain)).map_err(
+            |_| ("trustDomain".to_owned(), format!("{:?} is not a valid trust domain", self.trust_domain)),
+        )?;
         let mut seen_ips = BTreeMap::new();
         for (i, w) in self.workloads.iter().enumerate() {
             let field = |name: &str| format!("workloads[{i}].{name} ({}/{})", w.namespace, w.name);
@@ -155,6 +174,7 @@ workloads:
     fn parses_defaults() {
         let c = parse(REMOTE_ONLY).unwrap();
         assert_eq!(c.trust_domain, "cluster.local");
+        assert_eq!(c.cert_ttl, Duration::from_secs(86400));
         assert_eq!(c.metrics_addr.port(), 15020);
         assert!(c.workloads[0].meshed);
         assert_eq!(c.local_meshed_workloads().count(), 0);
@@ -199,6 +219,14 @@ workloads:
         let twice = format!("{REMOTE_ONLY}{}", &REMOTE_ONLY["\nnode: n1\nworkloads:\n".len()..]);
         let err = parse(&twice).unwrap_err();
         assert!(err.contains("also used by workloads[0]"), "{err}");
+    }
+
+    #[test]
+    fn cert_ttl_is_a_duration() {
+        let c = parse(&REMOTE_ONLY.replace("node: n1\n", "node: n1\ncertTtl: 90s\n")).unwrap();
+        assert_eq!(c.cert_ttl, Duration::from_secs(90));
+        let err = parse(&REMOTE_ONLY.replace("node: n1\n", "node: n1\ncertTtl: soon\n")).unwrap_err();
+        assert!(err.contains("certTtl") || err.contains("line 3"), "{err}");
     }
 
     #[test]

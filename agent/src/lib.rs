@@ -6,6 +6,7 @@ pub mod cli;
 pub mod config;
 pub mod datapath;
 pub mod discovery;
+pub mod identity;
 pub mod inpod;
 pub mod proxy;
 pub mod state;

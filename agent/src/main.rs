@@ -1,9 +1,11 @@
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::Parser;
 use ferry::{
     agent,
-    cli::{Cli, Command},
+    cli::{CaCommand, Cli, Command},
+    identity::{FileCa, ROOT_CERT_FILE, SpiffeId, write_private},
     inpod, telemetry,
 };
 
@@ -29,5 +31,30 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Ca { command } => match ca(command) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ferry: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
     }
+}
+
+fn ca(command: CaCommand) -> anyhow::Result<()> {
+    match command {
+        CaCommand::Init { dir } => {
+            FileCa::init(&dir)?;
+            println!("CA ready: {}", dir.join(ROOT_CERT_FILE).display());
+        }
+        CaCommand::Issue { dir, identity, cert, key, ttl } => {
+            let id = SpiffeId::parse(&identity)?;
+            let issued = FileCa::load(&dir)?.issue(&id, ttl)?;
+            let (chain_pem, key_pem) = issued.to_pem();
+            std::fs::write(&cert, chain_pem).with_context(|| format!("writing {}", cert.display()))?;
+            write_private(&key, &key_pem).with_context(|| format!("writing {}", key.display()))?;
+            println!("issued {id} (serial {}) to {}", issued.serial, cert.display());
+        }
+    }
+    Ok(())
 }

@@ -7,7 +7,10 @@ use std::{
     sync::{Arc, RwLock},
 };
 
-use crate::config::{self, Config};
+use crate::{
+    config::{self, Config},
+    identity::SpiffeId,
+};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Workload {
@@ -27,8 +30,8 @@ impl Workload {
     }
 
     /// SPIFFE identity: `spiffe://<trust-domain>/ns/<ns>/sa/<sa>`.
-    pub fn identity(&self, trust_domain: &str) -> String {
-        format!("spiffe://{trust_domain}/ns/{}/sa/{}", self.namespace, self.service_account)
+    pub fn identity(&self, trust_domain: &str) -> SpiffeId {
+        SpiffeId::new(trust_domain, &self.namespace, &self.service_account)
     }
 }
 

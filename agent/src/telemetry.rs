@@ -44,8 +44,16 @@ pub enum FailureReason {
     Recursion,
     /// A relay ended with an error (reset, timeout) on one side.
     Relay,
-    /// A protocol the proxy does not serve yet.
-    Unsupported,
+    /// The mTLS handshake failed: unknown CA, no client certificate, other trust domain, timeout.
+    TlsHandshake,
+    /// The HBONE server was not the identity the client meant to reach.
+    Identity,
+    /// HBONE request refused with 400 (not CONNECT, bad authority).
+    BadRequest,
+    /// HBONE request refused with 503 (recursion, app refused, unknown target).
+    Unavailable,
+    /// The peer refused our HBONE CONNECT (non-200).
+    Rejected,
 }
 
 impl FailureReason {
@@ -55,7 +63,11 @@ impl FailureReason {
             FailureReason::Connect => "connect",
             FailureReason::Recursion => "recursion",
             FailureReason::Relay => "relay",
-            FailureReason::Unsupported => "unsupported",
+            FailureReason::TlsHandshake => "tls_handshake",
+            FailureReason::Identity => "identity",
+            FailureReason::BadRequest => "bad_request",
+            FailureReason::Unavailable => "unavailable",
+            FailureReason::Rejected => "rejected",
         }
     }
 }
@@ -72,15 +84,37 @@ struct FailureLabels {
     reason: &'static str,
 }
 
+/// Which end of an HBONE (mTLS + HTTP/2) connection this agent is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Side {
+    Client,
+    Server,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct SideLabels {
+    side: &'static str,
+}
+
 /// Counters the proxy updates per connection (never per byte).
 #[derive(Debug, Default)]
 pub struct ProxyMetrics {
     opened: Family<RouteLabels, Counter>,
     closed: Family<RouteLabels, Counter>,
     failed: Family<FailureLabels, Counter>,
+    hbone_connections: Family<SideLabels, Counter>,
 }
 
 impl ProxyMetrics {
+    /// An HBONE connection was established (TLS and HTTP/2 handshakes done).
+    pub fn hbone_connection(&self, side: Side) {
+        let side = match side {
+            Side::Client => "client",
+            Side::Server => "server",
+        };
+        self.hbone_connections.get_or_create(&SideLabels { side }).inc();
+    }
+
     pub fn opened(&self, direction: Direction, route: &'static str) {
         self.opened.get_or_create(&RouteLabels { direction: direction.as_str(), route }).inc();
     }
@@ -147,6 +181,11 @@ impl Telemetry {
             "ferry_proxy_connection_failures",
             "Connections that could not be proxied or ended in error, by reason",
             proxy.failed.clone(),
+        );
+        registry.register(
+            "ferry_hbone_connections_opened",
+            "HBONE (mTLS + HTTP/2) connections established, by side; streams share them",
+            proxy.hbone_connections.clone(),
         );
         let meshed_workloads = Gauge::default();
         registry.register(

@@ -188,7 +188,7 @@ impl Sandbox {
     /// The static config for one node's agent: every meshed pod of the sandbox, with netns and
     /// cgroup for the node's own.
     pub fn config_for(&self, node: &str) -> String {
-        let mut yaml = format!("node: {node}\nworkloads:\n");
+        let mut yaml = format!("node: {node}\ncaDir: {}\nworkloads:\n", self.ca_dir().display());
         for pod in self.pods.iter().filter(|p| p.spec.meshed) {
             let _ = write!(
                 yaml,
@@ -207,6 +207,11 @@ impl Sandbox {
         yaml
     }
 
+    /// The file CA every node of the sandbox shares (created by `ferry ca init` on first start).
+    pub fn ca_dir(&self) -> PathBuf {
+        self.dir.join("ca")
+    }
+
     pub fn config_path(&self, node: &str) -> PathBuf {
         self.dir.join(format!("{node}.yaml"))
     }
@@ -218,6 +223,17 @@ impl Sandbox {
     /// Writes the node's config (from [`Sandbox::config_for`] unless given) and starts its agent,
     /// waiting until it reports ready.
     pub fn start_agent(&mut self, node: &str, config: Option<&str>) -> Result<()> {
+        if !self.ca_dir().exists() {
+            let status = Command::new(ferry_bin()?)
+                .arg("ca")
+                .arg("init")
+                .arg(self.ca_dir())
+                .stdout(Stdio::null())
+                .status()?;
+            if !status.success() {
+                bail!("ferry ca init {} failed", self.ca_dir().display());
+            }
+        }
         let config_path = self.config_path(node);
         std::fs::write(&config_path, config.map_or_else(|| self.config_for(node), str::to_owned))?;
         let log_path = self.log_path(node);

@@ -39,8 +39,12 @@ fn cross_node_connection_goes_through_both_agents() {
     // Delivered by node2's agent from inside pod c: the app sees a local peer.
     assert_eq!(accepted.len(), 1);
     assert_eq!(accepted[0].ip(), sb.pod("c").ip, "{accepted:?}");
-    assert_eq!(sb.metric("node1", "ferry_datapath_events_total{event=\"redirected\"}").unwrap(), 1.0);
-    assert_eq!(sb.metric("node2", "ferry_datapath_events_total{event=\"inbound_steered\"}").unwrap(), 1.0);
+    assert_eq!(metric(&sb, "node1", REDIRECTED), 1.0);
+    // Over HBONE: node1 dialed node2's 15008 (which sk_lookup leaves alone), one CONNECT stream.
+    assert_eq!(metric(&sb, "node1", HBONE_CLIENT), 1.0);
+    assert_eq!(metric(&sb, "node2", HBONE_SERVER), 1.0);
+    assert_eq!(metric(&sb, "node2", INBOUND_HBONE), 1.0);
+    assert_eq!(metric(&sb, "node2", STEERED), 0.0);
 }
 
 fn metric(sb: &Sandbox, node: &str, series: &str) -> f64 {
@@ -50,6 +54,9 @@ fn metric(sb: &Sandbox, node: &str, series: &str) -> f64 {
 const REDIRECTED: &str = "ferry_datapath_events_total{event=\"redirected\"}";
 const STEERED: &str = "ferry_datapath_events_total{event=\"inbound_steered\"}";
 const EXEMPT: &str = "ferry_datapath_events_total{event=\"exempt_by_mark\"}";
+const HBONE_CLIENT: &str = "ferry_hbone_connections_opened_total{side=\"client\"}";
+const HBONE_SERVER: &str = "ferry_hbone_connections_opened_total{side=\"server\"}";
+const INBOUND_HBONE: &str = "ferry_proxy_connections_opened_total{direction=\"inbound\",route=\"hbone\"}";
 
 #[test]
 fn same_node_connection_is_proxied_once() {
@@ -87,7 +94,9 @@ fn connection_counts_stay_exact_without_loops() {
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(server.accepted().len(), N, "the app saw extra connections");
     assert_eq!(metric(&sb, "node1", REDIRECTED), N as f64);
-    assert_eq!(metric(&sb, "node2", STEERED), N as f64);
+    assert_eq!(metric(&sb, "node2", INBOUND_HBONE), N as f64);
+    // Sequential connections reuse one pooled HBONE connection.
+    assert_eq!(metric(&sb, "node1", HBONE_CLIENT), 1.0);
     assert_eq!(metric(&sb, "node2", REDIRECTED), 0.0, "the inbound agent's delivery was captured");
     assert_eq!(metric(&sb, "node1", EXEMPT) + metric(&sb, "node2", EXEMPT), 0.0);
 }
@@ -147,15 +156,15 @@ fn closed_destination_port_resets_promptly() {
         // The app's connect() reached the proxy, so the refusal arrives as a reset.
         assert!(matches!(outcome, ConnectOutcome::Reset { .. }), "to {to}: {outcome:?}");
         assert!(started.elapsed() < Duration::from_secs(2), "to {to}: took {:?}", started.elapsed());
-        let failures = metric(
-            &sb,
-            node,
-            "ferry_proxy_connection_failures_total{direction=\"inbound\",reason=\"connect\"}",
-        ) + metric(
-            &sb,
-            node,
-            "ferry_proxy_connection_failures_total{direction=\"outbound\",reason=\"connect\"}",
-        );
+        let failures: f64 = [("inbound", "unavailable"), ("outbound", "connect")]
+            .iter()
+            .map(|(direction, reason)| {
+                let series = format!(
+                    "ferry_proxy_connection_failures_total{{direction=\"{direction}\",reason=\"{reason}\"}}"
+                );
+                metric(&sb, node, &series)
+            })
+            .sum();
         assert!(failures >= 1.0, "to {to}: failure not counted on {node}");
     }
 }

@@ -2,9 +2,11 @@
 //!
 //! - [`outbound`]: the pod's app connected somewhere; eBPF redirected it to 127.0.0.1:15001.
 //! - [`tunnel`]: carries an outbound connection to the destination's node.
-//! - [`inbound`]: connections arriving for the pod (15006 plaintext, 15008 HBONE), delivered to the app.
+//! - [`inbound`]: plaintext connections arriving for the pod (15006), delivered to the app.
+//! - [`hbone`]: the mTLS tunnel: client side for [`tunnel`], server side on the pod's 15008.
 //! - [`relay`]: copies bytes both ways once both ends are connected.
 
+pub(crate) mod hbone;
 mod inbound;
 mod outbound;
 mod relay;
@@ -16,16 +18,22 @@ use std::{
     future::Future,
     io,
     net::{IpAddr, Ipv4Addr, SocketAddr},
-    sync::{Arc, RwLock},
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
 };
 
 use ferry_common::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
-use tokio::{net::TcpListener, task::JoinSet};
+use rustls::ServerConfig;
+use tokio::{net::TcpListener, sync::watch, task::JoinSet};
 
 pub use route::Route;
 
 use crate::{
     datapath::OrigDstTable,
+    identity::{CertManager, IdentityError, SpiffeId, tls},
     inpod::PodNetns,
     state::{StateHandle, Workload},
     telemetry::ProxyMetrics,
@@ -35,7 +43,10 @@ use crate::{
 #[derive(Debug)]
 pub struct LocalPod {
     pub workload: Arc<Workload>,
+    pub identity: SpiffeId,
     pub netns: PodNetns,
+    /// HBONE server side: presents this pod's current certificate.
+    tls: Arc<ServerConfig>,
 }
 
 /// The proxy's listeners inside one pod's netns, bound before capture is attached.
@@ -68,6 +79,13 @@ struct Inner {
     local_pods: RwLock<HashMap<IpAddr, Arc<LocalPod>>>,
     orig_dst: OrigDstTable,
     metrics: Arc<ProxyMetrics>,
+    certs: Arc<CertManager>,
+    pool: Arc<hbone::client::Pool>,
+    /// Becomes true when the agent shuts down: HBONE servers send GOAWAY.
+    draining: watch::Receiver<bool>,
+    drain: watch::Sender<bool>,
+    /// Open HBONE server connections, which shutdown waits for.
+    hbone_servers: AtomicUsize,
 }
 
 /// Serving one pod; dropping it closes the pod's listeners (open connections run to their end).
@@ -89,13 +107,40 @@ impl Drop for PodHandle {
 }
 
 impl Proxy {
-    pub fn new(state: StateHandle, orig_dst: OrigDstTable, metrics: Arc<ProxyMetrics>) -> Proxy {
-        Proxy { inner: Arc::new(Inner { state, local_pods: RwLock::default(), orig_dst, metrics }) }
+    pub fn new(
+        state: StateHandle,
+        orig_dst: OrigDstTable,
+        metrics: Arc<ProxyMetrics>,
+        certs: Arc<CertManager>,
+    ) -> Proxy {
+        let (drain, draining) = watch::channel(false);
+        let pool = Arc::new(hbone::client::Pool::default());
+        tokio::spawn(pool.clone().release_idle());
+        Proxy {
+            inner: Arc::new(Inner {
+                state,
+                local_pods: RwLock::default(),
+                orig_dst,
+                metrics,
+                certs,
+                pool,
+                draining,
+                drain,
+                hbone_servers: AtomicUsize::new(0),
+            }),
+        }
     }
 
-    /// Starts accepting on a pod's listeners.
-    pub fn serve_pod(&self, workload: Arc<Workload>, netns: PodNetns, listeners: PodListeners) -> PodHandle {
-        let pod = Arc::new(LocalPod { workload, netns });
+    /// Starts accepting on a pod's listeners. The pod's certificate must have been issued.
+    pub fn serve_pod(
+        &self,
+        workload: Arc<Workload>,
+        identity: SpiffeId,
+        netns: PodNetns,
+        listeners: PodListeners,
+    ) -> Result<PodHandle, IdentityError> {
+        let tls = tls::server_config(&self.inner.certs, identity.clone())?;
+        let pod = Arc::new(LocalPod { workload, identity, netns, tls });
         {
             let mut pods = self.inner.local_pods.write().unwrap_or_else(|e| e.into_inner());
             for ip in &pod.workload.ips {
@@ -111,8 +156,18 @@ impl Proxy {
             inner.clone(),
             inbound::handle_plaintext,
         ));
-        loops.spawn(accept_loop(listeners.hbone, pod.clone(), inner.clone(), inbound::handle_hbone));
-        PodHandle { proxy: self.clone(), pod, _accept_loops: loops }
+        loops.spawn(accept_loop(listeners.hbone, pod.clone(), inner.clone(), hbone::server::handle));
+        Ok(PodHandle { proxy: self.clone(), pod, _accept_loops: loops })
+    }
+
+    /// Asks every HBONE server connection to wind down (GOAWAY) and waits, up to `deadline`,
+    /// for their open streams to finish.
+    pub async fn drain(&self, deadline: Duration) {
+        let _ = self.inner.drain.send(true);
+        let until = tokio::time::Instant::now() + deadline;
+        while self.inner.hbone_servers.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     fn local_pod(&self, ip: IpAddr) -> Option<Arc<LocalPod>> {

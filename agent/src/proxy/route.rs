@@ -1,15 +1,15 @@
 //! Where an outbound connection goes, decided from state alone (no I/O).
 
-use std::net::IpAddr;
+use std::{net::IpAddr, sync::Arc};
 
-use crate::state::State;
+use crate::state::{State, Workload};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
     /// A meshed workload on this node: handed straight to its inbound side.
     SameNode,
-    /// A meshed workload on another node: through the tunnel to that node's proxy.
-    Tunnel,
+    /// A meshed workload on another node: HBONE to that workload's pod.
+    Tunnel(Arc<Workload>),
     /// Unknown or unmeshed destination: plain TCP from the pod, as if uncaptured.
     Passthrough,
 }
@@ -18,15 +18,15 @@ impl Route {
     pub fn for_destination(state: &State, dst: IpAddr) -> Route {
         match state.workload_by_ip(dst) {
             Some(w) if w.meshed && state.is_local(w) => Route::SameNode,
-            Some(w) if w.meshed => Route::Tunnel,
+            Some(w) if w.meshed => Route::Tunnel(w.clone()),
             _ => Route::Passthrough,
         }
     }
 
-    pub fn as_str(self) -> &'static str {
+    pub fn as_str(&self) -> &'static str {
         match self {
             Route::SameNode => "same_node",
-            Route::Tunnel => "tunnel",
+            Route::Tunnel(_) => "hbone",
             Route::Passthrough => "passthrough",
         }
     }
@@ -55,7 +55,8 @@ workloads:
         let state = State::from_config(&config);
         let ip = |s: &str| s.parse().unwrap();
         assert_eq!(Route::for_destination(&state, ip("10.0.1.2")), Route::SameNode);
-        assert_eq!(Route::for_destination(&state, ip("10.0.2.2")), Route::Tunnel);
+        let remote = state.workload_by_ip(ip("10.0.2.2")).unwrap().clone();
+        assert_eq!(Route::for_destination(&state, ip("10.0.2.2")), Route::Tunnel(remote));
         assert_eq!(Route::for_destination(&state, ip("10.0.2.3")), Route::Passthrough);
         assert_eq!(Route::for_destination(&state, ip("192.0.2.1")), Route::Passthrough);
     }

@@ -1,14 +1,34 @@
-//! Node-to-node transport for meshed destinations on other nodes.
-//!
-//! Plain TCP from the source pod's netns to the destination pod's address: the destination node's
-//! datapath steers it to that pod's inbound listener (15006). HBONE over mTLS replaces this.
+//! Node-to-node transport for meshed destinations on other nodes: an HBONE CONNECT stream to the
+//! destination pod's 15008, authenticated as the source workload, expecting the destination's
+//! identity.
 
-use std::{io, net::SocketAddr};
+use std::net::SocketAddr;
 
-use tokio::net::TcpStream;
+use ferry_common::HBONE_PORT;
 
-use super::LocalPod;
+use super::{
+    LocalPod, Proxy,
+    hbone::{
+        client::{HboneStream, PoolKey, TunnelError},
+        proto,
+    },
+};
+use crate::state::Workload;
 
-pub(super) async fn connect(source: &LocalPod, dst: SocketAddr) -> io::Result<TcpStream> {
-    source.netns.connect(dst).await
+pub(super) async fn connect(
+    proxy: &Proxy,
+    source: &LocalPod,
+    client: SocketAddr,
+    target: SocketAddr,
+    destination: &Workload,
+) -> Result<HboneStream, TunnelError> {
+    let key = PoolKey {
+        source: source.identity.clone(),
+        destination: destination.identity(&source.identity.trust_domain),
+        source_ip: client.ip(),
+        hbone_addr: SocketAddr::new(target.ip(), HBONE_PORT),
+    };
+    let request = proto::connect_request(target, client, &source.workload, rand::random(), rand::random());
+    let inner = &proxy.inner;
+    inner.pool.connect(&key, &source.netns, &inner.certs, &inner.metrics, request).await
 }

@@ -1,0 +1,211 @@
+//! The file CA of the embedded default: a root key and certificate in a directory, created on
+//! first use, or an existing root (EC P-256 or RSA >= 2048, PKCS#8 key) used as is.
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime},
+};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+    KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType, SerialNumber,
+};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, pem::PemObject};
+
+use super::{IdentityError, SpiffeId};
+
+pub const ROOT_CERT_FILE: &str = "root-cert.pem";
+pub const ROOT_KEY_FILE: &str = "root-key.pem";
+/// Optional: further roots to trust (e.g. another mesh's), beside the CA's own.
+pub const TRUST_BUNDLE_FILE: &str = "trust-bundle.pem";
+/// Lifetime of a root created by `ferry ca init`.
+const ROOT_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// Leaves are valid from slightly in the past, for clocks that disagree a little.
+const CLOCK_SKEW: Duration = Duration::from_secs(5 * 60);
+
+pub struct FileCa {
+    dir: PathBuf,
+    root: CertificateDer<'static>,
+    issuer: Issuer<'static, KeyPair>,
+    trust_bundle: Vec<CertificateDer<'static>>,
+}
+
+/// A workload's certificate and key (the key never leaves memory).
+#[derive(Debug)]
+pub struct WorkloadCert {
+    pub identity: SpiffeId,
+    /// Leaf first; the root is not sent.
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+    pub serial: String,
+}
+
+impl std::fmt::Debug for FileCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileCa").field("dir", &self.dir).field("roots", &self.trust_bundle.len()).finish()
+    }
+}
+
+impl WorkloadCert {
+    /// PEM texts of the chain and of the key, for peers outside the agent (`ferry ca issue`).
+    pub fn to_pem(&self) -> (String, String) {
+        let chain =
+            self.chain.iter().map(|c| pem::encode(&pem::Pem::new("CERTIFICATE", c.to_vec()))).collect();
+        let key = pem::encode(&pem::Pem::new("PRIVATE KEY", self.key.secret_der().to_vec()));
+        (chain, key)
+    }
+}
+
+impl FileCa {
+    /// Creates a new root in `dir` unless one is there already.
+    pub fn init(dir: &Path) -> Result<FileCa, IdentityError> {
+        let ca_err = |problem: String| IdentityError::Ca { dir: dir.display().to_string(), problem };
+        if !dir.join(ROOT_CERT_FILE).exists() {
+            std::fs::create_dir_all(dir).map_err(|e| ca_err(e.to_string()))?;
+            let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| ca_err(e.to_string()))?;
+            let mut params = CertificateParams::default();
+            params.distinguished_name = DistinguishedName::new();
+            params.distinguished_name.push(DnType::OrganizationName, "ferry");
+            params.distinguished_name.push(DnType::CommonName, "Ferry root CA");
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+            let now = SystemTime::now();
+            params.not_before = (now - CLOCK_SKEW).into();
+            params.not_after = (now + ROOT_TTL).into();
+            let cert = params.self_signed(&key).map_err(|e| ca_err(e.to_string()))?;
+            write_private(&dir.join(ROOT_KEY_FILE), &key.serialize_pem())
+                .map_err(|e| ca_err(e.to_string()))?;
+            std::fs::write(dir.join(ROOT_CERT_FILE), cert.pem()).map_err(|e| ca_err(e.to_string()))?;
+        }
+        FileCa::load(dir)
+    }
+
+    /// Loads an existing root from `dir`.
+    pub fn load(dir: &Path) -> Result<FileCa, IdentityError> {
+        let file_err = |file: &str, problem: String| IdentityError::Ca {
+            dir: dir.display().to_string(),
+            problem: format!("{file}: {problem}"),
+        };
+        let read =
+            |file: &str| std::fs::read_to_string(dir.join(file)).map_err(|e| file_err(file, e.to_string()));
+        let cert_pem = read(ROOT_CERT_FILE)?;
+        let key_pem = read(ROOT_KEY_FILE)?;
+        let root = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+            .map_err(|e| file_err(ROOT_CERT_FILE, format!("no PEM certificate ({e})")))?;
+        let key = KeyPair::from_pem(&key_pem).map_err(|e| {
+            file_err(ROOT_KEY_FILE, format!("unusable key, want PKCS#8 EC P-256 or RSA ({e})"))
+        })?;
+        let issuer = Issuer::from_ca_cert_der(&root, key)
+            .map_err(|e| file_err(ROOT_CERT_FILE, format!("not a usable CA certificate ({e})")))?;
+        let mut trust_bundle = vec![root.clone()];
+        if let Ok(bundle) = std::fs::read(dir.join(TRUST_BUNDLE_FILE)) {
+            for cert in CertificateDer::pem_slice_iter(&bundle) {
+                trust_bundle.push(cert.map_err(|e| file_err(TRUST_BUNDLE_FILE, e.to_string()))?);
+            }
+        }
+        Ok(FileCa { dir: dir.to_owned(), root, issuer, trust_bundle })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The CA's own root certificate.
+    pub fn root(&self) -> &CertificateDer<'static> {
+        &self.root
+    }
+
+    /// Every root to trust: the CA's own plus the optional trust bundle.
+    pub fn trust_bundle(&self) -> &[CertificateDer<'static>] {
+        &self.trust_bundle
+    }
+
+    /// Mints a leaf for `id`: fresh EC P-256 key, one URI SAN, KU digitalSignature +
+    /// keyEncipherment, EKU serverAuth + clientAuth.
+    pub fn issue(&self, id: &SpiffeId, ttl: Duration) -> Result<WorkloadCert, IdentityError> {
+        let issue_err = |e: rcgen::Error| IdentityError::Issue { id: id.to_string(), problem: e.to_string() };
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(issue_err)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.subject_alt_names = vec![SanType::URI(id.to_string().try_into().map_err(issue_err)?)];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.extended_key_usages =
+            vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.use_authority_key_identifier_extension = true;
+        let serial: [u8; 16] = rand::random();
+        // Positive, non-zero leading byte keeps the DER integer 16 bytes long.
+        let serial = [&[0x40 | (serial[0] & 0x3f)], &serial[1..]].concat();
+        params.serial_number = Some(SerialNumber::from_slice(&serial));
+        let now = SystemTime::now();
+        let (not_before, not_after) = (now - CLOCK_SKEW, now + ttl);
+        params.not_before = not_before.into();
+        params.not_after = not_after.into();
+        let cert = params.signed_by(&key, &self.issuer).map_err(issue_err)?;
+        Ok(WorkloadCert {
+            identity: id.clone(),
+            chain: vec![cert.der().clone()],
+            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            not_before,
+            not_after,
+            serial: serial.iter().map(|b| format!("{b:02x}")).collect(),
+        })
+    }
+}
+
+/// Writes a file only its owner can read (private keys).
+pub fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+    use std::{io::Write, os::unix::fs::OpenOptionsExt};
+    let mut file =
+        std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    file.write_all(contents.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("ferry-ca-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[test]
+    fn init_creates_once_and_issues_spiffe_leaves() {
+        let dir = temp_dir("init");
+        let ca = FileCa::init(&dir).unwrap();
+        let root = ca.root().clone();
+        // Second init keeps the existing root.
+        assert_eq!(FileCa::init(&dir).unwrap().root(), &root);
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(dir.join(ROOT_KEY_FILE)).unwrap().permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600);
+
+        let id = SpiffeId::new("cluster.local", "ns1", "sa1");
+        let leaf = ca.issue(&id, Duration::from_secs(3600)).unwrap();
+        assert_eq!(SpiffeId::from_cert(&leaf.chain[0]).unwrap(), id);
+        let (_, parsed) = x509_parser::parse_x509_certificate(&leaf.chain[0]).unwrap();
+        let eku = parsed.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.server_auth && eku.client_auth);
+        let ku = parsed.key_usage().unwrap().unwrap();
+        assert!(ku.critical && ku.value.digital_signature() && ku.value.key_encipherment());
+        assert_eq!(parsed.raw_serial().len(), 16);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn bad_ca_files_are_named() {
+        let dir = temp_dir("bad");
+        std::fs::create_dir_all(&dir).unwrap();
+        let err = FileCa::load(&dir).unwrap_err().to_string();
+        assert!(err.contains("root-cert.pem"), "{err}");
+        std::fs::write(dir.join(ROOT_CERT_FILE), "garbage").unwrap();
+        std::fs::write(dir.join(ROOT_KEY_FILE), "garbage").unwrap();
+        let err = FileCa::load(&dir).unwrap_err().to_string();
+        assert!(err.contains("root-cert.pem: no PEM certificate"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

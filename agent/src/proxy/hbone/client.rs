@@ -1,0 +1,256 @@
+//! Outbound HBONE: mTLS + HTTP/2 to the destination pod's 15008, one CONNECT stream per app
+//! connection, over pooled connections.
+//!
+//! Pool rules (hbone.md): one pool entry per (source identity, destination identity, source IP,
+//! destination IP:15008); a connection carries up to 100 streams; one dial per key at a time;
+//! idle connections are released after 5 minutes.
+
+use std::{
+    collections::HashMap,
+    io,
+    net::{IpAddr, SocketAddr},
+    pin::Pin,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use http_body_util::Empty;
+use hyper::{StatusCode, body::Bytes, client::conn::http2, upgrade::Upgraded};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_rustls::TlsConnector;
+
+use super::{
+    CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME_SIZE, MAX_HEADER_LIST_SIZE, PING_INTERVAL, PING_TIMEOUT,
+    STREAM_WINDOW,
+};
+use crate::{
+    identity::{CertManager, IdentityError, SpiffeId, tls},
+    inpod::PodNetns,
+    proxy::relay::Abort,
+    telemetry::{FailureReason, ProxyMetrics, Side},
+};
+
+const MAX_STREAMS_PER_CONNECTION: usize = 100;
+const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct PoolKey {
+    pub(crate) source: SpiffeId,
+    pub(crate) destination: SpiffeId,
+    pub(crate) source_ip: IpAddr,
+    /// The destination pod's HBONE address, ip:15008.
+    pub(crate) hbone_addr: SocketAddr,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum TunnelError {
+    #[error("dialing {0}: {1}")]
+    Dial(SocketAddr, io::Error),
+    #[error("TLS handshake with {0}: {1}")]
+    Tls(SocketAddr, io::Error),
+    #[error("TLS handshake with {0} timed out")]
+    HandshakeTimeout(SocketAddr),
+    #[error("{0}")]
+    Identity(#[from] IdentityError),
+    #[error("HTTP/2: {0}")]
+    Http(#[from] hyper::Error),
+    #[error("CONNECT refused with {0}")]
+    Status(StatusCode),
+}
+
+impl TunnelError {
+    pub(crate) fn reason(&self) -> FailureReason {
+        match self {
+            TunnelError::Tls(_, e) if e.to_string().contains(tls::IDENTITY_MISMATCH) => {
+                FailureReason::Identity
+            }
+            TunnelError::Tls(..) | TunnelError::HandshakeTimeout(_) => FailureReason::TlsHandshake,
+            TunnelError::Identity(_) => FailureReason::Identity,
+            TunnelError::Dial(..) | TunnelError::Http(_) => FailureReason::Connect,
+            TunnelError::Status(_) => FailureReason::Rejected,
+        }
+    }
+}
+
+struct PooledConnection {
+    sender: http2::SendRequest<Empty<Bytes>>,
+    active: AtomicUsize,
+    idle_since: Mutex<Instant>,
+}
+
+/// Holds one stream's place on its connection until dropped.
+struct StreamSlot(Arc<PooledConnection>);
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *self.0.idle_since.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        }
+    }
+}
+
+/// An established CONNECT stream: the app's bytes go in and out here.
+pub(crate) struct HboneStream {
+    io: TokioIo<Upgraded>,
+    _slot: StreamSlot,
+}
+
+impl AsyncRead for HboneStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for HboneStream {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+impl Abort for HboneStream {
+    /// Dropping a stream that has not ended resets it (RST_STREAM), which the peer sees as failure.
+    fn abort(&self) {}
+}
+
+#[derive(Default)]
+pub(crate) struct Pool {
+    connections: Mutex<HashMap<PoolKey, Vec<Arc<PooledConnection>>>>,
+    dialing: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Pool {
+    /// Opens a CONNECT stream for `request` to the key's destination, dialing if no pooled
+    /// connection has room.
+    pub(crate) async fn connect(
+        &self,
+        key: &PoolKey,
+        netns: &PodNetns,
+        certs: &Arc<CertManager>,
+        metrics: &ProxyMetrics,
+        request: http::Request<()>,
+    ) -> Result<HboneStream, TunnelError> {
+        let slot = self.checkout(key, netns, certs, metrics).await?;
+        let mut response = slot.0.sender.clone().send_request(request.map(|()| Empty::new())).await?;
+        if response.status() != StatusCode::OK {
+            return Err(TunnelError::Status(response.status()));
+        }
+        let upgraded = hyper::upgrade::on(&mut response).await?;
+        Ok(HboneStream { io: TokioIo::new(upgraded), _slot: slot })
+    }
+
+    async fn checkout(
+        &self,
+        key: &PoolKey,
+        netns: &PodNetns,
+        certs: &Arc<CertManager>,
+        metrics: &ProxyMetrics,
+    ) -> Result<StreamSlot, TunnelError> {
+        if let Some(slot) = self.reuse(key) {
+            return Ok(slot);
+        }
+        let dial_lock =
+            self.dialing.lock().unwrap_or_else(|e| e.into_inner()).entry(key.clone()).or_default().clone();
+        let _dialing = dial_lock.lock().await;
+        // Whoever held the lock before may have dialed a connection with room for us.
+        if let Some(slot) = self.reuse(key) {
+            return Ok(slot);
+        }
+        let sender = dial(key, netns, certs).await?;
+        metrics.hbone_connection(Side::Client);
+        let connection = Arc::new(PooledConnection {
+            sender,
+            active: AtomicUsize::new(1),
+            idle_since: Mutex::new(Instant::now()),
+        });
+        self.connections
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key.clone())
+            .or_default()
+            .push(connection.clone());
+        Ok(StreamSlot(connection))
+    }
+
+    fn reuse(&self, key: &PoolKey) -> Option<StreamSlot> {
+        let mut connections = self.connections.lock().unwrap_or_else(|e| e.into_inner());
+        let list = connections.get_mut(key)?;
+        list.retain(|c| !c.sender.is_closed());
+        // Increments happen only under the pool lock, so the limit holds.
+        let connection = list
+            .iter()
+            .find(|c| c.sender.is_ready() && c.active.load(Ordering::Acquire) < MAX_STREAMS_PER_CONNECTION)?;
+        connection.active.fetch_add(1, Ordering::AcqRel);
+        Some(StreamSlot(connection.clone()))
+    }
+
+    /// Releases connections idle for longer than the idle timeout, forever.
+    pub(crate) async fn release_idle(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            let now = Instant::now();
+            let mut connections = self.connections.lock().unwrap_or_else(|e| e.into_inner());
+            for list in connections.values_mut() {
+                list.retain(|c| {
+                    let idle = c.active.load(Ordering::Acquire) == 0
+                        && now.duration_since(*c.idle_since.lock().unwrap_or_else(|e| e.into_inner()))
+                            > IDLE_TIMEOUT;
+                    !idle && !c.sender.is_closed()
+                });
+            }
+            connections.retain(|_, list| !list.is_empty());
+            self.dialing
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|_, lock| Arc::strong_count(lock) > 1);
+        }
+    }
+}
+
+/// TCP from inside the source pod (marked), mTLS as the source identity, HTTP/2 handshake.
+async fn dial(
+    key: &PoolKey,
+    netns: &PodNetns,
+    certs: &Arc<CertManager>,
+) -> Result<http2::SendRequest<Empty<Bytes>>, TunnelError> {
+    let addr = key.hbone_addr;
+    let tcp = netns.connect(addr).await.map_err(|e| TunnelError::Dial(addr, e))?;
+    let _ = socket2::SockRef::from(&tcp).set_keepalive(true);
+    let config = tls::client_config(certs, &key.source, key.destination.clone())?;
+    let handshake = TlsConnector::from(config).connect(tls::server_name(addr.ip()), tcp);
+    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+        .await
+        .map_err(|_| TunnelError::HandshakeTimeout(addr))?
+        .map_err(|e| TunnelError::Tls(addr, e))?;
+    let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME_SIZE)
+        .max_header_list_size(MAX_HEADER_LIST_SIZE)
+        .keep_alive_interval(PING_INTERVAL)
+        .keep_alive_timeout(PING_TIMEOUT)
+        .keep_alive_while_idle(true)
+        .handshake(TokioIo::new(tls))
+        .await?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!("HBONE connection to {addr} ended: {e}");
+        }
+    });
+    Ok(sender)
+}

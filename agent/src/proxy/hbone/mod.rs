@@ -1,0 +1,23 @@
+//! HBONE: HTTP/2 CONNECT over mutual TLS on port 15008, wire-compatible with Istio's ztunnel
+//! (see ../shared/design/hbone.md).
+//!
+//! - [`proto`]: the request and the inbound checks, without I/O.
+//! - [`client`]: the outbound side, with its connection pool.
+//! - [`server`]: the 15008 listener of each local pod.
+
+pub(super) mod client;
+pub(crate) mod proto;
+pub(super) mod server;
+
+use std::time::Duration;
+
+/// HTTP/2 settings both sides use (ztunnel's values).
+const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+const MAX_FRAME_SIZE: u32 = 1024 * 1024;
+const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
+const SERVER_MAX_CONCURRENT_STREAMS: u32 = 200;
+const PING_INTERVAL: Duration = Duration::from_secs(10);
+const PING_TIMEOUT: Duration = Duration::from_secs(20);
+/// TLS handshakes that take longer are cut off.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

@@ -1,0 +1,158 @@
+//! The HBONE CONNECT request, built and checked without I/O so every rule is testable in memory.
+
+use std::net::{IpAddr, SocketAddr};
+
+use http::{Method, Request, StatusCode, Uri, header::HeaderValue};
+
+use crate::{proxy::is_proxy_port, state::Workload};
+
+/// Why an inbound CONNECT is refused, and with which status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Rejection {
+    /// 400: not CONNECT, unparsable authority, or authority IP is not the pod the TLS arrived on.
+    BadRequest(&'static str),
+    /// 503: nothing to deliver to (recursion to a proxy port, unknown target, app refused).
+    Unavailable(&'static str),
+}
+
+impl Rejection {
+    pub(crate) fn status(&self) -> StatusCode {
+        match self {
+            Rejection::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Rejection::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    pub(crate) fn reason(&self) -> &'static str {
+        match self {
+            Rejection::BadRequest(r) | Rejection::Unavailable(r) => r,
+        }
+    }
+}
+
+/// The target of an inbound CONNECT that arrived (TLS) on `arrived_on`.
+pub(crate) fn inbound_target(
+    method: &Method,
+    uri: &Uri,
+    arrived_on: IpAddr,
+) -> Result<SocketAddr, Rejection> {
+    if method != Method::CONNECT {
+        return Err(Rejection::BadRequest("method is not CONNECT"));
+    }
+    let authority = uri.authority().ok_or(Rejection::BadRequest("no :authority"))?;
+    let target: SocketAddr = match authority.as_str().parse() {
+        Ok(addr) => addr,
+        // A hostname authority would name a service; none is known at this endpoint.
+        Err(_) if authority.port_u16().is_some() => return Err(Rejection::Unavailable("unknown hostname")),
+        Err(_) => return Err(Rejection::BadRequest("authority is not host:port")),
+    };
+    if target.ip() != arrived_on {
+        return Err(Rejection::BadRequest("authority IP is not the pod the connection arrived on"));
+    }
+    if is_proxy_port(target.port()) {
+        return Err(Rejection::Unavailable("target port is a proxy port (recursion)"));
+    }
+    Ok(target)
+}
+
+/// The outbound CONNECT for `target` on behalf of `client` (the app's address) in `source`.
+pub(crate) fn connect_request(
+    target: SocketAddr,
+    client: SocketAddr,
+    source: &Workload,
+    trace_id: u128,
+    span_id: u64,
+) -> Request<()> {
+    let mut request = Request::new(());
+    *request.method_mut() = Method::CONNECT;
+    // SocketAddr's Display brackets IPv6, as :authority requires.
+    *request.uri_mut() =
+        Uri::builder().authority(target.to_string()).build().expect("ip:port is a valid authority");
+    let headers = request.headers_mut();
+    let forwarded = format!("for=\"{client}\"");
+    let baggage = format!("k8s.namespace.name={},k8s.pod.name={}", source.namespace, source.name);
+    let traceparent = format!("00-{trace_id:032x}-{span_id:016x}-00");
+    for (name, value) in [("forwarded", forwarded), ("baggage", baggage), ("traceparent", traceparent)] {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            headers.insert(name, value);
+        }
+    }
+    request
+}
+
+/// `baggage` a server returns with 200: who the destination is.
+pub(crate) fn destination_baggage(destination: &Workload) -> String {
+    format!("k8s.namespace.name={},k8s.pod.name={}", destination.namespace, destination.name)
+}
+
+/// The original client from a `forwarded: for="ip:port"` header, if well formed.
+pub(crate) fn forwarded_for(value: &HeaderValue) -> Option<SocketAddr> {
+    value.to_str().ok()?.split(';').find_map(|part| {
+        let v = part.trim().strip_prefix("for=")?;
+        v.trim_matches('"').parse().ok()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POD: &str = "10.2.0.2";
+
+    fn target(method: Method, authority: &str) -> Result<SocketAddr, Rejection> {
+        let uri: Uri = Uri::builder().authority(authority).build().unwrap();
+        inbound_target(&method, &uri, POD.parse().unwrap())
+    }
+
+    #[test]
+    fn accepts_connect_to_the_arrival_pod() {
+        assert_eq!(target(Method::CONNECT, "10.2.0.2:8080"), Ok("10.2.0.2:8080".parse().unwrap()));
+    }
+
+    #[test]
+    fn rejects_like_ztunnel() {
+        let cases: &[(Method, &str, StatusCode)] = &[
+            (Method::GET, "10.2.0.2:8080", StatusCode::BAD_REQUEST),
+            (Method::POST, "10.2.0.2:8080", StatusCode::BAD_REQUEST),
+            (Method::CONNECT, "10.2.0.3:8080", StatusCode::BAD_REQUEST),
+            (Method::CONNECT, "10.2.0.2", StatusCode::BAD_REQUEST),
+            (Method::CONNECT, "backend.default.svc:8080", StatusCode::SERVICE_UNAVAILABLE),
+            (Method::CONNECT, "10.2.0.2:15001", StatusCode::SERVICE_UNAVAILABLE),
+            (Method::CONNECT, "10.2.0.2:15006", StatusCode::SERVICE_UNAVAILABLE),
+            (Method::CONNECT, "10.2.0.2:15008", StatusCode::SERVICE_UNAVAILABLE),
+        ];
+        for (method, authority, status) in cases {
+            let rejection = target(method.clone(), authority).unwrap_err();
+            assert_eq!(rejection.status(), *status, "{method} {authority}: {rejection:?}");
+        }
+    }
+
+    #[test]
+    fn builds_the_connect_request() {
+        let source = Workload {
+            name: "a".into(),
+            namespace: "shop".into(),
+            service_account: "sa".into(),
+            labels: Default::default(),
+            ips: vec![],
+            node: "n1".into(),
+            meshed: true,
+        };
+        let req = connect_request(
+            "10.2.0.2:8080".parse().unwrap(),
+            "10.1.0.2:4321".parse().unwrap(),
+            &source,
+            1,
+            2,
+        );
+        assert_eq!(req.method(), Method::CONNECT);
+        assert_eq!(req.uri().to_string(), "10.2.0.2:8080");
+        assert_eq!(req.headers()["forwarded"], "for=\"10.1.0.2:4321\"");
+        assert_eq!(req.headers()["baggage"], "k8s.namespace.name=shop,k8s.pod.name=a");
+        assert_eq!(req.headers()["traceparent"], format!("00-{:032x}-{:016x}-00", 1, 2));
+        assert_eq!(forwarded_for(&req.headers()["forwarded"]), Some("10.1.0.2:4321".parse().unwrap()));
+        let v6 =
+            connect_request("[fd00::2]:80".parse().unwrap(), "[fd00::1]:1".parse().unwrap(), &source, 1, 2);
+        assert_eq!(v6.uri().authority().unwrap().as_str(), "[fd00::2]:80");
+    }
+}

@@ -1,0 +1,163 @@
+//! Inbound HBONE on a pod's 15008: mTLS with the pod's certificate, HTTP/2, one CONNECT per app
+//! connection, delivered to the app inside the pod's netns.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, atomic::Ordering},
+};
+
+use http_body_util::Empty;
+use hyper::{
+    Request, Response, StatusCode,
+    body::{Bytes, Incoming},
+    header::HeaderValue,
+    server::conn::http2,
+    service::service_fn,
+    upgrade::Upgraded,
+};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+
+use super::{
+    CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME_SIZE, MAX_HEADER_LIST_SIZE, PING_INTERVAL, PING_TIMEOUT,
+    SERVER_MAX_CONCURRENT_STREAMS, STREAM_WINDOW, proto,
+};
+use crate::{
+    identity::{SpiffeId, tls},
+    proxy::{
+        LocalPod, Proxy, inbound,
+        relay::{Abort, Flow},
+    },
+    telemetry::{Direction, FailureReason, Side},
+};
+
+const ROUTE: &str = "hbone";
+
+impl Abort for TokioIo<Upgraded> {
+    /// Dropping an unfinished stream resets it.
+    fn abort(&self) {}
+}
+
+pub(in crate::proxy) async fn handle(proxy: Proxy, pod: Arc<LocalPod>, tcp: TcpStream, peer: SocketAddr) {
+    let metrics = proxy.inner.metrics.clone();
+    let local = match tcp.local_addr() {
+        Ok(local) => local,
+        Err(_) => return,
+    };
+    let flow = || Flow::new(Direction::Inbound, ROUTE, pod.workload.key(), peer, local);
+    let handshake = TlsAcceptor::from(pod.tls.clone()).accept(tcp);
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            return flow().fail(&metrics, FailureReason::TlsHandshake, &format!("TLS handshake: {e}"));
+        }
+        Err(_) => return flow().fail(&metrics, FailureReason::TlsHandshake, &"TLS handshake timed out"),
+    };
+    metrics.hbone_connection(Side::Server);
+    let _open = OpenServer::new(&proxy);
+    let peer_identity = tls::peer_identity(tls.get_ref().1.peer_certificates());
+    let mut draining = proxy.inner.draining.clone();
+    let service = service_fn(move |request| {
+        let proxy = proxy.clone();
+        let pod = pod.clone();
+        let peer_identity = peer_identity.clone();
+        async move { Ok::<_, Infallible>(connect(proxy, pod, peer, peer_identity, local, request).await) }
+    });
+    let connection = http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(SERVER_MAX_CONCURRENT_STREAMS)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME_SIZE)
+        .max_header_list_size(MAX_HEADER_LIST_SIZE)
+        .keep_alive_interval(PING_INTERVAL)
+        .keep_alive_timeout(PING_TIMEOUT)
+        .serve_connection(TokioIo::new(tls), service);
+    tokio::pin!(connection);
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        _ = async { let _ = draining.wait_for(|d| *d).await; } => {
+            // GOAWAY: no new streams, open ones finish.
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(%peer, "HBONE connection ended: {e}");
+    }
+}
+
+/// One CONNECT stream: check it, reach the app, answer, then relay over the upgraded stream.
+async fn connect(
+    proxy: Proxy,
+    pod: Arc<LocalPod>,
+    peer: SocketAddr,
+    peer_identity: Option<SpiffeId>,
+    local: SocketAddr,
+    request: Request<Incoming>,
+) -> Response<Empty<Bytes>> {
+    let metrics = proxy.inner.metrics.clone();
+    let client = request.headers().get("forwarded").and_then(proto::forwarded_for).unwrap_or(peer);
+    let own_identity = Some(pod.identity.clone());
+    let target = proto::inbound_target(request.method(), request.uri(), local.ip());
+    let flow =
+        Flow::new(Direction::Inbound, ROUTE, pod.workload.key(), client, target.clone().unwrap_or(local))
+            .identities(peer_identity, own_identity);
+    let target = match target {
+        Ok(target) => target,
+        Err(rejection) => {
+            let reason = match rejection.status() {
+                StatusCode::BAD_REQUEST => FailureReason::BadRequest,
+                _ => FailureReason::Unavailable,
+            };
+            flow.fail(
+                &metrics,
+                reason,
+                &format!("{} {}: {}", rejection.status(), request.uri(), rejection.reason()),
+            );
+            return status(rejection.status());
+        }
+    };
+    let app = match inbound::deliver(&pod, target).await {
+        Ok(app) => app,
+        Err(e) => {
+            flow.fail(&metrics, FailureReason::Unavailable, &format!("503: app at {target}: {e}"));
+            return status(StatusCode::SERVICE_UNAVAILABLE);
+        }
+    };
+    tokio::spawn(async move {
+        match hyper::upgrade::on(request).await {
+            Ok(upgraded) => flow.relay(TokioIo::new(upgraded), app, &metrics).await,
+            Err(e) => flow.reset(&app, &metrics, FailureReason::Relay, &e),
+        }
+    });
+    let mut response = status(StatusCode::OK);
+    if let Ok(baggage) = HeaderValue::from_str(&proto::destination_baggage(&pod.workload)) {
+        response.headers_mut().insert("baggage", baggage);
+    }
+    response
+}
+
+/// Counts an open HBONE server connection for the duration of its life.
+struct OpenServer(Proxy);
+
+impl OpenServer {
+    fn new(proxy: &Proxy) -> OpenServer {
+        proxy.inner.hbone_servers.fetch_add(1, Ordering::AcqRel);
+        OpenServer(proxy.clone())
+    }
+}
+
+impl Drop for OpenServer {
+    fn drop(&mut self) {
+        self.0.inner.hbone_servers.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn status(code: StatusCode) -> Response<Empty<Bytes>> {
+    let mut response = Response::new(Empty::new());
+    *response.status_mut() = code;
+    response
+}
