@@ -122,6 +122,16 @@ impl Pod {
         Ok(self.measure(&["bulk", &to.to_string(), &mib.to_string()], "bulk")?.trim().parse()?)
     }
 
+    /// Opens `n` concurrent connections to an echo server, each echoing a byte; all are open at once.
+    pub fn hold(&self, to: SocketAddr, n: usize) -> Result<usize> {
+        Ok(self.measure(&["hold", &to.to_string(), &n.to_string()], "held")?.trim().parse()?)
+    }
+
+    /// Keeps one connection busy with a byte ping-pong every 10 ms for `seconds`; the count.
+    pub fn stream(&self, to: SocketAddr, seconds: u64) -> Result<u64> {
+        Ok(self.measure(&["stream", &to.to_string(), &seconds.to_string()], "streamed")?.trim().parse()?)
+    }
+
     fn measure(&self, args: &[&str], word: &str) -> Result<String> {
         let output = self.app(args)?.wait_with_output()?;
         let stdout = String::from_utf8_lossy(&output.stdout);

@@ -6,6 +6,8 @@
 //! Names carry a per-process prefix so concurrent tests never collide.
 
 mod app;
+mod capture;
+mod peer;
 mod sys;
 
 use std::{
@@ -20,6 +22,8 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 pub use app::{ConnectOutcome, Server};
+pub use capture::{Capture, Segment};
+pub use peer::{CertFiles, PeerServer, hbone_client, hbone_server};
 pub use sys::{Cgroup, Netns};
 
 /// The cgroup v2 hierarchy of this machine (hybrid layout).
@@ -218,6 +222,22 @@ impl Sandbox {
 
     pub fn log_path(&self, node: &str) -> PathBuf {
         self.dir.join(format!("{node}.log"))
+    }
+
+    /// The sandbox's CA directory, created now if no agent has created it yet.
+    pub fn ca_dir_created(&self) -> Result<PathBuf> {
+        if !self.ca_dir().exists() {
+            let status = Command::new(ferry_bin()?)
+                .arg("ca")
+                .arg("init")
+                .arg(self.ca_dir())
+                .stdout(Stdio::null())
+                .status()?;
+            if !status.success() {
+                bail!("ferry ca init {} failed", self.ca_dir().display());
+            }
+        }
+        Ok(self.ca_dir())
     }
 
     /// Writes the node's config (from [`Sandbox::config_for`] unless given) and starts its agent,

@@ -12,10 +12,31 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the sandbox and tests call, by the command that shows they are there.
 const DEBIAN_PACKAGES: &[(&str, &str)] = &[("ip", "iproute2")];
 
+/// PyPI packages of the independent test peers (tests/peers/), by the module that shows them.
+const PYTHON_PACKAGES: &[(&str, &str)] = &[("h2", "h2")];
+
 pub(crate) fn run() -> Result<()> {
     rust_src()?;
     bpf_linker()?;
     debian_packages()?;
+    python_packages()?;
+    Ok(())
+}
+
+fn python_packages() -> Result<()> {
+    for (module, package) in PYTHON_PACKAGES {
+        let present =
+            Command::new("python3").args(["-c", &format!("import {module}")]).output()?.status.success();
+        if !present {
+            eprintln!("setup: pip install {package}");
+            let status = Command::new("python3")
+                .args(["-m", "pip", "install", "--quiet", "--root-user-action=ignore", package])
+                .status()?;
+            if !status.success() {
+                bail!("pip install {package} failed");
+            }
+        }
+    }
     Ok(())
 }
 

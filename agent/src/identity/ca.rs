@@ -68,7 +68,9 @@ impl FileCa {
             let mut params = CertificateParams::default();
             params.distinguished_name = DistinguishedName::new();
             params.distinguished_name.push(DnType::OrganizationName, "ferry");
-            params.distinguished_name.push(DnType::CommonName, "Ferry root CA");
+            // A distinct name per root, so roots of separate meshes never look like each other.
+            let tag: u32 = rand::random();
+            params.distinguished_name.push(DnType::CommonName, format!("Ferry root CA {tag:08x}"));
             params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
             params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
             let now = SystemTime::now();

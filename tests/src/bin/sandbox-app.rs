@@ -5,6 +5,8 @@
 //!                                    "echoed N" | "refused" | "reset" | "timeout" | "error MSG"
 //! rr ADDR COUNT                   -> "rr P50_US P99_US": 1-byte ping-pong round trips
 //! bulk ADDR MIB                   -> "bulk GBIT_PER_S": MIB MiB each way through the echo server
+//! hold ADDR N                     -> "held N": N concurrent connections, each echoing a byte
+//! stream ADDR SECONDS             -> "streamed N": one connection, a byte ping-pong every 10 ms
 
 use std::{
     io::{ErrorKind, Read, Write},
@@ -25,10 +27,12 @@ fn main() -> ExitCode {
             connect(addr.parse().expect("address"), bytes.parse().expect("byte count"), mark);
         }
         ["rr", addr, count] => ping_pong(addr.parse().expect("address"), count.parse().expect("count")),
+        ["hold", addr, n] => hold(addr.parse().expect("address"), n.parse().expect("count")),
+        ["stream", addr, secs] => stream(addr.parse().expect("address"), secs.parse().expect("seconds")),
         ["bulk", addr, mib] => bulk(addr.parse().expect("address"), mib.parse().expect("MiB")),
         _ => {
             eprintln!(
-                "usage: sandbox-app serve PORT | connect ADDR BYTES [--mark M] | rr ADDR COUNT | bulk ADDR MIB"
+                "usage: sandbox-app serve PORT | connect ADDR BYTES [--mark M] | rr ADDR COUNT | bulk ADDR MIB | hold ADDR N | stream ADDR SECONDS"
             );
             return ExitCode::from(2);
         }
@@ -151,4 +155,45 @@ fn bulk(addr: SocketAddr, mib: usize) {
     sender.join().expect("sender");
     let secs = start.elapsed().as_secs_f64();
     println!("bulk {:.2}", received as f64 * 8.0 / secs / 1e9);
+}
+
+fn hold(addr: SocketAddr, n: usize) {
+    let mut streams = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut stream = TcpStream::connect(addr).expect("connect");
+        stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        stream.write_all(b"x").expect("write");
+        streams.push(stream);
+    }
+    for stream in &mut streams {
+        let mut byte = [0u8; 1];
+        if let Err(e) = stream.read_exact(&mut byte) {
+            report_error(&e);
+            return;
+        }
+    }
+    println!("held {}", streams.len());
+}
+
+fn stream(addr: SocketAddr, seconds: u64) {
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    let deadline = std::time::Instant::now() + Duration::from_secs(seconds);
+    let mut count = 0u64;
+    let mut byte = [0u8; 1];
+    while std::time::Instant::now() < deadline {
+        byte[0] = (count % 256) as u8;
+        let sent = byte[0];
+        if let Err(e) = stream.write_all(&byte).and_then(|()| stream.read_exact(&mut byte)) {
+            report_error(&e);
+            return;
+        }
+        if byte[0] != sent {
+            println!("error echo mismatch after {count}");
+            return;
+        }
+        count += 1;
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    println!("streamed {count}");
 }

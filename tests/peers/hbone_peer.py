@@ -1,0 +1,184 @@
+#!/usr/bin/env python3
+"""An independent HBONE peer for interop tests: PyPI's `h2` plus the standard `ssl` module.
+
+Nothing here shares code with Ferry. It speaks HBONE as ../shared/design/hbone.md describes it.
+
+  hbone_peer.py client --connect IP:PORT --cert C --key K --ca ROOT [--request REQUEST]...
+      REQUEST is METHOD,AUTHORITY[,PAYLOAD]; prints one JSON object per request:
+      {"status": 200, "headers": {...}, "echo": "..."}; first a line {"server_identity": "spiffe://..."}
+  hbone_peer.py server --listen IP:PORT --cert C --key K --ca ROOT
+      prints {"listening": true}, then per CONNECT {"client_identity", "pseudo", "headers"} and
+      answers 200, echoing the stream's bytes back and ending when the client ends.
+"""
+import argparse
+import json
+import socket
+import ssl
+import sys
+import threading
+
+import h2.config
+import h2.connection
+import h2.events
+
+
+def emit(obj):
+    print(json.dumps(obj), flush=True)
+
+
+def uri_san(cert):
+    uris = [v for (k, v) in cert.get("subjectAltName", ()) if k == "URI"]
+    return uris[0] if len(uris) == 1 else None
+
+
+def context(args, server):
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    if args.cert:
+        ctx.load_cert_chain(args.cert, args.key)
+    ctx.load_verify_locations(args.ca)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.set_alpn_protocols(["h2"])
+    return ctx
+
+
+def pump(sock, conn):
+    data = conn.data_to_send()
+    if data:
+        sock.sendall(data)
+
+
+def client(args):
+    host, port = args.connect.rsplit(":", 1)
+    raw = socket.create_connection((host, int(port)), timeout=10)
+    try:
+        sock = context(args, server=False).wrap_socket(raw)
+    except (ssl.SSLError, OSError) as e:
+        emit({"tls_error": str(e)})
+        return
+    peer = sock.getpeercert()
+    emit({"server_identity": uri_san(peer), "serial": peer.get("serialNumber"),
+          "alpn": sock.selected_alpn_protocol(), "tls": sock.version()})
+    conn = h2.connection.H2Connection(config=h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    pump(sock, conn)
+    for spec in args.requests:
+        method, authority, *rest = spec.split(",", 2)
+        payload = rest[0].encode() if rest else b""
+        stream = conn.get_next_available_stream_id()
+        headers = [(":method", method), (":authority", authority)]
+        if method != "CONNECT":
+            headers += [(":scheme", "https"), (":path", "/")]
+        headers += [("forwarded", 'for="192.0.2.9:4000"'), ("traceparent", "00-" + "1" * 32 + "-" + "2" * 16 + "-00")]
+        conn.send_headers(stream, headers, end_stream=method != "CONNECT")
+        pump(sock, conn)
+        result = {"request": spec, "status": None, "headers": {}, "echo": ""}
+        echo = b""
+        done = False
+        while not done:
+            try:
+                data = sock.recv(65536)
+            except (ssl.SSLError, OSError) as e:
+                result["error"] = str(e)
+                break
+            if not data:
+                result["error"] = "connection closed"
+                break
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived) and event.stream_id == stream:
+                    hdrs = {k.decode() if isinstance(k, bytes) else k: v.decode() if isinstance(v, bytes) else v
+                            for k, v in event.headers}
+                    result["status"] = int(hdrs.pop(":status"))
+                    result["headers"] = hdrs
+                    if result["status"] == 200:
+                        conn.send_data(stream, payload, end_stream=True)
+                    elif not event.stream_ended:
+                        conn.reset_stream(stream)
+                        done = True
+                    if event.stream_ended:
+                        done = True
+                elif isinstance(event, h2.events.DataReceived) and event.stream_id == stream:
+                    echo += event.data
+                    conn.acknowledge_received_data(event.flow_controlled_length, stream)
+                elif isinstance(event, h2.events.StreamEnded) and event.stream_id == stream:
+                    done = True
+                elif isinstance(event, h2.events.StreamReset) and event.stream_id == stream:
+                    result["reset"] = True
+                    done = True
+                elif isinstance(event, h2.events.ConnectionTerminated):
+                    result["error"] = "GOAWAY"
+                    done = True
+            pump(sock, conn)
+        result["echo"] = echo.decode(errors="replace")
+        emit(result)
+    conn.close_connection()
+    pump(sock, conn)
+    sock.close()
+
+
+def serve_connection(sock):
+    client_identity = uri_san(sock.getpeercert())
+    conn = h2.connection.H2Connection(config=h2.config.H2Configuration(client_side=False))
+    conn.initiate_connection()
+    pump(sock, conn)
+    while True:
+        try:
+            data = sock.recv(65536)
+        except (ssl.SSLError, OSError):
+            return
+        if not data:
+            return
+        for event in conn.receive_data(data):
+            if isinstance(event, h2.events.RequestReceived):
+                pseudo, headers = {}, {}
+                for k, v in event.headers:
+                    k = k.decode() if isinstance(k, bytes) else k
+                    v = v.decode() if isinstance(v, bytes) else v
+                    (pseudo if k.startswith(":") else headers)[k] = v
+                emit({"client_identity": client_identity, "pseudo": pseudo, "headers": headers,
+                      "header_order": [k.decode() if isinstance(k, bytes) else k for k, _ in event.headers]})
+                status = "200" if pseudo.get(":method") == "CONNECT" else "400"
+                conn.send_headers(event.stream_id, [(":status", status)], end_stream=status != "200")
+            elif isinstance(event, h2.events.DataReceived):
+                conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                if event.data:
+                    conn.send_data(event.stream_id, event.data)
+            elif isinstance(event, h2.events.StreamEnded):
+                conn.end_stream(event.stream_id)
+        pump(sock, conn)
+
+
+def server(args):
+    host, port = args.listen.rsplit(":", 1)
+    ctx = context(args, server=True)
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((host, int(port)))
+    listener.listen(64)
+    emit({"listening": True})
+    while True:
+        raw, _ = listener.accept()
+        try:
+            sock = ctx.wrap_socket(raw, server_side=True)
+        except (ssl.SSLError, OSError) as e:
+            emit({"tls_error": str(e)})
+            continue
+        threading.Thread(target=serve_connection, args=(sock,), daemon=True).start()
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("mode", choices=["client", "server"])
+    parser.add_argument("--connect")
+    parser.add_argument("--listen")
+    parser.add_argument("--cert")
+    parser.add_argument("--key")
+    parser.add_argument("--ca", required=True)
+    parser.add_argument("--request", dest="requests", action="append", default=[])
+    args = parser.parse_args()
+    (client if args.mode == "client" else server)(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+//! HBONE between nodes: real mTLS, real HTTP/2, real sockets in the netns sandbox, and an
+//! independent peer (Python h2 + ssl) on the other end for interop.
+
+use std::{
+    net::{SocketAddr, SocketAddrV4},
+    time::Duration,
+};
+
+use ferry_sandbox::{Capture, ConnectOutcome, PodSpec, Sandbox, hbone_client, hbone_server};
+use serde_json::Value;
+
+const PORT: u16 = 8080;
+
+fn sandbox(label: &str) -> Sandbox {
+    Sandbox::new(
+        label,
+        &[("node1", vec![PodSpec::meshed("a", "sa-a")]), ("node2", vec![PodSpec::meshed("c", "sa-c")])],
+    )
+    .expect("sandbox")
+}
+
+fn addr(sb: &Sandbox, pod: &str, port: u16) -> SocketAddr {
+    SocketAddr::from((sb.pod(pod).ip, port))
+}
+
+fn metric(sb: &Sandbox, node: &str, series: &str) -> f64 {
+    sb.metric(node, series).unwrap_or_else(|e| panic!("scraping {node}: {e}"))
+}
+
+fn failures(sb: &Sandbox, node: &str, direction: &str, reason: &str) -> f64 {
+    metric(
+        sb,
+        node,
+        &format!("ferry_proxy_connection_failures_total{{direction=\"{direction}\",reason=\"{reason}\"}}"),
+    )
+}
+
+fn spiffe(sa: &str) -> String {
+    format!("spiffe://cluster.local/ns/default/sa/{sa}")
+}
+
+fn wait_for_log(sb: &Sandbox, node: &str, text: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !sb.agent_log(node).contains(text) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {text:?} in the log of {node}:\n{}",
+            sb.agent_log(node)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn underlay_carries_only_tls13_with_alpn_h2_to_15008() {
+    let mut sb = sandbox("wire");
+    sb.start_agent("node1", None).unwrap();
+    sb.start_agent("node2", None).unwrap();
+    let _server = sb.pod("c").serve(PORT).unwrap();
+    let capture = Capture::start(&sb.node("node1").netns, "ul").unwrap();
+    let outcome = sb.pod("a").connect(addr(&sb, "c", PORT), 64 * 1024).unwrap();
+    assert!(matches!(outcome, ConnectOutcome::Echoed { bytes: 65536, .. }), "{outcome:?}");
+    std::thread::sleep(Duration::from_millis(100));
+    let segments = capture.finish().unwrap();
+
+    let hbone = SocketAddrV4::new(sb.pod("c").ip, 15008);
+    let with_payload: Vec<_> = segments.iter().filter(|s| !s.payload.is_empty()).collect();
+    assert!(!with_payload.is_empty(), "nothing captured");
+    for s in &segments {
+        assert!(s.dst == hbone || s.src == hbone, "segment outside HBONE: {} -> {}", s.src, s.dst);
+    }
+    // The app's payload is bytes 0,1,2,... mod 251: no 64-byte run of it may appear in clear.
+    let plaintext: Vec<u8> = (0..64u8).collect();
+    for s in &with_payload {
+        assert!(!s.payload.windows(64).any(|w| w == plaintext.as_slice()), "plaintext on the wire");
+    }
+    let client_hello = &with_payload.iter().find(|s| s.dst == hbone).unwrap().payload;
+    assert_eq!(client_hello[0], 0x16, "first client record is not a handshake");
+    assert!(client_hello.windows(3).any(|w| w == b"\x02h2"), "ClientHello offers no ALPN h2");
+    let server_hello = &with_payload.iter().find(|s| s.src == hbone).unwrap().payload;
+    // supported_versions extension (0x002b) selecting TLS 1.3 (0x0304).
+    assert!(
+        server_hello.windows(6).any(|w| w == [0x00, 0x2b, 0x00, 0x02, 0x03, 0x04]),
+        "ServerHello is not TLS 1.3"
+    );
+}
+
+#[test]
+fn python_h2_client_against_ferry_server() {
+    let mut sb = sandbox("pyclient");
+    sb.start_agent("node2", None).unwrap();
+    let _server = sb.pod("c").serve(PORT).unwrap();
+    let cert = sb.issue_cert(&sb.ca_dir(), &spiffe("py"), "py").unwrap();
+    let c = sb.pod("c").ip;
+    let requests = [
+        format!("CONNECT,{c}:{PORT},hello over hbone"),
+        format!("GET,{c}:{PORT}"),
+        format!("CONNECT,10.2.0.99:{PORT}"),
+        format!("CONNECT,{c}:15001"),
+        format!("CONNECT,{c}:15006"),
+        format!("CONNECT,{c}:15008"),
+        format!("CONNECT,{c}:9999"),
+    ];
+    let requests: Vec<&str> = requests.iter().map(String::as_str).collect();
+    let out =
+        hbone_client(&sb.node("node1").netns, addr(&sb, "c", 15008), Some(&cert), &sb.ca_dir(), &requests)
+            .unwrap();
+    assert_eq!(out[0]["server_identity"], spiffe("sa-c"), "{out:?}");
+    assert_eq!(out[0]["alpn"], "h2");
+    assert_eq!(out[0]["tls"], "TLSv1.3");
+    let statuses: Vec<&Value> = out[1..].iter().map(|r| &r["status"]).collect();
+    assert_eq!(statuses, [200, 400, 400, 503, 503, 503, 503], "{out:#?}");
+    assert_eq!(out[1]["echo"], "hello over hbone");
+    assert_eq!(out[1]["headers"]["baggage"], "k8s.namespace.name=default,k8s.pod.name=c");
+    assert_eq!(failures(&sb, "node2", "inbound", "bad_request"), 2.0);
+    assert_eq!(failures(&sb, "node2", "inbound", "unavailable"), 4.0);
+    wait_for_log(&sb, "node2", "authority IP is not the pod the connection arrived on");
+    wait_for_log(&sb, "node2", "recursion");
+    // The accepted stream's access line names the peer's identity and the forwarded client.
+    wait_for_log(&sb, "node2", "src=192.0.2.9:4000");
+    wait_for_log(&sb, "node2", &format!("src_identity={}", spiffe("py")));
+}
+
+#[test]
+fn ferry_client_against_python_h2_server() {
+    let mut sb = sandbox("pyserver");
+    let cert = sb.issue_cert(&sb.ca_dir_created().unwrap(), &spiffe("sa-c"), "c").unwrap();
+    let peer = hbone_server(&sb.pod("c").netns, addr(&sb, "c", 15008), &cert, &sb.ca_dir()).unwrap();
+    sb.start_agent("node1", None).unwrap();
+
+    let outcome = sb.pod("a").connect(addr(&sb, "c", PORT), 100_000).unwrap();
+    assert_eq!(outcome, ConnectOutcome::Echoed { peer: addr(&sb, "c", PORT), bytes: 100_000 });
+    let events = peer.wait_events(1, Duration::from_secs(2));
+    let request = &events[0];
+    assert_eq!(request["client_identity"], spiffe("sa-a"));
+    assert_eq!(
+        request["pseudo"],
+        serde_json::json!({":method": "CONNECT", ":authority": format!("{}:{PORT}", sb.pod("c").ip)})
+    );
+    let headers = &request["headers"];
+    let forwarded = headers["forwarded"].as_str().unwrap();
+    assert!(forwarded.starts_with(&format!("for=\"{}:", sb.pod("a").ip)), "{forwarded}");
+    assert_eq!(headers["baggage"], "k8s.namespace.name=default,k8s.pod.name=a");
+    let traceparent = headers["traceparent"].as_str().unwrap();
+    let parts: Vec<&str> = traceparent.split('-').collect();
+    assert_eq!(
+        (parts.len(), parts[0], parts[1].len(), parts[2].len(), parts[3]),
+        (4, "00", 32, 16, "00"),
+        "{traceparent}"
+    );
+    assert_eq!(request["header_order"][0], ":method", "pseudo-headers first");
+}
+
+#[test]
+fn ferry_client_resets_when_the_server_has_the_wrong_identity() {
+    let mut sb = sandbox("wrongid");
+    let cert = sb.issue_cert(&sb.ca_dir_created().unwrap(), &spiffe("impostor"), "impostor").unwrap();
+    let _peer = hbone_server(&sb.pod("c").netns, addr(&sb, "c", 15008), &cert, &sb.ca_dir()).unwrap();
+    sb.start_agent("node1", None).unwrap();
+    let outcome = sb.pod("a").connect(addr(&sb, "c", PORT), 10).unwrap();
+    assert!(matches!(outcome, ConnectOutcome::Reset { .. }), "{outcome:?}");
+    assert_eq!(failures(&sb, "node1", "outbound", "identity"), 1.0);
+    wait_for_log(&sb, "node1", "identity verification error");
+}
+
+#[test]
+fn ferry_server_rejects_untrusted_clients() {
+    let mut sb = sandbox("untrusted");
+    sb.start_agent("node2", None).unwrap();
+    let _server = sb.pod("c").serve(PORT).unwrap();
+    let hbone = addr(&sb, "c", 15008);
+    let connect = [format!("CONNECT,{}:{PORT},hi", sb.pod("c").ip)];
+    let connect: Vec<&str> = connect.iter().map(String::as_str).collect();
+    let node1 = &sb.node("node1").netns;
+
+    // A certificate from another CA.
+    let other_ca = sb.other_ca("other-ca").unwrap();
+    let foreign = sb.issue_cert(&other_ca, &spiffe("py"), "foreign").unwrap();
+    let out = hbone_client(node1, hbone, Some(&foreign), &sb.ca_dir(), &connect).unwrap();
+    assert_ne!(out.last().unwrap()["status"], 200, "{out:?}");
+    // No client certificate at all.
+    let out = hbone_client(node1, hbone, None, &sb.ca_dir(), &connect).unwrap();
+    assert_ne!(out.last().unwrap()["status"], 200, "{out:?}");
+    // The right CA, another trust domain.
+    let elsewhere =
+        sb.issue_cert(&sb.ca_dir(), "spiffe://elsewhere.example/ns/default/sa/py", "elsewhere").unwrap();
+    let out = hbone_client(node1, hbone, Some(&elsewhere), &sb.ca_dir(), &connect).unwrap();
+    assert_ne!(out.last().unwrap()["status"], 200, "{out:?}");
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while failures(&sb, "node2", "inbound", "tls_handshake") < 3.0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(failures(&sb, "node2", "inbound", "tls_handshake"), 3.0, "{}", sb.agent_log("node2"));
+    wait_for_log(&sb, "node2", "UnknownIssuer");
+    wait_for_log(&sb, "node2", "not in trust domain cluster.local");
+    // And it keeps serving a trusted client.
+    let good = sb.issue_cert(&sb.ca_dir(), &spiffe("py"), "good").unwrap();
+    let out = hbone_client(node1, hbone, Some(&good), &sb.ca_dir(), &connect).unwrap();
+    assert_eq!(out.last().unwrap()["status"], 200, "{out:?}");
+}
+
+#[test]
+fn app_connections_share_pooled_hbone_connections_up_to_the_stream_limit() {
+    let mut sb = sandbox("pool");
+    sb.start_agent("node1", None).unwrap();
+    sb.start_agent("node2", None).unwrap();
+    let server = sb.pod("c").serve(PORT).unwrap();
+    // 150 app connections open at once: 100 streams on the first HBONE connection, 50 on a second.
+    assert_eq!(sb.pod("a").hold(addr(&sb, "c", PORT), 150).unwrap(), 150);
+    assert_eq!(server.wait_accepted(150, Duration::from_secs(5)).len(), 150);
+    assert_eq!(metric(&sb, "node1", "ferry_hbone_connections_opened_total{side=\"client\"}"), 2.0);
+    assert_eq!(metric(&sb, "node2", "ferry_hbone_connections_opened_total{side=\"server\"}"), 2.0);
+}
+
+#[test]
+fn rotation_keeps_open_connections_and_new_handshakes_get_the_new_certificate() {
+    let mut sb = sandbox("rotate");
+    for node in ["node1", "node2"] {
+        let config = sb.config_for(node).replacen('\n', "\ncertTtl: 2s\n", 1);
+        sb.start_agent(node, Some(&config)).unwrap();
+    }
+    let _server = sb.pod("c").serve(PORT).unwrap();
+    // A long-lived connection across several rotations (every second).
+    let streamed = sb.pod("a").stream(addr(&sb, "c", PORT), 4).unwrap();
+    assert!(streamed > 100, "only {streamed} round trips");
+    let issued = sb.agent_log("node2").matches("certificate issued").count();
+    assert!(issued >= 4, "node2 issued {issued} certificates in 4 s with a 2 s TTL");
+
+    // New handshakes present the current certificate.
+    let cert = sb.issue_cert(&sb.ca_dir(), &spiffe("py"), "py").unwrap();
+    let serial = || {
+        let out =
+            hbone_client(&sb.node("node1").netns, addr(&sb, "c", 15008), Some(&cert), &sb.ca_dir(), &[])
+                .unwrap();
+        assert_eq!(out[0]["server_identity"], spiffe("sa-c"));
+        out[0]["serial"].as_str().unwrap().to_owned()
+    };
+    let first = serial();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_ne!(serial(), first, "the server kept presenting a certificate past its half-life");
+    // And new app connections still work.
+    assert!(matches!(sb.pod("a").connect(addr(&sb, "c", PORT), 10).unwrap(), ConnectOutcome::Echoed { .. }));
+}
