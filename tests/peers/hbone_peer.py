@@ -32,6 +32,7 @@ def uri_san(cert):
 
 
 def context(args, server):
+    """TLS 1.3, certificate required both ways, ALPN h2 (the client may offer other or none)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     if args.cert:
@@ -39,7 +40,9 @@ def context(args, server):
     ctx.load_verify_locations(args.ca)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.set_alpn_protocols(["h2"])
+    alpn = getattr(args, "alpn", "h2")
+    if alpn != "none":
+        ctx.set_alpn_protocols(alpn.split(","))
     return ctx
 
 
@@ -176,6 +179,7 @@ def main():
     parser.add_argument("--key")
     parser.add_argument("--ca", required=True)
     parser.add_argument("--request", dest="requests", action="append", default=[])
+    parser.add_argument("--alpn", default="h2", help="comma-separated ALPN to offer, or none")
     args = parser.parse_args()
     (client if args.mode == "client" else server)(args)
 

@@ -23,7 +23,7 @@ use anyhow::{Context, Result, bail};
 
 pub use app::{ConnectOutcome, Server};
 pub use capture::{Capture, Segment};
-pub use peer::{CertFiles, PeerServer, hbone_client, hbone_server};
+pub use peer::{CertFiles, PeerServer, hbone_client, hbone_client_offering, hbone_server};
 pub use sys::{Cgroup, Netns};
 
 /// The cgroup v2 hierarchy of this machine (hybrid layout).

@@ -105,10 +105,20 @@ pub fn hbone_client(
     ca_dir: &Path,
     requests: &[&str],
 ) -> Result<Vec<Value>> {
-    let mut args = vec!["client", "--connect"];
+    hbone_client_offering(netns, connect, cert, ca_dir, "h2", requests)
+}
+
+/// Like [`hbone_client`], offering the ALPN protocols `alpn` (comma-separated, or `none`).
+pub fn hbone_client_offering(
+    netns: &Netns,
+    connect: SocketAddr,
+    cert: Option<&CertFiles>,
+    ca_dir: &Path,
+    alpn: &str,
+    requests: &[&str],
+) -> Result<Vec<Value>> {
     let addr = connect.to_string();
-    args.push(&addr);
-    let mut cmd = python(&args, cert, ca_dir);
+    let mut cmd = python(&["client", "--connect", &addr, "--alpn", alpn], cert, ca_dir);
     for request in requests {
         cmd.arg("--request").arg(request);
     }

@@ -6,7 +6,9 @@ use std::{
     time::Duration,
 };
 
-use ferry_sandbox::{Capture, ConnectOutcome, PodSpec, Sandbox, hbone_client, hbone_server};
+use ferry_sandbox::{
+    Capture, ConnectOutcome, PodSpec, Sandbox, hbone_client, hbone_client_offering, hbone_server,
+};
 use serde_json::Value;
 
 const PORT: u16 = 8080;
@@ -119,6 +121,17 @@ fn python_h2_client_against_ferry_server() {
     // The accepted stream's access line names the peer's identity and the forwarded client.
     wait_for_log(&sb, "node2", "src=192.0.2.9:4000");
     wait_for_log(&sb, "node2", &format!("src_identity={}", spiffe("py")));
+
+    // ALPN: a client offering only other protocols is refused; one offering none is HTTP/2 by
+    // prior knowledge.
+    let node1 = &sb.node("node1").netns;
+    let hbone = addr(&sb, "c", 15008);
+    let out =
+        hbone_client_offering(node1, hbone, Some(&cert), &sb.ca_dir(), "http/1.1", &requests[..1]).unwrap();
+    let error = out[0]["tls_error"].as_str().unwrap_or_default();
+    assert!(error.contains("no application protocol"), "{out:?}");
+    let out = hbone_client_offering(node1, hbone, Some(&cert), &sb.ca_dir(), "none", &requests[..1]).unwrap();
+    assert_eq!(out[1]["status"], 200, "{out:?}");
 }
 
 #[test]

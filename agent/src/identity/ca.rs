@@ -198,6 +198,61 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// A root made elsewhere (here by openssl, RSA 2048) is used as is and its leaves chain to it.
+    #[test]
+    fn existing_rsa_root_is_used_as_is() {
+        let dir = temp_dir("rsa");
+        std::fs::create_dir_all(&dir).unwrap();
+        let status = std::process::Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/O=elsewhere/CN=mesh root",
+            ])
+            .args([
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+            ])
+            .arg("-keyout")
+            .arg(dir.join(ROOT_KEY_FILE))
+            .arg("-out")
+            .arg(dir.join(ROOT_CERT_FILE))
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("openssl");
+        assert!(status.success());
+        let original = std::fs::read(dir.join(ROOT_CERT_FILE)).unwrap();
+        let ca = FileCa::init(&dir).unwrap();
+        assert_eq!(
+            std::fs::read(dir.join(ROOT_CERT_FILE)).unwrap(),
+            original,
+            "init replaced an existing root"
+        );
+
+        let leaf = ca.issue(&SpiffeId::new("cluster.local", "ns", "sa"), Duration::from_secs(60)).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.root().clone()).unwrap();
+        let provider = crate::identity::tls::provider();
+        let parsed = rustls::server::ParsedCertificate::try_from(&leaf.chain[0]).unwrap();
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &roots,
+            &[],
+            rustls::pki_types::UnixTime::now(),
+            provider.signature_verification_algorithms.all,
+        )
+        .expect("leaf chains to the RSA root");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn bad_ca_files_are_named() {
         let dir = temp_dir("bad");
