@@ -89,9 +89,17 @@ fn demo(keep: bool) -> Result<()> {
     }
 
     println!("\n== cross-node traffic travels over mTLS (HBONE); node2's view of who connected:");
-    for line in sb.agent_log("node2").lines().filter(|l| l.contains("route=\"hbone\"") && l.contains("direction=\"inbound\"")) {
+    for line in sb
+        .agent_log("node2")
+        .lines()
+        .filter(|l| l.contains("route=\"hbone\"") && l.contains("direction=\"inbound\""))
+    {
         let field = |name: &str| {
-            line.split_whitespace().find_map(|w| w.strip_prefix(name)).unwrap_or("?").trim_matches('"').to_owned()
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(name))
+                .unwrap_or("?")
+                .trim_matches('"')
+                .to_owned()
         };
         println!(
             "   {} ({}) -> {} ({})",
