@@ -8,6 +8,7 @@ pub mod datapath;
 pub mod discovery;
 pub mod identity;
 pub mod inpod;
+pub mod policy;
 pub mod proxy;
 pub mod state;
 pub mod telemetry;
