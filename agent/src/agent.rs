@@ -47,16 +47,16 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     let source = StaticFile { path: config_path };
     let config = source.read()?;
     let (datapath, orig_dst, counters) = Datapath::load().context("loading the eBPF programs")?;
-    let telemetry = Telemetry::new(counters);
+    let ca = FileCa::init(&config.ca_dir)?;
+    let certs = Arc::new(CertManager::new(ca, config.cert_ttl)?);
+    tokio::spawn(certs.clone().rotate());
+    let telemetry = Telemetry::new(counters, certs.clone());
     for addr in [config.metrics_addr, config.readiness_addr] {
         let listener = TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
         tokio::spawn(telemetry.clone().serve(listener));
     }
-    let ca = FileCa::init(&config.ca_dir)?;
-    let certs = Arc::new(CertManager::new(ca, config.cert_ttl)?);
-    tokio::spawn(certs.clone().rotate());
     let state = StateHandle::new(State::from_config(&config));
-    let proxy = Proxy::new(state.clone(), orig_dst, telemetry.proxy.clone(), certs.clone());
+    let proxy = Proxy::new(state.clone(), orig_dst, telemetry.clone(), certs.clone());
     let mut agent = Agent { datapath, proxy, state, certs, telemetry, pods: HashMap::new() };
     agent.reconcile(&config);
     agent.telemetry.set_ready(true);
@@ -71,7 +71,13 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
                 Ok(config) => {
                     agent.state.store(State::from_config(&config));
                     agent.reconcile(&config);
-                    tracing::info!(workloads = agent.pods.len(), "config reloaded");
+                    let closed = agent.proxy.recheck_policies();
+                    tracing::info!(
+                        workloads = agent.pods.len(),
+                        policies = config.compiled_policies.len(),
+                        closed_by_policy = closed,
+                        "config reloaded"
+                    );
                 }
                 Err(e) => tracing::error!("config reload rejected, the previous config stays in force: {e}"),
             },
@@ -86,6 +92,11 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
 impl Agent {
     /// Makes the captured pods match the config's local meshed workloads.
     fn reconcile(&mut self, config: &Config) {
+        for policy in &config.compiled_policies {
+            for warning in &policy.warnings {
+                tracing::warn!(policy = %policy.key(), "{warning}");
+            }
+        }
         let desired: HashMap<String, &config::Workload> =
             config.local_meshed_workloads().map(|w| (format!("{}/{}", w.namespace, w.name), w)).collect();
         let stale: Vec<String> = self

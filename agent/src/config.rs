@@ -12,10 +12,12 @@ use std::{
 
 use serde::Deserialize;
 
+use crate::policy::{AuthorizationPolicy, Policy};
+
 /// Default SPIFFE trust domain.
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Config {
     /// This node's name; workloads whose `node` matches are local and get captured.
@@ -36,6 +38,12 @@ pub struct Config {
     pub readiness_addr: SocketAddr,
     #[serde(default)]
     pub workloads: Vec<Workload>,
+    /// AuthorizationPolicy objects, in the schema of Istio's (and Ferry's) CRD.
+    #[serde(default)]
+    pub policies: Vec<AuthorizationPolicy>,
+    /// The policies, checked and compiled by [`Config::parse`].
+    #[serde(skip)]
+    pub compiled_policies: Vec<Policy>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -84,8 +92,8 @@ const fn default_true() -> bool {
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
-    #[error("{path}: {source}")]
-    Syntax { path: PathBuf, source: serde_yaml::Error },
+    #[error("{path}: {}{source}", policy.as_ref().map(|p| format!("policy {p}: ")).unwrap_or_default())]
+    Syntax { path: PathBuf, policy: Option<String>, source: serde_yaml::Error },
     #[error("{path}: {field}: {problem}")]
     Invalid { path: PathBuf, field: String, problem: String },
 }
@@ -100,13 +108,22 @@ impl Config {
 
     /// Parses and validates config text; `path` only labels errors.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let config: Config = serde_yaml::from_str(text)
-            .map_err(|source| ConfigError::Syntax { path: path.to_owned(), source })?;
-        config.validate().map_err(|(field, problem)| ConfigError::Invalid {
+        let mut config: Config = serde_yaml::from_str(text).map_err(|source| ConfigError::Syntax {
             path: path.to_owned(),
-            field,
-            problem,
+            policy: policy_named_in(&source, text),
+            source,
         })?;
+        let invalid = |(field, problem)| ConfigError::Invalid { path: path.to_owned(), field, problem };
+        config.validate().map_err(invalid)?;
+        config.compiled_policies = config
+            .policies
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let name = format!("policies[{i}] ({}/{})", p.metadata.namespace, p.metadata.name);
+                p.compile().map_err(|problem| invalid((name, problem)))
+            })
+            .collect::<Result<_, _>>()?;
         Ok(config)
     }
 
@@ -150,6 +167,16 @@ impl Config {
     pub fn local_meshed_workloads(&self) -> impl Iterator<Item = &Workload> {
         self.workloads.iter().filter(|w| w.node == self.node && w.meshed)
     }
+}
+
+/// For a syntax error inside `policies[N]`, that policy's `namespace/name`, read from the raw YAML.
+fn policy_named_in(error: &serde_yaml::Error, text: &str) -> Option<String> {
+    let index: usize = error.to_string().strip_prefix("policies[")?.split(']').next()?.parse().ok()?;
+    let raw: serde_yaml::Value = serde_yaml::from_str(text).ok()?;
+    let metadata = raw.get("policies")?.get(index)?.get("metadata")?;
+    let name = metadata.get("name")?.as_str()?;
+    let namespace = metadata.get("namespace").and_then(|n| n.as_str()).unwrap_or("default");
+    Some(format!("{namespace}/{name}"))
 }
 
 #[cfg(test)]
@@ -227,6 +254,30 @@ workloads:
         assert_eq!(c.cert_ttl, Duration::from_secs(90));
         let err = parse(&REMOTE_ONLY.replace("node: n1\n", "node: n1\ncertTtl: soon\n")).unwrap_err();
         assert!(err.contains("certTtl") || err.contains("line 3"), "{err}");
+    }
+
+    #[test]
+    fn bad_policy_is_named_with_field_and_line() {
+        let with_policy = |spec: &str| {
+            format!(
+                "{REMOTE_ONLY}policies:\n  - metadata: {{name: deny-b, namespace: shop}}\n    spec: {spec}\n"
+            )
+        };
+        let err = parse(&with_policy("{action: DENNY}")).unwrap_err();
+        assert!(
+            err.starts_with(
+                "test.yaml: policy shop/deny-b: policies[0].spec.action: unknown variant `DENNY`"
+            ),
+            "{err}"
+        );
+        assert!(err.contains("line 11"), "{err}");
+        let err = parse(&with_policy("{rules: [{when: [{key: source.colour}]}]}")).unwrap_err();
+        assert_eq!(
+            err,
+            "test.yaml: policies[0] (shop/deny-b): spec.rules[0].when[0].key: unknown key \"source.colour\""
+        );
+        let ok = parse(&with_policy("{action: DENY, rules: [{}]}")).unwrap();
+        assert_eq!(ok.compiled_policies[0].key(), "shop/deny-b");
     }
 
     #[test]

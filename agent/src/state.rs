@@ -10,6 +10,7 @@ use std::{
 use crate::{
     config::{self, Config},
     identity::SpiffeId,
+    policy::PolicySet,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,6 +55,7 @@ pub struct State {
     pub node: String,
     pub trust_domain: String,
     by_ip: HashMap<IpAddr, Arc<Workload>>,
+    pub policies: PolicySet,
 }
 
 impl State {
@@ -65,7 +67,12 @@ impl State {
                 by_ip.insert(*ip, w.clone());
             }
         }
-        State { node: config.node.clone(), trust_domain: config.trust_domain.clone(), by_ip }
+        State {
+            node: config.node.clone(),
+            trust_domain: config.trust_domain.clone(),
+            by_ip,
+            policies: PolicySet::new(config.compiled_policies.clone()),
+        }
     }
 
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {

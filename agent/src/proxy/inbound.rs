@@ -5,22 +5,35 @@ use std::{io, net::SocketAddr, sync::Arc};
 
 use tokio::net::TcpStream;
 
-use super::{LocalPod, Proxy, is_proxy_port, relay::Flow};
-use crate::telemetry::{Direction, FailureReason};
+use super::{
+    LocalPod, Proxy, is_proxy_port,
+    relay::{Abort, Flow},
+};
+use crate::{
+    policy::Verdict,
+    telemetry::{Direction, FailureReason},
+};
 
 /// 15006: plaintext connections steered here by sk_lookup; the socket's local address is the
-/// destination the client asked for.
+/// destination the client asked for. Denied connections are reset before the app sees a byte.
 pub(super) async fn handle_plaintext(proxy: Proxy, pod: Arc<LocalPod>, client: TcpStream, peer: SocketAddr) {
-    let metrics = &proxy.inner.metrics;
+    let telemetry = &proxy.inner.telemetry;
     let dst = client.local_addr().unwrap_or(peer);
-    let flow = Flow::new(Direction::Inbound, "plaintext", pod.workload.key(), peer, dst)
-        .identities(None, Some(pod.identity.clone()));
+    let source = proxy.inner.state.load().workload_by_ip(peer.ip()).cloned();
+    let mut flow = Flow::new(Direction::Inbound, "plaintext", peer, dst)
+        .source(source, None)
+        .destination(Some(pod.workload.clone()), Some(pod.identity.clone()));
     if is_proxy_port(dst.port()) {
-        return flow.reset(&client, metrics, FailureReason::Recursion, &"destination is a proxy port");
+        return flow.reset(&client, telemetry, FailureReason::Recursion, &"destination is a proxy port");
+    }
+    let decision = proxy.authorize(&pod, &mut flow, peer.ip());
+    if decision.verdict == Verdict::Deny {
+        client.abort();
+        return flow.deny(telemetry, &decision);
     }
     match deliver(&pod, dst).await {
-        Ok(app) => flow.relay(client, app, metrics).await,
-        Err(e) => flow.reset(&client, metrics, FailureReason::Connect, &e),
+        Ok(app) => flow.relay(client, app, telemetry, &proxy.inner.tracker).await,
+        Err(e) => flow.reset(&client, telemetry, FailureReason::Connect, &e),
     }
 }
 

@@ -6,6 +6,7 @@
 //! - [`hbone`]: the mTLS tunnel: client side for [`tunnel`], server side on the pod's 15008.
 //! - [`relay`]: copies bytes both ways once both ends are connected.
 
+mod connections;
 pub(crate) mod hbone;
 mod inbound;
 mod outbound;
@@ -29,15 +30,19 @@ use ferry_common::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 use rustls::ServerConfig;
 use tokio::{net::TcpListener, sync::watch, task::JoinSet};
 
+pub use connections::{LiveConnection, Tracker};
 pub use route::Route;
 
 use crate::{
     datapath::OrigDstTable,
     identity::{CertManager, IdentityError, SpiffeId, tls},
     inpod::PodNetns,
+    policy::{Decision, Verdict},
     state::{StateHandle, Workload},
-    telemetry::ProxyMetrics,
+    telemetry::{Telemetry, VerdictKind},
 };
+use connections::Admission;
+use relay::Flow;
 
 /// A meshed pod on this node, as the proxy sees it.
 #[derive(Debug)]
@@ -78,7 +83,8 @@ struct Inner {
     state: StateHandle,
     local_pods: RwLock<HashMap<IpAddr, Arc<LocalPod>>>,
     orig_dst: OrigDstTable,
-    metrics: Arc<ProxyMetrics>,
+    telemetry: Arc<Telemetry>,
+    tracker: Arc<Tracker>,
     certs: Arc<CertManager>,
     pool: Arc<hbone::client::Pool>,
     /// Becomes true when the agent shuts down: HBONE servers send GOAWAY.
@@ -110,7 +116,7 @@ impl Proxy {
     pub fn new(
         state: StateHandle,
         orig_dst: OrigDstTable,
-        metrics: Arc<ProxyMetrics>,
+        telemetry: Arc<Telemetry>,
         certs: Arc<CertManager>,
     ) -> Proxy {
         let (drain, draining) = watch::channel(false);
@@ -121,7 +127,8 @@ impl Proxy {
                 state,
                 local_pods: RwLock::default(),
                 orig_dst,
-                metrics,
+                telemetry,
+                tracker: Arc::default(),
                 certs,
                 pool,
                 draining,
@@ -168,6 +175,48 @@ impl Proxy {
         while self.inner.hbone_servers.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < until {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// Re-checks open connections against the current policies; closes those now denied.
+    pub fn recheck_policies(&self) -> usize {
+        self.inner.tracker.recheck(&self.inner.state.load().policies)
+    }
+
+    /// The connections being relayed now.
+    pub fn connections(&self) -> Vec<LiveConnection> {
+        self.inner.tracker.snapshot()
+    }
+
+    /// The destination side's decision: may `flow`'s source (`src_ip`, the authenticated peer
+    /// address) reach local pod `pod`? Counts the verdict, reports dry-run differences and
+    /// remembers the inputs on the flow for later re-checks.
+    fn authorize(&self, pod: &LocalPod, flow: &mut Flow, src_ip: IpAddr) -> Decision {
+        let admission = Admission {
+            src_ip,
+            src_identity: flow.src_identity.clone(),
+            dst: flow.dst,
+            dst_namespace: pod.workload.namespace.clone(),
+            dst_labels: pod.workload.labels.clone(),
+        };
+        let decision = admission.evaluate(&self.inner.state.load().policies);
+        let metrics = &self.inner.telemetry.proxy;
+        let kind = if decision.verdict == Verdict::Allow { VerdictKind::Allow } else { VerdictKind::Deny };
+        metrics.verdict(kind, decision.reason.policy.as_deref());
+        if let Some((shadow, reason)) = &decision.dry_run {
+            let kind =
+                if *shadow == Verdict::Deny { VerdictKind::DryRunDeny } else { VerdictKind::DryRunAllow };
+            metrics.verdict(kind, reason.policy.as_deref());
+            tracing::info!(
+                target: "access",
+                src = %flow.src, dst = %flow.dst, policy = reason.policy.as_deref(),
+                "dry-run: would be {} ({}), enforced: {decision}",
+                if *shadow == Verdict::Deny { "denied" } else { "allowed" },
+                reason.explanation,
+            );
+        }
+        flow.policy = decision.reason.policy.clone();
+        flow.admission = Some(admission);
+        decision
     }
 
     fn local_pod(&self, ip: IpAddr) -> Option<Arc<LocalPod>> {

@@ -2,39 +2,70 @@
 
 use std::{net::SocketAddr, sync::Arc};
 
+use ferry_common::HBONE_PORT;
 use tokio::net::TcpStream;
 
-use super::{LocalPod, Proxy, Route, inbound, relay::Flow, tunnel};
-use crate::telemetry::{Direction, FailureReason};
+use super::{
+    LocalPod, Proxy, Route, inbound,
+    relay::{Abort, Flow},
+    tunnel,
+};
+use crate::{
+    policy::Verdict,
+    telemetry::{Direction, FailureReason},
+};
 
 pub(super) async fn handle(proxy: Proxy, pod: Arc<LocalPod>, client: TcpStream, peer: SocketAddr) {
-    let metrics = &proxy.inner.metrics;
+    let telemetry = &proxy.inner.telemetry;
     // The app's own address: the redirect made the kernel pick loopback as its source.
     let app = SocketAddr::new(pod.workload.ips[0], peer.port());
+    let source = |flow: Flow| flow.source(Some(pod.workload.clone()), Some(pod.identity.clone()));
     let Some(dst) = proxy.inner.orig_dst.take(pod.netns.cookie(), peer.port()) else {
-        let flow = Flow::new(Direction::Outbound, "unknown", pod.workload.key(), app, peer);
-        return flow.reset(&client, metrics, FailureReason::OrigDstMiss, &"no original destination recorded");
+        let flow = source(Flow::new(Direction::Outbound, "unknown", app, peer));
+        return flow.reset(
+            &client,
+            telemetry,
+            FailureReason::OrigDstMiss,
+            &"no original destination recorded",
+        );
     };
-    let route = Route::for_destination(&proxy.inner.state.load(), dst.ip());
-    let flow = Flow::new(Direction::Outbound, route.as_str(), pod.workload.key(), app, dst);
+    let state = proxy.inner.state.load();
+    let route = Route::for_destination(&state, dst.ip());
+    let flow = source(Flow::new(Direction::Outbound, route.as_str(), app, dst));
+    let flow = flow.destination(state.workload_by_ip(dst.ip()).cloned(), None);
+    let trust_domain = &pod.identity.trust_domain;
     let upstream = match route {
         Route::Tunnel(destination) => {
-            let trust_domain = &pod.identity.trust_domain;
-            let flow = flow.identities(Some(pod.identity.clone()), Some(destination.identity(trust_domain)));
+            let flow = flow
+                .destination(Some(destination.clone()), Some(destination.identity(trust_domain)))
+                .hbone(SocketAddr::new(dst.ip(), HBONE_PORT));
             return match tunnel::connect(&proxy, &pod, app, dst, &destination).await {
-                Ok(stream) => flow.relay(client, stream, metrics).await,
-                Err(e) => flow.reset(&client, metrics, e.reason(), &e),
+                Ok(stream) => flow.relay(client, stream, telemetry, &proxy.inner.tracker).await,
+                Err(e) => flow.reset(&client, telemetry, e.reason(), &e),
             };
         }
         Route::SameNode => match proxy.local_pod(dst.ip()) {
-            Some(dst_pod) => inbound::deliver(&dst_pod, dst).await,
+            Some(dst_pod) => {
+                // This agent is also the destination side: it decides here.
+                let mut flow =
+                    flow.destination(Some(dst_pod.workload.clone()), Some(dst_pod.identity.clone()));
+                let decision = proxy.authorize(&dst_pod, &mut flow, app.ip());
+                if decision.verdict == Verdict::Deny {
+                    client.abort();
+                    return flow.deny(telemetry, &decision);
+                }
+                return match inbound::deliver(&dst_pod, dst).await {
+                    Ok(upstream) => flow.relay(client, upstream, telemetry, &proxy.inner.tracker).await,
+                    Err(e) => flow.reset(&client, telemetry, FailureReason::Connect, &e),
+                };
+            }
             // Known as local but not (yet) captured here: reach it as an uncaptured client would.
             None => pod.netns.connect(dst).await,
         },
         Route::Passthrough => pod.netns.connect(dst).await,
     };
     match upstream {
-        Ok(upstream) => flow.relay(client, upstream, metrics).await,
-        Err(e) => flow.reset(&client, metrics, FailureReason::Connect, &e),
+        Ok(upstream) => flow.relay(client, upstream, telemetry, &proxy.inner.tracker).await,
+        Err(e) => flow.reset(&client, telemetry, FailureReason::Connect, &e),
     }
 }

@@ -1,20 +1,28 @@
-//! Copies bytes both ways between two connected streams, keeping half-closes, and reports the
-//! connection when it ends.
+//! One proxied connection from set-up to close: copies bytes both ways (half-closes kept), and
+//! reports it once to metrics, the access log and the flow-event ring.
 
-use std::{net::SocketAddr, time::Duration, time::Instant};
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use tokio::{
     io::{AsyncRead, AsyncWrite, copy_bidirectional_with_sizes},
     net::TcpStream,
 };
 
+use super::connections::{Admission, Registration, Tracker};
 use crate::{
     identity::SpiffeId,
-    telemetry::{Direction, FailureReason, ProxyMetrics},
+    policy::Decision,
+    state::Workload,
+    telemetry::{ConnectionLabels, Direction, FailureReason, FlowEvent, FlowKind, Telemetry, now_ms},
 };
 
 /// Copy buffer per direction. tokio's 8 KiB default halves bulk throughput.
 const BUFFER_SIZE: usize = 64 * 1024;
+const UNKNOWN: &str = "unknown";
 
 /// A stream that can be cut so the other end sees a failure, not a clean end.
 pub(super) trait Abort {
@@ -28,105 +36,209 @@ impl Abort for TcpStream {
     }
 }
 
-/// One proxied connection, for metrics and the access log.
-#[derive(Debug)]
+/// Everything known about one connection, for metrics, logs and flow events.
+#[derive(Debug, Clone)]
 pub(super) struct Flow {
-    direction: Direction,
-    route: &'static str,
-    pod: String,
-    src: SocketAddr,
-    dst: SocketAddr,
-    src_identity: Option<SpiffeId>,
-    dst_identity: Option<SpiffeId>,
-    started: Instant,
+    pub(super) direction: Direction,
+    pub(super) route: &'static str,
+    pub(super) src: SocketAddr,
+    pub(super) dst: SocketAddr,
+    /// The HBONE address the connection was tunnelled to or arrived on.
+    pub(super) hbone_addr: Option<SocketAddr>,
+    pub(super) src_workload: Option<Arc<Workload>>,
+    pub(super) dst_workload: Option<Arc<Workload>>,
+    pub(super) src_identity: Option<SpiffeId>,
+    pub(super) dst_identity: Option<SpiffeId>,
+    /// The policy that allowed it, when one did.
+    pub(super) policy: Option<String>,
+    /// What the destination side admitted it with; re-checked when policies change.
+    pub(super) admission: Option<Admission>,
+    pub(super) started: Instant,
 }
 
 impl Flow {
-    pub(super) fn new(
-        direction: Direction,
-        route: &'static str,
-        pod: String,
-        src: SocketAddr,
-        dst: SocketAddr,
-    ) -> Flow {
+    pub(super) fn new(direction: Direction, route: &'static str, src: SocketAddr, dst: SocketAddr) -> Flow {
         Flow {
             direction,
             route,
-            pod,
             src,
             dst,
+            hbone_addr: None,
+            src_workload: None,
+            dst_workload: None,
             src_identity: None,
             dst_identity: None,
+            policy: None,
+            admission: None,
             started: Instant::now(),
         }
     }
 
-    /// The authenticated identities of both ends, when the connection has them.
-    pub(super) fn identities(mut self, src: Option<SpiffeId>, dst: Option<SpiffeId>) -> Flow {
-        self.src_identity = src;
-        self.dst_identity = dst;
+    pub(super) fn source(mut self, workload: Option<Arc<Workload>>, identity: Option<SpiffeId>) -> Flow {
+        self.src_workload = workload;
+        self.src_identity = identity;
         self
     }
 
-    /// The connection could not be set up: count and log why. The caller tells its peer.
-    pub(super) fn fail(self, metrics: &ProxyMetrics, reason: FailureReason, error: &dyn std::fmt::Display) {
-        metrics.failed(self.direction, reason);
-        tracing::info!(
-            target: "access",
-            direction = self.direction.as_str(), route = self.route, pod = %self.pod,
-            src = %self.src, dst = %self.dst,
-            src_identity = self.src_identity.as_ref().map(tracing::field::display),
-            dst_identity = self.dst_identity.as_ref().map(tracing::field::display),
-            error = %error, reason = reason.as_str(),
-            "connection failed"
-        );
+    pub(super) fn destination(mut self, workload: Option<Arc<Workload>>, identity: Option<SpiffeId>) -> Flow {
+        self.dst_workload = workload;
+        self.dst_identity = identity;
+        self
+    }
+
+    pub(super) fn hbone(mut self, addr: SocketAddr) -> Flow {
+        self.hbone_addr = Some(addr);
+        self
+    }
+
+    fn labels(&self) -> ConnectionLabels {
+        let name = |w: &Option<Arc<Workload>>| w.as_ref().map_or(UNKNOWN.to_owned(), |w| w.name.clone());
+        let namespace =
+            |w: &Option<Arc<Workload>>| w.as_ref().map_or(UNKNOWN.to_owned(), |w| w.namespace.clone());
+        let app = |w: &Option<Arc<Workload>>| {
+            w.as_ref()
+                .and_then(|w| w.labels.get("app").or_else(|| w.labels.get("app.kubernetes.io/name")).cloned())
+                .unwrap_or_else(|| UNKNOWN.to_owned())
+        };
+        let principal = |id: &Option<SpiffeId>| id.as_ref().map_or(UNKNOWN.to_owned(), ToString::to_string);
+        ConnectionLabels {
+            reporter: self.direction.reporter(),
+            source_workload: name(&self.src_workload),
+            source_workload_namespace: namespace(&self.src_workload),
+            source_principal: principal(&self.src_identity),
+            source_app: app(&self.src_workload),
+            destination_workload: name(&self.dst_workload),
+            destination_workload_namespace: namespace(&self.dst_workload),
+            destination_principal: principal(&self.dst_identity),
+            destination_service: UNKNOWN.to_owned(),
+            destination_app: app(&self.dst_workload),
+            request_protocol: "tcp",
+            response_flags: "-",
+            connection_security_policy: if self.hbone_addr.is_some() { "mutual_tls" } else { UNKNOWN },
+        }
+    }
+
+    fn event(&self, kind: FlowKind, reason: Option<String>, received: u64, sent: u64) -> FlowEvent {
+        FlowEvent {
+            time_ms: now_ms(),
+            kind,
+            direction: self.direction.as_str(),
+            route: self.route,
+            src: self.src,
+            dst: self.dst,
+            src_workload: self.src_workload.as_ref().map(|w| w.key()),
+            dst_workload: self.dst_workload.as_ref().map(|w| w.key()),
+            src_identity: self.src_identity.as_ref().map(ToString::to_string),
+            dst_identity: self.dst_identity.as_ref().map(ToString::to_string),
+            policy: self.policy.clone(),
+            reason,
+            bytes_src_to_dst: received,
+            bytes_dst_to_src: sent,
+            duration_ms: self.started.elapsed().as_millis() as u64,
+        }
+    }
+
+    /// The connection could not be set up: count, log and record why. The caller tells its peer.
+    pub(super) fn fail(self, telemetry: &Telemetry, reason: FailureReason, error: &dyn std::fmt::Display) {
+        telemetry.proxy.failed(self.direction, reason, Some(&self.labels()));
+        let kind = if reason == FailureReason::Denied { FlowKind::Denied } else { FlowKind::Failed };
+        self.log(kind, Some(reason), Some(&error.to_string()), 0, 0);
+        telemetry.flows.push(self.event(kind, Some(error.to_string()), 0, 0));
     }
 
     /// Like [`Flow::fail`], resetting `downstream` first.
     pub(super) fn reset(
         self,
         downstream: &impl Abort,
-        metrics: &ProxyMetrics,
+        telemetry: &Telemetry,
         reason: FailureReason,
         error: &dyn std::fmt::Display,
     ) {
         downstream.abort();
-        self.fail(metrics, reason, error);
+        self.fail(telemetry, reason, error);
     }
 
-    /// Relays until both directions are closed, or aborts both ends on error.
-    pub(super) async fn relay<A, B>(self, mut downstream: A, mut upstream: B, metrics: &ProxyMetrics)
-    where
+    /// Denied by policy: recorded with the deciding policy.
+    pub(super) fn deny(mut self, telemetry: &Telemetry, decision: &Decision) {
+        self.policy = decision.reason.policy.clone();
+        self.fail(telemetry, FailureReason::Denied, decision);
+    }
+
+    /// Relays until both directions are closed, `registration` is cancelled (policy change), or a
+    /// side fails; failures reach both ends as resets.
+    pub(super) async fn relay<A, B>(
+        self,
+        mut downstream: A,
+        mut upstream: B,
+        telemetry: &Telemetry,
+        tracker: &Arc<Tracker>,
+    ) where
         A: AsyncRead + AsyncWrite + Unpin + Abort,
         B: AsyncRead + AsyncWrite + Unpin + Abort,
     {
-        metrics.opened(self.direction, self.route);
-        let result =
-            copy_bidirectional_with_sizes(&mut downstream, &mut upstream, BUFFER_SIZE, BUFFER_SIZE).await;
-        let duration = self.started.elapsed();
-        metrics.closed(self.direction, self.route);
-        match result {
-            Ok((sent, received)) => self.log_closed(sent, received, duration, None),
-            Err(e) => {
-                // One side failed mid-stream: pass the failure on, never as a clean end.
+        let labels = self.labels();
+        telemetry.proxy.opened(self.direction, self.route, &labels);
+        telemetry.flows.push(self.event(FlowKind::Opened, None, 0, 0));
+        let registration: Registration = tracker.register(&self);
+        let copy = copy_bidirectional_with_sizes(&mut downstream, &mut upstream, BUFFER_SIZE, BUFFER_SIZE);
+        let outcome = tokio::select! {
+            result = copy => result.map_err(|e| (FailureReason::Relay, e.to_string())),
+            decision = registration.revoked() => Err((FailureReason::Denied, format!("closed by a policy change: {decision}"))),
+        };
+        match outcome {
+            Ok((received, sent)) => {
+                telemetry.proxy.closed(self.direction, self.route, &labels, received, sent);
+                self.log(FlowKind::Closed, None, None, received, sent);
+                telemetry.flows.push(self.event(FlowKind::Closed, None, received, sent));
+            }
+            Err((reason, error)) => {
+                // Never let a cut connection look like a clean end.
                 downstream.abort();
                 upstream.abort();
-                metrics.failed(self.direction, FailureReason::Relay);
-                self.log_closed(0, 0, duration, Some(&e));
+                telemetry.proxy.closed(self.direction, self.route, &labels, 0, 0);
+                telemetry.proxy.failed(self.direction, reason, None);
+                let kind = if reason == FailureReason::Denied { FlowKind::Denied } else { FlowKind::Closed };
+                self.log(kind, Some(reason), Some(&error), 0, 0);
+                telemetry.flows.push(self.event(kind, Some(error), 0, 0));
             }
         }
     }
 
-    fn log_closed(&self, sent: u64, received: u64, duration: Duration, error: Option<&std::io::Error>) {
+    /// One access-log line (target `access`) with the fields of interfaces.md.
+    fn log(
+        &self,
+        kind: FlowKind,
+        reason: Option<FailureReason>,
+        error: Option<&str>,
+        received: u64,
+        sent: u64,
+    ) {
+        let message = match kind {
+            FlowKind::Opened => "connection opened",
+            FlowKind::Closed => "connection closed",
+            FlowKind::Denied => "connection denied",
+            FlowKind::Failed => "connection failed",
+        };
         tracing::info!(
             target: "access",
-            direction = self.direction.as_str(), route = self.route, pod = %self.pod,
-            src = %self.src, dst = %self.dst,
-            src_identity = self.src_identity.as_ref().map(tracing::field::display),
-            dst_identity = self.dst_identity.as_ref().map(tracing::field::display),
-            bytes_sent = sent, bytes_received = received,
-            duration_ms = duration.as_millis() as u64, error = error.map(tracing::field::display),
-            "connection closed"
+            direction = self.direction.as_str(),
+            route = self.route,
+            src = %self.src,
+            src_workload = self.src_workload.as_ref().map(|w| tracing::field::display(w.name.clone())),
+            src_namespace = self.src_workload.as_ref().map(|w| tracing::field::display(w.namespace.clone())),
+            src_identity = self.src_identity.as_ref().map(tracing::field::display::<&SpiffeId>),
+            dst = %self.dst,
+            dst_hbone = self.hbone_addr.map(tracing::field::display::<SocketAddr>),
+            dst_workload = self.dst_workload.as_ref().map(|w| tracing::field::display(w.name.clone())),
+            dst_namespace = self.dst_workload.as_ref().map(|w| tracing::field::display(w.namespace.clone())),
+            dst_identity = self.dst_identity.as_ref().map(tracing::field::display::<&SpiffeId>),
+            bytes_src_to_dst = received,
+            bytes_dst_to_src = sent,
+            duration_ms = self.started.elapsed().as_millis() as u64,
+            policy = self.policy.as_deref(),
+            reason = reason.map(FailureReason::as_str),
+            error,
+            "{message}"
         );
     }
 }

@@ -30,5 +30,5 @@ pub(super) async fn connect(
     };
     let request = proto::connect_request(target, client, &source.workload, rand::random(), rand::random());
     let inner = &proxy.inner;
-    inner.pool.connect(&key, &source.netns, &inner.certs, &inner.metrics, request).await
+    inner.pool.connect(&key, &source.netns, &inner.certs, &inner.telemetry.proxy, request).await
 }

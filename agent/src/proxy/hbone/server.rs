@@ -26,6 +26,7 @@ use super::{
 };
 use crate::{
     identity::{SpiffeId, tls},
+    policy::Verdict,
     proxy::{
         LocalPod, Proxy, inbound,
         relay::{Abort, Flow},
@@ -41,21 +42,25 @@ impl Abort for TokioIo<Upgraded> {
 }
 
 pub(in crate::proxy) async fn handle(proxy: Proxy, pod: Arc<LocalPod>, tcp: TcpStream, peer: SocketAddr) {
-    let metrics = proxy.inner.metrics.clone();
+    let telemetry = proxy.inner.telemetry.clone();
     let local = match tcp.local_addr() {
         Ok(local) => local,
         Err(_) => return,
     };
-    let flow = || Flow::new(Direction::Inbound, ROUTE, pod.workload.key(), peer, local);
+    let flow = || {
+        Flow::new(Direction::Inbound, ROUTE, peer, local)
+            .destination(Some(pod.workload.clone()), Some(pod.identity.clone()))
+            .hbone(local)
+    };
     let handshake = TlsAcceptor::from(pod.tls.clone()).accept(tcp);
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
-            return flow().fail(&metrics, FailureReason::TlsHandshake, &format!("TLS handshake: {e}"));
+            return flow().fail(&telemetry, FailureReason::TlsHandshake, &format!("TLS handshake: {e}"));
         }
-        Err(_) => return flow().fail(&metrics, FailureReason::TlsHandshake, &"TLS handshake timed out"),
+        Err(_) => return flow().fail(&telemetry, FailureReason::TlsHandshake, &"TLS handshake timed out"),
     };
-    metrics.hbone_connection(Side::Server);
+    telemetry.proxy.hbone_connection(Side::Server);
     let _open = OpenServer::new(&proxy);
     let peer_identity = tls::peer_identity(tls.get_ref().1.peer_certificates());
     let mut draining = proxy.inner.draining.clone();
@@ -98,13 +103,14 @@ async fn connect(
     local: SocketAddr,
     request: Request<Incoming>,
 ) -> Response<Empty<Bytes>> {
-    let metrics = proxy.inner.metrics.clone();
+    let telemetry = proxy.inner.telemetry.clone();
     let client = request.headers().get("forwarded").and_then(proto::forwarded_for).unwrap_or(peer);
-    let own_identity = Some(pod.identity.clone());
     let target = proto::inbound_target(request.method(), request.uri(), local.ip());
-    let flow =
-        Flow::new(Direction::Inbound, ROUTE, pod.workload.key(), client, target.clone().unwrap_or(local))
-            .identities(peer_identity, own_identity);
+    let source = proxy.inner.state.load().workload_by_ip(peer.ip()).cloned();
+    let mut flow = Flow::new(Direction::Inbound, ROUTE, client, target.clone().unwrap_or(local))
+        .source(source, peer_identity)
+        .destination(Some(pod.workload.clone()), Some(pod.identity.clone()))
+        .hbone(local);
     let target = match target {
         Ok(target) => target,
         Err(rejection) => {
@@ -112,25 +118,30 @@ async fn connect(
                 StatusCode::BAD_REQUEST => FailureReason::BadRequest,
                 _ => FailureReason::Unavailable,
             };
-            flow.fail(
-                &metrics,
-                reason,
-                &format!("{} {}: {}", rejection.status(), request.uri(), rejection.reason()),
-            );
+            let error = format!("{} {}: {}", rejection.status(), request.uri(), rejection.reason());
+            flow.fail(&telemetry, reason, &error);
             return status(rejection.status());
         }
     };
+    // Policy sees the peer's authenticated identity and its connection's address, not the
+    // client-supplied `forwarded` header.
+    let decision = proxy.authorize(&pod, &mut flow, peer.ip());
+    if decision.verdict == Verdict::Deny {
+        flow.deny(&telemetry, &decision);
+        return status(StatusCode::UNAUTHORIZED);
+    }
     let app = match inbound::deliver(&pod, target).await {
         Ok(app) => app,
         Err(e) => {
-            flow.fail(&metrics, FailureReason::Unavailable, &format!("503: app at {target}: {e}"));
+            flow.fail(&telemetry, FailureReason::Unavailable, &format!("503: app at {target}: {e}"));
             return status(StatusCode::SERVICE_UNAVAILABLE);
         }
     };
+    let tracker = proxy.inner.tracker.clone();
     tokio::spawn(async move {
         match hyper::upgrade::on(request).await {
-            Ok(upgraded) => flow.relay(TokioIo::new(upgraded), app, &metrics).await,
-            Err(e) => flow.reset(&app, &metrics, FailureReason::Relay, &e),
+            Ok(upgraded) => flow.relay(TokioIo::new(upgraded), app, &telemetry, &tracker).await,
+            Err(e) => flow.reset(&app, &telemetry, FailureReason::Relay, &e),
         }
     });
     let mut response = status(StatusCode::OK);

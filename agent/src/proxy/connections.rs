@@ -1,0 +1,141 @@
+//! Live connections: what `ferry connections` lists, and what a policy change re-checks. The
+//! destination side decides, so inbound and same-node connections carry the decision's inputs and
+//! are closed when a new policy set denies them (as ztunnel does).
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::SystemTime,
+};
+
+use tokio::sync::watch;
+
+use super::relay::Flow;
+use crate::{
+    identity::SpiffeId,
+    policy::{Decision, PolicySet, Request, Verdict},
+};
+
+/// The inputs of the authorization decision a connection was admitted with.
+#[derive(Debug, Clone)]
+pub(super) struct Admission {
+    pub(super) src_ip: IpAddr,
+    pub(super) src_identity: Option<SpiffeId>,
+    pub(super) dst: SocketAddr,
+    pub(super) dst_namespace: String,
+    pub(super) dst_labels: BTreeMap<String, String>,
+}
+
+impl Admission {
+    pub(super) fn evaluate(&self, policies: &PolicySet) -> Decision {
+        policies.evaluate(&Request {
+            src_ip: self.src_ip,
+            src_identity: self.src_identity.as_ref(),
+            dst_ip: self.dst.ip(),
+            dst_port: self.dst.port(),
+            dst_namespace: &self.dst_namespace,
+            dst_labels: &self.dst_labels,
+        })
+    }
+}
+
+/// A snapshot of one live connection.
+#[derive(Debug, Clone)]
+pub struct LiveConnection {
+    pub id: u64,
+    pub direction: &'static str,
+    pub route: &'static str,
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+    pub src_identity: Option<String>,
+    pub dst_identity: Option<String>,
+    pub opened: SystemTime,
+}
+
+struct Tracked {
+    info: LiveConnection,
+    admission: Option<Admission>,
+    revoke: watch::Sender<Option<Decision>>,
+}
+
+#[derive(Default)]
+pub struct Tracker {
+    next_id: AtomicU64,
+    live: Mutex<HashMap<u64, Tracked>>,
+}
+
+/// Keeps a connection listed while it lives; tells it when a policy change revokes it.
+pub(super) struct Registration {
+    tracker: Arc<Tracker>,
+    id: u64,
+    revoked: watch::Receiver<Option<Decision>>,
+}
+
+impl Registration {
+    /// Resolves with the denying decision when a policy change revokes the connection.
+    pub(super) async fn revoked(&self) -> Decision {
+        let mut revoked = self.revoked.clone();
+        loop {
+            if let Some(decision) = revoked.borrow_and_update().clone() {
+                return decision;
+            }
+            if revoked.changed().await.is_err() {
+                // The tracker entry is gone only when this registration drops: never resolve.
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.tracker.live.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.id);
+    }
+}
+
+impl Tracker {
+    pub(super) fn register(self: &Arc<Self>, flow: &Flow) -> Registration {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let admission = flow.admission.clone();
+        let (revoke, revoked) = watch::channel(None);
+        let info = LiveConnection {
+            id,
+            direction: flow.direction.as_str(),
+            route: flow.route,
+            src: flow.src,
+            dst: flow.dst,
+            src_identity: flow.src_identity.as_ref().map(ToString::to_string),
+            dst_identity: flow.dst_identity.as_ref().map(ToString::to_string),
+            opened: SystemTime::now(),
+        };
+        self.live.lock().unwrap_or_else(|e| e.into_inner()).insert(id, Tracked { info, admission, revoke });
+        Registration { tracker: self.clone(), id, revoked }
+    }
+
+    /// Re-evaluates every admitted connection against `policies`; closes those now denied.
+    /// Returns how many were closed.
+    pub fn recheck(&self, policies: &PolicySet) -> usize {
+        let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        let mut closed = 0;
+        for tracked in live.values() {
+            let Some(admission) = &tracked.admission else { continue };
+            let decision = admission.evaluate(policies);
+            if decision.verdict == Verdict::Deny {
+                let _ = tracked.revoke.send(Some(decision));
+                closed += 1;
+            }
+        }
+        closed
+    }
+
+    pub fn snapshot(&self) -> Vec<LiveConnection> {
+        let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        let mut list: Vec<LiveConnection> = live.values().map(|t| t.info.clone()).collect();
+        list.sort_by_key(|c| c.id);
+        list
+    }
+}

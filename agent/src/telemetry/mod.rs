@@ -1,0 +1,164 @@
+//! Telemetry: Prometheus metrics (`/metrics`), readiness (`/healthz/ready`), the access log
+//! (`tracing` target `access`, in [`crate::proxy`]) and the flow-event ring.
+
+mod flows;
+mod logging;
+mod metrics;
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicI64, Ordering},
+    },
+    time::SystemTime,
+};
+
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode, body::Bytes, server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric, text::encode},
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge, gauge::Gauge, info::Info},
+    registry::Registry,
+};
+use tokio::net::TcpListener;
+
+pub use flows::{FlowEvent, FlowKind, FlowLog, now_ms};
+pub use logging::{LogFormat, init_logging};
+pub use metrics::{ConnectionLabels, Direction, FailureReason, ProxyMetrics, Side, VerdictKind};
+
+use crate::{datapath::Counters, identity::CertManager};
+
+/// Reads the eBPF per-CPU counters and the certificates' expiry at scrape time.
+struct ScrapeCollector {
+    datapath: Counters,
+    certs: Arc<CertManager>,
+}
+
+impl std::fmt::Debug for ScrapeCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ScrapeCollector")
+    }
+}
+
+impl Collector for ScrapeCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let mut family = encoder.encode_descriptor(
+            "ferry_datapath_events",
+            "Socket events seen by the eBPF capture programs, by event",
+            None,
+            MetricType::Counter,
+        )?;
+        for (counter, value) in self.datapath.read() {
+            ConstCounter::new(value).encode(family.encode_family(&[("event", counter.name())])?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "ferry_certificate_expiry_seconds",
+            "Seconds until each local workload certificate expires (negative once expired)",
+            None,
+            MetricType::Gauge,
+        )?;
+        let now = SystemTime::now();
+        for issued in self.certs.all() {
+            let left = match issued.cert.not_after.duration_since(now) {
+                Ok(d) => d.as_secs() as i64,
+                Err(e) => -(e.duration().as_secs() as i64),
+            };
+            let identity = issued.cert.identity.to_string();
+            ConstGauge::new(left).encode(family.encode_family(&[("identity", identity.as_str())])?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Everything the metrics and readiness endpoints serve.
+pub struct Telemetry {
+    registry: Registry,
+    pub proxy: Arc<ProxyMetrics>,
+    pub flows: Arc<FlowLog>,
+    pub meshed_workloads: Gauge<i64, AtomicI64>,
+    ready: AtomicBool,
+}
+
+impl Telemetry {
+    pub fn new(datapath: Counters, certs: Arc<CertManager>) -> Arc<Telemetry> {
+        let mut registry = Registry::default();
+        let proxy = Arc::new(ProxyMetrics::default());
+        proxy.register(&mut registry);
+        let meshed_workloads = Gauge::default();
+        registry.register(
+            "ferry_meshed_workloads",
+            "Workloads captured on this node",
+            meshed_workloads.clone(),
+        );
+        registry.register(
+            "ferry_build",
+            "Agent build information",
+            Info::new([("version", env!("CARGO_PKG_VERSION"))]),
+        );
+        registry.register_collector(Box::new(ScrapeCollector { datapath, certs }));
+        Arc::new(Telemetry {
+            registry,
+            proxy,
+            flows: Arc::new(FlowLog::default()),
+            meshed_workloads,
+            ready: AtomicBool::new(false),
+        })
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Release);
+    }
+
+    /// The OpenMetrics exposition.
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        // Writing to a String cannot fail.
+        let _ = encode(&mut text, &self.registry);
+        text
+    }
+
+    fn respond(&self, path: &str) -> Response<Full<Bytes>> {
+        let (status, body) = match path {
+            "/metrics" => (StatusCode::OK, self.render()),
+            "/healthz/ready" if self.ready.load(Ordering::Acquire) => (StatusCode::OK, "ready\n".into()),
+            "/healthz/ready" => (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into()),
+            _ => (StatusCode::NOT_FOUND, "not found\n".into()),
+        };
+        let mut response = Response::new(Full::new(Bytes::from(body)));
+        *response.status_mut() = status;
+        if path == "/metrics" {
+            response.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+        }
+        response
+    }
+
+    /// Serves `/metrics` and `/healthz/ready` over HTTP/1.1 until the task is dropped.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let (stream, _) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of fds: back off instead of spinning.
+                    tracing::warn!("telemetry accept: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let telemetry = self.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let response = telemetry.respond(req.uri().path());
+                    async move { Ok::<_, std::convert::Infallible>(response) }
+                });
+                let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+            });
+        }
+    }
+}
