@@ -132,6 +132,19 @@ impl Pod {
         Ok(self.measure(&["stream", &to.to_string(), &seconds.to_string()], "streamed")?.trim().parse()?)
     }
 
+    /// Like [`Pod::stream`], returning the app's last line whatever it is ("streamed N", "reset", ...).
+    pub fn measure_stream(&self, to: SocketAddr, seconds: u64) -> String {
+        match self
+            .app(&["stream", &to.to_string(), &seconds.to_string()])
+            .and_then(|c| Ok(c.wait_with_output()?))
+        {
+            Ok(output) => {
+                String::from_utf8_lossy(&output.stdout).lines().last().unwrap_or_default().to_owned()
+            }
+            Err(e) => format!("error {e}"),
+        }
+    }
+
     fn measure(&self, args: &[&str], word: &str) -> Result<String> {
         let output = self.app(args)?.wait_with_output()?;
         let stdout = String::from_utf8_lossy(&output.stdout);

@@ -23,7 +23,10 @@ use anyhow::{Context, Result, bail};
 
 pub use app::{ConnectOutcome, Server};
 pub use capture::{Capture, Segment};
-pub use peer::{CertFiles, PeerServer, hbone_client, hbone_client_offering, hbone_server};
+pub use peer::{
+    CertFiles, PeerServer, Sample, hbone_client, hbone_client_offering, hbone_server, parse_metrics,
+    sum_samples,
+};
 pub use sys::{Cgroup, Netns};
 
 /// The cgroup v2 hierarchy of this machine (hybrid layout).
@@ -243,24 +246,19 @@ impl Sandbox {
     /// Writes the node's config (from [`Sandbox::config_for`] unless given) and starts its agent,
     /// waiting until it reports ready.
     pub fn start_agent(&mut self, node: &str, config: Option<&str>) -> Result<()> {
-        if !self.ca_dir().exists() {
-            let status = Command::new(ferry_bin()?)
-                .arg("ca")
-                .arg("init")
-                .arg(self.ca_dir())
-                .stdout(Stdio::null())
-                .status()?;
-            if !status.success() {
-                bail!("ferry ca init {} failed", self.ca_dir().display());
-            }
-        }
+        self.start_agent_with(node, config, &[])
+    }
+
+    /// Like [`Sandbox::start_agent`], with extra `ferry agent` arguments (e.g. `--log-format json`).
+    pub fn start_agent_with(&mut self, node: &str, config: Option<&str>, args: &[&str]) -> Result<()> {
+        self.ca_dir_created()?;
         let config_path = self.config_path(node);
         std::fs::write(&config_path, config.map_or_else(|| self.config_for(node), str::to_owned))?;
         let log_path = self.log_path(node);
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
         let n = self.node_mut(node);
         let mut cmd = Command::new(ferry_bin()?);
-        cmd.arg("agent").arg("--config").arg(&config_path);
+        cmd.arg("agent").arg("--config").arg(&config_path).args(args);
         cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");

@@ -16,6 +16,51 @@ use serde_json::Value;
 use crate::{Netns, Sandbox, ferry_bin};
 
 const PEER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/peers/hbone_peer.py");
+const METRICS_PARSER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/peers/parse_metrics.py");
+
+/// One sample of a metrics exposition, as an independent parser read it.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub name: String,
+    pub labels: serde_json::Map<String, Value>,
+    pub value: f64,
+}
+
+/// Parses an OpenMetrics exposition with PyPI's prometheus_client (strict); fails if malformed.
+pub fn parse_metrics(exposition: &str) -> Result<Vec<Sample>> {
+    use std::io::Write;
+    let mut child = Command::new("python3")
+        .arg(METRICS_PARSER)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    child.stdin.take().context("stdin")?.write_all(exposition.as_bytes())?;
+    let output = child.wait_with_output()?;
+    if !output.status.success() {
+        bail!("exposition rejected by prometheus_client: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    let samples: Vec<Value> = serde_json::from_slice(&output.stdout)?;
+    Ok(samples
+        .into_iter()
+        .map(|s| Sample {
+            name: s["name"].as_str().unwrap_or_default().to_owned(),
+            labels: s["labels"].as_object().cloned().unwrap_or_default(),
+            value: s["value"].as_f64().unwrap_or(f64::NAN),
+        })
+        .collect())
+}
+
+/// The sum of the samples named `name` whose labels include all of `labels`.
+pub fn sum_samples(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
+    samples
+        .iter()
+        .filter(|s| {
+            s.name == name && labels.iter().all(|(k, v)| s.labels.get(*k).and_then(Value::as_str) == Some(*v))
+        })
+        .map(|s| s.value)
+        .sum()
+}
 
 /// A certificate chain and key in PEM files.
 #[derive(Debug, Clone)]

@@ -13,7 +13,7 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 const DEBIAN_PACKAGES: &[(&str, &str)] = &[("ip", "iproute2")];
 
 /// PyPI packages of the independent test peers (tests/peers/), by the module that shows them.
-const PYTHON_PACKAGES: &[(&str, &str)] = &[("h2", "h2")];
+const PYTHON_PACKAGES: &[(&str, &str)] = &[("h2", "h2"), ("prometheus_client", "prometheus_client")];
 
 pub(crate) fn run() -> Result<()> {
     rust_src()?;

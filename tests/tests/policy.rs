@@ -1,0 +1,279 @@
+//! Authorization policy enforced by real agents, and the telemetry that shows it.
+
+use std::{net::SocketAddr, time::Duration};
+
+use ferry_sandbox::{ConnectOutcome, PodSpec, Sandbox, parse_metrics, sum_samples};
+use serde_json::Value;
+
+const PORT: u16 = 8080;
+
+/// node1: a (sa-a), b (sa-b), u (unmeshed); node2: c (sa-c, app=c).
+fn sandbox(label: &str) -> Sandbox {
+    let mut sb = Sandbox::new(
+        label,
+        &[
+            (
+                "node1",
+                vec![PodSpec::meshed("a", "sa-a"), PodSpec::meshed("b", "sa-b"), PodSpec::unmeshed("u")],
+            ),
+            ("node2", vec![PodSpec::meshed("c", "sa-c")]),
+        ],
+    )
+    .expect("sandbox");
+    sb.start_agent("node1", None).unwrap();
+    sb
+}
+
+fn addr(sb: &Sandbox, pod: &str) -> SocketAddr {
+    SocketAddr::from((sb.pod(pod).ip, PORT))
+}
+
+fn echoed(outcome: &ConnectOutcome) -> bool {
+    matches!(outcome, ConnectOutcome::Echoed { .. })
+}
+
+/// node2's config with `policies` (YAML list items) appended.
+fn with_policies(sb: &Sandbox, node: &str, policies: &str) -> String {
+    format!("{}policies:\n{policies}", sb.config_for(node))
+}
+
+const DENY_A: &str = "
+  - apiVersion: security.istio.io/v1
+    kind: AuthorizationPolicy
+    metadata: {name: deny-a, namespace: default}
+    spec:
+      selector: {matchLabels: {app: c}}
+      action: DENY
+      rules:
+        - from: [{source: {principals: [cluster.local/ns/default/sa/sa-a]}}]
+";
+
+fn labelled_c(config: &str) -> String {
+    // c carries the label the policies select on.
+    config.replace("  - name: c\n", "  - name: c\n    labels: {app: c}\n")
+}
+
+fn metric(sb: &Sandbox, node: &str, series: &str) -> f64 {
+    sb.metric(node, series).unwrap_or_else(|e| panic!("scraping {node}: {e}"))
+}
+
+#[test]
+fn deny_policy_blocks_one_service_account_and_not_another() {
+    let mut sb = sandbox("deny");
+    sb.start_agent("node2", Some(&labelled_c(&with_policies(&sb, "node2", DENY_A)))).unwrap();
+    let server = sb.pod("c").serve(PORT).unwrap();
+
+    let outcome = sb.pod("a").connect(addr(&sb, "c"), 100).unwrap();
+    assert!(matches!(outcome, ConnectOutcome::Reset { .. }), "a should be denied: {outcome:?}");
+    assert!(echoed(&sb.pod("b").connect(addr(&sb, "c"), 100).unwrap()), "b should pass");
+    assert_eq!(
+        server.wait_accepted(1, Duration::from_secs(2)).len(),
+        1,
+        "the denied connection reached the app"
+    );
+
+    assert_eq!(
+        metric(&sb, "node2", "ferry_policy_verdicts_total{verdict=\"deny\",policy=\"default/deny-a\"}"),
+        1.0
+    );
+    assert_eq!(metric(&sb, "node2", "ferry_policy_verdicts_total{verdict=\"allow\",policy=\"none\"}"), 1.0);
+    // The client side saw the 401 and reset the app.
+    assert_eq!(
+        metric(
+            &sb,
+            "node1",
+            "ferry_proxy_connection_failures_total{direction=\"outbound\",reason=\"rejected\"}"
+        ),
+        1.0
+    );
+    let log = sb.agent_log("node2");
+    assert!(log.contains("connection denied") && log.contains("policy=\"default/deny-a\""), "{log}");
+}
+
+#[test]
+fn allow_policy_admits_only_what_it_matches_on_every_path() {
+    let mut sb = sandbox("allow");
+    let allow_b = "
+  - metadata: {name: only-b, namespace: default}
+    spec:
+      rules:
+        - from: [{source: {principals: ['cluster.local/ns/default/sa/sa-b']}}]
+          to: [{operation: {ports: ['8080']}}]
+";
+    sb.start_agent("node2", Some(&with_policies(&sb, "node2", allow_b))).unwrap();
+    // The same policy on node1 protects b's neighbour a (same-node path) too: namespace-wide.
+    sb.reload_agent("node1", &with_policies(&sb, "node1", allow_b)).unwrap();
+    wait_for_log(&sb, "node1", "config reloaded");
+    let server_c = sb.pod("c").serve(PORT).unwrap();
+    let server_a = sb.pod("a").serve(PORT).unwrap();
+
+    // Cross node, HBONE: only sa-b.
+    assert!(matches!(sb.pod("a").connect(addr(&sb, "c"), 10).unwrap(), ConnectOutcome::Reset { .. }));
+    assert!(echoed(&sb.pod("b").connect(addr(&sb, "c"), 10).unwrap()));
+    // Plaintext from an unmeshed pod has no identity: denied before any byte reaches the app.
+    assert!(matches!(sb.pod("u").connect(addr(&sb, "c"), 10).unwrap(), ConnectOutcome::Reset { .. }));
+    assert_eq!(server_c.wait_accepted(1, Duration::from_secs(2)).len(), 1);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(server_c.accepted().len(), 1, "a denied connection reached c's app");
+    // Same node: b -> a allowed, and nothing else from node1's unmeshed u.
+    assert!(echoed(&sb.pod("b").connect(addr(&sb, "a"), 10).unwrap()));
+    assert!(matches!(sb.pod("u").connect(addr(&sb, "a"), 10).unwrap(), ConnectOutcome::Reset { .. }));
+    assert_eq!(server_a.wait_accepted(1, Duration::from_secs(2)).len(), 1);
+    assert_eq!(
+        metric(&sb, "node2", "ferry_policy_verdicts_total{verdict=\"deny\",policy=\"none\"}"),
+        2.0,
+        "{}",
+        sb.agent_log("node2")
+    );
+}
+
+#[test]
+fn dry_run_lets_traffic_through_and_counts_the_would_be_deny() {
+    let mut sb = sandbox("dryrun");
+    let dry = DENY_A
+        .replace("namespace: default}", "namespace: default, annotations: {ferry.dev/dry-run: 'true'}}");
+    sb.start_agent("node2", Some(&labelled_c(&with_policies(&sb, "node2", &dry)))).unwrap();
+    let _server = sb.pod("c").serve(PORT).unwrap();
+    assert!(echoed(&sb.pod("a").connect(addr(&sb, "c"), 10).unwrap()));
+    assert_eq!(
+        metric(
+            &sb,
+            "node2",
+            "ferry_policy_verdicts_total{verdict=\"dry_run_deny\",policy=\"default/deny-a\"}"
+        ),
+        1.0
+    );
+    assert_eq!(metric(&sb, "node2", "ferry_policy_verdicts_total{verdict=\"allow\",policy=\"none\"}"), 1.0);
+    assert!(sb.agent_log("node2").contains("dry-run: would be denied"));
+}
+
+#[test]
+fn policy_changes_close_open_connections_and_removal_restores_traffic() {
+    let mut sb = sandbox("change");
+    sb.start_agent("node2", Some(&labelled_c(&sb.config_for("node2")))).unwrap();
+    let _server = sb.pod("c").serve(PORT).unwrap();
+    std::thread::scope(|s| {
+        // A long-lived allowed connection from a...
+        let stream = s.spawn(|| sb.pod("a").measure_stream(addr(&sb, "c"), 6));
+        std::thread::sleep(Duration::from_millis(800));
+        // ...is cut when a DENY policy for a arrives, like ztunnel does.
+        sb.reload_agent("node2", &labelled_c(&with_policies(&sb, "node2", DENY_A))).unwrap();
+        // HBONE carries no reset (RST_STREAM CANCEL reads as EOF, as with ztunnel): the app sees
+        // its connection end early, either way.
+        let outcome = stream.join().unwrap();
+        assert!(!outcome.starts_with("streamed"), "the denied connection survived: {outcome}");
+    });
+    wait_for_log(&sb, "node2", "closed by a policy change");
+    assert!(sb.agent_log("node2").contains("closed_by_policy=1"));
+    // New connections are denied at once, b is untouched.
+    assert!(matches!(sb.pod("a").connect(addr(&sb, "c"), 10).unwrap(), ConnectOutcome::Reset { .. }));
+    assert!(echoed(&sb.pod("b").connect(addr(&sb, "c"), 10).unwrap()));
+    // Removing the policy restores traffic.
+    sb.reload_agent("node2", &labelled_c(&sb.config_for("node2"))).unwrap();
+    wait_for_log_count(&sb, "node2", "config reloaded", 2);
+    assert!(echoed(&sb.pod("a").connect(addr(&sb, "c"), 10).unwrap()));
+}
+
+#[test]
+fn a_policy_that_fails_to_parse_keeps_the_previous_set() {
+    let mut sb = sandbox("badpolicy");
+    sb.start_agent("node2", Some(&labelled_c(&with_policies(&sb, "node2", DENY_A)))).unwrap();
+    let _server = sb.pod("c").serve(PORT).unwrap();
+    let broken = DENY_A.replace("action: DENY", "action: DENNY");
+    sb.reload_agent("node2", &labelled_c(&with_policies(&sb, "node2", &broken))).unwrap();
+    wait_for_log(&sb, "node2", "config reload rejected");
+    let log = sb.agent_log("node2");
+    assert!(log.contains("node2.yaml") && log.contains("default/deny-a") && log.contains("DENNY"), "{log}");
+    // deny-a still in force.
+    assert!(matches!(sb.pod("a").connect(addr(&sb, "c"), 10).unwrap(), ConnectOutcome::Reset { .. }));
+    assert!(echoed(&sb.pod("b").connect(addr(&sb, "c"), 10).unwrap()));
+}
+
+#[test]
+fn metrics_count_exact_connections_and_bytes_with_istio_labels() {
+    let mut sb = sandbox("metrics");
+    sb.start_agent("node2", None).unwrap();
+    let _server = sb.pod("c").serve(PORT).unwrap();
+    for _ in 0..3 {
+        assert!(echoed(&sb.pod("a").connect(addr(&sb, "c"), 1000).unwrap()));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let a = "spiffe://cluster.local/ns/default/sa/sa-a";
+    let c = "spiffe://cluster.local/ns/default/sa/sa-c";
+    for (node, reporter) in [("node1", "source"), ("node2", "destination")] {
+        let samples = parse_metrics(&sb.metrics(node).unwrap()).unwrap();
+        let labels = [
+            ("reporter", reporter),
+            ("source_workload", "a"),
+            ("source_workload_namespace", "default"),
+            ("source_principal", a),
+            ("destination_workload", "c"),
+            ("destination_principal", c),
+            ("destination_service", "unknown"),
+            ("request_protocol", "tcp"),
+            ("response_flags", "-"),
+            ("connection_security_policy", "mutual_tls"),
+        ];
+        let value = |name: &str| sum_samples(&samples, name, &labels);
+        assert_eq!(value("istio_tcp_connections_opened_total"), 3.0, "{node}");
+        assert_eq!(value("istio_tcp_connections_closed_total"), 3.0, "{node}");
+        assert_eq!(value("istio_tcp_received_bytes_total"), 3000.0, "{node}");
+        assert_eq!(value("istio_tcp_sent_bytes_total"), 3000.0, "{node}");
+        assert!(sum_samples(&samples, "ferry_certificate_expiry_seconds", &[]) > 3600.0, "{node}");
+        assert_eq!(
+            sum_samples(&samples, "ferry_meshed_workloads", &[]),
+            if node == "node1" { 2.0 } else { 1.0 }
+        );
+    }
+}
+
+#[test]
+fn access_log_is_json_and_matches_the_connections() {
+    let mut sb = sandbox("accesslog");
+    sb.start_agent_with("node2", None, &["--log-format", "json"]).unwrap();
+    let _server = sb.pod("c").serve(PORT).unwrap();
+    assert!(echoed(&sb.pod("a").connect(addr(&sb, "c"), 1234).unwrap()));
+    assert!(echoed(&sb.pod("b").connect(addr(&sb, "c"), 99).unwrap()));
+    wait_for_log_count(&sb, "node2", "connection closed", 2);
+    let lines: Vec<Value> = sb
+        .agent_log("node2")
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let closed: Vec<&Value> =
+        lines.iter().filter(|l| l["target"] == "access" && l["message"] == "connection closed").collect();
+    assert_eq!(closed.len(), 2, "{closed:#?}");
+    for (src, bytes) in [("a", 1234), ("b", 99)] {
+        let line = closed
+            .iter()
+            .find(|l| l["src_workload"] == src)
+            .unwrap_or_else(|| panic!("no access line for {src}: {closed:#?}"));
+        assert_eq!(line["direction"], "inbound");
+        assert_eq!(line["route"], "hbone");
+        assert_eq!(line["src_identity"], format!("spiffe://cluster.local/ns/default/sa/sa-{src}"));
+        assert_eq!(line["dst_identity"], "spiffe://cluster.local/ns/default/sa/sa-c");
+        assert_eq!(line["dst"], addr(&sb, "c").to_string());
+        assert_eq!(line["dst_hbone"], format!("{}:15008", sb.pod("c").ip));
+        assert_eq!(line["dst_workload"], "c");
+        assert_eq!(line["src_namespace"], "default");
+        assert_eq!(line["bytes_src_to_dst"], bytes);
+        assert_eq!(line["bytes_dst_to_src"], bytes);
+        assert!(line["duration_ms"].is_u64());
+    }
+}
+
+fn wait_for_log(sb: &Sandbox, node: &str, text: &str) {
+    wait_for_log_count(sb, node, text, 1);
+}
+
+fn wait_for_log_count(sb: &Sandbox, node: &str, text: &str, count: usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while sb.agent_log(node).matches(text).count() < count {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {text:?} x{count} in the log of {node}:\n{}",
+            sb.agent_log(node)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
