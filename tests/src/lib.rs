@@ -307,6 +307,18 @@ impl Sandbox {
         std::fs::read_to_string(self.log_path(node)).unwrap_or_default()
     }
 
+    /// Waits up to 5 s until the agent's log holds `text` at least `count` times.
+    pub fn wait_for_log(&self, node: &str, text: &str, count: usize) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.agent_log(node).matches(text).count() < count {
+            if Instant::now() > deadline {
+                bail!("no {text:?} x{count} in the log of {node}:\n{}", self.agent_log(node));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
     /// Scrapes the node agent's Prometheus endpoint.
     pub fn metrics(&self, node: &str) -> Result<String> {
         let (status, body) = self.node(node).http_get(15020, "/metrics")?;

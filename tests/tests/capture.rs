@@ -197,7 +197,7 @@ fn reload_releases_removed_workloads_and_rejects_bad_config() {
 
     // A config that fails to parse changes nothing.
     sb.reload_agent("node1", "node: node1\nworkloads: [{bogus: 1}]\n").unwrap();
-    wait_for_log(&sb, "node1", "config reload rejected");
+    sb.wait_for_log("node1", "config reload rejected", 1).unwrap();
     assert_eq!(metric(&sb, "node1", "ferry_meshed_workloads"), 2.0);
 
     // Without b: b is detached and its listeners are closed.
@@ -208,7 +208,7 @@ fn reload_releases_removed_workloads_and_rejects_bad_config() {
         format!("{}{}", &full[..start], &full[end..])
     };
     sb.reload_agent("node1", &without_b).unwrap();
-    wait_for_log(&sb, "node1", "workload released");
+    sb.wait_for_log("node1", "workload released", 1).unwrap();
     assert_eq!(metric(&sb, "node1", "ferry_meshed_workloads"), 1.0);
     let outcome = sb.pod("b").connect(addr(&sb, "u", 8080), 10).unwrap();
     assert_eq!(outcome, ConnectOutcome::Echoed { peer: addr(&sb, "u", 8080), bytes: 10 });
@@ -218,16 +218,4 @@ fn reload_releases_removed_workloads_and_rejects_bad_config() {
     // a is untouched.
     assert!(matches!(sb.pod("a").connect(addr(&sb, "u", 8080), 10).unwrap(), ConnectOutcome::Echoed { .. }));
     assert_eq!(metric(&sb, "node1", REDIRECTED), 2.0);
-}
-
-fn wait_for_log(sb: &Sandbox, node: &str, text: &str) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while !sb.agent_log(node).contains(text) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no {text:?} in the log of {node}:\n{}",
-            sb.agent_log(node)
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }

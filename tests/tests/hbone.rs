@@ -41,18 +41,6 @@ fn spiffe(sa: &str) -> String {
     format!("spiffe://cluster.local/ns/default/sa/{sa}")
 }
 
-fn wait_for_log(sb: &Sandbox, node: &str, text: &str) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while !sb.agent_log(node).contains(text) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no {text:?} in the log of {node}:\n{}",
-            sb.agent_log(node)
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn underlay_carries_only_tls13_with_alpn_h2_to_15008() {
     let mut sb = sandbox("wire");
@@ -116,11 +104,11 @@ fn python_h2_client_against_ferry_server() {
     assert_eq!(out[1]["headers"]["baggage"], "k8s.namespace.name=default,k8s.pod.name=c");
     assert_eq!(failures(&sb, "node2", "inbound", "bad_request"), 2.0);
     assert_eq!(failures(&sb, "node2", "inbound", "unavailable"), 4.0);
-    wait_for_log(&sb, "node2", "authority IP is not the pod the connection arrived on");
-    wait_for_log(&sb, "node2", "recursion");
+    sb.wait_for_log("node2", "authority IP is not the pod the connection arrived on", 1).unwrap();
+    sb.wait_for_log("node2", "recursion", 1).unwrap();
     // The accepted stream's access line names the peer's identity and the forwarded client.
-    wait_for_log(&sb, "node2", "src=192.0.2.9:4000");
-    wait_for_log(&sb, "node2", &format!("src_identity={}", spiffe("py")));
+    sb.wait_for_log("node2", "src=192.0.2.9:4000", 1).unwrap();
+    sb.wait_for_log("node2", &format!("src_identity={}", spiffe("py")), 1).unwrap();
 
     // ALPN: a client offering only other protocols is refused; one offering none is HTTP/2 by
     // prior knowledge.
@@ -173,7 +161,7 @@ fn ferry_client_resets_when_the_server_has_the_wrong_identity() {
     let outcome = sb.pod("a").connect(addr(&sb, "c", PORT), 10).unwrap();
     assert!(matches!(outcome, ConnectOutcome::Reset { .. }), "{outcome:?}");
     assert_eq!(failures(&sb, "node1", "outbound", "identity"), 1.0);
-    wait_for_log(&sb, "node1", "identity verification error");
+    sb.wait_for_log("node1", "identity verification error", 1).unwrap();
 }
 
 #[test]
@@ -205,8 +193,8 @@ fn ferry_server_rejects_untrusted_clients() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(failures(&sb, "node2", "inbound", "tls_handshake"), 3.0, "{}", sb.agent_log("node2"));
-    wait_for_log(&sb, "node2", "UnknownIssuer");
-    wait_for_log(&sb, "node2", "not in trust domain cluster.local");
+    sb.wait_for_log("node2", "UnknownIssuer", 1).unwrap();
+    sb.wait_for_log("node2", "not in trust domain cluster.local", 1).unwrap();
     // And it keeps serving a trusted client.
     let good = sb.issue_cert(&sb.ca_dir(), &spiffe("py"), "good").unwrap();
     let out = hbone_client(node1, hbone, Some(&good), &sb.ca_dir(), &connect).unwrap();

@@ -103,7 +103,7 @@ fn allow_policy_admits_only_what_it_matches_on_every_path() {
     sb.start_agent("node2", Some(&with_policies(&sb, "node2", allow_b))).unwrap();
     // The same policy on node1 protects b's neighbour a (same-node path) too: namespace-wide.
     sb.reload_agent("node1", &with_policies(&sb, "node1", allow_b)).unwrap();
-    wait_for_log(&sb, "node1", "config reloaded");
+    sb.wait_for_log("node1", "config reloaded", 1).unwrap();
     let server_c = sb.pod("c").serve(PORT).unwrap();
     let server_a = sb.pod("a").serve(PORT).unwrap();
 
@@ -163,14 +163,14 @@ fn policy_changes_close_open_connections_and_removal_restores_traffic() {
         let outcome = stream.join().unwrap();
         assert!(!outcome.starts_with("streamed"), "the denied connection survived: {outcome}");
     });
-    wait_for_log(&sb, "node2", "closed by a policy change");
+    sb.wait_for_log("node2", "closed by a policy change", 1).unwrap();
     assert!(sb.agent_log("node2").contains("closed_by_policy=1"));
     // New connections are denied at once, b is untouched.
     assert!(matches!(sb.pod("a").connect(addr(&sb, "c"), 10).unwrap(), ConnectOutcome::Reset { .. }));
     assert!(echoed(&sb.pod("b").connect(addr(&sb, "c"), 10).unwrap()));
     // Removing the policy restores traffic.
     sb.reload_agent("node2", &labelled_c(&sb.config_for("node2"))).unwrap();
-    wait_for_log_count(&sb, "node2", "config reloaded", 2);
+    sb.wait_for_log("node2", "config reloaded", 2).unwrap();
     assert!(echoed(&sb.pod("a").connect(addr(&sb, "c"), 10).unwrap()));
 }
 
@@ -181,7 +181,7 @@ fn a_policy_that_fails_to_parse_keeps_the_previous_set() {
     let _server = sb.pod("c").serve(PORT).unwrap();
     let broken = DENY_A.replace("action: DENY", "action: DENNY");
     sb.reload_agent("node2", &labelled_c(&with_policies(&sb, "node2", &broken))).unwrap();
-    wait_for_log(&sb, "node2", "config reload rejected");
+    sb.wait_for_log("node2", "config reload rejected", 1).unwrap();
     let log = sb.agent_log("node2");
     assert!(log.contains("node2.yaml") && log.contains("default/deny-a") && log.contains("DENNY"), "{log}");
     // deny-a still in force.
@@ -234,7 +234,7 @@ fn access_log_is_json_and_matches_the_connections() {
     let _server = sb.pod("c").serve(PORT).unwrap();
     assert!(echoed(&sb.pod("a").connect(addr(&sb, "c"), 1234).unwrap()));
     assert!(echoed(&sb.pod("b").connect(addr(&sb, "c"), 99).unwrap()));
-    wait_for_log_count(&sb, "node2", "connection closed", 2);
+    sb.wait_for_log("node2", "connection closed", 2).unwrap();
     let lines: Vec<Value> = sb
         .agent_log("node2")
         .lines()
@@ -259,21 +259,5 @@ fn access_log_is_json_and_matches_the_connections() {
         assert_eq!(line["bytes_src_to_dst"], bytes);
         assert_eq!(line["bytes_dst_to_src"], bytes);
         assert!(line["duration_ms"].is_u64());
-    }
-}
-
-fn wait_for_log(sb: &Sandbox, node: &str, text: &str) {
-    wait_for_log_count(sb, node, text, 1);
-}
-
-fn wait_for_log_count(sb: &Sandbox, node: &str, text: &str, count: usize) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while sb.agent_log(node).matches(text).count() < count {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no {text:?} x{count} in the log of {node}:\n{}",
-            sb.agent_log(node)
-        );
-        std::thread::sleep(Duration::from_millis(20));
     }
 }

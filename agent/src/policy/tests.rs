@@ -53,6 +53,18 @@ fn run_set(set: &PolicySet, cases: &[Case]) {
     }
 }
 
+/// A plaintext connection from 10.1.0.1 to port 80 of a workload in `shop`.
+fn plaintext_to_shop(labels: &BTreeMap<String, String>) -> Request<'_> {
+    Request {
+        src_ip: "10.1.0.1".parse().unwrap(),
+        src_identity: None,
+        dst_ip: "10.0.0.10".parse().unwrap(),
+        dst_port: 80,
+        dst_namespace: "shop",
+        dst_labels: labels,
+    }
+}
+
 #[test]
 fn no_policies_allow_everything() {
     run(
@@ -268,14 +280,7 @@ fn dry_run_reports_without_enforcing() {
         "[{metadata: {name: would-deny, namespace: shop, annotations: {ferry.dev/dry-run: 'true'}}, spec: {action: DENY, rules: [{}]}}]",
     );
     let labels = BTreeMap::new();
-    let request = Request {
-        src_ip: "10.1.0.1".parse().unwrap(),
-        src_identity: None,
-        dst_ip: "10.0.0.10".parse().unwrap(),
-        dst_port: 80,
-        dst_namespace: "shop",
-        dst_labels: &labels,
-    };
+    let request = plaintext_to_shop(&labels);
     let decision = set.evaluate(&request);
     assert_eq!(decision.verdict, Verdict::Allow);
     let (shadow, reason) = decision.dry_run.expect("dry-run verdict reported");
@@ -300,14 +305,7 @@ fn decision_names_policy_and_rule() {
         "[{metadata: {name: d, namespace: shop}, spec: {action: DENY, rules: [{to: [{operation: {ports: ['1']}}]}, {}]}}]",
     );
     let labels = BTreeMap::new();
-    let request = Request {
-        src_ip: "10.1.0.1".parse().unwrap(),
-        src_identity: None,
-        dst_ip: "10.0.0.10".parse().unwrap(),
-        dst_port: 80,
-        dst_namespace: "shop",
-        dst_labels: &labels,
-    };
+    let request = plaintext_to_shop(&labels);
     let decision = set.evaluate(&request);
     assert_eq!(decision.reason.policy.as_deref(), Some("shop/d"));
     assert_eq!(decision.reason.rule, Some(1));
