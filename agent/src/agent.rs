@@ -4,7 +4,7 @@ use std::{
     collections::{BTreeSet, HashMap},
     path::PathBuf,
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::Context;
@@ -14,6 +14,7 @@ use tokio::{
 };
 
 use crate::{
+    admin::{Admin, LocalPodView, LocalView},
     config::{self, Config},
     datapath::Datapath,
     discovery::StaticFile,
@@ -21,7 +22,7 @@ use crate::{
     inpod::PodNetns,
     proxy::{PodHandle, PodListeners, Proxy},
     state::{State, StateHandle, Workload},
-    telemetry::Telemetry,
+    telemetry::{LogControl, Telemetry},
 };
 
 /// A local workload being captured and served.
@@ -37,27 +38,51 @@ struct Agent {
     state: StateHandle,
     certs: Arc<CertManager>,
     telemetry: Arc<Telemetry>,
+    admin: Arc<Admin>,
+    admin_socket: PathBuf,
     pods: HashMap<String, RunningPod>,
 }
 
 /// How long shutdown waits for HBONE peers to finish their streams after GOAWAY.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
 
-pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
-    let source = StaticFile { path: config_path };
+pub async fn run(config_path: PathBuf, log: LogControl) -> anyhow::Result<()> {
+    let source = StaticFile { path: config_path.clone() };
     let config = source.read()?;
     let (datapath, orig_dst, counters) = Datapath::load().context("loading the eBPF programs")?;
     let ca = FileCa::init(&config.ca_dir)?;
     let certs = Arc::new(CertManager::new(ca, config.cert_ttl)?);
     tokio::spawn(certs.clone().rotate());
-    let telemetry = Telemetry::new(counters, certs.clone());
+    let telemetry = Telemetry::new(counters.clone(), certs.clone());
     for addr in [config.metrics_addr, config.readiness_addr] {
         let listener = TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
         tokio::spawn(telemetry.clone().serve(listener));
     }
     let state = StateHandle::new(State::from_config(&config));
     let proxy = Proxy::new(state.clone(), orig_dst, telemetry.clone(), certs.clone());
-    let mut agent = Agent { datapath, proxy, state, certs, telemetry, pods: HashMap::new() };
+    let admin = Arc::new(Admin {
+        node: config.node.clone(),
+        config_path,
+        started: Instant::now(),
+        state: state.clone(),
+        proxy: proxy.clone(),
+        certs: certs.clone(),
+        telemetry: telemetry.clone(),
+        counters,
+        log,
+        local: Default::default(),
+    });
+    let admin_tcp = TcpListener::bind(config.admin_addr)
+        .await
+        .with_context(|| format!("binding {}", config.admin_addr))?;
+    admin
+        .clone()
+        .serve(&config.admin_socket, Some(admin_tcp))
+        .await
+        .with_context(|| format!("admin socket {}", config.admin_socket.display()))?;
+    let admin_socket = config.admin_socket.clone();
+    let mut agent =
+        Agent { datapath, proxy, state, certs, telemetry, admin, admin_socket, pods: HashMap::new() };
     agent.reconcile(&config);
     agent.telemetry.set_ready(true);
     tracing::info!(node = %config.node, workloads = agent.pods.len(), "ready");
@@ -127,6 +152,29 @@ impl Agent {
             }
         }
         self.telemetry.meshed_workloads.set(self.pods.len() as i64);
+        self.publish();
+    }
+
+    /// Gives the admin API the current picture of what this loop owns.
+    fn publish(&self) {
+        let pods = self
+            .pods
+            .iter()
+            .map(|(key, pod)| LocalPodView {
+                workload: key.clone(),
+                netns: pod.spec.netns.clone().unwrap_or_default(),
+                netns_cookie: pod.netns_cookie,
+                cgroup: pod.spec.cgroup.clone().unwrap_or_default(),
+                programs: vec![
+                    ferry_common::programs::CONNECT4,
+                    ferry_common::programs::GETPEERNAME4,
+                    ferry_common::programs::SOCK_OPS,
+                    ferry_common::programs::SK_LOOKUP,
+                ],
+            })
+            .collect();
+        *self.admin.local.write().unwrap_or_else(|e| e.into_inner()) =
+            LocalView { pods, datapath: self.datapath.view() };
     }
 
     fn start_pod(&mut self, spec: &config::Workload, trust_domain: &str) -> anyhow::Result<RunningPod> {
@@ -168,6 +216,7 @@ impl Agent {
         for key in keys {
             self.stop_pod(&key);
         }
+        let _ = std::fs::remove_file(&self.admin_socket);
         tracing::info!(attached = self.datapath.attached_pods(), "stopped");
     }
 }

@@ -36,6 +36,12 @@ pub struct Config {
     /// Readiness listener (`/healthz/ready`).
     #[serde(default = "default_readiness_addr")]
     pub readiness_addr: SocketAddr,
+    /// Admin API on a unix socket (mode 0600); the `ferry` CLI's default.
+    #[serde(default = "default_admin_socket")]
+    pub admin_socket: PathBuf,
+    /// Admin API on TCP too (loopback of the agent's netns).
+    #[serde(default = "default_admin_addr")]
+    pub admin_addr: SocketAddr,
     #[serde(default)]
     pub workloads: Vec<Workload>,
     /// AuthorizationPolicy objects, in the schema of Istio's (and Ferry's) CRD.
@@ -80,6 +86,13 @@ fn default_service_account() -> String {
 }
 fn default_metrics_addr() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 15020))
+}
+pub const DEFAULT_ADMIN_SOCKET: &str = "/var/run/ferry/admin.sock";
+fn default_admin_socket() -> PathBuf {
+    PathBuf::from(DEFAULT_ADMIN_SOCKET)
+}
+fn default_admin_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 15000))
 }
 fn default_readiness_addr() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 15021))

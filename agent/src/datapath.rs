@@ -23,7 +23,10 @@ use aya::{
     },
 };
 use aya_log::EbpfLogger;
-use ferry_common::{ConnKey, Counter, IpKey, SockAddr, maps as map_names, programs as prog_names};
+use ferry_common::{
+    ConnKey, Counter, IpKey, MAX_MESHED_PODS, MAX_TRACKED_CONNECTIONS, SockAddr, maps as map_names,
+    programs as prog_names,
+};
 use tokio::io::unix::AsyncFd;
 
 use crate::inpod::PodNetns;
@@ -212,6 +215,58 @@ impl Datapath {
     pub fn attached_pods(&self) -> usize {
         self.pods.len()
     }
+
+    /// Programs, attachments and maps, for the admin API.
+    pub fn view(&self) -> DatapathView {
+        let pods = self.pods.len();
+        let program = |name, kind, attached_to| ProgramView { name, kind, attached_to, links: pods };
+        let map = |name, kind, max_entries, entries| MapView { name, kind, max_entries, entries };
+        DatapathView {
+            programs: vec![
+                program(prog_names::CONNECT4, "cgroup_sock_addr", "pod cgroup (connect4)"),
+                program(prog_names::GETPEERNAME4, "cgroup_sock_addr", "pod cgroup (getpeername4)"),
+                program(prog_names::SOCK_OPS, "sock_ops", "pod cgroup"),
+                program(prog_names::SK_LOOKUP, "sk_lookup", "pod netns"),
+            ],
+            maps: vec![
+                map(map_names::MESHED_NETNS, "hash", MAX_MESHED_PODS, Some(self.meshed_netns.keys().count())),
+                map(
+                    map_names::INBOUND_LISTENERS,
+                    "sockhash",
+                    MAX_MESHED_PODS,
+                    Some(self.listeners.keys().count()),
+                ),
+                map(map_names::ORIG_DST_BY_SOCKET, "lru_hash", MAX_TRACKED_CONNECTIONS, None),
+                map(map_names::ORIG_DST, "lru_hash", MAX_TRACKED_CONNECTIONS, None),
+                map(map_names::COUNTERS, "percpu_array", Counter::COUNT, None),
+            ],
+        }
+    }
+}
+
+/// The eBPF side as the admin API shows it.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct DatapathView {
+    pub programs: Vec<ProgramView>,
+    pub maps: Vec<MapView>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ProgramView {
+    pub name: &'static str,
+    pub kind: &'static str,
+    pub attached_to: &'static str,
+    /// One link per captured pod.
+    pub links: usize,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MapView {
+    pub name: &'static str,
+    pub kind: &'static str,
+    pub max_entries: u32,
+    /// Current entries, where counting them is cheap.
+    pub entries: Option<usize>,
 }
 
 fn detach(result: Result<(), aya::programs::ProgramError>, name: &'static str) -> Result<(), DatapathError> {

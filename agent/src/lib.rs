@@ -1,6 +1,7 @@
 //! Ferry's node agent. See docs/architecture.md for where a packet goes and which module does
 //! each step.
 
+pub mod admin;
 pub mod agent;
 pub mod cli;
 pub mod config;

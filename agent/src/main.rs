@@ -1,7 +1,7 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use ferry::{
     agent,
     cli::{CaCommand, Cli, Command},
@@ -12,10 +12,14 @@ use ferry::{
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "ferry", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
         Command::Agent { config, log_format } => {
             // Before any thread exists: the agent's own netns, to come back to from pods.
             inpod::init();
-            telemetry::init_logging(log_format);
+            let log = telemetry::init_logging(log_format);
             let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
                 Ok(runtime) => runtime,
                 Err(e) => {
@@ -23,7 +27,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(agent::run(config)) {
+            match runtime.block_on(agent::run(config, log)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");
@@ -38,6 +42,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        _ => ferry::cli::run(cli),
     }
 }
 

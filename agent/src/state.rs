@@ -54,15 +54,17 @@ impl From<&config::Workload> for Workload {
 pub struct State {
     pub node: String,
     pub trust_domain: String,
+    workloads: Vec<Arc<Workload>>,
     by_ip: HashMap<IpAddr, Arc<Workload>>,
     pub policies: PolicySet,
 }
 
 impl State {
     pub fn from_config(config: &Config) -> State {
+        let workloads: Vec<Arc<Workload>> =
+            config.workloads.iter().map(|w| Arc::new(Workload::from(w))).collect();
         let mut by_ip = HashMap::new();
-        for w in &config.workloads {
-            let w = Arc::new(Workload::from(w));
+        for w in &workloads {
             for ip in &w.ips {
                 by_ip.insert(*ip, w.clone());
             }
@@ -70,9 +72,20 @@ impl State {
         State {
             node: config.node.clone(),
             trust_domain: config.trust_domain.clone(),
+            workloads,
             by_ip,
             policies: PolicySet::new(config.compiled_policies.clone()),
         }
+    }
+
+    /// Every known workload, in discovery order.
+    pub fn workloads(&self) -> &[Arc<Workload>] {
+        &self.workloads
+    }
+
+    /// A workload by `namespace/name`.
+    pub fn workload_by_key(&self, key: &str) -> Option<&Arc<Workload>> {
+        self.workloads.iter().find(|w| w.key() == key)
     }
 
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {

@@ -195,7 +195,11 @@ impl Sandbox {
     /// The static config for one node's agent: every meshed pod of the sandbox, with netns and
     /// cgroup for the node's own.
     pub fn config_for(&self, node: &str) -> String {
-        let mut yaml = format!("node: {node}\ncaDir: {}\nworkloads:\n", self.ca_dir().display());
+        let mut yaml = format!(
+            "node: {node}\ncaDir: {}\nadminSocket: {}\nworkloads:\n",
+            self.ca_dir().display(),
+            self.admin_socket(node).display()
+        );
         for pod in self.pods.iter().filter(|p| p.spec.meshed) {
             let _ = write!(
                 yaml,
@@ -217,6 +221,33 @@ impl Sandbox {
     /// The file CA every node of the sandbox shares (created by `ferry ca init` on first start).
     pub fn ca_dir(&self) -> PathBuf {
         self.dir.join("ca")
+    }
+
+    /// The node agent's admin API socket.
+    pub fn admin_socket(&self, node: &str) -> PathBuf {
+        self.dir.join(format!("{node}-admin.sock"))
+    }
+
+    /// Runs the `ferry` CLI against the node's agent; returns (exit code, stdout, stderr).
+    pub fn ferry(&self, node: &str, args: &[&str]) -> Result<(i32, String, String)> {
+        let output =
+            Command::new(ferry_bin()?).arg("--admin").arg(self.admin_socket(node)).args(args).output()?;
+        Ok((
+            output.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        ))
+    }
+
+    /// Like [`Sandbox::ferry`] with `-o json`, parsed; fails unless it exits 0.
+    pub fn ferry_json(&self, node: &str, args: &[&str]) -> Result<serde_json::Value> {
+        let mut all = args.to_vec();
+        all.extend(["-o", "json"]);
+        let (code, stdout, stderr) = self.ferry(node, &all)?;
+        if code != 0 {
+            bail!("ferry {args:?} exited {code}: {stderr}");
+        }
+        Ok(serde_json::from_str(&stdout)?)
     }
 
     pub fn config_path(&self, node: &str) -> PathBuf {
@@ -354,11 +385,19 @@ fn pod_subnet(node_index: usize) -> String {
 impl Node {
     /// A tiny HTTP/1.1 GET to the node's agent on 127.0.0.1, from inside the node's netns.
     pub fn http_get(&self, port: u16, path: &str) -> Result<(u16, String)> {
+        self.http(port, "GET", path)
+    }
+
+    /// A tiny HTTP/1.1 request without body to the node's agent on 127.0.0.1 (node's netns).
+    pub fn http(&self, port: u16, method: &str, path: &str) -> Result<(u16, String)> {
         use std::io::{Read, Write};
         let mut stream =
             self.netns.connect(SocketAddr::from((Ipv4Addr::LOCALHOST, port)), Duration::from_secs(2))?;
         stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+        write!(
+            stream,
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )?;
         let mut response = String::new();
         stream.read_to_string(&mut response)?;
         let status = response.split_whitespace().nth(1).context("empty HTTP response")?.parse()?;

@@ -4,15 +4,22 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
+    io,
     net::{IpAddr, SocketAddr},
+    pin::Pin,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
-    time::SystemTime,
+    task::{Context, Poll},
+    time::Instant,
 };
 
-use tokio::sync::watch;
+use serde::Serialize;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    sync::watch,
+};
 
 use super::relay::Flow;
 use crate::{
@@ -43,8 +50,8 @@ impl Admission {
     }
 }
 
-/// A snapshot of one live connection.
-#[derive(Debug, Clone)]
+/// A snapshot of one live connection (`ferry connections`).
+#[derive(Debug, Clone, Serialize)]
 pub struct LiveConnection {
     pub id: u64,
     pub direction: &'static str,
@@ -53,13 +60,65 @@ pub struct LiveConnection {
     pub dst: SocketAddr,
     pub src_identity: Option<String>,
     pub dst_identity: Option<String>,
-    pub opened: SystemTime,
+    pub bytes_src_to_dst: u64,
+    pub bytes_dst_to_src: u64,
+    pub age_ms: u64,
 }
 
 struct Tracked {
     info: LiveConnection,
+    opened: Instant,
+    bytes: Arc<ByteCounts>,
     admission: Option<Admission>,
     revoke: watch::Sender<Option<Decision>>,
+}
+
+/// Bytes relayed so far, updated as they flow.
+#[derive(Debug, Default)]
+pub(super) struct ByteCounts {
+    pub(super) src_to_dst: AtomicU64,
+    pub(super) dst_to_src: AtomicU64,
+}
+
+/// Counts what is read from a stream into one of a connection's [`ByteCounts`].
+pub(super) struct Counted<'a, S> {
+    inner: S,
+    count: &'a AtomicU64,
+}
+
+impl<'a, S> Counted<'a, S> {
+    pub(super) fn new(inner: S, count: &'a AtomicU64) -> Self {
+        Counted { inner, count }
+    }
+
+    pub(super) fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<'_, S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.count.fetch_add((buf.filled().len() - before) as u64, Ordering::Relaxed);
+        result
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<'_, S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 #[derive(Default)]
@@ -73,6 +132,7 @@ pub(super) struct Registration {
     tracker: Arc<Tracker>,
     id: u64,
     revoked: watch::Receiver<Option<Decision>>,
+    pub(super) bytes: Arc<ByteCounts>,
 }
 
 impl Registration {
@@ -110,10 +170,14 @@ impl Tracker {
             dst: flow.dst,
             src_identity: flow.src_identity.as_ref().map(ToString::to_string),
             dst_identity: flow.dst_identity.as_ref().map(ToString::to_string),
-            opened: SystemTime::now(),
+            bytes_src_to_dst: 0,
+            bytes_dst_to_src: 0,
+            age_ms: 0,
         };
-        self.live.lock().unwrap_or_else(|e| e.into_inner()).insert(id, Tracked { info, admission, revoke });
-        Registration { tracker: self.clone(), id, revoked }
+        let bytes = Arc::new(ByteCounts::default());
+        let tracked = Tracked { info, opened: Instant::now(), bytes: bytes.clone(), admission, revoke };
+        self.live.lock().unwrap_or_else(|e| e.into_inner()).insert(id, tracked);
+        Registration { tracker: self.clone(), id, revoked, bytes }
     }
 
     /// Re-evaluates every admitted connection against `policies`; closes those now denied.
@@ -134,7 +198,15 @@ impl Tracker {
 
     pub fn snapshot(&self) -> Vec<LiveConnection> {
         let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
-        let mut list: Vec<LiveConnection> = live.values().map(|t| t.info.clone()).collect();
+        let mut list: Vec<LiveConnection> = live
+            .values()
+            .map(|t| LiveConnection {
+                bytes_src_to_dst: t.bytes.src_to_dst.load(Ordering::Relaxed),
+                bytes_dst_to_src: t.bytes.dst_to_src.load(Ordering::Relaxed),
+                age_ms: t.opened.elapsed().as_millis() as u64,
+                ..t.info.clone()
+            })
+            .collect();
         list.sort_by_key(|c| c.id);
         list
     }

@@ -12,7 +12,7 @@ use tokio::{
     net::TcpStream,
 };
 
-use super::connections::{Admission, Registration, Tracker};
+use super::connections::{Admission, Counted, Registration, Tracker};
 use crate::{
     identity::SpiffeId,
     policy::Decision,
@@ -168,8 +168,8 @@ impl Flow {
     /// side fails; failures reach both ends as resets.
     pub(super) async fn relay<A, B>(
         self,
-        mut downstream: A,
-        mut upstream: B,
+        downstream: A,
+        upstream: B,
         telemetry: &Telemetry,
         tracker: &Arc<Tracker>,
     ) where
@@ -180,6 +180,8 @@ impl Flow {
         telemetry.proxy.opened(self.direction, self.route, &labels);
         telemetry.flows.push(self.event(FlowKind::Opened, None, 0, 0));
         let registration: Registration = tracker.register(&self);
+        let mut downstream = Counted::new(downstream, &registration.bytes.src_to_dst);
+        let mut upstream = Counted::new(upstream, &registration.bytes.dst_to_src);
         let copy = copy_bidirectional_with_sizes(&mut downstream, &mut upstream, BUFFER_SIZE, BUFFER_SIZE);
         let outcome = tokio::select! {
             result = copy => result.map_err(|e| (FailureReason::Relay, e.to_string())),
@@ -193,8 +195,8 @@ impl Flow {
             }
             Err((reason, error)) => {
                 // Never let a cut connection look like a clean end.
-                downstream.abort();
-                upstream.abort();
+                downstream.get_ref().abort();
+                upstream.get_ref().abort();
                 telemetry.proxy.closed(self.direction, self.route, &labels, 0, 0);
                 telemetry.proxy.failed(self.direction, reason, None);
                 let kind = if reason == FailureReason::Denied { FlowKind::Denied } else { FlowKind::Closed };

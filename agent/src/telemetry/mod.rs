@@ -25,7 +25,7 @@ use prometheus_client::{
 use tokio::net::TcpListener;
 
 pub use flows::{FlowEvent, FlowKind, FlowLog, now_ms};
-pub use logging::{LogFormat, init_logging};
+pub use logging::{LogControl, LogFormat, init_logging};
 pub use metrics::{ConnectionLabels, Direction, FailureReason, ProxyMetrics, Side, VerdictKind};
 
 use crate::{datapath::Counters, identity::CertManager};
