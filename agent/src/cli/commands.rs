@@ -202,12 +202,14 @@ fn check(v: &Value) -> String {
 }
 
 const FLOW_HEADERS: [&str; 7] =
-    ["time", "event", "dir", "source", "destination", "identities", "policy / reason"];
+    ["time (utc)", "event", "dir", "source", "destination", "src id", "policy / reason"];
 
 fn flow_row(e: &Value) -> Vec<String> {
+    // Time of day is enough to follow events; -o json has the full timestamp.
     let time = e["time_ms"].as_u64().map_or("-".into(), |ms| {
-        humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
-            .to_string()
+        let stamp =
+            humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms));
+        stamp.to_string().get(11..23).unwrap_or_default().to_owned()
     });
     let why = match (e["policy"].as_str(), e["reason"].as_str()) {
         (Some(p), Some(r)) => format!("{p}: {r}"),
@@ -221,7 +223,7 @@ fn flow_row(e: &Value) -> Vec<String> {
         cell(&e["direction"]),
         cell(&e["src"]),
         cell(&e["dst"]),
-        format!("{} > {}", short_identity(&e["src_identity"]), short_identity(&e["dst_identity"])),
+        short_identity(&e["src_identity"]),
         why,
     ]
 }
