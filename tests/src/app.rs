@@ -63,6 +63,11 @@ pub enum ConnectOutcome {
 }
 
 impl Pod {
+    /// Starts `sandbox-app ARGS` in this pod (its netns and cgroup) with stdout piped.
+    pub fn spawn_app(&self, args: &[&str]) -> Result<Child> {
+        self.app(args)
+    }
+
     fn app(&self, args: &[&str]) -> Result<Child> {
         let mut cmd = Command::new(app_bin()?);
         cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit());
@@ -71,7 +76,16 @@ impl Pod {
 
     /// Starts an echo server on 0.0.0.0:`port` in this pod and waits until it listens.
     pub fn serve(&self, port: u16) -> Result<Server> {
-        let mut child = self.app(&["serve", &port.to_string()])?;
+        self.serve_mode("serve", port)
+    }
+
+    /// Starts a discarding server (for one-way bulk) on 0.0.0.0:`port`.
+    pub fn serve_sink(&self, port: u16) -> Result<Server> {
+        self.serve_mode("sink", port)
+    }
+
+    fn serve_mode(&self, mode: &str, port: u16) -> Result<Server> {
+        let mut child = self.app(&[mode, &port.to_string()])?;
         let stdout = child.stdout.take().context("server stdout")?;
         let mut lines = BufReader::new(stdout).lines();
         match lines.next() {
@@ -145,7 +159,8 @@ impl Pod {
         }
     }
 
-    fn measure(&self, args: &[&str], word: &str) -> Result<String> {
+    /// Runs `sandbox-app ARGS` in this pod and returns what follows `word` on its result line.
+    pub fn measure(&self, args: &[&str], word: &str) -> Result<String> {
         let output = self.app(args)?.wait_with_output()?;
         let stdout = String::from_utf8_lossy(&output.stdout);
         stdout

@@ -37,19 +37,29 @@ const UNDERLAY_PREFIX: [u8; 3] = [10, 200, 0];
 /// How to lay out a sandbox: nodes, each with pods.
 #[derive(Debug, Clone)]
 pub struct PodSpec {
-    pub name: &'static str,
-    pub namespace: &'static str,
-    pub service_account: &'static str,
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
     /// Listed in the config as meshed (captured); unmeshed pods are not listed at all.
     pub meshed: bool,
 }
 
 impl PodSpec {
-    pub const fn meshed(name: &'static str, service_account: &'static str) -> PodSpec {
-        PodSpec { name, namespace: "default", service_account, meshed: true }
+    pub fn meshed(name: &str, service_account: &str) -> PodSpec {
+        PodSpec {
+            name: name.into(),
+            namespace: "default".into(),
+            service_account: service_account.into(),
+            meshed: true,
+        }
     }
-    pub const fn unmeshed(name: &'static str) -> PodSpec {
-        PodSpec { name, namespace: "default", service_account: "default", meshed: false }
+    pub fn unmeshed(name: &str) -> PodSpec {
+        PodSpec {
+            name: name.into(),
+            namespace: "default".into(),
+            service_account: "default".into(),
+            meshed: false,
+        }
     }
 }
 
@@ -153,7 +163,7 @@ impl Sandbox {
     fn add_pod(&self, node_index: usize, node_name: &str, pod_index: usize, spec: PodSpec) -> Result<Pod> {
         let node = &self.nodes[node_index];
         let netns = Netns::create(&format!("{}-{}", self.id, spec.name))?;
-        let cgroup = Cgroup::create(&Path::new(CGROUP2_ROOT).join(&self.id).join(spec.name))?;
+        let cgroup = Cgroup::create(&Path::new(CGROUP2_ROOT).join(&self.id).join(&spec.name))?;
         let ip = Ipv4Addr::new(10, node_index as u8 + 1, 0, pod_index as u8 + 2);
         let gateway = Ipv4Addr::new(10, node_index as u8 + 1, 0, 1).to_string();
         let host_side = format!("p{pod_index}");
@@ -324,6 +334,11 @@ impl Sandbox {
     /// Stops the node's agent with SIGTERM and waits for it to exit; returns its exit status.
     pub fn stop_agent(&mut self, node: &str) -> Option<std::process::ExitStatus> {
         self.node_mut(node).agent.take().map(|mut agent| agent.terminate())
+    }
+
+    /// The pid of the node's agent, while it runs.
+    pub fn agent_pid(&self, node: &str) -> Option<u32> {
+        self.node(node).agent.as_ref().map(|a| a.child.id())
     }
 
     /// Sends SIGHUP (config reload) to the node's agent after writing `config`.

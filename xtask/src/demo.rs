@@ -21,15 +21,8 @@ pub(crate) fn run(action: Option<Action>, keep: bool) -> Result<()> {
         println!("demo sandbox removed");
         return Ok(());
     }
-    crate::setup::run()?;
     // Release binaries: the demo prints rough performance figures.
-    crate::cargo(&["build", "--release", "--workspace", "--bins"])?;
-    let bin_dir = crate::workspace_root().join("target/release");
-    // SAFETY: no other thread exists yet.
-    unsafe {
-        std::env::set_var("FERRY_BIN", bin_dir.join("ferry"));
-        std::env::set_var("FERRY_SANDBOX_APP", bin_dir.join("sandbox-app"));
-    }
+    crate::use_release_binaries()?;
     // Ctrl-C: the agents get SIGINT from the terminal and exit; remove the rest too.
     ctrlc::set_handler(|| {
         eprintln!("\ninterrupted: tearing the demo down");

@@ -1,5 +1,6 @@
 //! `cargo xtask ...`: setup, tests and the demo sandbox.
 
+mod bench;
 mod demo;
 mod setup;
 
@@ -25,6 +26,12 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// Measure Ferry against direct TCP in the sandbox (see docs/performance.md).
+    Bench {
+        /// A one-minute smoke run.
+        #[arg(long)]
+        quick: bool,
+    },
     /// Two nodes with two pods each in network namespaces; traffic through the agents.
     Demo {
         #[command(subcommand)]
@@ -40,6 +47,7 @@ fn main() -> Result<()> {
         Task::Setup => setup::run(),
         Task::Test { args } => test(&args),
         Task::Demo { action, keep } => demo::run(action, keep),
+        Task::Bench { quick } => bench::run(quick),
     }
 }
 
@@ -87,6 +95,20 @@ fn run_tests(args: &[&str]) -> Result<()> {
     println!("\ntests: {passed} passed, {failed} failed, {ignored} skipped");
     if !status.success() || failed > 0 {
         bail!("cargo test failed ({status})");
+    }
+    Ok(())
+}
+
+/// Setup, a release build, and the sandbox pointed at the release binaries (the demo and the
+/// bench measure speed). Call before any thread is started.
+pub(crate) fn use_release_binaries() -> Result<()> {
+    setup::run()?;
+    cargo(&["build", "--release", "--workspace", "--bins"])?;
+    let bin_dir = workspace_root().join("target/release");
+    // SAFETY: called first thing in main's task, before any other thread exists.
+    unsafe {
+        std::env::set_var("FERRY_BIN", bin_dir.join("ferry"));
+        std::env::set_var("FERRY_SANDBOX_APP", bin_dir.join("sandbox-app"));
     }
     Ok(())
 }

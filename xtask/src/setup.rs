@@ -9,8 +9,13 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
-/// Debian packages the sandbox and tests call, by the command that shows they are there.
-const DEBIAN_PACKAGES: &[(&str, &str)] = &[("ip", "iproute2")];
+/// Debian packages the sandbox, tests and bench use, by the command (or file) that shows them.
+const DEBIAN_PACKAGES: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("setpriv", "util-linux"),
+    ("openssl", "openssl"),
+    ("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "fonts-dejavu-core"),
+];
 
 /// PyPI packages of the independent test peers (tests/peers/), by the module that shows them.
 const PYTHON_PACKAGES: &[(&str, &str)] = &[("h2", "h2"), ("prometheus_client", "prometheus_client")];

@@ -3,8 +3,14 @@
 //! serve PORT                      -> "listening", then "accepted PEER" per connection
 //! connect ADDR BYTES [--mark M]   -> "peer ADDR" (getpeername), then one of
 //!                                    "echoed N" | "refused" | "reset" | "timeout" | "error MSG"
-//! rr ADDR COUNT                   -> "rr P50_US P99_US": 1-byte ping-pong round trips
+//! rr ADDR COUNT [SIZE]            -> "rr P50 P99 P90 P99.9" (us): closed-loop ping-pong of SIZE bytes
+//! rro ADDR SIZE RATE SECONDS      -> "rro P50 P90 P99 P99.9 RATE": open loop, latency from each
+//!                                    request's scheduled time (no coordinated omission)
 //! bulk ADDR MIB                   -> "bulk GBIT_PER_S": MIB MiB each way through the echo server
+//! sink PORT                       -> "listening"; reads and discards each connection to its end
+//! send ADDR SECONDS STREAMS       -> "send GBIT_PER_S": one-way bulk to a sink over STREAMS connections
+//! cps ADDR SECONDS                -> "cps N": new connections per second (connect, 1-byte echo, close)
+//! idle ADDR SECONDS               -> "idle": one connection, one echoed byte, then held open quietly
 //! hold ADDR N                     -> "held N": N concurrent connections, each echoing a byte
 //! stream ADDR SECONDS             -> "streamed N": one connection, a byte ping-pong every 10 ms
 
@@ -12,7 +18,7 @@ use std::{
     io::{ErrorKind, Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
     process::ExitCode,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 fn main() -> ExitCode {
@@ -26,7 +32,28 @@ fn main() -> ExitCode {
             };
             connect(addr.parse().expect("address"), bytes.parse().expect("byte count"), mark);
         }
-        ["rr", addr, count] => ping_pong(addr.parse().expect("address"), count.parse().expect("count")),
+        ["rr", addr, count] => ping_pong(addr.parse().expect("address"), count.parse().expect("count"), 1),
+        ["rr", addr, count, size] => ping_pong(
+            addr.parse().expect("address"),
+            count.parse().expect("count"),
+            size.parse().expect("size"),
+        ),
+        ["rro", addr, size, rate, secs] => open_loop(
+            addr.parse().expect("address"),
+            size.parse().expect("size"),
+            rate.parse().expect("rate"),
+            secs.parse().expect("seconds"),
+        ),
+        ["sink", port] => sink(port.parse().expect("port")),
+        ["send", addr, secs, streams] => send(
+            addr.parse().expect("address"),
+            secs.parse().expect("seconds"),
+            streams.parse().expect("streams"),
+        ),
+        ["idle", addr, secs] => idle(addr.parse().expect("address"), secs.parse().expect("seconds")),
+        ["cps", addr, secs] => {
+            new_connections(addr.parse().expect("address"), secs.parse().expect("seconds"))
+        }
         ["hold", addr, n] => hold(addr.parse().expect("address"), n.parse().expect("count")),
         ["stream", addr, secs] => stream(addr.parse().expect("address"), secs.parse().expect("seconds")),
         ["bulk", addr, mib] => bulk(addr.parse().expect("address"), mib.parse().expect("MiB")),
@@ -112,20 +139,108 @@ fn report_error(e: &std::io::Error) {
     }
 }
 
-fn ping_pong(addr: SocketAddr, count: usize) {
+/// p50, p99, p90, p99.9 in microseconds (p50 and p99 first: older callers read two).
+fn percentiles(mut samples: Vec<Duration>) -> String {
+    samples.sort();
+    let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize].as_secs_f64() * 1e6;
+    format!("{:.1} {:.1} {:.1} {:.1}", at(0.5), at(0.99), at(0.9), at(0.999))
+}
+
+fn ping_pong(addr: SocketAddr, count: usize, size: usize) {
     let mut stream = TcpStream::connect(addr).expect("connect");
     stream.set_nodelay(true).expect("nodelay");
     let mut rtts: Vec<Duration> = Vec::with_capacity(count);
-    let mut byte = [0u8; 1];
+    let mut message = vec![1u8; size];
     for _ in 0..count {
-        let start = std::time::Instant::now();
-        stream.write_all(&byte).expect("write");
-        stream.read_exact(&mut byte).expect("read");
+        let start = Instant::now();
+        stream.write_all(&message).expect("write");
+        stream.read_exact(&mut message).expect("read");
         rtts.push(start.elapsed());
     }
-    rtts.sort();
-    let at = |q: f64| rtts[((rtts.len() - 1) as f64 * q) as usize].as_micros();
-    println!("rr {} {}", at(0.5), at(0.99));
+    println!("rr {}", percentiles(rtts));
+}
+
+/// Requests go out on a fixed schedule whatever the responses do; each latency counts from the
+/// request's scheduled time, so a stall delays every request behind it (no coordinated omission).
+fn open_loop(addr: SocketAddr, size: usize, rate: u64, seconds: u64) {
+    let stream = TcpStream::connect(addr).expect("connect");
+    stream.set_nodelay(true).expect("nodelay");
+    let mut writer = stream.try_clone().expect("clone");
+    let total = (rate * seconds) as usize;
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let start = Instant::now();
+    let sender = std::thread::spawn(move || {
+        let message = vec![2u8; size];
+        for i in 0..total {
+            let due = start + interval * i as u32;
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+            writer.write_all(&message).expect("write");
+        }
+    });
+    let mut reader = stream;
+    let mut response = vec![0u8; size];
+    let mut latencies = Vec::with_capacity(total);
+    for i in 0..total {
+        reader.read_exact(&mut response).expect("read");
+        latencies.push(Instant::now().saturating_duration_since(start + interval * i as u32));
+    }
+    sender.join().expect("sender");
+    let achieved = total as f64 / start.elapsed().as_secs_f64();
+    println!("rro {} {achieved:.0}", percentiles(latencies));
+}
+
+fn sink(port: u16) {
+    let listener = TcpListener::bind(("0.0.0.0", port)).expect("bind");
+    println!("listening");
+    for stream in listener.incoming() {
+        let Ok(mut stream) = stream else { continue };
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 256 * 1024];
+            while matches!(stream.read(&mut buf), Ok(n) if n > 0) {}
+        });
+    }
+}
+
+/// Sends for `seconds` over `streams` connections; the clock stops when the sink has read it all.
+fn send(addr: SocketAddr, seconds: u64, streams: usize) {
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(seconds);
+    let workers: Vec<_> = (0..streams)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut stream = TcpStream::connect(addr).expect("connect");
+                let chunk = vec![3u8; 256 * 1024];
+                let mut sent = 0u64;
+                while Instant::now() < deadline {
+                    stream.write_all(&chunk).expect("write");
+                    sent += chunk.len() as u64;
+                }
+                stream.shutdown(Shutdown::Write).expect("shutdown");
+                // The sink closes once it has read everything.
+                let _ = stream.read(&mut [0u8; 1]);
+                sent
+            })
+        })
+        .collect();
+    let bytes: u64 = workers.into_iter().map(|w| w.join().expect("sender")).sum();
+    println!("send {:.3}", bytes as f64 * 8.0 / start.elapsed().as_secs_f64() / 1e9);
+}
+
+fn new_connections(addr: SocketAddr, seconds: u64) {
+    let start = Instant::now();
+    let mut count = 0u64;
+    let mut byte = [0u8; 1];
+    while start.elapsed() < Duration::from_secs(seconds) {
+        let mut stream = TcpStream::connect(addr).expect("connect");
+        stream.set_nodelay(true).expect("nodelay");
+        stream.write_all(&byte).expect("write");
+        stream.read_exact(&mut byte).expect("read");
+        count += 1;
+    }
+    println!("cps {:.0}", count as f64 / start.elapsed().as_secs_f64());
 }
 
 fn bulk(addr: SocketAddr, mib: usize) {
@@ -196,4 +311,13 @@ fn stream(addr: SocketAddr, seconds: u64) {
         std::thread::sleep(Duration::from_millis(10));
     }
     println!("streamed {count}");
+}
+
+fn idle(addr: SocketAddr, seconds: u64) {
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    let mut byte = [0u8; 1];
+    stream.write_all(&byte).expect("write");
+    stream.read_exact(&mut byte).expect("read");
+    println!("idle");
+    std::thread::sleep(Duration::from_secs(seconds));
 }

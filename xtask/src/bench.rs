@@ -1,0 +1,728 @@
+//! `cargo xtask bench [--quick]`: Ferry's cost against direct pod-to-pod TCP in the same sandbox,
+//! every path interleaved in one run and repeated; then scale (agent memory and CPU with many
+//! pods, startup, policy-change time). Writes JSON, a markdown summary and a PNG chart under
+//! target/bench/; a full run also refreshes docs/performance.md.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    net::SocketAddr,
+    path::Path,
+    process::Child,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context, Result, bail};
+use ferry_sandbox::{PodSpec, Sandbox};
+use serde::Serialize;
+
+const ECHO_PORT: u16 = 8080;
+const SINK_PORT: u16 = 9090;
+const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+
+#[derive(Debug, Clone, Serialize)]
+struct Params {
+    repetitions: usize,
+    seconds: u64,
+    rr_count: usize,
+    rate: u64,
+    scale: Vec<usize>,
+}
+
+impl Params {
+    fn new(quick: bool) -> Params {
+        if quick {
+            Params { repetitions: 1, seconds: 1, rr_count: 2000, rate: 1000, scale: vec![10, 50] }
+        } else {
+            Params { repetitions: 5, seconds: 3, rr_count: 10_000, rate: 2000, scale: vec![10, 50, 100, 200] }
+        }
+    }
+}
+
+/// A data path: a client pod and a server pod, and which direct path it compares with.
+struct Path_ {
+    name: &'static str,
+    client: &'static str,
+    server: &'static str,
+    baseline: &'static str,
+}
+
+const DIRECT_SAME: &str = "direct same-node";
+const DIRECT_CROSS: &str = "direct cross-node";
+const PATHS: [Path_; 5] = [
+    Path_ { name: DIRECT_SAME, client: "d", server: "f", baseline: DIRECT_SAME },
+    Path_ { name: DIRECT_CROSS, client: "d", server: "e", baseline: DIRECT_CROSS },
+    Path_ { name: "ferry same-node", client: "a", server: "b", baseline: DIRECT_SAME },
+    Path_ { name: "ferry cross-node mTLS", client: "a", server: "c", baseline: DIRECT_CROSS },
+    Path_ { name: "ferry cross-node plain", client: "a", server: "g", baseline: DIRECT_CROSS },
+];
+
+#[derive(Debug, Clone, Serialize)]
+struct Sample {
+    path: &'static str,
+    metric: String,
+    unit: &'static str,
+    repetition: usize,
+    value: f64,
+    /// Both agents together, during the measurement.
+    agent_cpu_percent: f64,
+    agent_rss_kib: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct Summary {
+    path: &'static str,
+    metric: String,
+    unit: &'static str,
+    median: f64,
+    min: f64,
+    max: f64,
+    /// Median of the per-repetition ratios to the direct path of the same topology.
+    ratio: Option<f64>,
+    ratio_min: Option<f64>,
+    ratio_max: Option<f64>,
+    agent_cpu_percent: f64,
+    agent_rss_kib: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct ScaleRow {
+    pods: usize,
+    startup_ms: f64,
+    idle_rss_kib: u64,
+    idle_cpu_percent: f64,
+    connected_rss_kib: u64,
+    connected_cpu_percent: f64,
+    policy_change_ms: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    started: String,
+    machine: BTreeMap<&'static str, String>,
+    params: Params,
+    samples: Vec<Sample>,
+    summary: Vec<Summary>,
+    scale: Vec<ScaleRow>,
+    targets: Vec<Target>,
+}
+
+#[derive(Debug, Serialize)]
+struct Target {
+    what: &'static str,
+    bar: &'static str,
+    measured: Option<f64>,
+    met: Option<bool>,
+}
+
+pub(crate) fn run(quick: bool) -> Result<()> {
+    crate::use_release_binaries()?;
+    let params = Params::new(quick);
+    let started = SystemTime::now();
+    eprintln!("bench: {} run, {params:?}", if quick { "quick" } else { "full" });
+    let samples = measure_paths(&params)?;
+    let summary = summarize(&samples);
+    let scale = measure_scale(&params)?;
+    let targets = targets(&summary, &scale);
+    let report = Report {
+        started: humantime::format_rfc3339_seconds(started).to_string(),
+        machine: machine(),
+        params,
+        samples,
+        summary,
+        scale,
+        targets,
+    };
+    let out = crate::workspace_root().join("target/bench");
+    std::fs::create_dir_all(&out)?;
+    let stamp = started.duration_since(UNIX_EPOCH)?.as_secs();
+    let markdown = markdown(&report, &format!("bench-{stamp}.png"));
+    std::fs::write(out.join(format!("bench-{stamp}.json")), serde_json::to_string_pretty(&report)?)?;
+    std::fs::write(out.join(format!("bench-{stamp}.md")), &markdown)?;
+    chart(&report, &out.join(format!("bench-{stamp}.png")))?;
+    println!("{markdown}");
+    println!("results: {}", out.join(format!("bench-{stamp}.{{json,md,png}}")).display());
+    if !quick {
+        let docs = crate::workspace_root().join("docs");
+        chart(&report, &docs.join("performance.png"))?;
+        write_performance_doc(
+            &docs.join("performance.md"),
+            &markdown_with_image(&report, "performance.png"),
+        )?;
+        println!("docs/performance.md and docs/performance.png updated");
+    }
+    Ok(())
+}
+
+/// CPU time (ticks) and RSS (KiB) of a process.
+fn proc_usage(pid: u32) -> (u64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime is 14th, stime 15th overall.
+    let fields: Vec<&str> =
+        stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    let ticks = fields.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        + fields.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("VmRSS:").and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0);
+    (ticks, rss)
+}
+
+/// Runs `work` and reports the agents' CPU (percent of one core) and peak RSS meanwhile.
+fn with_usage<T>(pids: &[u32], work: impl FnOnce() -> Result<T>) -> Result<(T, f64, u64)> {
+    let before: u64 = pids.iter().map(|p| proc_usage(*p).0).sum();
+    let start = Instant::now();
+    let value = work()?;
+    let wall = start.elapsed().as_secs_f64();
+    let (after, rss) = pids.iter().map(|p| proc_usage(*p)).fold((0, 0), |(t, r), (ti, ri)| (t + ti, r + ri));
+    // Clock ticks are 1/100 s on Linux.
+    let cpu = (after.saturating_sub(before)) as f64 / 100.0 / wall * 100.0;
+    Ok((value, cpu, rss))
+}
+
+fn paths_sandbox() -> Result<Sandbox> {
+    let mut sb = Sandbox::new(
+        "bench",
+        &[
+            (
+                "node1",
+                vec![
+                    PodSpec::meshed("a", "client"),
+                    PodSpec::meshed("b", "server-b"),
+                    PodSpec::unmeshed("d"),
+                    PodSpec::unmeshed("f"),
+                ],
+            ),
+            (
+                "node2",
+                vec![
+                    PodSpec::meshed("c", "server-c"),
+                    PodSpec::unmeshed("e"),
+                    PodSpec::meshed("g", "server-g"),
+                ],
+            ),
+        ],
+    )?;
+    // g is meshed on its own node but node1 does not know it as meshed: node1 passes plain TCP
+    // through, node2 takes it in on 15006. Two proxies, no TLS: proxy cost without crypto cost.
+    let node1 = sb.config_for("node1").replace("  - name: g\n", "  - name: g\n    meshed: false\n");
+    sb.start_agent("node1", Some(&node1))?;
+    sb.start_agent("node2", None)?;
+    Ok(sb)
+}
+
+fn measure_paths(params: &Params) -> Result<Vec<Sample>> {
+    let sb = paths_sandbox()?;
+    let mut servers = Vec::new();
+    for pod in ["b", "c", "e", "f", "g"] {
+        servers.push(sb.pod(pod).serve(ECHO_PORT)?);
+        servers.push(sb.pod(pod).serve_sink(SINK_PORT)?);
+    }
+    let pids: Vec<u32> = ["node1", "node2"].iter().filter_map(|n| sb.agent_pid(n)).collect();
+    let secs = params.seconds.to_string();
+    let count = params.rr_count.to_string();
+    let rate = params.rate.to_string();
+    // (metric names, unit, sandbox-app arguments with {addr} and {sink}, result word)
+    let workloads: Vec<(Vec<&str>, &str, Vec<String>, &str)> = vec![
+        (
+            vec!["bulk 1 stream"],
+            "Gbit/s",
+            vec!["send".into(), "{sink}".into(), secs.clone(), "1".into()],
+            "send",
+        ),
+        (
+            vec!["bulk 4 streams"],
+            "Gbit/s",
+            vec!["send".into(), "{sink}".into(), secs.clone(), "4".into()],
+            "send",
+        ),
+        (
+            vec![
+                "rr 1B saturated p50",
+                "rr 1B saturated p99",
+                "rr 1B saturated p90",
+                "rr 1B saturated p99.9",
+            ],
+            "us",
+            vec!["rr".into(), "{addr}".into(), count.clone(), "1".into()],
+            "rr",
+        ),
+        (
+            vec![
+                "rr 1KiB saturated p50",
+                "rr 1KiB saturated p99",
+                "rr 1KiB saturated p90",
+                "rr 1KiB saturated p99.9",
+            ],
+            "us",
+            vec!["rr".into(), "{addr}".into(), count.clone(), "1024".into()],
+            "rr",
+        ),
+        (
+            vec![
+                "rr 1B fixed-rate p50",
+                "rr 1B fixed-rate p99",
+                "rr 1B fixed-rate p90",
+                "rr 1B fixed-rate p99.9",
+            ],
+            "us",
+            vec!["rro".into(), "{addr}".into(), "1".into(), rate.clone(), secs.clone()],
+            "rro",
+        ),
+        (
+            vec![
+                "rr 1KiB fixed-rate p50",
+                "rr 1KiB fixed-rate p99",
+                "rr 1KiB fixed-rate p90",
+                "rr 1KiB fixed-rate p99.9",
+            ],
+            "us",
+            vec!["rro".into(), "{addr}".into(), "1024".into(), rate.clone(), secs.clone()],
+            "rro",
+        ),
+        (vec!["new connections"], "conn/s", vec!["cps".into(), "{addr}".into(), secs.clone()], "cps"),
+    ];
+    let mut samples = Vec::new();
+    for repetition in 0..params.repetitions {
+        for (metrics, unit, args, word) in &workloads {
+            // Interleaved: every path runs each workload before the next workload starts.
+            for path in &PATHS {
+                let server = sb.pod(path.server).ip;
+                let args: Vec<String> = args
+                    .iter()
+                    .map(|a| {
+                        a.replace("{addr}", &SocketAddr::from((server, ECHO_PORT)).to_string())
+                            .replace("{sink}", &SocketAddr::from((server, SINK_PORT)).to_string())
+                    })
+                    .collect();
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                let client = sb.pod(path.client);
+                let (line, cpu, rss) = with_usage(&pids, || client.measure(&args, word))?;
+                let values: Vec<f64> = line.split_whitespace().filter_map(|v| v.parse().ok()).collect();
+                if values.len() < metrics.len() {
+                    bail!("{}: sandbox-app {args:?} printed {line:?}", path.name);
+                }
+                for (metric, value) in metrics.iter().zip(values) {
+                    samples.push(Sample {
+                        path: path.name,
+                        metric: metric.to_string(),
+                        unit,
+                        repetition,
+                        value,
+                        agent_cpu_percent: cpu,
+                        agent_rss_kib: rss,
+                    });
+                }
+                eprintln!("bench: rep {repetition} {:<24} {:<18} {line}", path.name, metrics[0]);
+            }
+        }
+    }
+    drop(servers);
+    Ok(samples)
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n % 2 == 1 { values[n / 2] } else { (values[n / 2 - 1] + values[n / 2]) / 2.0 }
+}
+
+fn summarize(samples: &[Sample]) -> Vec<Summary> {
+    let mut metrics: Vec<(String, &'static str)> = Vec::new();
+    for s in samples {
+        if !metrics.iter().any(|(m, _)| *m == s.metric) {
+            metrics.push((s.metric.clone(), s.unit));
+        }
+    }
+    let value = |path: &str, metric: &str, rep: usize| {
+        samples.iter().find(|s| s.path == path && s.metric == metric && s.repetition == rep).map(|s| s.value)
+    };
+    let mut summary = Vec::new();
+    for (metric, unit) in metrics {
+        for path in &PATHS {
+            let of_path: Vec<&Sample> =
+                samples.iter().filter(|s| s.path == path.name && s.metric == metric).collect();
+            if of_path.is_empty() {
+                continue;
+            }
+            let mut values: Vec<f64> = of_path.iter().map(|s| s.value).collect();
+            let mut ratios: Vec<f64> = of_path
+                .iter()
+                .filter_map(|s| value(path.baseline, &metric, s.repetition).map(|base| s.value / base))
+                .filter(|r| r.is_finite())
+                .collect();
+            let is_direct = path.name == path.baseline;
+            let mut cpu: Vec<f64> = of_path.iter().map(|s| s.agent_cpu_percent).collect();
+            summary.push(Summary {
+                path: path.name,
+                metric: metric.clone(),
+                unit,
+                median: median(&mut values),
+                min: values.first().copied().unwrap_or(f64::NAN),
+                max: values.last().copied().unwrap_or(f64::NAN),
+                ratio: (!is_direct && !ratios.is_empty()).then(|| median(&mut ratios)),
+                ratio_min: (!is_direct).then(|| ratios.first().copied()).flatten(),
+                ratio_max: (!is_direct).then(|| ratios.last().copied()).flatten(),
+                agent_cpu_percent: median(&mut cpu),
+                agent_rss_kib: of_path.iter().map(|s| s.agent_rss_kib).max().unwrap_or(0),
+            });
+        }
+    }
+    summary
+}
+
+/// One node, `pods` meshed client pods and a meshed server pod.
+fn measure_scale(params: &Params) -> Result<Vec<ScaleRow>> {
+    let mut rows = Vec::new();
+    for &pods in &params.scale {
+        let mut layout: Vec<PodSpec> =
+            (0..pods).map(|i| PodSpec::meshed(&format!("s{i}"), &format!("sa{i}"))).collect();
+        layout.push(PodSpec::meshed("srv", "server"));
+        let mut sb = Sandbox::new("scale", &[("node1", layout)])?;
+        let start = Instant::now();
+        sb.start_agent("node1", None)?;
+        let startup_ms = start.elapsed().as_secs_f64() * 1000.0;
+        let pid = sb.agent_pid("node1").context("agent pid")?;
+        let quiet = || {
+            std::thread::sleep(Duration::from_secs(2));
+            Ok(())
+        };
+        let ((), idle_cpu_percent, idle_rss_kib) = with_usage(&[pid], quiet)?;
+
+        let _server = sb.pod("srv").serve(ECHO_PORT)?;
+        let target = SocketAddr::from((sb.pod("srv").ip, ECHO_PORT)).to_string();
+        let mut holders: Vec<Child> = Vec::with_capacity(pods);
+        for i in 0..pods {
+            holders.push(sb.pod(&format!("s{i}")).spawn_app(&["idle", &target, "30"])?);
+        }
+        wait_for_connections(&sb, pods)?;
+        let ((), connected_cpu_percent, connected_rss_kib) = with_usage(&[pid], quiet)?;
+
+        // Policy change: from SIGHUP to the new policy in force.
+        let deny = format!(
+            "{}policies:\n  - metadata: {{name: deny-s0, namespace: default}}\n    spec:\n      action: DENY\n      rules:\n        - from: [{{source: {{principals: [cluster.local/ns/default/sa/sa0]}}}}]\n",
+            sb.config_for("node1")
+        );
+        let reloads = sb.agent_log("node1").matches("config reloaded").count();
+        let start = Instant::now();
+        sb.reload_agent("node1", &deny)?;
+        sb.wait_for_log("node1", "config reloaded", reloads + 1)?;
+        let policy_change_ms = start.elapsed().as_secs_f64() * 1000.0;
+        for mut holder in holders {
+            let _ = holder.kill();
+            let _ = holder.wait();
+        }
+        eprintln!(
+            "bench: scale {pods} pods: startup {startup_ms:.0} ms, RSS idle {idle_rss_kib} KiB, connected {connected_rss_kib} KiB"
+        );
+        rows.push(ScaleRow {
+            pods,
+            startup_ms,
+            idle_rss_kib,
+            idle_cpu_percent,
+            connected_rss_kib,
+            connected_cpu_percent,
+            policy_change_ms,
+        });
+    }
+    Ok(rows)
+}
+
+fn wait_for_connections(sb: &Sandbox, n: usize) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = sb.ferry_json("node1", &["status"])?;
+        if status["connections"].as_u64().unwrap_or(0) as usize >= n {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("only {} of {n} connections open after 30 s", status["connections"]);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn find<'a>(summary: &'a [Summary], path: &str, metric: &str) -> Option<&'a Summary> {
+    summary.iter().find(|s| s.path == path && s.metric == metric)
+}
+
+fn targets(summary: &[Summary], scale: &[ScaleRow]) -> Vec<Target> {
+    let ratio = |path, metric| find(summary, path, metric).and_then(|s| s.ratio);
+    let at_least = |what, bar, measured: Option<f64>, limit: f64| Target {
+        what,
+        bar,
+        measured,
+        met: measured.map(|m| m >= limit),
+    };
+    let at_most = |what, bar, measured: Option<f64>, limit: f64| Target {
+        what,
+        bar,
+        measured,
+        met: measured.map(|m| m <= limit),
+    };
+    let biggest = scale.iter().max_by_key(|r| r.pods);
+    let smallest = scale.iter().min_by_key(|r| r.pods);
+    let growth = match (smallest, biggest) {
+        (Some(a), Some(b)) if b.pods > a.pods => {
+            Some((b.idle_rss_kib as f64 - a.idle_rss_kib as f64) / (b.pods - a.pods) as f64)
+        }
+        _ => None,
+    };
+    vec![
+        at_least(
+            "cross-node mTLS bulk, 1 stream (x direct)",
+            ">= 0.5",
+            ratio("ferry cross-node mTLS", "bulk 1 stream"),
+            0.5,
+        ),
+        at_least(
+            "same-node bulk, 1 stream (x direct)",
+            ">= 0.7",
+            ratio("ferry same-node", "bulk 1 stream"),
+            0.7,
+        ),
+        at_most(
+            "cross-node mTLS rr 1B p50 (x direct)",
+            "<= 1.8",
+            ratio("ferry cross-node mTLS", "rr 1B fixed-rate p50"),
+            1.8,
+        ),
+        at_most(
+            "cross-node mTLS rr 1B p99 (x direct)",
+            "<= 2.0",
+            ratio("ferry cross-node mTLS", "rr 1B fixed-rate p99"),
+            2.0,
+        ),
+        at_most(
+            "same-node rr 1B p50 (x direct)",
+            "<= 1.5",
+            ratio("ferry same-node", "rr 1B fixed-rate p50"),
+            1.5,
+        ),
+        at_least(
+            "cross-node new connections/s (x direct)",
+            ">= 0.4",
+            ratio("ferry cross-node mTLS", "new connections"),
+            0.4,
+        ),
+        at_most(
+            "agent RSS with the most pods (MiB)",
+            "< 40 (at 200 pods)",
+            biggest.map(|r| r.idle_rss_kib as f64 / 1024.0),
+            40.0,
+        ),
+        at_most("agent RSS growth per idle pod (KiB)", "< 64", growth, 64.0),
+    ]
+}
+
+fn machine() -> BTreeMap<&'static str, String> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo.lines().find_map(|l| {
+        l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+    });
+    let memory = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .next()
+        .map(|l| l.split_whitespace().nth(1).unwrap_or("0").parse::<u64>().unwrap_or(0) / 1024 / 1024)
+        .unwrap_or(0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_owned();
+    BTreeMap::from([
+        ("cpu", model.unwrap_or_default()),
+        ("cores", std::thread::available_parallelism().map(|n| n.to_string()).unwrap_or_default()),
+        ("memory_gib", memory.to_string()),
+        ("kernel", kernel),
+    ])
+}
+
+fn fmt_value(v: f64) -> String {
+    if v >= 100.0 { format!("{v:.0}") } else { format!("{v:.2}") }
+}
+
+fn markdown(report: &Report, chart_name: &str) -> String {
+    let mut md = markdown_tables(report);
+    let _ = writeln!(md, "\n![ratios to direct]({chart_name})");
+    md
+}
+
+fn markdown_with_image(report: &Report, image: &str) -> String {
+    markdown(report, image)
+}
+
+fn markdown_tables(report: &Report) -> String {
+    let mut md = String::new();
+    let m = &report.machine;
+    let _ = writeln!(
+        md,
+        "Run {} on {} ({} cores, {} GiB, Linux {}); {} repetition(s), {} s per throughput case, {} round trips per saturated case, {} req/s for fixed-rate cases.\n",
+        report.started,
+        m.get("cpu").map_or("?", String::as_str),
+        m.get("cores").map_or("?", String::as_str),
+        m.get("memory_gib").map_or("?", String::as_str),
+        m.get("kernel").map_or("?", String::as_str),
+        report.params.repetitions,
+        report.params.seconds,
+        report.params.rr_count,
+        report.params.rate,
+    );
+    let _ = writeln!(md, "### Targets (ratios to direct TCP in the same run)\n");
+    let _ = writeln!(md, "| target | bar | measured | met |\n|---|---|---|---|");
+    for t in &report.targets {
+        let measured = t.measured.map_or("-".into(), |v| format!("{v:.2}"));
+        let met = match t.met {
+            Some(true) => "yes",
+            Some(false) => "**no**",
+            None => "-",
+        };
+        let _ = writeln!(md, "| {} | {} | {measured} | {met} |", t.what, t.bar);
+    }
+    let _ = writeln!(
+        md,
+        "\n### Paths (median, [min-max] over repetitions; ratio = Ferry / direct, same topology)\n"
+    );
+    let _ = writeln!(
+        md,
+        "| metric | path | median | range | x direct | agents CPU % | agents RSS MiB |\n|---|---|---|---|---|---|---|"
+    );
+    for s in &report.summary {
+        let ratio = match (s.ratio, s.ratio_min, s.ratio_max) {
+            (Some(r), Some(lo), Some(hi)) => format!("{r:.2} [{lo:.2}-{hi:.2}]"),
+            _ => "-".into(),
+        };
+        let _ = writeln!(
+            md,
+            "| {} ({}) | {} | {} | {}-{} | {ratio} | {:.0} | {:.1} |",
+            s.metric,
+            s.unit,
+            s.path,
+            fmt_value(s.median),
+            fmt_value(s.min),
+            fmt_value(s.max),
+            s.agent_cpu_percent,
+            s.agent_rss_kib as f64 / 1024.0
+        );
+    }
+    let _ = writeln!(md, "\n### Scale (one node, N meshed pods)\n");
+    let _ = writeln!(
+        md,
+        "| pods | startup to ready (ms) | RSS idle (MiB) | CPU idle % | RSS, one connection each (MiB) | CPU % | config change to enforced policy (ms) |\n|---|---|---|---|---|---|---|"
+    );
+    for r in &report.scale {
+        let _ = writeln!(
+            md,
+            "| {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} |",
+            r.pods,
+            r.startup_ms,
+            r.idle_rss_kib as f64 / 1024.0,
+            r.idle_cpu_percent,
+            r.connected_rss_kib as f64 / 1024.0,
+            r.connected_cpu_percent,
+            r.policy_change_ms
+        );
+    }
+    md
+}
+
+fn write_performance_doc(path: &Path, results: &str) -> Result<()> {
+    let doc = format!(
+        "# Performance\n\n\
+         Measured with `cargo xtask bench` (about 10 minutes; `--quick` is a one-minute smoke run) in the \
+         netns sandbox: two nodes joined by a veth, pods as network namespaces with cgroups. Each case \
+         runs every path back to back (interleaved) and is repeated; the table gives medians with their \
+         range, and ratios to direct TCP between unmeshed pods of the same topology, measured in the same \
+         run. Latency ratios depend on how busy the machine is: compare ratios, not absolute numbers.\n\n\
+         Paths: *direct* (unmeshed pods, no agent), *ferry same-node* (one agent, in-process hand-off), \
+         *ferry cross-node mTLS* (HBONE between two agents), *ferry cross-node plain* (two agents, plain \
+         TCP between them: the proxy's cost without the crypto). Workloads: one-way bulk to a discarding \
+         server over 1 and 4 connections; request/response of 1 B and 1 KiB, closed loop (saturated) and \
+         open loop at a fixed rate (latency from each request's scheduled time, so stalls are not hidden); \
+         new connections per second (connect, 1-byte echo, close). Agent CPU is both agents' CPU time over \
+         the case's wall time (100 = one core); RSS is both agents' resident memory.\n\n\
+         Reproduce: `cargo xtask bench` (results under target/bench/ as JSON, markdown and PNG; a full run \
+         rewrites this file).\n\n## Latest full run\n\n{results}"
+    );
+    std::fs::write(path, doc)?;
+    Ok(())
+}
+
+/// Bars of the ratio to direct, per metric, for the Ferry paths; lines at 1.0 (direct).
+fn chart(report: &Report, path: &Path) -> Result<()> {
+    use plotters::prelude::*;
+    let font = std::fs::read(FONT).with_context(|| format!("{FONT} (Debian fonts-dejavu-core)"))?;
+    let font: &'static [u8] = Box::leak(font.into_boxed_slice());
+    plotters::style::register_font("sans-serif", FontStyle::Normal, font)
+        .map_err(|_| anyhow::anyhow!("bad font"))?;
+
+    let metrics = [
+        "bulk 1 stream",
+        "bulk 4 streams",
+        "rr 1B fixed-rate p50",
+        "rr 1B fixed-rate p99",
+        "rr 1KiB saturated p50",
+        "new connections",
+    ];
+    let ferry_paths = ["ferry same-node", "ferry cross-node mTLS", "ferry cross-node plain"];
+    let colors = [RGBColor(52, 120, 198), RGBColor(214, 96, 40), RGBColor(110, 170, 90)];
+    let max_ratio = report
+        .summary
+        .iter()
+        .filter(|s| metrics.contains(&s.metric.as_str()))
+        .filter_map(|s| s.ratio)
+        .fold(1.0f64, f64::max)
+        .min(12.0)
+        * 1.1;
+
+    let root = BitMapBackend::new(path, (1100, 560)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "Ferry / direct TCP, same run (bulk and conn/s: higher is better; latency: lower is better)",
+            ("sans-serif", 18),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0f64..metrics.len() as f64, 0f64..max_ratio)?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(metrics.len() * 2 + 1)
+        .x_label_formatter(&|x| {
+            let i = (*x - 0.5).round();
+            if (x - 0.5 - i).abs() < 0.01 && i >= 0.0 {
+                metrics.get(i as usize).map_or(String::new(), |m| m.to_string())
+            } else {
+                String::new()
+            }
+        })
+        .y_desc("x direct")
+        .label_style(("sans-serif", 13))
+        .draw()?;
+    chart.draw_series(LineSeries::new([(0.0, 1.0), (metrics.len() as f64, 1.0)], BLACK.stroke_width(2)))?;
+    let width = 0.8 / ferry_paths.len() as f64;
+    for (p, path_name) in ferry_paths.iter().enumerate() {
+        let color = colors[p];
+        let bars = metrics.iter().enumerate().filter_map(|(i, metric)| {
+            let ratio = find(&report.summary, path_name, metric)?.ratio?;
+            let x0 = i as f64 + 0.1 + p as f64 * width;
+            Some(Rectangle::new([(x0, 0.0), (x0 + width * 0.9, ratio.min(max_ratio))], color.filled()))
+        });
+        chart
+            .draw_series(bars)?
+            .label(*path_name)
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 14))
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
