@@ -124,9 +124,9 @@ impl Pod {
     /// to an echo server.
     pub fn ping_pong(&self, to: SocketAddr, count: usize) -> Result<(u64, u64)> {
         let line = self.measure(&["rr", &to.to_string(), &count.to_string()], "rr")?;
-        let mut values = line.split_whitespace().map(str::parse::<u64>);
+        let mut values = line.split_whitespace().map(str::parse::<f64>);
         match (values.next(), values.next()) {
-            (Some(Ok(p50)), Some(Ok(p99))) => Ok((p50, p99)),
+            (Some(Ok(p50)), Some(Ok(p99))) => Ok((p50.round() as u64, p99.round() as u64)),
             _ => bail!("bad rr output {line:?}"),
         }
     }
