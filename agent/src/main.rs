@@ -20,7 +20,11 @@ fn main() -> ExitCode {
             // Before any thread exists: the agent's own netns, to come back to from pods.
             inpod::init();
             let log = telemetry::init_logging(log_format);
-            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            if let Some(n) = std::env::var("FERRY_WORKER_THREADS").ok().and_then(|v| v.parse().ok()) {
+                builder.worker_threads(n);
+            }
+            let runtime = match builder.enable_all().build() {
                 Ok(runtime) => runtime,
                 Err(e) => {
                     eprintln!("ferry: cannot start the runtime: {e}");

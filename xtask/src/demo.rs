@@ -131,7 +131,8 @@ fn demo(keep: bool) -> Result<()> {
 
     if keep {
         print_keep_help(&sb);
-        drop(servers);
+        // The servers live in the pods' cgroups: `demo down` stops them with everything else.
+        std::mem::forget(servers);
         sb.keep();
         return Ok(());
     }

@@ -9,7 +9,8 @@
 //! bulk ADDR MIB                   -> "bulk GBIT_PER_S": MIB MiB each way through the echo server
 //! sink PORT                       -> "listening"; reads and discards each connection to its end
 //! send ADDR SECONDS STREAMS       -> "send GBIT_PER_S": one-way bulk to a sink over STREAMS connections
-//! cps ADDR SECONDS                -> "cps N": new connections per second (connect, 1-byte echo, close)
+//! cps ADDR SECONDS                -> "cps N ERRORS": new connections per second (connect, 1-byte
+//!                                    echo, close) and how many attempts failed
 //! idle ADDR SECONDS               -> "idle": one connection, one echoed byte, then held open quietly
 //! hold ADDR N                     -> "held N": N concurrent connections, each echoing a byte
 //! stream ADDR SECONDS             -> "streamed N": one connection, a byte ping-pong every 10 ms
@@ -229,18 +230,26 @@ fn send(addr: SocketAddr, seconds: u64, streams: usize) {
     println!("send {:.3}", bytes as f64 * 8.0 / start.elapsed().as_secs_f64() / 1e9);
 }
 
+/// Completed connections per second, and how many failed (they count against the rate).
 fn new_connections(addr: SocketAddr, seconds: u64) {
     let start = Instant::now();
-    let mut count = 0u64;
+    let (mut count, mut errors) = (0u64, 0u64);
     let mut byte = [0u8; 1];
     while start.elapsed() < Duration::from_secs(seconds) {
-        let mut stream = TcpStream::connect(addr).expect("connect");
-        stream.set_nodelay(true).expect("nodelay");
-        stream.write_all(&byte).expect("write");
-        stream.read_exact(&mut byte).expect("read");
-        count += 1;
+        let attempt = TcpStream::connect(addr).and_then(|mut stream| {
+            stream.set_nodelay(true)?;
+            stream.write_all(&byte)?;
+            stream.read_exact(&mut byte)
+        });
+        match attempt {
+            Ok(()) => count += 1,
+            Err(e) => {
+                errors += 1;
+                eprintln!("cps: {e}");
+            }
+        }
     }
-    println!("cps {:.0}", count as f64 / start.elapsed().as_secs_f64());
+    println!("cps {:.0} {errors}", count as f64 / start.elapsed().as_secs_f64());
 }
 
 fn bulk(addr: SocketAddr, mib: usize) {
