@@ -243,3 +243,26 @@ fn rotation_keeps_open_connections_and_new_handshakes_get_the_new_certificate() 
     // And new app connections still work.
     assert!(matches!(sb.pod("a").connect(addr(&sb, "c", PORT), 10).unwrap(), ConnectOutcome::Echoed { .. }));
 }
+
+#[test]
+fn shutdown_drains_open_hbone_streams_with_goaway() {
+    let mut sb = sandbox("drain");
+    sb.start_agent("node1", None).unwrap();
+    sb.start_agent("node2", None).unwrap();
+    let _server = sb.pod("c").serve(PORT).unwrap();
+    let streamed = std::thread::scope(|s| {
+        let stream = s.spawn(|| sb.pod("a").measure_stream(addr(&sb, "c", PORT), 2));
+        std::thread::sleep(Duration::from_millis(500));
+        let pid = sb.agent_pid("node2").unwrap();
+        // SIGTERM: GOAWAY to the peers, then wait for their open streams (up to 5 s).
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(sb.agent_log("node2").matches("stopped").count() == 0, "the agent quit with a stream open");
+        stream.join().unwrap()
+    });
+    assert!(streamed.starts_with("streamed"), "the open stream was cut by shutdown: {streamed}");
+    let status = sb.stop_agent("node2").unwrap();
+    assert!(status.success(), "{}", sb.agent_log("node2"));
+    assert!(sb.agent_log("node2").contains("stopped"));
+}
