@@ -26,6 +26,12 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// Fuzz the config parser, the policy engine and HBONE request handling (cargo-fuzz).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
     /// Measure Ferry against direct TCP in the sandbox (see docs/performance.md).
     Bench {
         /// A one-minute smoke run.
@@ -48,6 +54,10 @@ fn main() -> Result<()> {
         Task::Test { args } => test(&args),
         Task::Demo { action, keep } => demo::run(action, keep),
         Task::Bench { quick } => bench::run(quick),
+        Task::Fuzz { seconds } => {
+            setup::run()?;
+            fuzz(seconds)
+        }
     }
 }
 
@@ -58,10 +68,48 @@ fn test(args: &[String]) -> Result<()> {
     cargo(&["fmt", "--all", "--", "--check"])?;
     cargo(&["fmt", "--manifest-path", "ebpf/programs/Cargo.toml", "--", "--check"])?;
     cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
+    cargo(&["fmt", "--manifest-path", "fuzz/Cargo.toml", "--", "--check"])?;
     cargo(&["build", "--workspace", "--bins"])?;
+    fuzz(FUZZ_SECONDS_IN_TEST)?;
     let mut test_args = vec!["test", "--workspace", "--no-fail-fast"];
     test_args.extend(args.iter().map(String::as_str));
     run_tests(&test_args)
+}
+
+/// Fuzz targets (fuzz/fuzz_targets), each run from its seeds plus the corpus of earlier runs.
+const FUZZ_TARGETS: &[&str] = &["config", "policy", "hbone_request"];
+/// A short run in `cargo xtask test`: enough to catch regressions on the seeds and their mutations.
+const FUZZ_SECONDS_IN_TEST: u64 = 5;
+
+fn fuzz(seconds: u64) -> Result<()> {
+    let root = workspace_root();
+    let path = std::env::join_paths(
+        [setup::cargo_fuzz_dir(), setup::bpf_linker_dir()]
+            .into_iter()
+            .chain(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())),
+    )?;
+    for target in FUZZ_TARGETS {
+        let corpus = root.join("fuzz/corpus").join(target);
+        let seeds = root.join("fuzz/seeds").join(target);
+        std::fs::create_dir_all(&corpus)?;
+        std::fs::create_dir_all(&seeds)?;
+        eprintln!("+ cargo fuzz run {target} ({seconds} s)");
+        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(["fuzz", "run", target])
+            .arg(&corpus)
+            .arg(&seeds)
+            .arg("--")
+            .arg(format!("-max_total_time={seconds}"))
+            .current_dir(&root)
+            .env("PATH", &path)
+            // cargo-fuzz passes nightly-only sanitizer flags; the stable toolchain accepts them so.
+            .env("RUSTC_BOOTSTRAP", "1")
+            .status()?;
+        if !status.success() {
+            bail!("fuzz target {target} failed: the crash input is in fuzz/artifacts/{target}/");
+        }
+    }
+    Ok(())
 }
 
 /// Runs `cargo test`, echoing its output, and closes with one line that sums every test binary.

@@ -23,6 +23,7 @@ const PYTHON_PACKAGES: &[(&str, &str)] = &[("h2", "h2"), ("prometheus_client", "
 pub(crate) fn run() -> Result<()> {
     rust_src()?;
     bpf_linker()?;
+    cargo_fuzz()?;
     debian_packages()?;
     python_packages()?;
     Ok(())
@@ -84,8 +85,8 @@ fn rust_src() -> Result<()> {
 }
 
 fn bpf_linker() -> Result<()> {
-    let root = tools_dir().join(format!("bpf-linker-{BPF_LINKER_VERSION}"));
-    let binary = root.join("bin/bpf-linker");
+    let binary = bpf_linker_dir().join("bpf-linker");
+    let root = bpf_linker_dir().parent().context("bpf-linker dir")?.to_owned();
     if Command::new(&binary).arg("--version").output().is_ok_and(|o| o.status.success()) {
         return Ok(());
     }
@@ -118,6 +119,34 @@ fn bpf_linker() -> Result<()> {
         .status()?;
     if !status.success() {
         bail!("cargo install bpf-linker failed");
+    }
+    Ok(())
+}
+
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+/// Where `cargo fuzz` is installed; callers put it on PATH.
+pub(crate) fn cargo_fuzz_dir() -> PathBuf {
+    tools_dir().join(format!("cargo-fuzz-{CARGO_FUZZ_VERSION}/bin"))
+}
+
+/// The bpf-linker the agent's build script uses, for commands that build the agent elsewhere.
+pub(crate) fn bpf_linker_dir() -> PathBuf {
+    tools_dir().join(format!("bpf-linker-{BPF_LINKER_VERSION}/bin"))
+}
+
+fn cargo_fuzz() -> Result<()> {
+    let dir = cargo_fuzz_dir();
+    if Command::new(dir.join("cargo-fuzz")).arg("--version").output().is_ok_and(|o| o.status.success()) {
+        return Ok(());
+    }
+    eprintln!("setup: installing cargo-fuzz {CARGO_FUZZ_VERSION} (about a minute)");
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["install", "cargo-fuzz", "--locked", "--version", CARGO_FUZZ_VERSION, "--root"])
+        .arg(dir.parent().context("cargo-fuzz dir")?)
+        .status()?;
+    if !status.success() {
+        bail!("cargo install cargo-fuzz failed");
     }
     Ok(())
 }

@@ -7,7 +7,7 @@
 //! - [`relay`]: copies bytes both ways once both ends are connected.
 
 mod connections;
-pub(crate) mod hbone;
+pub mod hbone;
 mod inbound;
 mod outbound;
 mod relay;

@@ -6,7 +6,7 @@
 //! - [`server`]: the 15008 listener of each local pod.
 
 pub(super) mod client;
-pub(crate) mod proto;
+pub mod proto;
 pub(super) mod server;
 
 use std::time::Duration;

@@ -8,7 +8,7 @@ use crate::{proxy::is_proxy_port, state::Workload};
 
 /// Why an inbound CONNECT is refused, and with which status.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Rejection {
+pub enum Rejection {
     /// 400: not CONNECT, unparsable authority, or authority IP is not the pod the TLS arrived on.
     BadRequest(&'static str),
     /// 503: nothing to deliver to (recursion to a proxy port, unknown target, app refused).
@@ -16,14 +16,14 @@ pub(crate) enum Rejection {
 }
 
 impl Rejection {
-    pub(crate) fn status(&self) -> StatusCode {
+    pub fn status(&self) -> StatusCode {
         match self {
             Rejection::BadRequest(_) => StatusCode::BAD_REQUEST,
             Rejection::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
-    pub(crate) fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> &'static str {
         match self {
             Rejection::BadRequest(r) | Rejection::Unavailable(r) => r,
         }
@@ -31,11 +31,7 @@ impl Rejection {
 }
 
 /// The target of an inbound CONNECT that arrived (TLS) on `arrived_on`.
-pub(crate) fn inbound_target(
-    method: &Method,
-    uri: &Uri,
-    arrived_on: IpAddr,
-) -> Result<SocketAddr, Rejection> {
+pub fn inbound_target(method: &Method, uri: &Uri, arrived_on: IpAddr) -> Result<SocketAddr, Rejection> {
     if method != Method::CONNECT {
         return Err(Rejection::BadRequest("method is not CONNECT"));
     }
@@ -56,7 +52,7 @@ pub(crate) fn inbound_target(
 }
 
 /// The outbound CONNECT for `target` on behalf of `client` (the app's address) in `source`.
-pub(crate) fn connect_request(
+pub fn connect_request(
     target: SocketAddr,
     client: SocketAddr,
     source: &Workload,
@@ -81,12 +77,12 @@ pub(crate) fn connect_request(
 }
 
 /// `baggage` a server returns with 200: who the destination is.
-pub(crate) fn destination_baggage(destination: &Workload) -> String {
+pub fn destination_baggage(destination: &Workload) -> String {
     format!("k8s.namespace.name={},k8s.pod.name={}", destination.namespace, destination.name)
 }
 
 /// The original client from a `forwarded: for="ip:port"` header, if well formed.
-pub(crate) fn forwarded_for(value: &HeaderValue) -> Option<SocketAddr> {
+pub fn forwarded_for(value: &HeaderValue) -> Option<SocketAddr> {
     value.to_str().ok()?.split(';').find_map(|part| {
         let v = part.trim().strip_prefix("for=")?;
         v.trim_matches('"').parse().ok()
