@@ -197,7 +197,23 @@ fn metrics_count_exact_connections_and_bytes_with_istio_labels() {
     for _ in 0..3 {
         assert!(echoed(&sb.pod("a").connect(addr(&sb, "c"), 1000).unwrap()));
     }
-    std::thread::sleep(Duration::from_millis(200));
+    // Closed connections are counted once both halves of each relay have ended.
+    for node in ["node1", "node2"] {
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        while metric(
+            &sb,
+            node,
+            "ferry_proxy_connections_closed_total{direction=\"outbound\",route=\"hbone\"}",
+        ) + metric(
+            &sb,
+            node,
+            "ferry_proxy_connections_closed_total{direction=\"inbound\",route=\"hbone\"}",
+        ) < 3.0
+        {
+            assert!(std::time::Instant::now() < deadline, "{node}: connections not closed");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
     let a = "spiffe://cluster.local/ns/default/sa/sa-a";
     let c = "spiffe://cluster.local/ns/default/sa/sa-c";
     for (node, reporter) in [("node1", "source"), ("node2", "destination")] {
