@@ -627,6 +627,23 @@ fn markdown_tables(report: &Report) -> String {
     md
 }
 
+/// What profiling showed, and what was done about it; kept here so a full run keeps it in the doc.
+const PROFILE: &str = "## Where the time goes\n\n\
+`perf record -g` on both agents during a cross-node mTLS bulk transfer (2 cores shared by sender, \
+two agents and sink): the kernel's TCP stack (softirqs, copies to and from user space) takes about \
+half of each agent's time, AES-GCM 12-14%, user-space copies 8-10% (hyper's HTTP/2 upgrade pipe and \
+rustls buffers), context switches 8-9%. New connections are bound by wakeups and context switches \
+(22% in `finish_task_switch`).\n\n\
+Done so far, and what it bought: 64 KiB relay buffers instead of tokio's 8 KiB (about 2x bulk on \
+every proxied path); same-node traffic handed from the outbound to the inbound side inside the agent \
+(one proxy hop instead of two, no TLS); pooled HBONE connections (new app connections cost one \
+HTTP/2 stream, not a TCP and TLS handshake: cross-node new connections at 0.4x direct). Worker \
+threads 1 vs 2 (`FERRY_WORKER_THREADS`) made no difference beyond noise on this machine.\n\n\
+Next, in order of expected gain: drive HTTP/2 streams with h2 directly instead of hyper's upgrade \
+pipe (one copy and one task hop less per chunk); `splice` for plaintext TCP-to-TCP relays (same-node, \
+passthrough, 15006); sockmap/sk_msg redirection between local sockets for same-node traffic; larger \
+TLS writes per syscall.\n";
+
 fn write_performance_doc(path: &Path, results: &str) -> Result<()> {
     let doc = format!(
         "# Performance\n\n\
@@ -643,7 +660,7 @@ fn write_performance_doc(path: &Path, results: &str) -> Result<()> {
          new connections per second (connect, 1-byte echo, close). Agent CPU is both agents' CPU time over \
          the case's wall time (100 = one core); RSS is both agents' resident memory.\n\n\
          Reproduce: `cargo xtask bench` (results under target/bench/ as JSON, markdown and PNG; a full run \
-         rewrites this file).\n\n## Latest full run\n\n{results}"
+         rewrites this file).\n\n{PROFILE}\n## Latest full run\n\n{results}"
     );
     std::fs::write(path, doc)?;
     Ok(())
