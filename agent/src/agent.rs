@@ -59,7 +59,7 @@ pub async fn run(config_path: PathBuf, log: LogControl) -> anyhow::Result<()> {
         tokio::spawn(telemetry.clone().serve(listener));
     }
     let state = StateHandle::new(State::from_config(&config));
-    let proxy = Proxy::new(state.clone(), orig_dst, telemetry.clone(), certs.clone());
+    let proxy = Proxy::new(state.clone(), orig_dst, telemetry.clone(), certs.clone(), config.limits.clone());
     let admin = Arc::new(Admin {
         node: config.node.clone(),
         config_path,

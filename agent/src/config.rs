@@ -44,12 +44,38 @@ pub struct Config {
     pub admin_addr: SocketAddr,
     #[serde(default)]
     pub workloads: Vec<Workload>,
+    /// Resource bounds of the proxy.
+    #[serde(default)]
+    pub limits: Limits,
     /// AuthorizationPolicy objects, in the schema of Istio's (and Ferry's) CRD.
     #[serde(default)]
     pub policies: Vec<AuthorizationPolicy>,
     /// The policies, checked and compiled by [`Config::parse`].
     #[serde(skip)]
     pub compiled_policies: Vec<Policy>,
+}
+
+/// Bounds that keep a busy or hostile peer from exhausting the agent. Read at start.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct Limits {
+    /// TCP connections accepted at once on one pod's listeners (15001, 15006, 15008 together).
+    pub max_connections_per_pod: usize,
+    /// TCP connections accepted at once on the whole node.
+    pub max_connections_per_node: usize,
+    /// A relayed connection with no byte either way for this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections_per_pod: 10_000,
+            max_connections_per_node: 100_000,
+            idle_timeout: Duration::from_secs(3600),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]

@@ -190,6 +190,21 @@ impl Sandbox {
         Ok(Pod { spec, node: node_name.to_string(), ip, netns, cgroup })
     }
 
+    /// The layout most tests use: node1 with meshed a (sa-a) and b (sa-b) and unmeshed u; node2
+    /// with meshed c (sa-c). No agent runs yet.
+    pub fn two_nodes(label: &str) -> Result<Sandbox> {
+        Sandbox::new(
+            label,
+            &[
+                (
+                    "node1",
+                    vec![PodSpec::meshed("a", "sa-a"), PodSpec::meshed("b", "sa-b"), PodSpec::unmeshed("u")],
+                ),
+                ("node2", vec![PodSpec::meshed("c", "sa-c")]),
+            ],
+        )
+    }
+
     pub fn pod(&self, name: &str) -> &Pod {
         self.pods.iter().find(|p| p.spec.name == name).unwrap_or_else(|| panic!("no pod {name}"))
     }

@@ -2,20 +2,10 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use ferry_sandbox::{ConnectOutcome, PodSpec, Sandbox};
+use ferry_sandbox::{ConnectOutcome, Sandbox};
 
 fn two_nodes(label: &str) -> Sandbox {
-    Sandbox::new(
-        label,
-        &[
-            (
-                "node1",
-                vec![PodSpec::meshed("a", "sa-a"), PodSpec::meshed("b", "sa-b"), PodSpec::unmeshed("u")],
-            ),
-            ("node2", vec![PodSpec::meshed("c", "sa-c")]),
-        ],
-    )
-    .expect("sandbox")
+    Sandbox::two_nodes(label).expect("sandbox")
 }
 
 fn addr(sandbox: &Sandbox, pod: &str, port: u16) -> SocketAddr {

@@ -2,7 +2,7 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use ferry_sandbox::{ConnectOutcome, PodSpec, Sandbox};
+use ferry_sandbox::{ConnectOutcome, Sandbox};
 use serde_json::Value;
 
 const PORT: u16 = 8080;
@@ -22,17 +22,7 @@ policies:
 
 /// node1: a (sa-a), b (sa-b), u (unmeshed); node2: c (sa-c) with DENY for sa-a.
 fn sandbox(label: &str) -> Sandbox {
-    let mut sb = Sandbox::new(
-        label,
-        &[
-            (
-                "node1",
-                vec![PodSpec::meshed("a", "sa-a"), PodSpec::meshed("b", "sa-b"), PodSpec::unmeshed("u")],
-            ),
-            ("node2", vec![PodSpec::meshed("c", "sa-c")]),
-        ],
-    )
-    .expect("sandbox");
+    let mut sb = Sandbox::two_nodes(label).expect("sandbox");
     sb.start_agent("node1", None).unwrap();
     let node2 = format!("{}{DENY_A}", sb.config_for("node2"));
     sb.start_agent("node2", Some(&node2)).unwrap();

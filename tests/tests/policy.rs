@@ -2,24 +2,14 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use ferry_sandbox::{ConnectOutcome, PodSpec, Sandbox, parse_metrics, sum_samples};
+use ferry_sandbox::{ConnectOutcome, Sandbox, parse_metrics, sum_samples};
 use serde_json::Value;
 
 const PORT: u16 = 8080;
 
 /// node1: a (sa-a), b (sa-b), u (unmeshed); node2: c (sa-c, app=c).
 fn sandbox(label: &str) -> Sandbox {
-    let mut sb = Sandbox::new(
-        label,
-        &[
-            (
-                "node1",
-                vec![PodSpec::meshed("a", "sa-a"), PodSpec::meshed("b", "sa-b"), PodSpec::unmeshed("u")],
-            ),
-            ("node2", vec![PodSpec::meshed("c", "sa-c")]),
-        ],
-    )
-    .expect("sandbox");
+    let mut sb = Sandbox::two_nodes(label).expect("sandbox");
     sb.start_agent("node1", None).unwrap();
     sb
 }

@@ -28,18 +28,23 @@ use std::{
 
 use ferry_common::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 use rustls::ServerConfig;
-use tokio::{net::TcpListener, sync::watch, task::JoinSet};
+use tokio::{
+    net::TcpListener,
+    sync::{Semaphore, watch},
+    task::JoinSet,
+};
 
 pub use connections::{LiveConnection, Tracker};
 pub use route::Route;
 
 use crate::{
+    config::Limits,
     datapath::OrigDstTable,
     identity::{CertManager, IdentityError, SpiffeId, tls},
     inpod::PodNetns,
     policy::{Decision, Verdict},
     state::{StateHandle, Workload},
-    telemetry::{Telemetry, VerdictKind},
+    telemetry::{Direction, FailureReason, Telemetry, VerdictKind},
 };
 use connections::Admission;
 use relay::Flow;
@@ -52,6 +57,8 @@ pub struct LocalPod {
     pub netns: PodNetns,
     /// HBONE server side: presents this pod's current certificate.
     tls: Arc<ServerConfig>,
+    /// One per accepted connection, up to the per-pod limit.
+    permits: Arc<Semaphore>,
 }
 
 /// The proxy's listeners inside one pod's netns, bound before capture is attached.
@@ -92,6 +99,9 @@ struct Inner {
     drain: watch::Sender<bool>,
     /// Open HBONE server connections, which shutdown waits for.
     hbone_servers: AtomicUsize,
+    limits: Limits,
+    /// One per accepted connection, up to the per-node limit.
+    node_permits: Arc<Semaphore>,
 }
 
 /// Serving one pod; dropping it closes the pod's listeners (open connections run to their end).
@@ -118,6 +128,7 @@ impl Proxy {
         orig_dst: OrigDstTable,
         telemetry: Arc<Telemetry>,
         certs: Arc<CertManager>,
+        limits: Limits,
     ) -> Proxy {
         let (drain, draining) = watch::channel(false);
         let pool = Arc::new(hbone::client::Pool::default());
@@ -134,6 +145,8 @@ impl Proxy {
                 draining,
                 drain,
                 hbone_servers: AtomicUsize::new(0),
+                node_permits: Arc::new(Semaphore::new(limits.max_connections_per_node)),
+                limits,
             }),
         }
     }
@@ -147,7 +160,8 @@ impl Proxy {
         listeners: PodListeners,
     ) -> Result<PodHandle, IdentityError> {
         let tls = tls::server_config(&self.inner.certs, identity.clone())?;
-        let pod = Arc::new(LocalPod { workload, identity, netns, tls });
+        let permits = Arc::new(Semaphore::new(self.inner.limits.max_connections_per_pod));
+        let pod = Arc::new(LocalPod { workload, identity, netns, tls, permits });
         {
             let mut pods = self.inner.local_pods.write().unwrap_or_else(|e| e.into_inner());
             for ip in &pod.workload.ips {
@@ -156,14 +170,12 @@ impl Proxy {
         }
         let mut loops = JoinSet::new();
         let inner = &self.inner;
-        loops.spawn(accept_loop(listeners.outbound, pod.clone(), inner.clone(), outbound::handle));
-        loops.spawn(accept_loop(
-            listeners.inbound_plaintext,
-            pod.clone(),
-            inner.clone(),
-            inbound::handle_plaintext,
-        ));
-        loops.spawn(accept_loop(listeners.hbone, pod.clone(), inner.clone(), hbone::server::handle));
+        let outbound = (listeners.outbound, Direction::Outbound);
+        loops.spawn(accept_loop(outbound, pod.clone(), inner.clone(), outbound::handle));
+        let plaintext = (listeners.inbound_plaintext, Direction::Inbound);
+        loops.spawn(accept_loop(plaintext, pod.clone(), inner.clone(), inbound::handle_plaintext));
+        let hbone = (listeners.hbone, Direction::Inbound);
+        loops.spawn(accept_loop(hbone, pod.clone(), inner.clone(), hbone::server::handle));
         Ok(PodHandle { proxy: self.clone(), pod, _accept_loops: loops })
     }
 
@@ -224,8 +236,14 @@ impl Proxy {
     }
 }
 
-async fn accept_loop<F, Fut>(listener: TcpListener, pod: Arc<LocalPod>, inner: Arc<Inner>, handler: F)
-where
+/// Accepts on one listener, within the pod's and the node's connection limits; a connection over
+/// a limit is reset at once and counted.
+async fn accept_loop<F, Fut>(
+    (listener, direction): (TcpListener, Direction),
+    pod: Arc<LocalPod>,
+    inner: Arc<Inner>,
+    handler: F,
+) where
     F: Fn(Proxy, Arc<LocalPod>, tokio::net::TcpStream, SocketAddr) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
@@ -234,7 +252,21 @@ where
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(handler(proxy.clone(), pod.clone(), stream, peer));
+                let permits = (
+                    pod.permits.clone().try_acquire_owned(),
+                    proxy.inner.node_permits.clone().try_acquire_owned(),
+                );
+                let (Ok(pod_permit), Ok(node_permit)) = permits else {
+                    relay::Abort::abort(&stream);
+                    proxy.inner.telemetry.proxy.failed(direction, FailureReason::Limit, None);
+                    tracing::warn!(pod = %pod.workload.key(), %peer, "connection refused: connection limit reached");
+                    continue;
+                };
+                let work = handler(proxy.clone(), pod.clone(), stream, peer);
+                tokio::spawn(async move {
+                    work.await;
+                    drop((pod_permit, node_permit));
+                });
             }
             Err(e) => {
                 // Out of fds or memory: back off rather than spin, keep serving.

@@ -40,7 +40,7 @@ pub(super) async fn handle(proxy: Proxy, pod: Arc<LocalPod>, client: TcpStream, 
                 .destination(Some(destination.clone()), Some(destination.identity(trust_domain)))
                 .hbone(SocketAddr::new(dst.ip(), HBONE_PORT));
             return match tunnel::connect(&proxy, &pod, app, dst, &destination).await {
-                Ok(stream) => flow.relay(client, stream, telemetry, &proxy.inner.tracker).await,
+                Ok(stream) => flow.relay(client, stream, &proxy).await,
                 Err(e) => flow.reset(&client, telemetry, e.reason(), &e),
             };
         }
@@ -55,7 +55,7 @@ pub(super) async fn handle(proxy: Proxy, pod: Arc<LocalPod>, client: TcpStream, 
                     return flow.deny(telemetry, &decision);
                 }
                 return match inbound::deliver(&dst_pod, dst).await {
-                    Ok(upstream) => flow.relay(client, upstream, telemetry, &proxy.inner.tracker).await,
+                    Ok(upstream) => flow.relay(client, upstream, &proxy).await,
                     Err(e) => flow.reset(&client, telemetry, FailureReason::Connect, &e),
                 };
             }
@@ -65,7 +65,7 @@ pub(super) async fn handle(proxy: Proxy, pod: Arc<LocalPod>, client: TcpStream, 
         Route::Passthrough => pod.netns.connect(dst).await,
     };
     match upstream {
-        Ok(upstream) => flow.relay(client, upstream, telemetry, &proxy.inner.tracker).await,
+        Ok(upstream) => flow.relay(client, upstream, &proxy).await,
         Err(e) => flow.reset(&client, telemetry, FailureReason::Connect, &e),
     }
 }

@@ -3,7 +3,7 @@
 
 use std::{
     net::SocketAddr,
-    sync::Arc,
+    sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
 };
 
@@ -12,7 +12,10 @@ use tokio::{
     net::TcpStream,
 };
 
-use super::connections::{Admission, Counted, Registration, Tracker};
+use super::{
+    Proxy,
+    connections::{Admission, ByteCounts, Counted, Registration},
+};
 use crate::{
     identity::SpiffeId,
     policy::Decision,
@@ -23,6 +26,23 @@ use crate::{
 /// Copy buffer per direction. tokio's 8 KiB default halves bulk throughput.
 const BUFFER_SIZE: usize = 64 * 1024;
 const UNKNOWN: &str = "unknown";
+
+/// Resolves once no byte has moved either way for `timeout`.
+async fn idle(bytes: &ByteCounts, timeout: Duration) {
+    let moved = || (bytes.src_to_dst.load(Ordering::Relaxed), bytes.dst_to_src.load(Ordering::Relaxed));
+    let mut last = moved();
+    let mut quiet_since = tokio::time::Instant::now();
+    loop {
+        tokio::time::sleep((timeout / 4).max(Duration::from_millis(100))).await;
+        let now = moved();
+        if now != last {
+            last = now;
+            quiet_since = tokio::time::Instant::now();
+        } else if quiet_since.elapsed() >= timeout {
+            return;
+        }
+    }
+}
 
 /// A stream that can be cut so the other end sees a failure, not a clean end.
 pub(super) trait Abort {
@@ -164,28 +184,26 @@ impl Flow {
         self.fail(telemetry, FailureReason::Denied, decision);
     }
 
-    /// Relays until both directions are closed, `registration` is cancelled (policy change), or a
-    /// side fails; failures reach both ends as resets.
-    pub(super) async fn relay<A, B>(
-        self,
-        downstream: A,
-        upstream: B,
-        telemetry: &Telemetry,
-        tracker: &Arc<Tracker>,
-    ) where
+    /// Relays until both directions are closed, a policy change revokes it, it idles past the
+    /// idle timeout, or a side fails; failures reach both ends as resets.
+    pub(super) async fn relay<A, B>(self, downstream: A, upstream: B, proxy: &Proxy)
+    where
         A: AsyncRead + AsyncWrite + Unpin + Abort,
         B: AsyncRead + AsyncWrite + Unpin + Abort,
     {
+        let telemetry = &proxy.inner.telemetry;
         let labels = self.labels();
         telemetry.proxy.opened(self.direction, self.route, &labels);
         telemetry.flows.push(self.event(FlowKind::Opened, None, 0, 0));
-        let registration: Registration = tracker.register(&self);
+        let registration: Registration = proxy.inner.tracker.register(&self);
+        let idle_timeout = proxy.inner.limits.idle_timeout;
         let mut downstream = Counted::new(downstream, &registration.bytes.src_to_dst);
         let mut upstream = Counted::new(upstream, &registration.bytes.dst_to_src);
         let copy = copy_bidirectional_with_sizes(&mut downstream, &mut upstream, BUFFER_SIZE, BUFFER_SIZE);
         let outcome = tokio::select! {
             result = copy => result.map_err(|e| (FailureReason::Relay, e.to_string())),
             decision = registration.revoked() => Err((FailureReason::Denied, format!("closed by a policy change: {decision}"))),
+            () = idle(&registration.bytes, idle_timeout) => Err((FailureReason::Idle, format!("idle for {idle_timeout:?}"))),
         };
         match outcome {
             Ok((received, sent)) => {

@@ -54,6 +54,10 @@ pub enum FailureReason {
     Rejected,
     /// Denied by authorization policy (at connect, or when a policy change closed it).
     Denied,
+    /// Refused at accept: the pod's or the node's connection limit was reached.
+    Limit,
+    /// Closed after the idle timeout.
+    Idle,
 }
 
 impl FailureReason {
@@ -69,6 +73,8 @@ impl FailureReason {
             FailureReason::Unavailable => "unavailable",
             FailureReason::Rejected => "rejected",
             FailureReason::Denied => "denied",
+            FailureReason::Limit => "limit",
+            FailureReason::Idle => "idle",
         }
     }
 

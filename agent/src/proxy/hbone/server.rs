@@ -137,10 +137,10 @@ async fn connect(
             return status(StatusCode::SERVICE_UNAVAILABLE);
         }
     };
-    let tracker = proxy.inner.tracker.clone();
+    let relay_proxy = proxy.clone();
     tokio::spawn(async move {
         match hyper::upgrade::on(request).await {
-            Ok(upgraded) => flow.relay(TokioIo::new(upgraded), app, &telemetry, &tracker).await,
+            Ok(upgraded) => flow.relay(TokioIo::new(upgraded), app, &relay_proxy).await,
             Err(e) => flow.reset(&app, &telemetry, FailureReason::Relay, &e),
         }
     });

@@ -1,0 +1,53 @@
+//! Resource bounds: per-pod connection limit and idle timeout.
+
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use ferry_sandbox::{ConnectOutcome, Sandbox};
+
+const PORT: u16 = 8080;
+
+fn live_connections(sb: &Sandbox) -> u64 {
+    sb.ferry_json("node1", &["status"]).unwrap()["connections"].as_u64().unwrap()
+}
+
+fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn connection_limit_refuses_extra_connections_and_idle_ones_are_closed() {
+    let mut sb = Sandbox::two_nodes("limits").unwrap();
+    let config =
+        sb.config_for("node1").replacen('\n', "\nlimits: {maxConnectionsPerPod: 3, idleTimeout: 2s}\n", 1);
+    sb.start_agent("node1", Some(&config)).unwrap();
+    let _server = sb.pod("b").serve(PORT).unwrap();
+    let b = SocketAddr::from((sb.pod("b").ip, PORT)).to_string();
+
+    // Three quiet connections from a use up its quota...
+    let mut holders: Vec<_> = (0..3).map(|_| sb.pod("a").spawn_app(&["idle", &b, "30"]).unwrap()).collect();
+    wait_until("3 live connections", Duration::from_secs(2), || live_connections(&sb) == 3);
+    // ...so the fourth is refused at once, and counted; b (another pod) is not affected.
+    let outcome = sb.pod("a").connect(b.parse().unwrap(), 10).unwrap();
+    assert!(matches!(outcome, ConnectOutcome::Reset { .. }), "{outcome:?}");
+    let limit = "ferry_proxy_connection_failures_total{direction=\"outbound\",reason=\"limit\"}";
+    assert_eq!(sb.metric("node1", limit).unwrap(), 1.0);
+    assert!(sb.agent_log("node1").contains("connection limit reached"));
+
+    // The quiet ones are closed by the idle timeout, which frees the quota.
+    wait_until("idle connections to close", Duration::from_secs(5), || live_connections(&sb) == 0);
+    let idle = "ferry_proxy_connection_failures_total{direction=\"outbound\",reason=\"idle\"}";
+    assert_eq!(sb.metric("node1", idle).unwrap(), 3.0);
+    let outcome = sb.pod("a").connect(b.parse().unwrap(), 10).unwrap();
+    assert!(matches!(outcome, ConnectOutcome::Echoed { .. }), "{outcome:?}");
+    for holder in &mut holders {
+        let _ = holder.kill();
+        let _ = holder.wait();
+    }
+}
