@@ -49,7 +49,8 @@ const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
 pub async fn run(config_path: PathBuf, log: LogControl) -> anyhow::Result<()> {
     let source = StaticFile { path: config_path.clone() };
     let config = source.read()?;
-    let (datapath, orig_dst, counters) = Datapath::load().context("loading the eBPF programs")?;
+    let (datapath, orig_dst, counters) =
+        Datapath::load(config.fail_mode, &config.bpf_pin_dir).context("loading the eBPF programs")?;
     let ca = FileCa::init(&config.ca_dir)?;
     let certs = Arc::new(CertManager::new(ca, config.cert_ttl)?);
     tokio::spawn(certs.clone().rotate());
@@ -84,6 +85,8 @@ pub async fn run(config_path: PathBuf, log: LogControl) -> anyhow::Result<()> {
     let mut agent =
         Agent { datapath, proxy, state, certs, telemetry, admin, admin_socket, pods: HashMap::new() };
     agent.reconcile(&config);
+    // Links a crashed agent left for pods that are gone now.
+    agent.datapath.remove_orphan_pins();
     agent.telemetry.set_ready(true);
     tracing::info!(node = %config.node, workloads = agent.pods.len(), "ready");
 

@@ -12,7 +12,10 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::policy::{AuthorizationPolicy, Policy};
+use crate::{
+    datapath::FailMode,
+    policy::{AuthorizationPolicy, Policy},
+};
 
 /// Default SPIFFE trust domain.
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
@@ -44,6 +47,13 @@ pub struct Config {
     pub admin_addr: SocketAddr,
     #[serde(default)]
     pub workloads: Vec<Workload>,
+    /// Capture when the agent dies without a clean shutdown: `closed` (default: meshed pods' new
+    /// connections fail until an agent is back) or `open` (pods talk directly, unmeshed).
+    #[serde(default = "default_fail_mode")]
+    pub fail_mode: FailMode,
+    /// Where fail-closed links are pinned (a directory on a bpffs; /sys/fs/bpf is mounted if needed).
+    #[serde(default = "default_bpf_pin_dir")]
+    pub bpf_pin_dir: PathBuf,
     /// Resource bounds of the proxy.
     #[serde(default)]
     pub limits: Limits,
@@ -112,6 +122,12 @@ fn default_service_account() -> String {
 }
 fn default_metrics_addr() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 15020))
+}
+const fn default_fail_mode() -> FailMode {
+    FailMode::Closed
+}
+fn default_bpf_pin_dir() -> PathBuf {
+    PathBuf::from("/sys/fs/bpf/ferry")
 }
 pub const DEFAULT_ADMIN_SOCKET: &str = "/var/run/ferry/admin.sock";
 fn default_admin_socket() -> PathBuf {

@@ -10,17 +10,14 @@ use std::{
     fs::File,
     net::{IpAddr, SocketAddr},
     os::fd::AsRawFd,
-    path::Path,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
 };
 
 use aya::{
     Ebpf,
     maps::{self, MapData, PerCpuArray, SockHash},
-    programs::{
-        CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps, cgroup_sock_addr::CgroupSockAddrLinkId,
-        sk_lookup::SkLookupLinkId, sock_ops::SockOpsLinkId,
-    },
+    programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps, links::FdLink, links::PinnedLink},
 };
 use aya_log::EbpfLogger;
 use ferry_common::{
@@ -48,24 +45,68 @@ pub enum DatapathError {
     Cgroup { path: String, source: std::io::Error },
     #[error("pod IP {0} is not IPv4; IPv6 capture is not supported yet")]
     Ipv6(IpAddr),
+    #[error("pinning eBPF links at {path}: {problem}")]
+    Pin { path: String, problem: String },
 }
 
-/// Links attached for one pod, so the pod can be detached alone.
-#[derive(Debug, Default)]
+/// A link the agent owns. Pinned links stay attached if the agent dies (fail-closed); unpinned
+/// ones detach with the agent's file descriptors (fail-open).
+enum OwnedLink {
+    Fd(FdLink),
+    Pinned(PinnedLink),
+}
+
+impl OwnedLink {
+    fn new(link: FdLink, pin: Option<PathBuf>) -> Result<OwnedLink, DatapathError> {
+        match pin {
+            None => Ok(OwnedLink::Fd(link)),
+            Some(path) => link
+                .pin(&path)
+                .map(OwnedLink::Pinned)
+                .map_err(|e| DatapathError::Pin { path: path.display().to_string(), problem: e.to_string() }),
+        }
+    }
+
+    /// Detaches now: unpins (so the kernel drops the link) and closes.
+    fn detach(self) {
+        match self {
+            OwnedLink::Fd(link) => drop(link),
+            OwnedLink::Pinned(pinned) => match pinned.unpin() {
+                Ok(link) => drop(link),
+                Err(e) => tracing::warn!("unpinning a link: {e}"),
+            },
+        }
+    }
+}
+
+/// What is attached for one pod, so the pod can be detached alone.
+#[derive(Default)]
 struct PodLinks {
-    connect4: Option<CgroupSockAddrLinkId>,
-    getpeername4: Option<CgroupSockAddrLinkId>,
-    sock_ops: Option<SockOpsLinkId>,
-    sk_lookup: Option<SkLookupLinkId>,
+    /// In attach order; detached in reverse.
+    links: Vec<OwnedLink>,
     ips: Vec<IpKey>,
-    registered_netns: bool,
+}
+
+/// What happens to capture when the agent dies without a clean shutdown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailMode {
+    /// Links and maps stay (pinned in bpffs): meshed pods' new connections are refused and
+    /// inbound to them dropped until an agent is back. Policy is never bypassed.
+    Closed,
+    /// Capture detaches with the agent: pods talk directly, unmeshed, until it is back.
+    Open,
 }
 
 pub struct Datapath {
     ebpf: Ebpf,
     meshed_netns: maps::HashMap<MapData, u64, u32>,
     listeners: SockHash<MapData, IpKey>,
+    fail_closed_ips: maps::HashMap<MapData, IpKey, u32>,
     pods: HashMap<u64, PodLinks>,
+    fail_mode: FailMode,
+    /// Where links are pinned in fail-closed mode (a bpffs directory).
+    pin_dir: PathBuf,
 }
 
 /// Original destinations of redirected connections, shared with the outbound proxy.
@@ -78,8 +119,14 @@ pub struct Counters(Arc<PerCpuArray<MapData, u64>>);
 
 impl Datapath {
     /// Loads the programs into the kernel and starts forwarding their log lines to `tracing`.
-    /// Nothing is attached yet.
-    pub fn load() -> Result<(Datapath, OrigDstTable, Counters), DatapathError> {
+    /// Nothing is attached yet. In fail-closed mode links are pinned under `pin_dir`.
+    pub fn load(
+        fail_mode: FailMode,
+        pin_dir: &Path,
+    ) -> Result<(Datapath, OrigDstTable, Counters), DatapathError> {
+        if fail_mode == FailMode::Closed {
+            prepare_pin_dir(pin_dir)?;
+        }
         let mut ebpf = Ebpf::load(EBPF_OBJECT)?;
         match EbpfLogger::init(&mut ebpf) {
             Ok(logger) => spawn_log_forwarder(logger),
@@ -99,14 +146,24 @@ impl Datapath {
 
         let meshed_netns = take_map(&mut ebpf, map_names::MESHED_NETNS)?;
         let listeners = take_map(&mut ebpf, map_names::INBOUND_LISTENERS)?;
+        let fail_closed_ips = take_map(&mut ebpf, map_names::FAIL_CLOSED_IPS)?;
         let orig_dst = take_map(&mut ebpf, map_names::ORIG_DST)?;
         let counters = take_map(&mut ebpf, map_names::COUNTERS)?;
-        let datapath = Datapath { ebpf, meshed_netns, listeners, pods: HashMap::new() };
+        let datapath = Datapath {
+            ebpf,
+            meshed_netns,
+            listeners,
+            fail_closed_ips,
+            pods: HashMap::new(),
+            fail_mode,
+            pin_dir: pin_dir.to_owned(),
+        };
         Ok((datapath, OrigDstTable(Arc::new(Mutex::new(orig_dst))), Counters(Arc::new(counters))))
     }
 
     /// Starts capturing a pod: registers its netns and inbound listener, then attaches the programs.
-    /// On error nothing of the pod stays attached.
+    /// On error nothing of the pod stays attached. Links a previous agent left pinned for this pod
+    /// are replaced once the new ones are attached, so capture never lapses.
     pub fn attach_pod(
         &mut self,
         netns: &PodNetns,
@@ -116,12 +173,17 @@ impl Datapath {
     ) -> Result<(), DatapathError> {
         let mut links = PodLinks::default();
         let result = self.attach_links(&mut links, netns, cgroup, ips, inbound_listener);
-        if result.is_err() {
-            self.detach_links(links);
-        } else {
-            self.pods.insert(netns.cookie(), links);
+        match result {
+            Ok(()) => {
+                self.pods.insert(netns.cookie(), links);
+                Ok(())
+            }
+            Err(e) => {
+                self.detach_links(links);
+                let _ = self.meshed_netns.remove(&netns.cookie());
+                Err(e)
+            }
         }
-        result
     }
 
     fn attach_links(
@@ -138,41 +200,70 @@ impl Datapath {
 
         // Listener and netns first: a connection captured a moment later must find both.
         for ip in ips {
-            let IpAddr::V4(v4) = ip else {
-                return Err(DatapathError::Ipv6(*ip));
-            };
+            let IpAddr::V4(v4) = ip else { return Err(DatapathError::Ipv6(*ip)) };
             let key = IpKey::v4(u32::from_ne_bytes(v4.octets()));
             self.listeners
                 .insert(key, inbound_listener.as_raw_fd(), 0)
                 .map_err(map_err(map_names::INBOUND_LISTENERS))?;
+            if self.fail_mode == FailMode::Closed {
+                self.fail_closed_ips.insert(key, 0, 0).map_err(map_err(map_names::FAIL_CLOSED_IPS))?;
+            }
             links.ips.push(key);
         }
         self.meshed_netns.insert(netns.cookie(), 0, 0).map_err(map_err(map_names::MESHED_NETNS))?;
-        links.registered_netns = true;
 
+        let cookie = netns.cookie();
         let attach_err = |name| move |source| DatapathError::Program { name, source };
-        links.sk_lookup = Some(
-            program::<SkLookup>(&mut self.ebpf, prog_names::SK_LOOKUP)?
-                .attach(netns.as_fd())
-                .map_err(attach_err(prog_names::SK_LOOKUP))?,
-        );
-        links.getpeername4 = Some(
-            program::<CgroupSockAddr>(&mut self.ebpf, prog_names::GETPEERNAME4)?
-                .attach(&cgroup_dir, CgroupAttachMode::Single)
-                .map_err(attach_err(prog_names::GETPEERNAME4))?,
-        );
-        links.sock_ops = Some(
-            program::<SockOps>(&mut self.ebpf, prog_names::SOCK_OPS)?
-                .attach(&cgroup_dir, CgroupAttachMode::Single)
-                .map_err(attach_err(prog_names::SOCK_OPS))?,
-        );
-        // connect4 last: once it runs, connections are redirected and need everything above.
-        links.connect4 = Some(
-            program::<CgroupSockAddr>(&mut self.ebpf, prog_names::CONNECT4)?
-                .attach(&cgroup_dir, CgroupAttachMode::Single)
-                .map_err(attach_err(prog_names::CONNECT4))?,
-        );
+        let sk_lookup = program::<SkLookup>(&mut self.ebpf, prog_names::SK_LOOKUP)?;
+        let id = sk_lookup.attach(netns.as_fd()).map_err(attach_err(prog_names::SK_LOOKUP))?;
+        let link = sk_lookup.take_link(id).map_err(attach_err(prog_names::SK_LOOKUP))?;
+        let sk_lookup_link: FdLink = link.into();
+        // connect4 last: once it runs, connections are redirected and need everything before it.
+        let mut attached = vec![(prog_names::SK_LOOKUP, sk_lookup_link)];
+        for name in [prog_names::GETPEERNAME4, prog_names::SOCK_OPS, prog_names::CONNECT4] {
+            let link = if name == prog_names::SOCK_OPS {
+                let prog = program::<SockOps>(&mut self.ebpf, name)?;
+                let id = prog.attach(&cgroup_dir, CgroupAttachMode::Single).map_err(attach_err(name))?;
+                FdLink::try_from(prog.take_link(id).map_err(attach_err(name))?)
+            } else {
+                let prog = program::<CgroupSockAddr>(&mut self.ebpf, name)?;
+                let id = prog.attach(&cgroup_dir, CgroupAttachMode::Single).map_err(attach_err(name))?;
+                FdLink::try_from(prog.take_link(id).map_err(attach_err(name))?)
+            };
+            let link =
+                link.map_err(|e| DatapathError::Pin { path: name.to_owned(), problem: e.to_string() })?;
+            attached.push((name, link));
+        }
+        // Now both generations are attached; the old one (left by a crashed agent) can go.
+        self.remove_stale_pins(cookie);
+        for (name, link) in attached {
+            let pin =
+                (self.fail_mode == FailMode::Closed).then(|| self.pin_dir.join(format!("{cookie}-{name}")));
+            links.links.push(OwnedLink::new(link, pin)?);
+        }
         Ok(())
+    }
+
+    /// Removes pins a previous agent left for the pod with this netns cookie.
+    fn remove_stale_pins(&self, cookie: u64) {
+        let prefix = format!("{cookie}-");
+        for entry in std::fs::read_dir(&self.pin_dir).into_iter().flatten().flatten() {
+            if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+
+    /// Removes every pin not belonging to a pod this agent captures (pods gone while no agent ran).
+    pub fn remove_orphan_pins(&self) {
+        for entry in std::fs::read_dir(&self.pin_dir).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let owner = name.split('-').next().and_then(|c| c.parse::<u64>().ok());
+            if owner.is_none_or(|cookie| !self.pods.contains_key(&cookie)) {
+                tracing::info!(pin = %name, "removing a link left by a previous agent");
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
     }
 
     /// Stops capturing a pod (new connections go direct; open ones are not touched).
@@ -185,29 +276,12 @@ impl Datapath {
 
     fn detach_links(&mut self, links: PodLinks) {
         // Reverse order of attach: stop redirecting before the listener goes away.
-        let results = [
-            links.connect4.map(|id| {
-                program::<CgroupSockAddr>(&mut self.ebpf, prog_names::CONNECT4)
-                    .and_then(|p| detach(p.detach(id), prog_names::CONNECT4))
-            }),
-            links.sock_ops.map(|id| {
-                program::<SockOps>(&mut self.ebpf, prog_names::SOCK_OPS)
-                    .and_then(|p| detach(p.detach(id), prog_names::SOCK_OPS))
-            }),
-            links.getpeername4.map(|id| {
-                program::<CgroupSockAddr>(&mut self.ebpf, prog_names::GETPEERNAME4)
-                    .and_then(|p| detach(p.detach(id), prog_names::GETPEERNAME4))
-            }),
-            links.sk_lookup.map(|id| {
-                program::<SkLookup>(&mut self.ebpf, prog_names::SK_LOOKUP)
-                    .and_then(|p| detach(p.detach(id), prog_names::SK_LOOKUP))
-            }),
-        ];
-        for err in results.into_iter().flatten().filter_map(Result::err) {
-            tracing::warn!("detaching: {err}");
+        for link in links.links.into_iter().rev() {
+            link.detach();
         }
         for key in &links.ips {
             let _ = self.listeners.remove(key);
+            let _ = self.fail_closed_ips.remove(key);
         }
     }
 
@@ -269,8 +343,36 @@ pub struct MapView {
     pub entries: Option<usize>,
 }
 
-fn detach(result: Result<(), aya::programs::ProgramError>, name: &'static str) -> Result<(), DatapathError> {
-    result.map_err(|source| DatapathError::Program { name, source })
+/// The pin directory must be on a bpffs; /sys/fs/bpf is mounted as one if it is not yet.
+fn prepare_pin_dir(pin_dir: &Path) -> Result<(), DatapathError> {
+    const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+    let pin_err = |problem: String| DatapathError::Pin { path: pin_dir.display().to_string(), problem };
+    let bpffs = Path::new("/sys/fs/bpf");
+    let is_bpffs = |path: &Path| {
+        let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else { return false };
+        // SAFETY: valid C string and an out-parameter of the right type.
+        let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+        unsafe { libc::statfs(c_path.as_ptr(), &mut stat) == 0 && stat.f_type as i64 == BPF_FS_MAGIC }
+    };
+    if pin_dir.starts_with(bpffs) && !is_bpffs(bpffs) {
+        std::fs::create_dir_all(bpffs).map_err(|e| pin_err(e.to_string()))?;
+        // SAFETY: constant C strings.
+        let rc = unsafe {
+            libc::mount(c"bpf".as_ptr(), c"/sys/fs/bpf".as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null())
+        };
+        if rc != 0 {
+            return Err(pin_err(format!(
+                "mounting bpffs on /sys/fs/bpf: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        tracing::info!("mounted bpffs on /sys/fs/bpf");
+    }
+    std::fs::create_dir_all(pin_dir).map_err(|e| pin_err(e.to_string()))?;
+    if !is_bpffs(pin_dir) {
+        return Err(pin_err("not on a bpffs (mount one, or use failMode: open)".into()));
+    }
+    Ok(())
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, DatapathError>

@@ -221,9 +221,10 @@ impl Sandbox {
     /// cgroup for the node's own.
     pub fn config_for(&self, node: &str) -> String {
         let mut yaml = format!(
-            "node: {node}\ncaDir: {}\nadminSocket: {}\nworkloads:\n",
+            "node: {node}\ncaDir: {}\nadminSocket: {}\nbpfPinDir: {}\nworkloads:\n",
             self.ca_dir().display(),
-            self.admin_socket(node).display()
+            self.admin_socket(node).display(),
+            bpf_pin_root(&self.id).join(node).display()
         );
         for pod in self.pods.iter().filter(|p| p.spec.meshed) {
             let _ = write!(
@@ -344,6 +345,14 @@ impl Sandbox {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Kills the node's agent with SIGKILL (a crash: no clean shutdown) and waits for it.
+    pub fn kill_agent(&mut self, node: &str) -> Option<std::process::ExitStatus> {
+        self.node_mut(node).agent.take().map(|mut agent| {
+            let _ = agent.child.kill();
+            agent.child.wait().expect("wait for killed agent")
+        })
     }
 
     /// Stops the node's agent with SIGTERM and waits for it to exit; returns its exit status.
@@ -490,7 +499,14 @@ pub fn teardown(id: &str) {
     }
     let _ = std::fs::remove_dir(&cgroup_root);
     sys::delete_netns_with_prefix(&format!("{id}-"));
+    // Links a killed agent left pinned: removing the pins detaches them.
+    let _ = std::fs::remove_dir_all(bpf_pin_root(id));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Where a sandbox's agents pin their links (fail-closed mode).
+pub fn bpf_pin_root(id: &str) -> PathBuf {
+    Path::new("/sys/fs/bpf").join(id)
 }
 
 /// [`teardown`] of every sandbox whose id starts with `prefix` (e.g. after killed test runs).
@@ -505,6 +521,11 @@ pub fn teardown_prefix(prefix: &str) {
         teardown(&id);
     }
     sys::delete_netns_with_prefix(prefix);
+    for pins in std::fs::read_dir("/sys/fs/bpf").into_iter().flatten().flatten() {
+        if pins.file_name().to_string_lossy().starts_with(prefix) {
+            let _ = std::fs::remove_dir_all(pins.path());
+        }
+    }
 }
 
 impl Drop for Sandbox {
@@ -512,6 +533,7 @@ impl Drop for Sandbox {
         for node in &mut self.nodes {
             node.agent = None;
         }
+        let _ = std::fs::remove_dir_all(bpf_pin_root(&self.id));
         self.pods.clear();
         self.nodes.clear();
         let _ = std::fs::remove_dir_all(&self.dir);

@@ -27,6 +27,7 @@ pub mod maps {
     pub const ORIG_DST_BY_SOCKET: &str = "ORIG_DST_BY_SOCKET";
     pub const ORIG_DST: &str = "ORIG_DST";
     pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
+    pub const FAIL_CLOSED_IPS: &str = "FAIL_CLOSED_IPS";
     pub const COUNTERS: &str = "COUNTERS";
 }
 
@@ -105,10 +106,12 @@ pub enum Counter {
     InboundNoListener = 6,
     /// A map update failed in the kernel (the connection went through uncaptured).
     MapUpdateFailed = 7,
+    /// Inbound connections dropped because the pod is fail-closed and its listener is gone.
+    InboundDropped = 8,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 9;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::Redirected,
         Counter::Passed,
@@ -118,6 +121,7 @@ impl Counter {
         Counter::InboundPassed,
         Counter::InboundNoListener,
         Counter::MapUpdateFailed,
+        Counter::InboundDropped,
     ];
 
     /// Stable snake_case name, used in metrics and logs.
@@ -131,6 +135,7 @@ impl Counter {
             Counter::InboundPassed => "inbound_passed",
             Counter::InboundNoListener => "inbound_no_listener",
             Counter::MapUpdateFailed => "map_update_failed",
+            Counter::InboundDropped => "inbound_dropped",
         }
     }
 }

@@ -13,7 +13,10 @@
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, sk_action::SK_PASS},
+    bindings::{
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        sk_action::{SK_DROP, SK_PASS},
+    },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
     maps::{HashMap, LruHashMap, PerCpuArray, SockHash},
@@ -47,6 +50,11 @@ static ORIG_DST: LruHashMap<ConnKey, SockAddr> = LruHashMap::with_max_entries(MA
 /// Each meshed pod's inbound plaintext listener, keyed by pod IP.
 #[map]
 static INBOUND_LISTENERS: SockHash<IpKey> = SockHash::with_max_entries(MAX_MESHED_PODS, 0);
+
+/// Pod IPs whose inbound traffic must not reach the app unproxied: with the agent gone (no
+/// listener in INBOUND_LISTENERS), connections to them are dropped instead of passed.
+#[map]
+static FAIL_CLOSED_IPS: HashMap<IpKey, u32> = HashMap::with_max_entries(MAX_MESHED_PODS, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
@@ -153,17 +161,16 @@ pub fn ferry_getpeername4(ctx: SockAddrContext) -> i32 {
 
 #[sk_lookup]
 pub fn ferry_sk_lookup(ctx: SkLookupContext) -> u32 {
-    steer_inbound(&ctx);
-    SK_PASS
+    steer_inbound(&ctx)
 }
 
 #[inline(always)]
-fn steer_inbound(ctx: &SkLookupContext) {
+fn steer_inbound(ctx: &SkLookupContext) -> u32 {
     // Copy the fields to the stack: map helpers reject pointers into the context.
     let lookup = unsafe { &*ctx.lookup };
     let (protocol, family) = (lookup.protocol, lookup.family);
     if protocol != IPPROTO_TCP || family != u32::from(AF_INET) {
-        return;
+        return SK_PASS;
     }
     let local_port = lookup.local_port;
     let local_ip = lookup.local_ip4;
@@ -174,13 +181,23 @@ fn steer_inbound(ctx: &SkLookupContext) {
     let local = ifindex == 1 || remote_ip == local_ip || is_loopback(remote_ip);
     if local_port == u32::from(HBONE_PORT) || local {
         count(Counter::InboundPassed);
-        return;
+        return SK_PASS;
     }
-    match INBOUND_LISTENERS.redirect_sk_lookup(ctx, IpKey::v4(local_ip), 0) {
-        Ok(()) => count(Counter::InboundSteered),
+    let key = IpKey::v4(local_ip);
+    match INBOUND_LISTENERS.redirect_sk_lookup(ctx, key, 0) {
+        Ok(()) => {
+            count(Counter::InboundSteered);
+            SK_PASS
+        }
+        Err(_) if unsafe { FAIL_CLOSED_IPS.get(&key) }.is_some() => {
+            // The agent is gone: policy could not be enforced, so nothing gets in.
+            count(Counter::InboundDropped);
+            SK_DROP
+        }
         Err(_) => {
             count(Counter::InboundNoListener);
             warn!(ctx, "sk_lookup: no inbound listener for {:i}", u32::from_be(local_ip));
+            SK_PASS
         }
     }
 }
