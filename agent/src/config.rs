@@ -76,6 +76,10 @@ pub struct Limits {
     /// A relayed connection with no byte either way for this long is closed.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// A TLS handshake on 15008 (or to a peer's) that takes longer is cut off: silent or slow
+    /// peers cannot hold connections open.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -84,6 +88,7 @@ impl Default for Limits {
             max_connections_per_pod: 10_000,
             max_connections_per_node: 100_000,
             idle_timeout: Duration::from_secs(3600),
+            handshake_timeout: Duration::from_secs(10),
         }
     }
 }

@@ -51,3 +51,31 @@ fn connection_limit_refuses_extra_connections_and_idle_ones_are_closed() {
         let _ = holder.wait();
     }
 }
+
+#[test]
+fn a_silent_peer_on_15008_is_cut_off_after_the_handshake_timeout() {
+    use std::io::Read;
+    let mut sb = Sandbox::two_nodes("silent").unwrap();
+    let config = sb.config_for("node2").replacen('\n', "\nlimits: {handshakeTimeout: 1s}\n", 1);
+    sb.start_agent("node2", Some(&config)).unwrap();
+    let hbone = SocketAddr::from((sb.pod("c").ip, 15008));
+    // Connects and never says a word (slowloris); a second one sends half a TLS record.
+    let mut silent = sb.node("node1").netns.connect(hbone, Duration::from_secs(2)).unwrap();
+    let mut slow = sb.node("node1").netns.connect(hbone, Duration::from_secs(2)).unwrap();
+    std::io::Write::write_all(&mut slow, &[0x16, 0x03, 0x01, 0x02]).unwrap();
+    let started = Instant::now();
+    for stream in [&mut silent, &mut slow] {
+        stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 64];
+        let n = stream.read(&mut buf).unwrap_or(0);
+        assert_eq!(n, 0, "the agent kept talking to a silent peer");
+    }
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(800) && elapsed < Duration::from_secs(3),
+        "cut after {elapsed:?}"
+    );
+    let series = "ferry_proxy_connection_failures_total{direction=\"inbound\",reason=\"tls_handshake\"}";
+    assert_eq!(sb.metric("node2", series).unwrap(), 2.0);
+    assert!(sb.agent_log("node2").contains("TLS handshake timed out"));
+}

@@ -131,7 +131,7 @@ impl Proxy {
         limits: Limits,
     ) -> Proxy {
         let (drain, draining) = watch::channel(false);
-        let pool = Arc::new(hbone::client::Pool::default());
+        let pool = Arc::new(hbone::client::Pool::new(limits.handshake_timeout));
         tokio::spawn(pool.clone().release_idle());
         Proxy {
             inner: Arc::new(Inner {

@@ -25,8 +25,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_rustls::TlsConnector;
 
 use super::{
-    CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME_SIZE, MAX_HEADER_LIST_SIZE, PING_INTERVAL, PING_TIMEOUT,
-    STREAM_WINDOW,
+    CONNECTION_WINDOW, MAX_FRAME_SIZE, MAX_HEADER_LIST_SIZE, PING_INTERVAL, PING_TIMEOUT, STREAM_WINDOW,
 };
 use crate::{
     identity::{CertManager, IdentityError, SpiffeId, tls},
@@ -127,13 +126,17 @@ impl Abort for HboneStream {
     fn abort(&self) {}
 }
 
-#[derive(Default)]
 pub(crate) struct Pool {
     connections: Mutex<HashMap<PoolKey, Vec<Arc<PooledConnection>>>>,
     dialing: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>,
+    handshake_timeout: Duration,
 }
 
 impl Pool {
+    pub(crate) fn new(handshake_timeout: Duration) -> Pool {
+        Pool { connections: Mutex::default(), dialing: Mutex::default(), handshake_timeout }
+    }
+
     /// Opens a CONNECT stream for `request` to the key's destination, dialing if no pooled
     /// connection has room.
     pub(crate) async fn connect(
@@ -170,7 +173,7 @@ impl Pool {
         if let Some(slot) = self.reuse(key) {
             return Ok(slot);
         }
-        let sender = dial(key, netns, certs).await?;
+        let sender = dial(key, netns, certs, self.handshake_timeout).await?;
         metrics.hbone_connection(Side::Client);
         let connection = Arc::new(PooledConnection {
             sender,
@@ -226,13 +229,14 @@ async fn dial(
     key: &PoolKey,
     netns: &PodNetns,
     certs: &Arc<CertManager>,
+    handshake_timeout: Duration,
 ) -> Result<http2::SendRequest<Empty<Bytes>>, TunnelError> {
     let addr = key.hbone_addr;
     let tcp = netns.connect(addr).await.map_err(|e| TunnelError::Dial(addr, e))?;
     let _ = socket2::SockRef::from(&tcp).set_keepalive(true);
     let config = tls::client_config(certs, &key.source, key.destination.clone())?;
     let handshake = TlsConnector::from(config).connect(tls::server_name(addr.ip()), tcp);
-    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+    let tls = tokio::time::timeout(handshake_timeout, handshake)
         .await
         .map_err(|_| TunnelError::HandshakeTimeout(addr))?
         .map_err(|e| TunnelError::Tls(addr, e))?;

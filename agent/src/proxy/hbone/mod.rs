@@ -19,5 +19,3 @@ const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
 const SERVER_MAX_CONCURRENT_STREAMS: u32 = 200;
 const PING_INTERVAL: Duration = Duration::from_secs(10);
 const PING_TIMEOUT: Duration = Duration::from_secs(20);
-/// TLS handshakes that take longer are cut off.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

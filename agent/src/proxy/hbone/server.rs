@@ -21,7 +21,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
 use super::{
-    CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME_SIZE, MAX_HEADER_LIST_SIZE, PING_INTERVAL, PING_TIMEOUT,
+    CONNECTION_WINDOW, MAX_FRAME_SIZE, MAX_HEADER_LIST_SIZE, PING_INTERVAL, PING_TIMEOUT,
     SERVER_MAX_CONCURRENT_STREAMS, STREAM_WINDOW, proto,
 };
 use crate::{
@@ -53,7 +53,7 @@ pub(in crate::proxy) async fn handle(proxy: Proxy, pod: Arc<LocalPod>, tcp: TcpS
             .hbone(local)
     };
     let handshake = TlsAcceptor::from(pod.tls.clone()).accept(tcp);
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+    let tls = match tokio::time::timeout(proxy.inner.limits.handshake_timeout, handshake).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             return flow().fail(&telemetry, FailureReason::TlsHandshake, &format!("TLS handshake: {e}"));
