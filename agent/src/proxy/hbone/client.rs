@@ -20,13 +20,10 @@ use std::{
 
 use http_body_util::Empty;
 use hyper::{StatusCode, body::Bytes, client::conn::http2, upgrade::Upgraded};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_rustls::TlsConnector;
 
-use super::{
-    CONNECTION_WINDOW, MAX_FRAME_SIZE, MAX_HEADER_LIST_SIZE, PING_INTERVAL, PING_TIMEOUT, STREAM_WINDOW,
-};
 use crate::{
     identity::{CertManager, IdentityError, SpiffeId, tls},
     inpod::PodNetns,
@@ -240,14 +237,7 @@ async fn dial(
         .await
         .map_err(|_| TunnelError::HandshakeTimeout(addr))?
         .map_err(|e| TunnelError::Tls(addr, e))?;
-    let (sender, connection) = http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_frame_size(MAX_FRAME_SIZE)
-        .max_header_list_size(MAX_HEADER_LIST_SIZE)
-        .keep_alive_interval(PING_INTERVAL)
-        .keep_alive_timeout(PING_TIMEOUT)
+    let (sender, connection) = hbone_h2_settings!(http2::Builder::new(TokioExecutor::new()))
         .keep_alive_while_idle(true)
         .handshake(TokioIo::new(tls))
         .await?;

@@ -16,14 +16,11 @@ use hyper::{
     service::service_fn,
     upgrade::Upgraded,
 };
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
-use super::{
-    CONNECTION_WINDOW, MAX_FRAME_SIZE, MAX_HEADER_LIST_SIZE, PING_INTERVAL, PING_TIMEOUT,
-    SERVER_MAX_CONCURRENT_STREAMS, STREAM_WINDOW, proto,
-};
+use super::{SERVER_MAX_CONCURRENT_STREAMS, proto};
 use crate::{
     identity::{SpiffeId, tls},
     policy::Verdict,
@@ -70,15 +67,8 @@ pub(in crate::proxy) async fn handle(proxy: Proxy, pod: Arc<LocalPod>, tcp: TcpS
         let peer_identity = peer_identity.clone();
         async move { Ok::<_, Infallible>(connect(proxy, pod, peer, peer_identity, local, request).await) }
     });
-    let connection = http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
+    let connection = hbone_h2_settings!(http2::Builder::new(TokioExecutor::new()))
         .max_concurrent_streams(SERVER_MAX_CONCURRENT_STREAMS)
-        .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_frame_size(MAX_FRAME_SIZE)
-        .max_header_list_size(MAX_HEADER_LIST_SIZE)
-        .keep_alive_interval(PING_INTERVAL)
-        .keep_alive_timeout(PING_TIMEOUT)
         .serve_connection(TokioIo::new(tls), service);
     tokio::pin!(connection);
     let result = tokio::select! {
