@@ -168,12 +168,7 @@ impl Agent {
                 netns: pod.spec.netns.clone().unwrap_or_default(),
                 netns_cookie: pod.netns_cookie,
                 cgroup: pod.spec.cgroup.clone().unwrap_or_default(),
-                programs: vec![
-                    ferry_common::programs::CONNECT4,
-                    ferry_common::programs::GETPEERNAME4,
-                    ferry_common::programs::SOCK_OPS,
-                    ferry_common::programs::SK_LOOKUP,
-                ],
+                programs: ferry_common::programs::ALL.to_vec(),
             })
             .collect();
         *self.admin.local.write().unwrap_or_else(|e| e.into_inner()) =

@@ -136,19 +136,16 @@ pub(crate) fn run(quick: bool) -> Result<()> {
     let out = crate::workspace_root().join("target/bench");
     std::fs::create_dir_all(&out)?;
     let stamp = started.duration_since(UNIX_EPOCH)?.as_secs();
-    let markdown = markdown(&report, &format!("bench-{stamp}.png"));
+    let summary = markdown(&report, &format!("bench-{stamp}.png"));
     std::fs::write(out.join(format!("bench-{stamp}.json")), serde_json::to_string_pretty(&report)?)?;
-    std::fs::write(out.join(format!("bench-{stamp}.md")), &markdown)?;
+    std::fs::write(out.join(format!("bench-{stamp}.md")), &summary)?;
     chart(&report, &out.join(format!("bench-{stamp}.png")))?;
-    println!("{markdown}");
+    println!("{summary}");
     println!("results: {}", out.join(format!("bench-{stamp}.{{json,md,png}}")).display());
     if !quick {
         let docs = crate::workspace_root().join("docs");
         chart(&report, &docs.join("performance.png"))?;
-        write_performance_doc(
-            &docs.join("performance.md"),
-            &markdown_with_image(&report, "performance.png"),
-        )?;
+        write_performance_doc(&docs.join("performance.md"), &markdown(&report, "performance.png"))?;
         println!("docs/performance.md and docs/performance.png updated");
     }
     Ok(())
@@ -547,10 +544,6 @@ fn markdown(report: &Report, chart_name: &str) -> String {
     let mut md = markdown_tables(report);
     let _ = writeln!(md, "\n![ratios to direct]({chart_name})");
     md
-}
-
-fn markdown_with_image(report: &Report, image: &str) -> String {
-    markdown(report, image)
 }
 
 fn markdown_tables(report: &Report) -> String {

@@ -3,7 +3,7 @@
 //! are closed when a new policy set denies them (as ztunnel does).
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::HashMap,
     io,
     net::{IpAddr, SocketAddr},
     pin::Pin,
@@ -25,6 +25,7 @@ use super::relay::Flow;
 use crate::{
     identity::SpiffeId,
     policy::{Decision, PolicySet, Request, Verdict},
+    state::Workload,
 };
 
 /// The inputs of the authorization decision a connection was admitted with.
@@ -33,8 +34,8 @@ pub(super) struct Admission {
     pub(super) src_ip: IpAddr,
     pub(super) src_identity: Option<SpiffeId>,
     pub(super) dst: SocketAddr,
-    pub(super) dst_namespace: String,
-    pub(super) dst_labels: BTreeMap<String, String>,
+    /// The local workload the connection is for (its namespace and labels scope the policies).
+    pub(super) destination: Arc<Workload>,
 }
 
 impl Admission {
@@ -44,8 +45,8 @@ impl Admission {
             src_identity: self.src_identity.as_ref(),
             dst_ip: self.dst.ip(),
             dst_port: self.dst.port(),
-            dst_namespace: &self.dst_namespace,
-            dst_labels: &self.dst_labels,
+            dst_namespace: &self.destination.namespace,
+            dst_labels: &self.destination.labels,
         })
     }
 }

@@ -207,8 +207,7 @@ impl Proxy {
             src_ip,
             src_identity: flow.src_identity.clone(),
             dst: flow.dst,
-            dst_namespace: pod.workload.namespace.clone(),
-            dst_labels: pod.workload.labels.clone(),
+            destination: pod.workload.clone(),
         };
         let decision = admission.evaluate(&self.inner.state.load().policies);
         let metrics = &self.inner.telemetry.proxy;

@@ -37,6 +37,8 @@ pub mod programs {
     pub const SOCK_OPS: &str = "ferry_sock_ops";
     pub const GETPEERNAME4: &str = "ferry_getpeername4";
     pub const SK_LOOKUP: &str = "ferry_sk_lookup";
+    /// Every program, in the order they are attached to a pod.
+    pub const ALL: [&str; 4] = [SK_LOOKUP, GETPEERNAME4, SOCK_OPS, CONNECT4];
 }
 
 /// An IP address and port. `ip` holds the address in network byte order (IPv4 in `ip[0]`);
