@@ -1,7 +1,10 @@
-//! `ferry agent`: wires discovery -> state -> datapath + proxy, and runs until SIGTERM.
+//! `ferry agent`: wires discovery -> state -> datapath + proxy, and runs until SIGTERM or until
+//! a new agent takes over (see [`crate::upgrade`]).
 
 use std::{
     collections::{BTreeSet, HashMap},
+    net::SocketAddr,
+    os::fd::{AsFd, OwnedFd},
     path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
@@ -11,6 +14,7 @@ use anyhow::Context;
 use tokio::{
     net::TcpListener,
     signal::unix::{SignalKind, signal},
+    task::{JoinHandle, JoinSet},
 };
 
 use crate::{
@@ -23,16 +27,18 @@ use crate::{
     proxy::{PodHandle, PodListeners, Proxy},
     state::{State, StateHandle, Workload},
     telemetry::{LogControl, Telemetry},
+    upgrade::{self, Inherited, Offer, Successor, UpgradeListener},
 };
 
 /// A local workload being captured and served.
 struct RunningPod {
     spec: config::Workload,
     netns_cookie: u64,
-    _handle: PodHandle,
+    handle: PodHandle,
 }
 
 struct Agent {
+    node: String,
     datapath: Datapath,
     proxy: Proxy,
     state: StateHandle,
@@ -40,24 +46,47 @@ struct Agent {
     telemetry: Arc<Telemetry>,
     admin: Arc<Admin>,
     admin_socket: PathBuf,
+    upgrade_socket: PathBuf,
+    drain_timeout: Duration,
     pods: HashMap<String, RunningPod>,
+    /// Listeners received from the agent this one upgrades, adopted by the first reconcile.
+    inherited: Inherited,
+    /// Metrics, readiness and admin TCP, by handover name.
+    node_listeners: Vec<(&'static str, Arc<TcpListener>)>,
+    /// Accept loops of the node listeners and the admin socket.
+    node_loops: JoinSet<()>,
 }
 
-/// How long shutdown waits for HBONE peers to finish their streams after GOAWAY.
-const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
+/// How long a new agent may take, from receiving the listeners, to be ready.
+const SUCCESSOR_READY_TIMEOUT: Duration = Duration::from_secs(120);
 
 pub async fn run(config_path: PathBuf, log: LogControl) -> anyhow::Result<()> {
     let source = StaticFile { path: config_path.clone() };
     let config = source.read()?;
+    let mut takeover = {
+        let (path, node) = (config.upgrade_socket.clone(), config.node.clone());
+        tokio::task::spawn_blocking(move || upgrade::request(&path, &node))
+            .await?
+            .with_context(|| format!("taking over from the agent at {}", config.upgrade_socket.display()))?
+    };
+    let mut inherited = Inherited::default();
+    if let Some(takeover) = &mut takeover {
+        inherited = std::mem::take(&mut takeover.inherited);
+        tracing::info!(pods = inherited.pods(), "taking over from the running agent");
+    }
     let (datapath, orig_dst, counters) =
         Datapath::load(config.fail_mode, &config.bpf_pin_dir).context("loading the eBPF programs")?;
     let ca = FileCa::init(&config.ca_dir)?;
     let certs = Arc::new(CertManager::new(ca, config.cert_ttl)?);
     tokio::spawn(certs.clone().rotate());
     let telemetry = Telemetry::new(counters.clone(), certs.clone());
-    for addr in [config.metrics_addr, config.readiness_addr] {
-        let listener = TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
-        tokio::spawn(telemetry.clone().serve(listener));
+    let mut node_loops = JoinSet::new();
+    let mut node_listeners = Vec::new();
+    for (name, addr) in [(upgrade::METRICS, config.metrics_addr), (upgrade::READINESS, config.readiness_addr)]
+    {
+        let listener = node_listener(&mut inherited, name, addr).await?;
+        node_loops.spawn(telemetry.clone().serve(listener.clone()));
+        node_listeners.push((name, listener));
     }
     let state = StateHandle::new(State::from_config(&config));
     let proxy = Proxy::new(state.clone(), orig_dst, telemetry.clone(), certs.clone(), config.limits.clone());
@@ -73,26 +102,50 @@ pub async fn run(config_path: PathBuf, log: LogControl) -> anyhow::Result<()> {
         log,
         local: Default::default(),
     });
-    let admin_tcp = TcpListener::bind(config.admin_addr)
-        .await
-        .with_context(|| format!("binding {}", config.admin_addr))?;
+    let admin_tcp = node_listener(&mut inherited, upgrade::ADMIN, config.admin_addr).await?;
+    node_listeners.push((upgrade::ADMIN, admin_tcp.clone()));
     admin
         .clone()
-        .serve(&config.admin_socket, Some(admin_tcp))
+        .serve(&config.admin_socket, Some(admin_tcp), &mut node_loops)
         .await
         .with_context(|| format!("admin socket {}", config.admin_socket.display()))?;
-    let admin_socket = config.admin_socket.clone();
-    let mut agent =
-        Agent { datapath, proxy, state, certs, telemetry, admin, admin_socket, pods: HashMap::new() };
+    let mut agent = Agent {
+        node: config.node.clone(),
+        datapath,
+        proxy,
+        state,
+        certs,
+        telemetry,
+        admin,
+        admin_socket: config.admin_socket.clone(),
+        upgrade_socket: config.upgrade_socket.clone(),
+        drain_timeout: config.limits.drain_timeout,
+        pods: HashMap::new(),
+        inherited,
+        node_listeners,
+        node_loops,
+    };
     agent.reconcile(&config);
-    // Links a crashed agent left for pods that are gone now.
-    agent.datapath.remove_orphan_pins();
+    // Listeners of pods the previous agent served and this one does not: closed now.
+    agent.inherited = Inherited::default();
+    // Links and map entries a crashed or previous agent left for pods that are gone now.
+    agent.datapath.remove_orphans();
     agent.telemetry.set_ready(true);
+    if let Some(takeover) = takeover {
+        tokio::task::spawn_blocking(move || takeover.confirm())
+            .await?
+            .context("telling the previous agent to stop accepting")?;
+        tracing::info!("took over from the previous agent");
+    }
+    let upgrades = UpgradeListener::bind(&config.upgrade_socket)
+        .with_context(|| format!("upgrade socket {}", config.upgrade_socket.display()))?;
     tracing::info!(node = %config.node, workloads = agent.pods.len(), "ready");
 
     let mut hangup = signal(SignalKind::hangup())?;
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
+    // A new agent that has the listeners and is getting ready.
+    let mut successor: Option<JoinHandle<std::io::Result<()>>> = None;
     loop {
         tokio::select! {
             _ = hangup.recv() => match source.read() {
@@ -109,12 +162,66 @@ pub async fn run(config_path: PathBuf, log: LogControl) -> anyhow::Result<()> {
                 }
                 Err(e) => tracing::error!("config reload rejected, the previous config stays in force: {e}"),
             },
+            conn = upgrades.accept(), if successor.is_none() => match conn.and_then(|c| agent.offer(c)) {
+                Ok(next) => {
+                    tracing::info!("a new agent took the listeners; serving until it is ready");
+                    successor = Some(tokio::task::spawn_blocking(move || next.ready(SUCCESSOR_READY_TIMEOUT)));
+                }
+                Err(e) => tracing::warn!("upgrade request failed, this agent carries on: {e}"),
+            },
+            ready = async { successor.as_mut().expect("guarded").await }, if successor.is_some() => {
+                successor = None;
+                if handed_over(ready) {
+                    agent.retire().await;
+                    return Ok(());
+                }
+            }
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
         }
     }
+    // Stopped in the middle of an upgrade: whether the new agent gets ready decides.
+    if let Some(next) = successor
+        && handed_over(next.await)
+    {
+        agent.retire().await;
+        return Ok(());
+    }
     agent.shutdown().await;
     Ok(())
+}
+
+/// Whether the new agent reported ready (else this agent carries on).
+fn handed_over(ready: Result<std::io::Result<()>, tokio::task::JoinError>) -> bool {
+    match ready {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            tracing::warn!("the new agent did not get ready, this agent carries on: {e}");
+            false
+        }
+        Err(e) => {
+            tracing::warn!("waiting for the new agent: {e}; this agent carries on");
+            false
+        }
+    }
+}
+
+/// A node-level listener: the previous agent's if it listens on `addr`, else a new one.
+async fn node_listener(
+    inherited: &mut Inherited,
+    name: &'static str,
+    addr: SocketAddr,
+) -> anyhow::Result<Arc<TcpListener>> {
+    if let Some(fd) = inherited.take_node(name) {
+        let listener = std::net::TcpListener::from(fd);
+        if listener.local_addr().ok() == Some(addr) {
+            listener.set_nonblocking(true)?;
+            return Ok(Arc::new(TcpListener::from_std(listener)?));
+        }
+        tracing::info!(listener = name, %addr, "address changed: not adopting the previous agent's listener");
+    }
+    let listener = TcpListener::bind(addr).await.with_context(|| format!("binding {addr} ({name})"))?;
+    Ok(Arc::new(listener))
 }
 
 impl Agent {
@@ -181,7 +288,10 @@ impl Agent {
         let cgroup = spec.cgroup.as_deref().context("no cgroup")?;
         let netns =
             PodNetns::open(netns_path).with_context(|| format!("opening netns {}", netns_path.display()))?;
-        let listeners = PodListeners::bind(&netns).context("binding the pod's listeners")?;
+        let listeners = match self.inherited.take_pod(netns.cookie()) {
+            Some(fds) => PodListeners::adopt(fds).context("adopting the previous agent's listeners")?,
+            None => PodListeners::bind(&netns).context("binding the pod's listeners")?,
+        };
         let workload = Arc::new(Workload::from(spec));
         let identity = workload.identity(trust_domain);
         if self.certs.current(&identity).is_none() {
@@ -191,7 +301,7 @@ impl Agent {
         self.datapath.attach_pod(&netns, cgroup, &spec.ips, &listeners.inbound_plaintext)?;
         let netns_cookie = netns.cookie();
         match self.proxy.serve_pod(workload, identity, netns, listeners) {
-            Ok(handle) => Ok(RunningPod { spec: spec.clone(), netns_cookie, _handle: handle }),
+            Ok(handle) => Ok(RunningPod { spec: spec.clone(), netns_cookie, handle }),
             Err(e) => {
                 self.datapath.detach_pod(netns_cookie);
                 Err(e.into())
@@ -207,14 +317,39 @@ impl Agent {
         }
     }
 
+    /// Sends a new agent (connected on the upgrade socket) every listener this one accepts on.
+    fn offer(&self, conn: OwnedFd) -> std::io::Result<Successor> {
+        let offer = Offer {
+            node: self.node_listeners.iter().map(|(name, listener)| (*name, listener.as_fd())).collect(),
+            pods: self.pods.values().map(|pod| (pod.netns_cookie, pod.handle.listener_fds())).collect(),
+        };
+        upgrade::offer(conn, &self.node, &offer)
+    }
+
+    /// A clean stop: drains, then detaches capture and removes every pin (pods talk directly).
     async fn shutdown(mut self) {
         self.telemetry.set_ready(false);
-        self.proxy.drain(DRAIN_DEADLINE).await;
+        let cut = self.proxy.drain(self.drain_timeout).await;
         let keys: Vec<String> = self.pods.keys().cloned().collect();
         for key in keys {
             self.stop_pod(&key);
         }
+        self.datapath.unpin_maps();
         let _ = std::fs::remove_file(&self.admin_socket);
-        tracing::info!(attached = self.datapath.attached_pods(), "stopped");
+        let _ = std::fs::remove_file(&self.upgrade_socket);
+        tracing::info!(attached = self.datapath.attached_pods(), cut, "stopped");
+    }
+
+    /// After a new agent took over: stops accepting, lets this agent's connections finish (up
+    /// to the drain timeout) and leaves capture, maps, pins and sockets to the new agent.
+    async fn retire(mut self) {
+        self.telemetry.set_ready(false);
+        self.node_loops.abort_all();
+        for pod in self.pods.values_mut() {
+            pod.handle.stop_accepting();
+        }
+        tracing::info!("handed over to the new agent; draining this agent's connections");
+        let cut = self.proxy.drain(self.drain_timeout).await;
+        tracing::info!(cut, "drained; exiting");
     }
 }

@@ -45,13 +45,18 @@ pub struct Config {
     /// Admin API on TCP too (loopback of the agent's netns).
     #[serde(default = "default_admin_addr")]
     pub admin_addr: SocketAddr,
+    /// Unix socket (mode 0600) on which a new agent takes this one's listeners over (hitless
+    /// upgrade). One per node agent.
+    #[serde(default = "default_upgrade_socket")]
+    pub upgrade_socket: PathBuf,
     #[serde(default)]
     pub workloads: Vec<Workload>,
     /// Capture when the agent dies without a clean shutdown: `closed` (default: meshed pods' new
     /// connections fail until an agent is back) or `open` (pods talk directly, unmeshed).
     #[serde(default = "default_fail_mode")]
     pub fail_mode: FailMode,
-    /// Where fail-closed links are pinned (a directory on a bpffs; /sys/fs/bpf is mounted if needed).
+    /// Where the shared maps (and, fail-closed, the links) are pinned: a directory on a bpffs;
+    /// /sys/fs/bpf is mounted if needed. One per node agent.
     #[serde(default = "default_bpf_pin_dir")]
     pub bpf_pin_dir: PathBuf,
     /// Resource bounds of the proxy.
@@ -80,6 +85,10 @@ pub struct Limits {
     /// peers cannot hold connections open.
     #[serde(with = "humantime_serde")]
     pub handshake_timeout: Duration,
+    /// On shutdown or after handing over to a new agent: how long open connections may run to
+    /// their end before the rest are cut.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -89,6 +98,7 @@ impl Default for Limits {
             max_connections_per_node: 100_000,
             idle_timeout: Duration::from_secs(3600),
             handshake_timeout: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -137,6 +147,9 @@ fn default_bpf_pin_dir() -> PathBuf {
 pub const DEFAULT_ADMIN_SOCKET: &str = "/var/run/ferry/admin.sock";
 fn default_admin_socket() -> PathBuf {
     PathBuf::from(DEFAULT_ADMIN_SOCKET)
+}
+fn default_upgrade_socket() -> PathBuf {
+    PathBuf::from("/var/run/ferry/upgrade.sock")
 }
 fn default_admin_addr() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 15000))

@@ -3,10 +3,15 @@
 //!
 //! Per pod: connect4, getpeername4 and sock_ops on the pod's cgroup; sk_lookup on its netns; its
 //! netns cookie in `MESHED_NETNS`; its inbound plaintext listener in `INBOUND_LISTENERS`.
-//! Links are owned by file descriptors, so they detach when the agent exits.
+//!
+//! Under the pin directory (a bpffs): `maps/v<layout>/` holds the shared maps, which every agent
+//! generation on the node opens instead of creating its own, so during an upgrade the old and the
+//! new programs see the same listeners and original destinations; `links/` holds the links of a
+//! fail-closed agent, which outlive it. Fail-open links are owned by file descriptors and detach
+//! when the agent exits.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     fs::File,
     net::{IpAddr, SocketAddr},
     os::fd::AsRawFd,
@@ -15,7 +20,7 @@ use std::{
 };
 
 use aya::{
-    Ebpf,
+    Ebpf, EbpfLoader,
     maps::{self, MapData, PerCpuArray, SockHash},
     programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps, links::FdLink, links::PinnedLink},
 };
@@ -45,7 +50,7 @@ pub enum DatapathError {
     Cgroup { path: String, source: std::io::Error },
     #[error("pod IP {0} is not IPv4; IPv6 capture is not supported yet")]
     Ipv6(IpAddr),
-    #[error("pinning eBPF links at {path}: {problem}")]
+    #[error("pinning eBPF objects at {path}: {problem}")]
     Pin { path: String, problem: String },
 }
 
@@ -105,8 +110,10 @@ pub struct Datapath {
     fail_closed_ips: maps::HashMap<MapData, IpKey, u32>,
     pods: HashMap<u64, PodLinks>,
     fail_mode: FailMode,
-    /// Where links are pinned in fail-closed mode (a bpffs directory).
-    pin_dir: PathBuf,
+    /// Where links are pinned in fail-closed mode.
+    links_dir: PathBuf,
+    /// Where the shared maps are pinned.
+    maps_dir: PathBuf,
 }
 
 /// Original destinations of redirected connections, shared with the outbound proxy.
@@ -118,16 +125,23 @@ pub struct OrigDstTable(Arc<Mutex<maps::HashMap<MapData, ConnKey, SockAddr>>>);
 pub struct Counters(Arc<PerCpuArray<MapData, u64>>);
 
 impl Datapath {
-    /// Loads the programs into the kernel and starts forwarding their log lines to `tracing`.
-    /// Nothing is attached yet. In fail-closed mode links are pinned under `pin_dir`.
+    /// Loads the programs into the kernel, opening the shared maps pinned under `pin_dir` (or
+    /// creating and pinning them), and starts forwarding the programs' log lines to `tracing`.
+    /// Nothing is attached yet.
     pub fn load(
         fail_mode: FailMode,
         pin_dir: &Path,
     ) -> Result<(Datapath, OrigDstTable, Counters), DatapathError> {
-        if fail_mode == FailMode::Closed {
-            prepare_pin_dir(pin_dir)?;
+        let links_dir = pin_dir.join("links");
+        let maps_dir = pin_dir.join("maps").join(format!("v{}", map_names::LAYOUT_VERSION));
+        prepare_pin_dir(pin_dir, &[&links_dir, &maps_dir])?;
+        let mut loader = EbpfLoader::new();
+        let map_paths: Vec<(&str, PathBuf)> =
+            map_names::SHARED.iter().map(|&name| (name, maps_dir.join(name))).collect();
+        for (name, path) in &map_paths {
+            loader.map_pin_path(name, path.as_path());
         }
-        let mut ebpf = Ebpf::load(EBPF_OBJECT)?;
+        let mut ebpf = loader.load(EBPF_OBJECT)?;
         match EbpfLogger::init(&mut ebpf) {
             Ok(logger) => spawn_log_forwarder(logger),
             Err(e) => tracing::warn!("eBPF log forwarding unavailable: {e}"),
@@ -156,7 +170,8 @@ impl Datapath {
             fail_closed_ips,
             pods: HashMap::new(),
             fail_mode,
-            pin_dir: pin_dir.to_owned(),
+            links_dir,
+            maps_dir,
         };
         Ok((datapath, OrigDstTable(Arc::new(Mutex::new(orig_dst))), Counters(Arc::new(counters))))
     }
@@ -234,11 +249,12 @@ impl Datapath {
                 link.map_err(|e| DatapathError::Pin { path: name.to_owned(), problem: e.to_string() })?;
             attached.push((name, link));
         }
-        // Now both generations are attached; the old one (left by a crashed agent) can go.
+        // Now both generations are attached; the old one (left by a crashed agent, or held by
+        // the agent this one upgrades) can go: without its pins it detaches when its fds close.
         self.remove_stale_pins(cookie);
         for (name, link) in attached {
             let pin =
-                (self.fail_mode == FailMode::Closed).then(|| self.pin_dir.join(format!("{cookie}-{name}")));
+                (self.fail_mode == FailMode::Closed).then(|| self.links_dir.join(format!("{cookie}-{name}")));
             links.links.push(OwnedLink::new(link, pin)?);
         }
         Ok(())
@@ -247,22 +263,51 @@ impl Datapath {
     /// Removes pins a previous agent left for the pod with this netns cookie.
     fn remove_stale_pins(&self, cookie: u64) {
         let prefix = format!("{cookie}-");
-        for entry in std::fs::read_dir(&self.pin_dir).into_iter().flatten().flatten() {
+        for entry in std::fs::read_dir(&self.links_dir).into_iter().flatten().flatten() {
             if entry.file_name().to_string_lossy().starts_with(&prefix) {
                 let _ = std::fs::remove_file(entry.path());
             }
         }
     }
 
-    /// Removes every pin not belonging to a pod this agent captures (pods gone while no agent ran).
-    pub fn remove_orphan_pins(&self) {
-        for entry in std::fs::read_dir(&self.pin_dir).into_iter().flatten().flatten() {
+    /// Removes what a previous agent left for pods this agent does not capture (gone while no
+    /// agent ran, or dropped from the config): their pinned links and shared-map entries.
+    pub fn remove_orphans(&mut self) {
+        self.remove_orphan_entries();
+        for entry in std::fs::read_dir(&self.links_dir).into_iter().flatten().flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             let owner = name.split('-').next().and_then(|c| c.parse::<u64>().ok());
             if owner.is_none_or(|cookie| !self.pods.contains_key(&cookie)) {
                 tracing::info!(pin = %name, "removing a link left by a previous agent");
                 let _ = std::fs::remove_file(entry.path());
             }
+        }
+    }
+
+    fn remove_orphan_entries(&mut self) {
+        let owned_ips: HashSet<IpKey> = self.pods.values().flat_map(|p| p.ips.iter().copied()).collect();
+        let stale_netns: Vec<u64> =
+            self.meshed_netns.keys().flatten().filter(|c| !self.pods.contains_key(c)).collect();
+        for cookie in stale_netns {
+            let _ = self.meshed_netns.remove(&cookie);
+        }
+        let stale_ips: Vec<IpKey> =
+            self.fail_closed_ips.keys().flatten().filter(|k| !owned_ips.contains(k)).collect();
+        for key in &stale_ips {
+            let _ = self.fail_closed_ips.remove(key);
+        }
+        let stale_listeners: Vec<IpKey> =
+            self.listeners.keys().flatten().filter(|k| !owned_ips.contains(k)).collect();
+        for key in &stale_listeners {
+            let _ = self.listeners.remove(key);
+        }
+    }
+
+    /// After a clean stop (every pod detached): removes the shared maps' pins, so nothing of
+    /// Ferry stays in the kernel.
+    pub fn unpin_maps(&self) {
+        for name in map_names::SHARED {
+            let _ = std::fs::remove_file(self.maps_dir.join(name));
         }
     }
 
@@ -344,7 +389,7 @@ pub struct MapView {
 }
 
 /// The pin directory must be on a bpffs; /sys/fs/bpf is mounted as one if it is not yet.
-fn prepare_pin_dir(pin_dir: &Path) -> Result<(), DatapathError> {
+fn prepare_pin_dir(pin_dir: &Path, subdirs: &[&Path]) -> Result<(), DatapathError> {
     const BPF_FS_MAGIC: i64 = 0xcafe4a11;
     let pin_err = |problem: String| DatapathError::Pin { path: pin_dir.display().to_string(), problem };
     let bpffs = Path::new("/sys/fs/bpf");
@@ -370,7 +415,10 @@ fn prepare_pin_dir(pin_dir: &Path) -> Result<(), DatapathError> {
     }
     std::fs::create_dir_all(pin_dir).map_err(|e| pin_err(e.to_string()))?;
     if !is_bpffs(pin_dir) {
-        return Err(pin_err("not on a bpffs (mount one, or use failMode: open)".into()));
+        return Err(pin_err("not on a bpffs".into()));
+    }
+    for dir in subdirs {
+        std::fs::create_dir_all(dir).map_err(|e| pin_err(format!("{}: {e}", dir.display())))?;
     }
     Ok(())
 }

@@ -76,6 +76,8 @@ pub struct Node {
     pub underlay_ip: Ipv4Addr,
     pub netns: Netns,
     agent: Option<Agent>,
+    /// Agents that handed over to a newer one and are draining.
+    retired: Vec<Agent>,
 }
 
 pub struct Sandbox {
@@ -120,7 +122,13 @@ impl Sandbox {
                 Ipv4Addr::new(UNDERLAY_PREFIX[0], UNDERLAY_PREFIX[1], UNDERLAY_PREFIX[2], i as u8 + 1);
             netns.ip(&["link", "set", "lo", "up"])?;
             netns.sysctl("net.ipv4.ip_forward", "1")?;
-            sandbox.nodes.push(Node { name: node_name.to_string(), underlay_ip, netns, agent: None });
+            sandbox.nodes.push(Node {
+                name: node_name.to_string(),
+                underlay_ip,
+                netns,
+                agent: None,
+                retired: Vec::new(),
+            });
         }
         if sandbox.nodes.len() == 2 {
             let (a, b) = (&sandbox.nodes[0], &sandbox.nodes[1]);
@@ -221,9 +229,10 @@ impl Sandbox {
     /// cgroup for the node's own.
     pub fn config_for(&self, node: &str) -> String {
         let mut yaml = format!(
-            "node: {node}\ncaDir: {}\nadminSocket: {}\nbpfPinDir: {}\nworkloads:\n",
+            "node: {node}\ncaDir: {}\nadminSocket: {}\nupgradeSocket: {}\nbpfPinDir: {}\nworkloads:\n",
             self.ca_dir().display(),
             self.admin_socket(node).display(),
+            self.dir.join(format!("{node}-upgrade.sock")).display(),
             bpf_pin_root(&self.id).join(node).display()
         );
         for pod in self.pods.iter().filter(|p| p.spec.meshed) {
@@ -311,19 +320,9 @@ impl Sandbox {
         self.ca_dir_created()?;
         let config_path = self.config_path(node);
         std::fs::write(&config_path, config.map_or_else(|| self.config_for(node), str::to_owned))?;
-        let log_path = self.log_path(node);
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
-        let n = self.node_mut(node);
-        let mut cmd = Command::new(ferry_bin()?);
-        cmd.arg("agent").arg("--config").arg(&config_path).args(args);
-        cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
-        if std::env::var_os("RUST_LOG").is_none() {
-            cmd.env("RUST_LOG", "info");
-        }
-        let child = n.netns.spawn(cmd, None)?;
-        std::fs::write(self.dir.join(format!("{node}.pid")), child.id().to_string())?;
-        let n = self.node_mut(node);
-        n.agent = Some(Agent { child, log_path: log_path.clone() });
+        let agent = self.spawn_agent(node, args)?;
+        let log_path = agent.log_path.clone();
+        self.node_mut(node).agent = Some(agent);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok((200, _)) = self.node(node).http_get(15021, "/healthz/ready") {
@@ -345,6 +344,66 @@ impl Sandbox {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Starts `ferry agent` on the node with its current config file, logging to the node's log.
+    fn spawn_agent(&self, node: &str, args: &[&str]) -> Result<Agent> {
+        let log_path = self.log_path(node);
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
+        let mut cmd = Command::new(ferry_bin()?);
+        cmd.arg("agent").arg("--config").arg(self.config_path(node)).args(args);
+        cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "info");
+        }
+        let child = self.node(node).netns.spawn(cmd, None)?;
+        std::fs::write(self.dir.join(format!("{node}.pid")), child.id().to_string())?;
+        Ok(Agent { child, log_path })
+    }
+
+    /// Upgrades the node's agent the way a rolling update does: starts a new one beside it and
+    /// waits until it has taken over; the old one drains and exits on its own.
+    pub fn upgrade_agent(&mut self, node: &str) -> Result<()> {
+        const TOOK_OVER: &str = "took over from the previous agent";
+        let before = self.agent_log(node).matches(TOOK_OVER).count();
+        let mut agent = self.spawn_agent(node, &[])?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.agent_log(node).matches(TOOK_OVER).count() <= before {
+            if let Ok(Some(status)) = agent.child.try_wait() {
+                bail!("new agent on {node} exited with {status}:\n{}", self.agent_log(node));
+            }
+            if Instant::now() > deadline {
+                bail!("new agent on {node} did not take over in 20 s:\n{}", self.agent_log(node));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let n = self.node_mut(node);
+        if let Some(old) = n.agent.replace(agent) {
+            n.retired.push(old);
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for the node's retired agents to exit; their exit statuses.
+    pub fn wait_retired(&mut self, node: &str, timeout: Duration) -> Result<Vec<std::process::ExitStatus>> {
+        let deadline = Instant::now() + timeout;
+        let mut statuses = Vec::new();
+        for mut agent in std::mem::take(&mut self.node_mut(node).retired) {
+            loop {
+                if let Some(status) = agent.child.try_wait()? {
+                    statuses.push(status);
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!(
+                        "a retired agent on {node} still runs after {timeout:?}:\n{}",
+                        self.agent_log(node)
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Ok(statuses)
     }
 
     /// Kills the node's agent with SIGKILL (a crash: no clean shutdown) and waits for it.

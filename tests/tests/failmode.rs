@@ -15,8 +15,15 @@ fn addr(sb: &Sandbox, pod: &str) -> SocketAddr {
     SocketAddr::from((sb.pod(pod).ip, PORT))
 }
 
+/// Links pinned by the node's agent (they outlive it).
 fn pins(sb: &Sandbox, node: &str) -> usize {
-    std::fs::read_dir(bpf_pin_root(&sb.id).join(node)).map(|d| d.count()).unwrap_or(0)
+    std::fs::read_dir(bpf_pin_root(&sb.id).join(node).join("links")).map(|d| d.count()).unwrap_or(0)
+}
+
+/// Maps pinned by the node's agent (shared with the next agent), of any layout version.
+fn pinned_maps(sb: &Sandbox, node: &str) -> usize {
+    let versions = std::fs::read_dir(bpf_pin_root(&sb.id).join(node).join("maps")).into_iter().flatten();
+    versions.flatten().map(|v| std::fs::read_dir(v.path()).map(|d| d.count()).unwrap_or(0)).sum()
 }
 
 #[test]
@@ -28,6 +35,7 @@ fn killed_agent_fails_closed_and_a_new_agent_takes_over() {
     let _server_a = sb.pod("a").serve(PORT).unwrap();
     assert!(matches!(sb.pod("a").connect(addr(&sb, "c"), 10).unwrap(), ConnectOutcome::Echoed { .. }));
     assert_eq!(pins(&sb, "node1"), 8, "4 links for each of a and b");
+    assert_eq!(pinned_maps(&sb, "node1"), 6);
 
     sb.kill_agent("node1").unwrap();
     // Outbound: still captured, nothing listens: refused at once, nothing leaves in clear.
@@ -44,11 +52,14 @@ fn killed_agent_fails_closed_and_a_new_agent_takes_over() {
     assert!(matches!(sb.pod("a").connect(addr(&sb, "c"), 10).unwrap(), ConnectOutcome::Echoed { .. }));
     assert!(matches!(sb.pod("u").connect(addr(&sb, "a"), 10).unwrap(), ConnectOutcome::Echoed { .. }));
     assert_eq!(pins(&sb, "node1"), 8);
-    assert_eq!(sb.metric("node1", "ferry_datapath_events_total{event=\"redirected\"}").unwrap(), 1.0);
+    // The new agent shares the maps: counters go on from the dead agent's (first connect, the
+    // refused one while no agent ran, and the last one).
+    assert_eq!(pinned_maps(&sb, "node1"), 6);
+    assert_eq!(sb.metric("node1", "ferry_datapath_events_total{event=\"redirected\"}").unwrap(), 3.0);
 
     // A clean stop detaches everything: pods talk directly.
     assert!(sb.stop_agent("node1").unwrap().success());
-    assert_eq!(pins(&sb, "node1"), 0);
+    assert_eq!((pins(&sb, "node1"), pinned_maps(&sb, "node1")), (0, 0));
     assert!(matches!(sb.pod("a").connect(addr(&sb, "c"), 10).unwrap(), ConnectOutcome::Echoed { .. }));
 }
 

@@ -26,6 +26,7 @@ use serde_json::{Value, json};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::{TcpListener, UnixListener},
+    task::JoinSet,
 };
 
 use crate::{
@@ -324,7 +325,13 @@ impl Admin {
     }
 
     /// Serves the API on a unix socket (mode 0600) and a TCP address until the tasks are dropped.
-    pub async fn serve(self: Arc<Self>, socket: &Path, tcp: Option<TcpListener>) -> std::io::Result<()> {
+    /// Serves on `socket` (replacing a file left there) and on `tcp`, in tasks added to `tasks`.
+    pub async fn serve(
+        self: Arc<Self>,
+        socket: &Path,
+        tcp: Option<Arc<TcpListener>>,
+        tasks: &mut JoinSet<()>,
+    ) -> std::io::Result<()> {
         if let Some(dir) = socket.parent() {
             std::fs::create_dir_all(dir)?;
         }
@@ -333,7 +340,7 @@ impl Admin {
         let unix = UnixListener::bind(socket)?;
         std::fs::set_permissions(socket, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
         let admin = self.clone();
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             loop {
                 match unix.accept().await {
                     Ok((stream, _)) => admin.clone().serve_connection(stream),
@@ -342,7 +349,7 @@ impl Admin {
             }
         });
         if let Some(tcp) = tcp {
-            tokio::spawn(async move {
+            tasks.spawn(async move {
                 loop {
                     match tcp.accept().await {
                         Ok((stream, _)) => self.clone().serve_connection(stream),

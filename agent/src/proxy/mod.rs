@@ -19,10 +19,8 @@ use std::{
     future::Future,
     io,
     net::{IpAddr, Ipv4Addr, SocketAddr},
-    sync::{
-        Arc, RwLock,
-        atomic::{AtomicUsize, Ordering},
-    },
+    os::fd::{AsFd, BorrowedFd, OwnedFd},
+    sync::{Arc, RwLock},
     time::Duration,
 };
 
@@ -45,6 +43,7 @@ use crate::{
     policy::{Decision, Verdict},
     state::{StateHandle, Workload},
     telemetry::{Direction, FailureReason, Telemetry, VerdictKind},
+    upgrade::PodFds,
 };
 use connections::Admission;
 use relay::Flow;
@@ -79,6 +78,28 @@ impl PodListeners {
             hbone: netns.listen(any(HBONE_PORT))?,
         })
     }
+
+    /// Takes over the listeners a previous agent bound in this pod (outbound, inbound
+    /// plaintext, HBONE), checking each is what it claims to be.
+    pub fn adopt([outbound, inbound_plaintext, hbone]: PodFds<OwnedFd>) -> io::Result<PodListeners> {
+        let adopt = |fd: OwnedFd, port: u16| -> io::Result<TcpListener> {
+            let listener = std::net::TcpListener::from(fd);
+            let local = listener.local_addr()?;
+            if local.port() != port {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("inherited listener is on {local}, expected port {port}"),
+                ));
+            }
+            listener.set_nonblocking(true)?;
+            TcpListener::from_std(listener)
+        };
+        Ok(PodListeners {
+            outbound: adopt(outbound, OUTBOUND_PORT)?,
+            inbound_plaintext: adopt(inbound_plaintext, INBOUND_PLAINTEXT_PORT)?,
+            hbone: adopt(hbone, HBONE_PORT)?,
+        })
+    }
 }
 
 #[derive(Clone)]
@@ -94,11 +115,9 @@ struct Inner {
     tracker: Arc<Tracker>,
     certs: Arc<CertManager>,
     pool: Arc<hbone::client::Pool>,
-    /// Becomes true when the agent shuts down: HBONE servers send GOAWAY.
+    /// Becomes true when the agent shuts down or hands over: HBONE servers send GOAWAY.
     draining: watch::Receiver<bool>,
     drain: watch::Sender<bool>,
-    /// Open HBONE server connections, which shutdown waits for.
-    hbone_servers: AtomicUsize,
     limits: Limits,
     /// One per accepted connection, up to the per-node limit.
     node_permits: Arc<Semaphore>,
@@ -108,7 +127,22 @@ struct Inner {
 pub struct PodHandle {
     proxy: Proxy,
     pod: Arc<LocalPod>,
-    _accept_loops: JoinSet<()>,
+    /// Outbound, inbound plaintext, HBONE; shared with the accept loops.
+    listeners: PodFds<Arc<TcpListener>>,
+    accept_loops: JoinSet<()>,
+}
+
+impl PodHandle {
+    /// The pod's listening sockets, to hand to a new agent.
+    pub fn listener_fds(&self) -> PodFds<BorrowedFd<'_>> {
+        [self.listeners[0].as_fd(), self.listeners[1].as_fd(), self.listeners[2].as_fd()]
+    }
+
+    /// Stops accepting (a new agent accepts from the same sockets now); open connections and
+    /// the pod's routing stay until the handle drops.
+    pub fn stop_accepting(&mut self) {
+        self.accept_loops.abort_all();
+    }
 }
 
 impl Drop for PodHandle {
@@ -144,7 +178,6 @@ impl Proxy {
                 pool,
                 draining,
                 drain,
-                hbone_servers: AtomicUsize::new(0),
                 node_permits: Arc::new(Semaphore::new(limits.max_connections_per_node)),
                 limits,
             }),
@@ -170,23 +203,30 @@ impl Proxy {
         }
         let mut loops = JoinSet::new();
         let inner = &self.inner;
-        let outbound = (listeners.outbound, Direction::Outbound);
+        let listeners = [listeners.outbound, listeners.inbound_plaintext, listeners.hbone].map(Arc::new);
+        let outbound = (listeners[0].clone(), Direction::Outbound);
         loops.spawn(accept_loop(outbound, pod.clone(), inner.clone(), outbound::handle));
-        let plaintext = (listeners.inbound_plaintext, Direction::Inbound);
+        let plaintext = (listeners[1].clone(), Direction::Inbound);
         loops.spawn(accept_loop(plaintext, pod.clone(), inner.clone(), inbound::handle_plaintext));
-        let hbone = (listeners.hbone, Direction::Inbound);
+        let hbone = (listeners[2].clone(), Direction::Inbound);
         loops.spawn(accept_loop(hbone, pod.clone(), inner.clone(), hbone::server::handle));
-        Ok(PodHandle { proxy: self.clone(), pod, _accept_loops: loops })
+        Ok(PodHandle { proxy: self.clone(), pod, listeners, accept_loops: loops })
     }
 
     /// Asks every HBONE server connection to wind down (GOAWAY) and waits, up to `deadline`,
-    /// for their open streams to finish.
-    pub async fn drain(&self, deadline: Duration) {
+    /// for every accepted connection to finish. Returns how many were still open then.
+    pub async fn drain(&self, deadline: Duration) -> usize {
         let _ = self.inner.drain.send(true);
         let until = tokio::time::Instant::now() + deadline;
-        while self.inner.hbone_servers.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < until {
+        while self.open_connections() > 0 && tokio::time::Instant::now() < until {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        self.open_connections()
+    }
+
+    /// Accepted connections (on any pod listener) not finished yet.
+    fn open_connections(&self) -> usize {
+        self.inner.limits.max_connections_per_node - self.inner.node_permits.available_permits()
     }
 
     /// Re-checks open connections against the current policies; closes those now denied.
@@ -238,7 +278,7 @@ impl Proxy {
 /// Accepts on one listener, within the pod's and the node's connection limits; a connection over
 /// a limit is reset at once and counted.
 async fn accept_loop<F, Fut>(
-    (listener, direction): (TcpListener, Direction),
+    (listener, direction): (Arc<TcpListener>, Direction),
     pod: Arc<LocalPod>,
     inner: Arc<Inner>,
     handler: F,

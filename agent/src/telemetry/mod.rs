@@ -140,7 +140,7 @@ impl Telemetry {
     }
 
     /// Serves `/metrics` and `/healthz/ready` over HTTP/1.1 until the task is dropped.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+    pub async fn serve(self: Arc<Self>, listener: Arc<TcpListener>) {
         loop {
             let (stream, _) = match listener.accept().await {
                 Ok(accepted) => accepted,

@@ -29,6 +29,13 @@ pub mod maps {
     pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
     pub const FAIL_CLOSED_IPS: &str = "FAIL_CLOSED_IPS";
     pub const COUNTERS: &str = "COUNTERS";
+    /// The maps an agent pins so that the next agent (an upgrade, or a restart after a crash)
+    /// shares them: programs of both generations see the same state.
+    pub const SHARED: [&str; 6] =
+        [MESHED_NETNS, ORIG_DST_BY_SOCKET, ORIG_DST, INBOUND_LISTENERS, FAIL_CLOSED_IPS, COUNTERS];
+    /// Bumped whenever a shared map's key, value or size changes: agents of another layout use
+    /// their own pins instead of misreading these.
+    pub const LAYOUT_VERSION: u32 = 1;
 }
 
 /// Program names, as the eBPF object defines them.

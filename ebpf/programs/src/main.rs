@@ -14,7 +14,7 @@
 use aya_ebpf::{
     EbpfContext,
     bindings::{
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_SK_LOOKUP_F_REPLACE, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
         sk_action::{SK_DROP, SK_PASS},
     },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
@@ -184,7 +184,9 @@ fn steer_inbound(ctx: &SkLookupContext) -> u32 {
         return SK_PASS;
     }
     let key = IpKey::v4(local_ip);
-    match INBOUND_LISTENERS.redirect_sk_lookup(ctx, key, 0) {
+    // REPLACE: while an upgrade overlaps two generations of this program, the later one selects
+    // the same listener again instead of failing because the earlier one already did.
+    match INBOUND_LISTENERS.redirect_sk_lookup(ctx, key, BPF_SK_LOOKUP_F_REPLACE as u64) {
         Ok(()) => {
             count(Counter::InboundSteered);
             SK_PASS

@@ -12,7 +12,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
     time::{Duration, Instant},
@@ -77,6 +77,9 @@ struct PooledConnection {
     sender: http2::SendRequest<Empty<Bytes>>,
     active: AtomicUsize,
     idle_since: Mutex<Instant>,
+    /// The peer sent GOAWAY (it drains, e.g. its agent is being upgraded): open streams go on,
+    /// new ones go to a new connection.
+    going_away: AtomicBool,
 }
 
 /// Holds one stream's place on its connection until dropped.
@@ -144,8 +147,18 @@ impl Pool {
         metrics: &ProxyMetrics,
         request: http::Request<()>,
     ) -> Result<HboneStream, TunnelError> {
-        let slot = self.checkout(key, netns, certs, metrics).await?;
-        let mut response = slot.0.sender.clone().send_request(request.map(|()| Empty::new())).await?;
+        let mut slot = self.checkout(key, netns, certs, metrics).await?;
+        let mut sent = slot.0.sender.clone().send_request(copy(&request)).await;
+        if let Err(e) = &sent
+            && unprocessed(e)
+        {
+            // The connection is going away and the peer never saw this stream: safe to send
+            // again, on a connection that is not.
+            slot.0.going_away.store(true, Ordering::Release);
+            slot = self.checkout(key, netns, certs, metrics).await?;
+            sent = slot.0.sender.clone().send_request(copy(&request)).await;
+        }
+        let mut response = sent?;
         if response.status() != StatusCode::OK {
             return Err(TunnelError::Status(response.status()));
         }
@@ -176,6 +189,7 @@ impl Pool {
             sender,
             active: AtomicUsize::new(1),
             idle_since: Mutex::new(Instant::now()),
+            going_away: AtomicBool::new(false),
         });
         self.connections
             .lock()
@@ -191,9 +205,11 @@ impl Pool {
         let list = connections.get_mut(key)?;
         list.retain(|c| !c.sender.is_closed());
         // Increments happen only under the pool lock, so the limit holds.
-        let connection = list
-            .iter()
-            .find(|c| c.sender.is_ready() && c.active.load(Ordering::Acquire) < MAX_STREAMS_PER_CONNECTION)?;
+        let connection = list.iter().find(|c| {
+            c.sender.is_ready()
+                && !c.going_away.load(Ordering::Acquire)
+                && c.active.load(Ordering::Acquire) < MAX_STREAMS_PER_CONNECTION
+        })?;
         connection.active.fetch_add(1, Ordering::AcqRel);
         Some(StreamSlot(connection.clone()))
     }
@@ -219,6 +235,25 @@ impl Pool {
                 .retain(|_, lock| Arc::strong_count(lock) > 1);
         }
     }
+}
+
+/// Whether a failed request is known not to have reached the peer's application: canceled
+/// before it was sent, or refused by the peer's GOAWAY (streams above its last stream id) or
+/// with REFUSED_STREAM.
+fn unprocessed(error: &hyper::Error) -> bool {
+    let h2 = std::error::Error::source(error).and_then(|e| e.downcast_ref::<h2::Error>());
+    error.is_canceled()
+        || h2.is_some_and(|e| e.is_go_away() || e.reason() == Some(h2::Reason::REFUSED_STREAM))
+}
+
+/// The CONNECT request with an empty body (requests are not `Clone`; a retry sends it again).
+fn copy(request: &http::Request<()>) -> http::Request<Empty<Bytes>> {
+    let mut copy = http::Request::new(Empty::new());
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.version_mut() = request.version();
+    *copy.headers_mut() = request.headers().clone();
+    copy
 }
 
 /// TCP from inside the source pod (marked), mTLS as the source identity, HTTP/2 handshake.

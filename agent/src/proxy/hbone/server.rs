@@ -1,11 +1,7 @@
 //! Inbound HBONE on a pod's 15008: mTLS with the pod's certificate, HTTP/2, one CONNECT per app
 //! connection, delivered to the app inside the pod's netns.
 
-use std::{
-    convert::Infallible,
-    net::SocketAddr,
-    sync::{Arc, atomic::Ordering},
-};
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
 use http_body_util::Empty;
 use hyper::{
@@ -58,7 +54,6 @@ pub(in crate::proxy) async fn handle(proxy: Proxy, pod: Arc<LocalPod>, tcp: TcpS
         Err(_) => return flow().fail(&telemetry, FailureReason::TlsHandshake, &"TLS handshake timed out"),
     };
     telemetry.proxy.hbone_connection(Side::Server);
-    let _open = OpenServer::new(&proxy);
     let peer_identity = tls::peer_identity(tls.get_ref().1.peer_certificates());
     let mut draining = proxy.inner.draining.clone();
     let service = service_fn(move |request| {
@@ -139,22 +134,6 @@ async fn connect(
         response.headers_mut().insert("baggage", baggage);
     }
     response
-}
-
-/// Counts an open HBONE server connection for the duration of its life.
-struct OpenServer(Proxy);
-
-impl OpenServer {
-    fn new(proxy: &Proxy) -> OpenServer {
-        proxy.inner.hbone_servers.fetch_add(1, Ordering::AcqRel);
-        OpenServer(proxy.clone())
-    }
-}
-
-impl Drop for OpenServer {
-    fn drop(&mut self) {
-        self.0.inner.hbone_servers.fetch_sub(1, Ordering::AcqRel);
-    }
 }
 
 fn status(code: StatusCode) -> Response<Empty<Bytes>> {
