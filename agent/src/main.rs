@@ -9,6 +9,17 @@ use ferry::{
     inpod, telemetry,
 };
 
+/// jemalloc instead of glibc's malloc: with many threads, glibc keeps freed memory in per-thread
+/// arenas, so the agent's RSS ratchets up with every connection peak and never comes back.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// A background thread returns pages freed for a second to the kernel even when the agent idles
+/// (otherwise purging waits for the next allocation).
+#[allow(non_upper_case_globals)]
+#[unsafe(export_name = "_rjem_malloc_conf")]
+pub static malloc_conf: &[u8] = b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:1000\0";
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {

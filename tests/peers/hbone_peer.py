@@ -16,6 +16,7 @@ import socket
 import ssl
 import sys
 import threading
+import time
 
 import h2.config
 import h2.connection
@@ -52,6 +53,21 @@ def pump(sock, conn):
         sock.sendall(data)
 
 
+def idle(sock, seconds):
+    """Says nothing after the TLS handshake (not even the HTTP/2 preface); reports when the
+    server closed the connection, if it did within `seconds`."""
+    started = time.monotonic()
+    sock.settimeout(seconds)
+    try:
+        while sock.recv(65536):
+            pass
+        emit({"closed_after": round(time.monotonic() - started, 3)})
+    except socket.timeout:
+        emit({"still_open_after": seconds})
+    except (ssl.SSLError, OSError) as e:
+        emit({"closed_after": round(time.monotonic() - started, 3), "error": str(e)})
+
+
 def client(args):
     host, port = args.connect.rsplit(":", 1)
     raw = socket.create_connection((host, int(port)), timeout=10)
@@ -63,6 +79,9 @@ def client(args):
     peer = sock.getpeercert()
     emit({"server_identity": uri_san(peer), "serial": peer.get("serialNumber"),
           "alpn": sock.selected_alpn_protocol(), "tls": sock.version()})
+    if args.idle is not None:
+        idle(sock, args.idle)
+        return
     conn = h2.connection.H2Connection(config=h2.config.H2Configuration(client_side=True))
     conn.initiate_connection()
     pump(sock, conn)
@@ -180,6 +199,7 @@ def main():
     parser.add_argument("--ca", required=True)
     parser.add_argument("--request", dest="requests", action="append", default=[])
     parser.add_argument("--alpn", default="h2", help="comma-separated ALPN to offer, or none")
+    parser.add_argument("--idle", type=float, help="client: stay silent after TLS for this long")
     args = parser.parse_args()
     (client if args.mode == "client" else server)(args)
 

@@ -24,10 +24,9 @@ use anyhow::{Context, Result, bail};
 pub use app::{ConnectOutcome, Server};
 pub use capture::{Capture, Segment};
 pub use peer::{
-    CertFiles, PeerServer, Sample, hbone_client, hbone_client_offering, hbone_server, parse_metrics,
-    sum_samples,
+    CertFiles, PeerServer, Sample, hbone_client, hbone_client_with, hbone_server, parse_metrics, sum_samples,
 };
-pub use sys::{Cgroup, Netns};
+pub use sys::{Cgroup, Netns, ProcUsage};
 
 /// The cgroup v2 hierarchy of this machine (hybrid layout).
 pub const CGROUP2_ROOT: &str = "/sys/fs/cgroup/unified";

@@ -150,20 +150,23 @@ pub fn hbone_client(
     ca_dir: &Path,
     requests: &[&str],
 ) -> Result<Vec<Value>> {
-    hbone_client_offering(netns, connect, cert, ca_dir, "h2", requests)
+    hbone_client_with(netns, connect, cert, ca_dir, &[], requests)
 }
 
-/// Like [`hbone_client`], offering the ALPN protocols `alpn` (comma-separated, or `none`).
-pub fn hbone_client_offering(
+/// Like [`hbone_client`], with more client flags: `--alpn LIST` (comma-separated, or `none`)
+/// offers other ALPN protocols; `--idle SECS` stays silent after the TLS handshake and reports
+/// when the server closed.
+pub fn hbone_client_with(
     netns: &Netns,
     connect: SocketAddr,
     cert: Option<&CertFiles>,
     ca_dir: &Path,
-    alpn: &str,
+    flags: &[&str],
     requests: &[&str],
 ) -> Result<Vec<Value>> {
     let addr = connect.to_string();
-    let mut cmd = python(&["client", "--connect", &addr, "--alpn", alpn], cert, ca_dir);
+    let mut cmd = python(&["client", "--connect", &addr], cert, ca_dir);
+    cmd.args(flags);
     for request in requests {
         cmd.arg("--request").arg(request);
     }

@@ -222,3 +222,29 @@ mod tests {
         assert_eq!(super::format_pid(4_194_304, &mut buf), b"4194304");
     }
 }
+
+/// What a process uses, from /proc (zero for what cannot be read, e.g. it exited).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcUsage {
+    /// User + system CPU time, in clock ticks (1/100 s).
+    pub cpu_ticks: u64,
+    pub rss_kib: u64,
+    pub open_fds: usize,
+}
+
+impl ProcUsage {
+    pub fn of(pid: u32) -> ProcUsage {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // Fields after the command name (which may hold spaces): utime is 14th, stime 15th overall.
+        let fields: Vec<&str> =
+            stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+        let field = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        let rss_kib = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:")?.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0);
+        let open_fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0);
+        ProcUsage { cpu_ticks: field(11) + field(12), rss_kib, open_fds }
+    }
+}

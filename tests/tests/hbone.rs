@@ -7,7 +7,7 @@ use std::{
 };
 
 use ferry_sandbox::{
-    Capture, ConnectOutcome, PodSpec, Sandbox, hbone_client, hbone_client_offering, hbone_server,
+    Capture, ConnectOutcome, PodSpec, Sandbox, hbone_client, hbone_client_with, hbone_server,
 };
 use serde_json::Value;
 
@@ -115,10 +115,12 @@ fn python_h2_client_against_ferry_server() {
     let node1 = &sb.node("node1").netns;
     let hbone = addr(&sb, "c", 15008);
     let out =
-        hbone_client_offering(node1, hbone, Some(&cert), &sb.ca_dir(), "http/1.1", &requests[..1]).unwrap();
+        hbone_client_with(node1, hbone, Some(&cert), &sb.ca_dir(), &["--alpn", "http/1.1"], &requests[..1])
+            .unwrap();
     let error = out[0]["tls_error"].as_str().unwrap_or_default();
     assert!(error.contains("no application protocol"), "{out:?}");
-    let out = hbone_client_offering(node1, hbone, Some(&cert), &sb.ca_dir(), "none", &requests[..1]).unwrap();
+    let out = hbone_client_with(node1, hbone, Some(&cert), &sb.ca_dir(), &["--alpn", "none"], &requests[..1])
+        .unwrap();
     assert_eq!(out[1]["status"], 200, "{out:?}");
 }
 

@@ -5,7 +5,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ferry_sandbox::{ConnectOutcome, Sandbox};
+use ferry_sandbox::{ConnectOutcome, Sandbox, hbone_client_with};
 
 const PORT: u16 = 8080;
 
@@ -78,4 +78,17 @@ fn a_silent_peer_on_15008_is_cut_off_after_the_handshake_timeout() {
     let series = "ferry_proxy_connection_failures_total{direction=\"inbound\",reason=\"tls_handshake\"}";
     assert_eq!(sb.metric("node2", series).unwrap(), 2.0);
     assert!(sb.agent_log("node2").contains("TLS handshake timed out"));
+
+    // A peer with a valid certificate that completes TLS and then sends nothing, not even the
+    // HTTP/2 preface, gets as long for its first request.
+    let cert = sb.issue_cert(&sb.ca_dir(), "spiffe://cluster.local/ns/default/sa/quiet", "quiet").unwrap();
+    let out =
+        hbone_client_with(&sb.node("node1").netns, hbone, Some(&cert), &sb.ca_dir(), &["--idle", "5"], &[])
+            .unwrap();
+    assert_eq!(out[0]["tls"], "TLSv1.3", "{out:?}");
+    let closed_after = out[1]["closed_after"].as_f64().unwrap_or_else(|| panic!("never closed: {out:?}"));
+    assert!((0.8..3.0).contains(&closed_after), "closed after {closed_after} s");
+    let series = "ferry_proxy_connection_failures_total{direction=\"inbound\",reason=\"idle\"}";
+    assert_eq!(sb.metric("node2", series).unwrap(), 1.0);
+    assert!(sb.agent_log("node2").contains("no HBONE request within 1s of the TLS handshake"));
 }

@@ -13,7 +13,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use ferry_sandbox::{PodSpec, Sandbox};
+use ferry_sandbox::{PodSpec, ProcUsage, Sandbox};
 use serde::Serialize;
 
 const ECHO_PORT: u16 = 8080;
@@ -151,31 +151,16 @@ pub(crate) fn run(quick: bool) -> Result<()> {
     Ok(())
 }
 
-/// CPU time (ticks) and RSS (KiB) of a process.
-fn proc_usage(pid: u32) -> (u64, u64) {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces): utime is 14th, stime 15th overall.
-    let fields: Vec<&str> =
-        stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
-    let ticks = fields.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-        + fields.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("VmRSS:").and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0);
-    (ticks, rss)
-}
-
 /// Runs `work` and reports the agents' CPU (percent of one core) and peak RSS meanwhile.
 fn with_usage<T>(pids: &[u32], work: impl FnOnce() -> Result<T>) -> Result<(T, f64, u64)> {
-    let before: u64 = pids.iter().map(|p| proc_usage(*p).0).sum();
+    let before: u64 = pids.iter().map(|p| ProcUsage::of(*p).cpu_ticks).sum();
     let start = Instant::now();
     let value = work()?;
     let wall = start.elapsed().as_secs_f64();
-    let (after, rss) = pids.iter().map(|p| proc_usage(*p)).fold((0, 0), |(t, r), (ti, ri)| (t + ti, r + ri));
+    let (after, rss) = pids
+        .iter()
+        .map(|p| ProcUsage::of(*p))
+        .fold((0, 0), |(t, r), usage| (t + usage.cpu_ticks, r + usage.rss_kib));
     // Clock ticks are 1/100 s on Linux.
     let cpu = (after.saturating_sub(before)) as f64 / 100.0 / wall * 100.0;
     Ok((value, cpu, rss))

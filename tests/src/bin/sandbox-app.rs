@@ -52,9 +52,11 @@ fn main() -> ExitCode {
             streams.parse().expect("streams"),
         ),
         ["idle", addr, secs] => idle(addr.parse().expect("address"), secs.parse().expect("seconds")),
-        ["cps", addr, secs] => {
-            new_connections(addr.parse().expect("address"), secs.parse().expect("seconds"))
-        }
+        ["cps", addr, secs, rest @ ..] => new_connections(
+            addr.parse().expect("address"),
+            secs.parse().expect("seconds"),
+            rest.first().map(|r| r.parse().expect("rate")),
+        ),
         ["hold", addr, n] => hold(addr.parse().expect("address"), n.parse().expect("count")),
         ["stream", addr, secs] => stream(addr.parse().expect("address"), secs.parse().expect("seconds")),
         ["bulk", addr, mib] => bulk(addr.parse().expect("address"), mib.parse().expect("MiB")),
@@ -230,12 +232,18 @@ fn send(addr: SocketAddr, seconds: u64, streams: usize) {
     println!("send {:.3}", bytes as f64 * 8.0 / start.elapsed().as_secs_f64() / 1e9);
 }
 
-/// Completed connections per second, and how many failed (they count against the rate).
-fn new_connections(addr: SocketAddr, seconds: u64) {
+/// Completed connections per second, and how many failed (they count against the rate). With a
+/// `rate`, connections start at most that many per second (a long churn at full speed would run
+/// out of ephemeral ports to TIME_WAIT, with or without a proxy).
+fn new_connections(addr: SocketAddr, seconds: u64, rate: Option<u64>) {
     let start = Instant::now();
     let (mut count, mut errors) = (0u64, 0u64);
     let mut byte = [0u8; 1];
     while start.elapsed() < Duration::from_secs(seconds) {
+        if let Some(rate) = rate {
+            let due = Duration::from_secs_f64((count + errors) as f64 / rate as f64);
+            std::thread::sleep(due.saturating_sub(start.elapsed()));
+        }
         let attempt = TcpStream::connect(addr).and_then(|mut stream| {
             stream.set_nodelay(true)?;
             stream.write_all(&byte)?;

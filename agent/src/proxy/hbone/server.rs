@@ -13,7 +13,7 @@ use hyper::{
     upgrade::Upgraded,
 };
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::TcpStream;
+use tokio::{net::TcpStream, sync::Notify};
 use tokio_rustls::TlsAcceptor;
 
 use super::{SERVER_MAX_CONCURRENT_STREAMS, proto};
@@ -56,9 +56,13 @@ pub(in crate::proxy) async fn handle(proxy: Proxy, pod: Arc<LocalPod>, tcp: TcpS
     telemetry.proxy.hbone_connection(Side::Server);
     let peer_identity = tls::peer_identity(tls.get_ref().1.peer_certificates());
     let mut draining = proxy.inner.draining.clone();
+    let first_request_within = proxy.inner.limits.handshake_timeout;
+    let requested = Arc::new(Notify::new());
+    let (requests, service_pod) = (requested.clone(), pod.clone());
     let service = service_fn(move |request| {
+        requests.notify_one();
         let proxy = proxy.clone();
-        let pod = pod.clone();
+        let pod = service_pod.clone();
         let peer_identity = peer_identity.clone();
         async move { Ok::<_, Infallible>(connect(proxy, pod, peer, peer_identity, local, request).await) }
     });
@@ -66,8 +70,20 @@ pub(in crate::proxy) async fn handle(proxy: Proxy, pod: Arc<LocalPod>, tcp: TcpS
         .max_concurrent_streams(SERVER_MAX_CONCURRENT_STREAMS)
         .serve_connection(TokioIo::new(tls), service);
     tokio::pin!(connection);
+    // A peer that completes TLS and then says nothing (not even the HTTP/2 preface) would hold
+    // the connection forever: it gets as long as a handshake for its first request.
+    let silent = async {
+        if tokio::time::timeout(first_request_within, requested.notified()).await.is_err() {
+            return;
+        }
+        std::future::pending::<()>().await
+    };
     let result = tokio::select! {
         result = connection.as_mut() => result,
+        () = silent => {
+            let problem = format!("no HBONE request within {first_request_within:?} of the TLS handshake");
+            return flow().fail(&telemetry, FailureReason::Idle, &problem);
+        }
         _ = async { let _ = draining.wait_for(|d| *d).await; } => {
             // GOAWAY: no new streams, open ones finish.
             connection.as_mut().graceful_shutdown();
