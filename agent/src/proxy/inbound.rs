@@ -32,7 +32,7 @@ pub(super) async fn handle_plaintext(proxy: Proxy, pod: Arc<LocalPod>, client: T
         return flow.deny(telemetry, &decision);
     }
     match deliver(&pod, dst).await {
-        Ok(app) => flow.relay(client, app, &proxy).await,
+        Ok(app) => flow.relay_tcp(client, app, &proxy).await,
         Err(e) => flow.reset(&client, telemetry, FailureReason::Connect, &e),
     }
 }

@@ -4,7 +4,8 @@
 //! - [`tunnel`]: carries an outbound connection to the destination's node.
 //! - [`inbound`]: plaintext connections arriving for the pod (15006), delivered to the app.
 //! - [`hbone`]: the mTLS tunnel: client side for [`tunnel`], server side on the pod's 15008.
-//! - [`relay`]: copies bytes both ways once both ends are connected.
+//! - [`relay`]: moves bytes both ways once both ends are connected ([`splice`] when both are
+//!   kernel sockets).
 
 mod connections;
 pub mod hbone;
@@ -12,6 +13,7 @@ mod inbound;
 mod outbound;
 mod relay;
 mod route;
+mod splice;
 mod tunnel;
 
 use std::{

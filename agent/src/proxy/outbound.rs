@@ -55,7 +55,7 @@ pub(super) async fn handle(proxy: Proxy, pod: Arc<LocalPod>, client: TcpStream, 
                     return flow.deny(telemetry, &decision);
                 }
                 return match inbound::deliver(&dst_pod, dst).await {
-                    Ok(upstream) => flow.relay(client, upstream, &proxy).await,
+                    Ok(upstream) => flow.relay_tcp(client, upstream, &proxy).await,
                     Err(e) => flow.reset(&client, telemetry, FailureReason::Connect, &e),
                 };
             }
@@ -65,7 +65,7 @@ pub(super) async fn handle(proxy: Proxy, pod: Arc<LocalPod>, client: TcpStream, 
         Route::Passthrough => pod.netns.connect(dst).await,
     };
     match upstream {
-        Ok(upstream) => flow.relay(client, upstream, &proxy).await,
+        Ok(upstream) => flow.relay_tcp(client, upstream, &proxy).await,
         Err(e) => flow.reset(&client, telemetry, FailureReason::Connect, &e),
     }
 }

@@ -15,6 +15,7 @@ use tokio::{
 use super::{
     Proxy,
     connections::{Admission, ByteCounts, Counted, Registration},
+    splice,
 };
 use crate::{
     identity::SpiffeId,
@@ -186,25 +187,49 @@ impl Flow {
 
     /// Relays until both directions are closed, a policy change revokes it, it idles past the
     /// idle timeout, or a side fails; failures reach both ends as resets.
+    /// Relays between two streams (one of them an HBONE stream) through user-space buffers.
     pub(super) async fn relay<A, B>(self, downstream: A, upstream: B, proxy: &Proxy)
     where
         A: AsyncRead + AsyncWrite + Unpin + Abort,
         B: AsyncRead + AsyncWrite + Unpin + Abort,
     {
-        let telemetry = &proxy.inner.telemetry;
-        let labels = self.labels();
-        telemetry.proxy.opened(self.direction, self.route, &labels);
-        telemetry.flows.push(self.event(FlowKind::Opened, None, 0, 0));
-        let registration: Registration = proxy.inner.tracker.register(&self);
-        let idle_timeout = proxy.inner.limits.idle_timeout;
+        let registration = self.opened(proxy);
         let mut downstream = Counted::new(downstream, &registration.bytes.src_to_dst);
         let mut upstream = Counted::new(upstream, &registration.bytes.dst_to_src);
         let copy = copy_bidirectional_with_sizes(&mut downstream, &mut upstream, BUFFER_SIZE, BUFFER_SIZE);
-        let outcome = tokio::select! {
-            result = copy => result.map_err(|e| (FailureReason::Relay, e.to_string())),
-            decision = registration.revoked() => Err((FailureReason::Denied, format!("closed by a policy change: {decision}"))),
-            () = idle(&registration.bytes, idle_timeout) => Err((FailureReason::Idle, format!("idle for {idle_timeout:?}"))),
-        };
+        let outcome = watch(proxy, &registration, copy).await;
+        if outcome.is_err() {
+            downstream.get_ref().abort();
+            upstream.get_ref().abort();
+        }
+        self.closed(proxy, outcome);
+    }
+
+    /// Relays between two kernel TCP sockets with `splice(2)`: the bytes never enter user space.
+    pub(super) async fn relay_tcp(self, downstream: TcpStream, upstream: TcpStream, proxy: &Proxy) {
+        let registration = self.opened(proxy);
+        let bytes = &registration.bytes;
+        let splice = splice::bidirectional(&downstream, &upstream, &bytes.src_to_dst, &bytes.dst_to_src);
+        let outcome = watch(proxy, &registration, splice).await;
+        if outcome.is_err() {
+            downstream.abort();
+            upstream.abort();
+        }
+        self.closed(proxy, outcome);
+    }
+
+    /// Counts and logs the opening, and registers the connection for policy re-checks.
+    fn opened(&self, proxy: &Proxy) -> Registration {
+        let telemetry = &proxy.inner.telemetry;
+        telemetry.proxy.opened(self.direction, self.route, &self.labels());
+        telemetry.flows.push(self.event(FlowKind::Opened, None, 0, 0));
+        proxy.inner.tracker.register(self)
+    }
+
+    /// Counts and logs how the relay ended.
+    fn closed(self, proxy: &Proxy, outcome: Result<(u64, u64), (FailureReason, String)>) {
+        let telemetry = &proxy.inner.telemetry;
+        let labels = self.labels();
         match outcome {
             Ok((received, sent)) => {
                 telemetry.proxy.closed(self.direction, self.route, &labels, received, sent);
@@ -212,9 +237,6 @@ impl Flow {
                 telemetry.flows.push(self.event(FlowKind::Closed, None, received, sent));
             }
             Err((reason, error)) => {
-                // Never let a cut connection look like a clean end.
-                downstream.get_ref().abort();
-                upstream.get_ref().abort();
                 telemetry.proxy.closed(self.direction, self.route, &labels, 0, 0);
                 telemetry.proxy.failed(self.direction, reason, None);
                 let kind = if reason == FailureReason::Denied { FlowKind::Denied } else { FlowKind::Closed };
@@ -224,7 +246,6 @@ impl Flow {
         }
     }
 
-    /// One access-log line (target `access`) with the fields of interfaces.md.
     fn log(
         &self,
         kind: FlowKind,
@@ -260,5 +281,19 @@ impl Flow {
             error,
             "{message}"
         );
+    }
+}
+
+/// Runs a relay until it ends, a policy change revokes the connection, or it idles too long.
+async fn watch(
+    proxy: &Proxy,
+    registration: &Registration,
+    relay: impl Future<Output = std::io::Result<(u64, u64)>>,
+) -> Result<(u64, u64), (FailureReason, String)> {
+    let idle_timeout = proxy.inner.limits.idle_timeout;
+    tokio::select! {
+        result = relay => result.map_err(|e| (FailureReason::Relay, e.to_string())),
+        decision = registration.revoked() => Err((FailureReason::Denied, format!("closed by a policy change: {decision}"))),
+        () = idle(&registration.bytes, idle_timeout) => Err((FailureReason::Idle, format!("idle for {idle_timeout:?}"))),
     }
 }

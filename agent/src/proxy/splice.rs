@@ -1,0 +1,56 @@
+//! Zero-copy relay between two kernel TCP sockets (same-node, plaintext inbound, passthrough):
+//! `splice(2)` moves the bytes socket -> pipe -> socket inside the kernel, so they are never
+//! copied through the proxy's memory. HBONE streams are not sockets and use the copying relay.
+
+use std::{
+    io,
+    os::fd::{AsFd, BorrowedFd, OwnedFd},
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+use rustix::pipe::{PipeFlags, SpliceFlags};
+use tokio::{io::Interest, net::TcpStream};
+
+/// Bytes moved per splice call: the pipe's default capacity.
+const CHUNK: usize = 64 * 1024;
+
+/// Relays both ways until both directions have ended; like `copy_bidirectional`, an end of
+/// stream is passed on as a half-close. Counts bytes as they move; returns (a -> b, b -> a).
+pub(super) async fn bidirectional(
+    a: &TcpStream,
+    b: &TcpStream,
+    a_to_b: &AtomicU64,
+    b_to_a: &AtomicU64,
+) -> io::Result<(u64, u64)> {
+    tokio::try_join!(one_way(a, b, a_to_b), one_way(b, a, b_to_a))
+}
+
+async fn one_way(from: &TcpStream, to: &TcpStream, moved: &AtomicU64) -> io::Result<u64> {
+    let (pipe_out, pipe_in) = pipe()?;
+    let mut total = 0u64;
+    loop {
+        let filled =
+            from.async_io(Interest::READABLE, || splice(from.as_fd(), pipe_in.as_fd(), CHUNK)).await?;
+        if filled == 0 {
+            // The sender finished: finish our side towards the receiver too.
+            socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write)?;
+            return Ok(total);
+        }
+        let mut left = filled;
+        while left > 0 {
+            left -= to.async_io(Interest::WRITABLE, || splice(pipe_out.as_fd(), to.as_fd(), left)).await?;
+        }
+        total += filled as u64;
+        moved.fetch_add(filled as u64, Ordering::Relaxed);
+    }
+}
+
+/// A non-blocking pipe: (read end, write end).
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    Ok(rustix::pipe::pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)?)
+}
+
+/// One non-blocking splice; `WouldBlock` makes tokio wait for readiness again.
+fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
+    Ok(rustix::pipe::splice(from, None, to, None, len, SpliceFlags::MOVE | SpliceFlags::NONBLOCK)?)
+}
