@@ -14,6 +14,7 @@ use anyhow::Context;
 use tokio::{
     net::TcpListener,
     signal::unix::{SignalKind, signal},
+    sync::mpsc,
     task::{JoinHandle, JoinSet},
 };
 
@@ -21,7 +22,7 @@ use crate::{
     admin::{Admin, LocalPodView, LocalView},
     config::{self, Config},
     datapath::Datapath,
-    discovery::StaticFile,
+    discovery::{self, StaticFile},
     identity::{CertManager, FileCa},
     inpod::PodNetns,
     proxy::{PodHandle, PodListeners, Proxy},
@@ -60,9 +61,13 @@ struct Agent {
 /// How long a new agent may take, from receiving the listeners, to be ready.
 const SUCCESSOR_READY_TIMEOUT: Duration = Duration::from_secs(120);
 
-pub async fn run(config_path: PathBuf, log: LogControl) -> anyhow::Result<()> {
+pub async fn run(config_path: PathBuf, kube: bool, log: LogControl) -> anyhow::Result<()> {
     let source = StaticFile { path: config_path.clone() };
-    let config = source.read()?;
+    let mut config = source.read()?;
+    let mut discovered = match kube {
+        true => Some(watch_kubernetes(&mut config).await?),
+        false => None,
+    };
     let mut takeover = {
         let (path, node) = (config.upgrade_socket.clone(), config.node.clone());
         tokio::task::spawn_blocking(move || upgrade::request(&path, &node))
@@ -149,19 +154,19 @@ pub async fn run(config_path: PathBuf, log: LogControl) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             _ = hangup.recv() => match source.read() {
-                Ok(config) => {
-                    agent.state.store(State::from_config(&config));
-                    agent.reconcile(&config);
-                    let closed = agent.proxy.recheck_policies();
-                    tracing::info!(
-                        workloads = agent.pods.len(),
-                        policies = config.compiled_policies.len(),
-                        closed_by_policy = closed,
-                        "config reloaded"
-                    );
+                Ok(mut reloaded) => {
+                    if discovered.is_some() {
+                        reloaded.workloads = std::mem::take(&mut config.workloads);
+                    }
+                    config = reloaded;
+                    agent.apply(&config, "config reloaded");
                 }
                 Err(e) => tracing::error!("config reload rejected, the previous config stays in force: {e}"),
             },
+            Some(workloads) = async { discovered.as_mut().expect("guarded").recv().await }, if discovered.is_some() => {
+                config.workloads = workloads;
+                agent.apply(&config, "workloads changed in the Kubernetes API");
+            }
             conn = upgrades.accept(), if successor.is_none() => match conn.and_then(|c| agent.offer(c)) {
                 Ok(next) => {
                     tracing::info!("a new agent took the listeners; serving until it is ready");
@@ -189,6 +194,16 @@ pub async fn run(config_path: PathBuf, log: LogControl) -> anyhow::Result<()> {
     }
     agent.shutdown().await;
     Ok(())
+}
+
+/// Starts watching the Kubernetes API; waits for its first complete picture of the workloads,
+/// which replaces the config file's.
+async fn watch_kubernetes(config: &mut Config) -> anyhow::Result<mpsc::Receiver<Vec<config::Workload>>> {
+    let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
+    let mut workloads = discovery::kube::spawn(client, config.node.clone(), config.pod_cgroup_root.clone());
+    tracing::info!("waiting for the Kubernetes API's namespaces and pods");
+    config.workloads = workloads.recv().await.context("the Kubernetes watch ended")?;
+    Ok(workloads)
 }
 
 /// Whether the new agent reported ready (else this agent carries on).
@@ -225,6 +240,19 @@ async fn node_listener(
 }
 
 impl Agent {
+    /// Makes state, capture and open connections follow a new config.
+    fn apply(&mut self, config: &Config, why: &str) {
+        self.state.store(State::from_config(config));
+        self.reconcile(config);
+        let closed = self.proxy.recheck_policies();
+        tracing::info!(
+            workloads = self.pods.len(),
+            policies = config.compiled_policies.len(),
+            closed_by_policy = closed,
+            "{why}"
+        );
+    }
+
     /// Makes the captured pods match the config's local meshed workloads.
     fn reconcile(&mut self, config: &Config) {
         for policy in &config.compiled_policies {

@@ -62,6 +62,10 @@ pub struct Config {
     /// Resource bounds of the proxy.
     #[serde(default)]
     pub limits: Limits,
+    /// Kubernetes mode: the cgroup v2 directory holding the kubelet's `kubepods` (or
+    /// `kubepods.slice`) tree, where local pods are found by UID.
+    #[serde(default = "default_pod_cgroup_root")]
+    pub pod_cgroup_root: PathBuf,
     /// AuthorizationPolicy objects, in the schema of Istio's (and Ferry's) CRD.
     #[serde(default)]
     pub policies: Vec<AuthorizationPolicy>,
@@ -147,6 +151,9 @@ fn default_bpf_pin_dir() -> PathBuf {
 pub const DEFAULT_ADMIN_SOCKET: &str = "/var/run/ferry/admin.sock";
 fn default_admin_socket() -> PathBuf {
     PathBuf::from(DEFAULT_ADMIN_SOCKET)
+}
+fn default_pod_cgroup_root() -> PathBuf {
+    PathBuf::from("/sys/fs/cgroup")
 }
 fn default_upgrade_socket() -> PathBuf {
     PathBuf::from("/var/run/ferry/upgrade.sock")

@@ -27,7 +27,7 @@ fn main() -> ExitCode {
             clap_complete::generate(shell, &mut Cli::command(), "ferry", &mut std::io::stdout());
             ExitCode::SUCCESS
         }
-        Command::Agent { config, log_format } => {
+        Command::Agent { config, log_format, kube } => {
             // Before any thread exists: the agent's own netns, to come back to from pods.
             inpod::init();
             let log = telemetry::init_logging(log_format);
@@ -42,7 +42,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(agent::run(config, log)) {
+            match runtime.block_on(agent::run(config, kube, log)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");

@@ -7,6 +7,7 @@
 
 mod app;
 mod capture;
+pub mod kube;
 mod peer;
 mod sys;
 
@@ -41,6 +42,9 @@ pub struct PodSpec {
     pub service_account: String,
     /// Listed in the config as meshed (captured); unmeshed pods are not listed at all.
     pub meshed: bool,
+    /// The pod's cgroup, relative to the sandbox's cgroup directory (default: its name), e.g.
+    /// `kubepods/besteffort/pod<uid>` for a pod the agent finds the way a kubelet lays it out.
+    pub cgroup: Option<String>,
 }
 
 impl PodSpec {
@@ -50,6 +54,7 @@ impl PodSpec {
             namespace: "default".into(),
             service_account: service_account.into(),
             meshed: true,
+            cgroup: None,
         }
     }
     pub fn unmeshed(name: &str) -> PodSpec {
@@ -58,6 +63,7 @@ impl PodSpec {
             namespace: "default".into(),
             service_account: "default".into(),
             meshed: false,
+            cgroup: None,
         }
     }
 }
@@ -77,6 +83,8 @@ pub struct Node {
     agent: Option<Agent>,
     /// Agents that handed over to a newer one and are draining.
     retired: Vec<Agent>,
+    /// Extra environment of the node's agents (e.g. KUBECONFIG).
+    agent_env: Vec<(String, String)>,
 }
 
 pub struct Sandbox {
@@ -127,6 +135,7 @@ impl Sandbox {
                 netns,
                 agent: None,
                 retired: Vec::new(),
+                agent_env: Vec::new(),
             });
         }
         if sandbox.nodes.len() == 2 {
@@ -170,7 +179,9 @@ impl Sandbox {
     fn add_pod(&self, node_index: usize, node_name: &str, pod_index: usize, spec: PodSpec) -> Result<Pod> {
         let node = &self.nodes[node_index];
         let netns = Netns::create(&format!("{}-{}", self.id, spec.name))?;
-        let cgroup = Cgroup::create(&Path::new(CGROUP2_ROOT).join(&self.id).join(&spec.name))?;
+        let cgroup = Cgroup::create(
+            &Path::new(CGROUP2_ROOT).join(&self.id).join(spec.cgroup.as_deref().unwrap_or(&spec.name)),
+        )?;
         let ip = Ipv4Addr::new(10, node_index as u8 + 1, 0, pod_index as u8 + 2);
         let gateway = Ipv4Addr::new(10, node_index as u8 + 1, 0, 1).to_string();
         let host_side = format!("p{pod_index}");
@@ -355,9 +366,15 @@ impl Sandbox {
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }
+        cmd.envs(self.node(node).agent_env.iter().map(|(k, v)| (k, v)));
         let child = self.node(node).netns.spawn(cmd, None)?;
         std::fs::write(self.dir.join(format!("{node}.pid")), child.id().to_string())?;
         Ok(Agent { child, log_path })
+    }
+
+    /// Sets an environment variable for the node's agents started from now on.
+    pub fn set_agent_env(&mut self, node: &str, key: &str, value: &str) {
+        self.node_mut(node).agent_env.push((key.to_owned(), value.to_owned()));
     }
 
     /// Upgrades the node's agent the way a rolling update does: starts a new one beside it and
@@ -551,11 +568,7 @@ pub fn teardown(id: &str) {
         }
     }
     let cgroup_root = Path::new(CGROUP2_ROOT).join(id);
-    for pod in std::fs::read_dir(&cgroup_root).into_iter().flatten().flatten() {
-        sys::kill_cgroup(&pod.path());
-        let _ = std::fs::remove_dir(pod.path());
-    }
-    let _ = std::fs::remove_dir(&cgroup_root);
+    sys::kill_cgroup_tree(&cgroup_root);
     sys::delete_netns_with_prefix(&format!("{id}-"));
     // Links a killed agent left pinned: removing the pins detaches them.
     let _ = std::fs::remove_dir_all(bpf_pin_root(id));

@@ -65,6 +65,15 @@ pub(crate) fn kill_cgroup(path: &Path) {
     }
 }
 
+/// Kills every process in a cgroup and its descendants, then removes them, deepest first.
+pub(crate) fn kill_cgroup_tree(path: &Path) {
+    for child in std::fs::read_dir(path).into_iter().flatten().flatten().filter(|e| e.path().is_dir()) {
+        kill_cgroup_tree(&child.path());
+    }
+    kill_cgroup(path);
+    let _ = std::fs::remove_dir(path);
+}
+
 pub(crate) fn delete_netns_with_prefix(prefix: &str) {
     let Ok(output) = Command::new("ip").args(["netns", "list"]).output() else { return };
     for line in String::from_utf8_lossy(&output.stdout).lines() {
@@ -130,30 +139,35 @@ impl Netns {
 
     /// Spawns `cmd` inside this netns and, if given, inside `cgroup` (before it runs any code).
     /// Uses setns instead of `ip netns exec`, which would hide the host's cgroup2 mount.
-    pub fn spawn(&self, mut cmd: Command, cgroup: Option<&Cgroup>) -> Result<Child> {
-        let netns: OwnedFd = File::open(&self.path)?.into();
-        let procs: Option<OwnedFd> = match cgroup {
-            Some(cg) => Some(File::options().write(true).open(cg.path().join("cgroup.procs"))?.into()),
-            None => None,
-        };
-        // SAFETY: the closure only makes async-signal-safe syscalls on fds opened beforehand.
-        unsafe {
-            cmd.pre_exec(move || {
-                if let Some(procs) = &procs {
-                    let mut digits = [0u8; 20];
-                    let text = format_pid(libc::getpid() as u32, &mut digits);
-                    if libc::write(procs.as_raw_fd(), text.as_ptr().cast(), text.len()) < 0 {
-                        return Err(io::Error::last_os_error());
-                    }
-                }
-                if libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+    pub fn spawn(&self, cmd: Command, cgroup: Option<&Cgroup>) -> Result<Child> {
+        spawn_in(&self.path, cmd, cgroup)
+    }
+}
+
+/// [`Netns::spawn`] for a netns known by its path (e.g. /run/netns/NAME).
+pub(crate) fn spawn_in(path: &Path, mut cmd: Command, cgroup: Option<&Cgroup>) -> Result<Child> {
+    let netns: OwnedFd = File::open(path)?.into();
+    let procs: Option<OwnedFd> = match cgroup {
+        Some(cg) => Some(File::options().write(true).open(cg.path().join("cgroup.procs"))?.into()),
+        None => None,
+    };
+    // SAFETY: the closure only makes async-signal-safe syscalls on fds opened beforehand.
+    unsafe {
+        cmd.pre_exec(move || {
+            if let Some(procs) = &procs {
+                let mut digits = [0u8; 20];
+                let text = format_pid(libc::getpid() as u32, &mut digits);
+                if libc::write(procs.as_raw_fd(), text.as_ptr().cast(), text.len()) < 0 {
                     return Err(io::Error::last_os_error());
                 }
-                Ok(())
-            });
-        }
-        cmd.spawn().with_context(|| format!("spawning {cmd:?} in netns {}", self.name))
+            }
+            if libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
+    cmd.spawn().with_context(|| format!("spawning {cmd:?} in netns {}", path.display()))
 }
 
 fn setns(file: &File) -> io::Result<()> {
@@ -204,13 +218,21 @@ impl Drop for Cgroup {
     fn drop(&mut self) {
         // Processes may take a moment to leave after being killed.
         for _ in 0..50 {
-            if std::fs::remove_dir(&self.path).is_ok() || !self.path.exists() {
+            if remove_empty_tree(&self.path).is_ok() || !self.path.exists() {
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
         eprintln!("cannot remove cgroup {}", self.path.display());
     }
+}
+
+/// Removes a cgroup and the (process-free) cgroups below it, deepest first.
+fn remove_empty_tree(path: &Path) -> io::Result<()> {
+    for child in std::fs::read_dir(path)?.flatten().filter(|e| e.path().is_dir()) {
+        remove_empty_tree(&child.path())?;
+    }
+    std::fs::remove_dir(path)
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod kubernetes;
 mod setup;
 
 use std::process::Command;
@@ -63,6 +64,8 @@ fn main() -> Result<()> {
 
 fn test(args: &[String]) -> Result<()> {
     setup::run()?;
+    // SAFETY: no other thread exists yet.
+    unsafe { std::env::set_var("FERRY_KUBE_BIN", setup::kube_bin_dir()?) };
     // Leftovers of test runs that were killed (their guards never ran).
     ferry_sandbox::teardown_prefix("fy");
     cargo(&["fmt", "--all", "--", "--check"])?;

@@ -15,6 +15,16 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("setpriv", "util-linux"),
     ("openssl", "openssl"),
     ("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "fonts-dejavu-core"),
+    // The real API server of the Kubernetes tests: etcd, and what builds kube-apiserver.
+    ("etcd", "etcd-server"),
+    ("go", "golang-go"),
+    (
+        "/usr/share/gocode/src/github.com/modern-go/reflect2/reflect2.go",
+        "golang-github-modern-go-reflect2-dev",
+    ),
+    ("rsync", "rsync"),
+    ("jq", "jq"),
+    ("make", "make"),
 ];
 
 /// PyPI packages of the independent test peers (tests/peers/), by the module that shows them.
@@ -26,7 +36,13 @@ pub(crate) fn run() -> Result<()> {
     cargo_fuzz()?;
     debian_packages()?;
     python_packages()?;
+    kube_bin_dir()?;
     Ok(())
+}
+
+/// kube-apiserver and kube-controller-manager for the Kubernetes tests (built once, cached).
+pub(crate) fn kube_bin_dir() -> Result<PathBuf> {
+    crate::kubernetes::binaries(&tools_dir())
 }
 
 fn python_packages() -> Result<()> {

@@ -58,6 +58,10 @@ pub enum Command {
         /// Log output format.
         #[arg(long, value_enum, default_value = "text")]
         log_format: LogFormat,
+        /// Take workloads from the Kubernetes API (in-cluster config, or $KUBECONFIG) instead of
+        /// the config file's `workloads`.
+        #[arg(long)]
+        kube: bool,
     },
     /// Manage the file CA of the embedded default.
     Ca {

@@ -1,5 +1,8 @@
 //! Discovery: where the agent learns about workloads. The static file is the embedded default;
 //! each read yields a whole new config, turned into [`State`](crate::state::State) by the agent.
+//! With `--kube`, [`kube`] supplies the workloads instead (the file still gives the settings).
+
+pub mod kube;
 
 use std::path::PathBuf;
 

@@ -1,0 +1,212 @@
+//! Kubernetes as the source of workloads (`ferry agent --kube`): Namespaces and Pods are watched
+//! cluster-wide (every node must know every meshed pod's IP and identity) and turned into the same
+//! [`config::Workload`] list the static file gives, so one state model serves both sources.
+//!
+//! A namespace labelled `ferry.dev/mesh=enabled` enrols its pods; a pod labelled
+//! `ferry.dev/mesh=disabled` opts out. Pods on this node also need their netns and cgroup: the
+//! cgroup is found from the pod UID under the kubelet's tree (cgroupfs or systemd driver), the netns
+//! through a process in it. A pod whose processes do not exist yet is retried, not lost. When the
+//! API server is unreachable the last known workloads stay in force.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::{
+    Api, Client,
+    runtime::{WatchStreamExt, reflector, watcher},
+};
+use tokio::sync::{Notify, mpsc};
+
+use crate::config;
+
+/// The label that enrols a namespace (`enabled`) or opts a pod out (`disabled`).
+pub const MESH_LABEL: &str = "ferry.dev/mesh";
+/// How often local pods whose netns is not there yet are looked for again.
+const RETRY: Duration = Duration::from_secs(1);
+
+/// Watches the API server and sends the workload list whenever it changes.
+pub fn spawn(client: Client, node: String, cgroup_root: PathBuf) -> mpsc::Receiver<Vec<config::Workload>> {
+    let (namespaces, namespace_writer) = reflector::store::<Namespace>();
+    let (pods, pod_writer) = reflector::store::<Pod>();
+    let changed = Arc::new(Notify::new());
+    let watch_namespaces =
+        reflector(namespace_writer, watcher(Api::all(client.clone()), watcher::Config::default()));
+    let watch_pods = reflector(pod_writer, watcher(Api::all(client), watcher::Config::default()));
+    tokio::spawn(drive(watch_namespaces.default_backoff(), changed.clone(), "namespaces"));
+    tokio::spawn(drive(watch_pods.default_backoff(), changed.clone(), "pods"));
+    let (tx, rx) = mpsc::channel(4);
+    tokio::spawn(async move {
+        let (Ok(()), Ok(())) = (namespaces.wait_until_ready().await, pods.wait_until_ready().await) else {
+            return;
+        };
+        let mut last = None;
+        loop {
+            let (workloads, waiting) = workloads(&namespaces.state(), &pods.state(), &node, &cgroup_root);
+            if last.as_ref() != Some(&workloads) {
+                last = Some(workloads.clone());
+                if tx.send(workloads).await.is_err() {
+                    return;
+                }
+            }
+            // Settle bursts of events into one update; look again soon for pods still starting.
+            if waiting {
+                let _ = tokio::time::timeout(RETRY, changed.notified()).await;
+            } else {
+                changed.notified().await;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    rx
+}
+
+async fn drive<S, T>(stream: S, changed: Arc<Notify>, what: &'static str)
+where
+    S: futures_util::Stream<Item = Result<watcher::Event<T>, watcher::Error>>,
+{
+    let mut stream = std::pin::pin!(stream);
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(_) => changed.notify_one(),
+            // The watcher retries with backoff; the stores keep what they had.
+            Err(e) => tracing::warn!("watching {what}: {e}"),
+        }
+    }
+}
+
+/// The workloads of meshed namespaces, and whether a local pod is still waiting for its netns.
+fn workloads(
+    namespaces: &[Arc<Namespace>],
+    pods: &[Arc<Pod>],
+    node: &str,
+    cgroup_root: &Path,
+) -> (Vec<config::Workload>, bool) {
+    let meshed: Vec<&str> = namespaces
+        .iter()
+        .filter(|ns| label(&ns.metadata.labels, MESH_LABEL) == Some("enabled"))
+        .filter_map(|ns| ns.metadata.name.as_deref())
+        .collect();
+    let mut waiting = false;
+    let mut list: Vec<config::Workload> = pods
+        .iter()
+        .filter(|pod| pod.metadata.namespace.as_deref().is_some_and(|ns| meshed.contains(&ns)))
+        .filter(|pod| label(&pod.metadata.labels, MESH_LABEL) != Some("disabled"))
+        .filter_map(|pod| {
+            let workload = workload(pod, node, cgroup_root);
+            if workload.is_none() && is_local_and_running(pod, node) {
+                waiting = true;
+            }
+            workload
+        })
+        .collect();
+    list.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    (list, waiting)
+}
+
+fn workload(pod: &Pod, node: &str, cgroup_root: &Path) -> Option<config::Workload> {
+    let spec = pod.spec.as_ref()?;
+    let status = pod.status.as_ref()?;
+    if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
+        return None;
+    }
+    let ip = status.pod_ip.as_deref()?.parse().ok()?;
+    let pod_node = spec.node_name.clone()?;
+    let (netns, cgroup) = if pod_node == node {
+        let uid = pod.metadata.uid.as_deref()?;
+        let cgroup = pod_cgroup(cgroup_root, uid)?;
+        let netns = netns_of(&cgroup)?;
+        (Some(netns), Some(cgroup))
+    } else {
+        (None, None)
+    };
+    Some(config::Workload {
+        name: pod.metadata.name.clone()?,
+        namespace: pod.metadata.namespace.clone()?,
+        service_account: spec.service_account_name.clone().unwrap_or_else(|| "default".to_owned()),
+        labels: pod.metadata.labels.clone().unwrap_or_default(),
+        ips: vec![ip],
+        node: pod_node,
+        meshed: true,
+        netns,
+        cgroup,
+    })
+}
+
+fn is_local_and_running(pod: &Pod, node: &str) -> bool {
+    pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node)
+        && pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+}
+
+fn label<'a>(labels: &'a Option<BTreeMap<String, String>>, key: &str) -> Option<&'a str> {
+    labels.as_ref()?.get(key).map(String::as_str)
+}
+
+/// The pod's cgroup directory under the kubelet's tree: `kubepods[/<qos>]/pod<uid>` (cgroupfs
+/// driver) or `kubepods.slice[/kubepods-<qos>.slice]/kubepods[-<qos>]-pod<uid_>.slice` (systemd).
+pub fn pod_cgroup(cgroup_root: &Path, uid: &str) -> Option<PathBuf> {
+    let cgroupfs = format!("pod{uid}");
+    let systemd = format!("pod{}.slice", uid.replace('-', "_"));
+    let matches = |name: &str| name == cgroupfs || name.ends_with(&systemd);
+    for top in ["kubepods", "kubepods.slice"] {
+        let top = cgroup_root.join(top);
+        for dir in std::iter::once(top.clone()).chain(subdirs(&top)) {
+            if let Some(found) =
+                subdirs(&dir).find(|d| d.file_name().is_some_and(|n| matches(&n.to_string_lossy())))
+            {
+                return Some(found);
+            }
+        }
+    }
+    None
+}
+
+/// The netns of the first process found in the cgroup or its children (the pod's containers).
+fn netns_of(cgroup: &Path) -> Option<PathBuf> {
+    std::iter::once(cgroup.to_owned()).chain(subdirs(cgroup)).find_map(|dir| {
+        let procs = std::fs::read_to_string(dir.join("cgroup.procs")).ok()?;
+        let pid = procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()).min()?;
+        let netns = PathBuf::from(format!("/proc/{pid}/ns/net"));
+        netns.exists().then_some(netns)
+    })
+}
+
+fn subdirs(dir: &Path) -> impl Iterator<Item = PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_dir())
+        .collect();
+    dirs.sort();
+    dirs.into_iter()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pod_cgroups_of_both_drivers_are_found() {
+        let root = std::env::temp_dir().join(format!("ferry-cgroup-test-{}", std::process::id()));
+        let uid = "1234-abcd";
+        let cgroupfs = root.join("a/kubepods/besteffort/pod1234-abcd");
+        let systemd =
+            root.join("b/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1234_abcd.slice");
+        let guaranteed = root.join("c/kubepods/pod1234-abcd");
+        for dir in [&cgroupfs, &systemd, &guaranteed] {
+            std::fs::create_dir_all(dir).unwrap();
+        }
+        assert_eq!(pod_cgroup(&root.join("a"), uid), Some(cgroupfs));
+        assert_eq!(pod_cgroup(&root.join("b"), uid), Some(systemd));
+        assert_eq!(pod_cgroup(&root.join("c"), uid), Some(guaranteed));
+        assert_eq!(pod_cgroup(&root.join("a"), "other"), None);
+        let _ = std::fs::remove_dir_all(&root);
+    }
+}

@@ -1,0 +1,178 @@
+//! A real Kubernetes control plane for the Kubernetes-mode tests: etcd and kube-apiserver (built
+//! from Debian's source package by `cargo xtask setup`) on the loopback of a sandbox node's netns,
+//! where that node's agent reaches them.
+//!
+//! `FERRY_KUBE_BIN` names the directory of the kube binaries; without it [`ApiServer::start`]
+//! returns `None` and the tests that need it skip (a bare `cargo test` has no apiserver).
+
+use std::{
+    io::Write as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::{Netns, sys::spawn_in};
+
+/// The token of the test's cluster admin (group system:masters).
+pub const ADMIN_TOKEN: &str = "ferry-test-admin";
+
+pub struct ApiServer {
+    // Field order is drop order: the apiserver before etcd.
+    apiserver: Child,
+    etcd: Child,
+    dir: PathBuf,
+    /// The netns everything runs in (a sandbox node's).
+    netns: PathBuf,
+    pub url: String,
+    /// A kubeconfig for the admin (kubectl --kubeconfig).
+    pub kubeconfig: PathBuf,
+}
+
+impl ApiServer {
+    /// Starts etcd and kube-apiserver in `netns` with state under `dir`; `None` when
+    /// `FERRY_KUBE_BIN` is unset.
+    pub fn start(dir: &Path, netns: &Netns) -> Result<Option<ApiServer>> {
+        let Some(bin) = std::env::var_os("FERRY_KUBE_BIN").map(PathBuf::from) else {
+            eprintln!("FERRY_KUBE_BIN not set: skipping (cargo xtask test builds and sets it)");
+            return Ok(None);
+        };
+        let dir = dir.join("kube");
+        std::fs::create_dir_all(&dir)?;
+        let [etcd_client, etcd_peer, secure] = [2379, 2380, 6443];
+        let log = |name: &str| -> Result<Stdio> { Ok(std::fs::File::create(dir.join(name))?.into()) };
+        let mut etcd = Command::new("etcd");
+        etcd.arg("--name=default")
+            .arg(format!("--data-dir={}", dir.join("etcd").display()))
+            .arg(format!("--listen-client-urls=http://127.0.0.1:{etcd_client}"))
+            .arg(format!("--advertise-client-urls=http://127.0.0.1:{etcd_client}"))
+            .arg(format!("--listen-peer-urls=http://127.0.0.1:{etcd_peer}"))
+            .arg(format!("--initial-advertise-peer-urls=http://127.0.0.1:{etcd_peer}"))
+            .arg(format!("--initial-cluster=default=http://127.0.0.1:{etcd_peer}"))
+            .stdout(log("etcd.log")?)
+            .stderr(log("etcd.log")?);
+        let etcd = netns.spawn(etcd, None).context("starting etcd (Debian package etcd-server)")?;
+        // A CA and a serving certificate it signs (rustls refuses a CA certificate as a server's).
+        std::fs::write(
+            dir.join("serving.ext"),
+            "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+        )?;
+        for args in [
+            "req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=ferry-test-ca -keyout ca.key -out ca.crt",
+            "req -newkey rsa:2048 -nodes -subj /CN=127.0.0.1 -keyout serving.key -out serving.csr",
+            "x509 -req -in serving.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 -extfile serving.ext \
+             -out serving.crt",
+            "genrsa -out sa.key 2048",
+            "rsa -in sa.key -pubout -out sa.pub",
+        ] {
+            openssl(&dir, &args.split_whitespace().collect::<Vec<_>>())?;
+        }
+        std::fs::write(dir.join("tokens.csv"), format!("{ADMIN_TOKEN},admin,admin,system:masters\n"))?;
+        let path = |name: &str| dir.join(name).display().to_string();
+        let mut apiserver = Command::new(bin.join("kube-apiserver"));
+        apiserver
+            .arg(format!("--etcd-servers=http://127.0.0.1:{etcd_client}"))
+            .arg("--bind-address=127.0.0.1")
+            .arg("--advertise-address=127.0.0.1")
+            .arg(format!("--secure-port={secure}"))
+            .arg("--insecure-port=0")
+            .arg(format!("--tls-cert-file={}", path("serving.crt")))
+            .arg(format!("--tls-private-key-file={}", path("serving.key")))
+            .arg(format!("--token-auth-file={}", path("tokens.csv")))
+            .arg("--authorization-mode=Node,RBAC")
+            .arg(format!("--service-account-key-file={}", path("sa.pub")))
+            .arg(format!("--service-account-signing-key-file={}", path("sa.key")))
+            .arg("--service-account-issuer=https://kubernetes.default.svc")
+            .arg("--service-cluster-ip-range=10.96.0.0/16")
+            .stdout(log("apiserver.log")?)
+            .stderr(log("apiserver.log")?);
+        let apiserver = netns.spawn(apiserver, None).context("starting kube-apiserver")?;
+        let url = format!("https://127.0.0.1:{secure}");
+        let kubeconfig = dir.join("kubeconfig");
+        std::fs::write(&kubeconfig, kubeconfig_yaml(&url, &dir.join("ca.crt"), ADMIN_TOKEN))?;
+        let netns = netns.path().to_owned();
+        let server = ApiServer { apiserver, etcd, dir, netns, url, kubeconfig };
+        server.wait_ready()?;
+        Ok(Some(server))
+    }
+
+    fn wait_ready(&self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok((0, out, _)) = self.kubectl(&["get", "--raw", "/readyz"], None)
+                && out.trim() == "ok"
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "kube-apiserver not ready after 60 s; log: {}",
+                    self.dir.join("apiserver.log").display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Runs kubectl as the admin, with `stdin` piped in if given; (exit code, stdout, stderr).
+    pub fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> Result<(i32, String, String)> {
+        let mut kubectl = Command::new("kubectl");
+        kubectl
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = spawn_in(&self.netns, kubectl, None).context("running kubectl")?;
+        if let Some(input) = stdin {
+            child.stdin.take().context("kubectl stdin")?.write_all(input.as_bytes())?;
+        }
+        drop(child.stdin.take());
+        let output = child.wait_with_output()?;
+        Ok((
+            output.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        ))
+    }
+
+    /// `kubectl apply -f -` of `yaml`; fails with kubectl's message unless it succeeds.
+    pub fn apply(&self, yaml: &str) -> Result<()> {
+        let (code, _, stderr) = self.kubectl(&["apply", "-f", "-"], Some(yaml))?;
+        if code != 0 {
+            bail!("kubectl apply failed: {stderr}");
+        }
+        Ok(())
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        for child in [&mut self.apiserver, &mut self.etcd] {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(self.dir.join("etcd"));
+    }
+}
+
+fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
+    let output = Command::new("openssl").args(args).current_dir(dir).output().context("running openssl")?;
+    if !output.status.success() {
+        bail!("openssl {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    Ok(())
+}
+
+/// A kubeconfig that authenticates with `token` and trusts the apiserver's self-signed `ca`.
+pub fn kubeconfig_yaml(url: &str, ca: &Path, token: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {url}\n    \
+         certificate-authority: {}\nusers:\n- name: test\n  user:\n    token: {token}\ncontexts:\n- name: test\n  \
+         context:\n    cluster: test\n    user: test\ncurrent-context: test\n",
+        ca.display()
+    )
+}

@@ -1,0 +1,154 @@
+//! Kubernetes mode against a real kube-apiserver (run in the node's netns; skipped unless
+//! `FERRY_KUBE_BIN` names the binaries, which `cargo xtask test` builds and sets). The test plays
+//! the kubelet: it creates Pods bound to the node, lays their cgroups out as the kubelet's cgroupfs
+//! driver does (`kubepods/besteffort/pod<uid>`), runs their processes there and reports their IPs
+//! in the status.
+
+use std::{
+    net::SocketAddr,
+    path::Path,
+    process::{Child, Command},
+    time::{Duration, Instant},
+};
+
+use ferry_sandbox::{CGROUP2_ROOT, Cgroup, ConnectOutcome, PodSpec, Sandbox, kube::ApiServer};
+
+const PORT: u16 = 8080;
+const NAMESPACE: &str = "shop";
+
+/// A pod's long-lived process (the kubelet's pause container): what the agent finds the pod's
+/// netns through. Killed on drop.
+struct Pause(Child);
+
+impl Drop for Pause {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn pause(sb: &Sandbox, pod: &str) -> Pause {
+    let mut cmd = Command::new("sleep");
+    cmd.arg("600");
+    let p = sb.pod(pod);
+    Pause(p.netns.spawn(cmd, Some(&p.cgroup)).unwrap())
+}
+
+fn pod_yaml(name: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: sa-{name}, namespace: {NAMESPACE}}}\n\
+         automountServiceAccountToken: false\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {NAMESPACE}, labels: {{app: {name}}}}}\n\
+         spec:\n  nodeName: node1\n  serviceAccountName: sa-{name}\n  automountServiceAccountToken: false\n  \
+         containers: [{{name: app, image: localhost/app:1}}]\n"
+    )
+}
+
+fn captured(sb: &Sandbox) -> u64 {
+    sb.ferry_json("node1", &["status"]).unwrap()["workloads_captured"].as_u64().unwrap()
+}
+
+fn wait_captured(sb: &Sandbox, n: u64, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while captured(sb) != n {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {} captured, expected {n}\n{}",
+            captured(sb),
+            sb.agent_log("node1")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn same_node_connections(sb: &Sandbox) -> f64 {
+    sb.metric("node1", "ferry_proxy_connections_opened_total{direction=\"outbound\",route=\"same_node\"}")
+        .unwrap()
+}
+
+fn echoed(sb: &Sandbox, from: &str, to: &str) -> bool {
+    let to = SocketAddr::from((sb.pod(to).ip, PORT));
+    matches!(sb.pod(from).connect(to, 10).unwrap(), ConnectOutcome::Echoed { .. })
+}
+
+#[test]
+fn namespace_label_enrols_and_releases_pods_without_restarting_them() {
+    let pods = ["a", "b", "c"].map(PodSpec::unmeshed).to_vec();
+    let mut sb = Sandbox::new("kube", &[("node1", pods)]).unwrap();
+    let Some(api) = ApiServer::start(&sb.dir, &sb.node("node1").netns).unwrap() else { return };
+    api.apply(&format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {NAMESPACE}}}\n")).unwrap();
+    for name in ["a", "b", "c"] {
+        api.apply(&pod_yaml(name)).unwrap();
+        let (_, uid, _) = api
+            .kubectl(&["get", "pod", name, "-n", NAMESPACE, "-o", "jsonpath={.metadata.uid}"], None)
+            .unwrap();
+        // Where the kubelet (cgroupfs driver) would put the pod.
+        let cgroup = Path::new(CGROUP2_ROOT).join(&sb.id).join(format!("kubepods/besteffort/pod{uid}"));
+        let pod = sb.pods.iter_mut().find(|p| p.spec.name == name).unwrap();
+        pod.cgroup = Cgroup::create(&cgroup).unwrap();
+        let status = format!("{{\"status\":{{\"phase\":\"Running\",\"podIP\":\"{}\"}}}}", pod.ip);
+        let (code, _, err) = api
+            .kubectl(
+                &[
+                    "patch",
+                    "pod",
+                    name,
+                    "-n",
+                    NAMESPACE,
+                    "--subresource=status",
+                    "--type=merge",
+                    "-p",
+                    &status,
+                ],
+                None,
+            )
+            .unwrap();
+        assert_eq!(code, 0, "{err}");
+    }
+    // a's only process is its pause container; b's app serves; c has no process yet.
+    let _pause = pause(&sb, "a");
+    let _server_b = sb.pod("b").serve(PORT).unwrap();
+
+    sb.set_agent_env("node1", "KUBECONFIG", &api.kubeconfig.display().to_string());
+    let config = format!(
+        "{}podCgroupRoot: {}\n",
+        sb.config_for("node1"),
+        Path::new(CGROUP2_ROOT).join(&sb.id).display()
+    );
+    sb.start_agent_with("node1", Some(&config), &["--kube"]).unwrap();
+
+    // Not enrolled yet: pods talk directly.
+    assert_eq!(captured(&sb), 0);
+    assert!(echoed(&sb, "a", "b"));
+    assert_eq!(same_node_connections(&sb), 0.0);
+
+    // Labelling the namespace enrols its running pods, without restarting them.
+    api.kubectl(&["label", "namespace", NAMESPACE, "ferry.dev/mesh=enabled"], None).unwrap();
+    wait_captured(&sb, 2, "after labelling");
+    assert!(echoed(&sb, "a", "b"));
+    assert_eq!(same_node_connections(&sb), 1.0);
+
+    // c's app starts only now: the agent finds its netns on a retry.
+    let _server_c = sb.pod("c").serve(PORT).unwrap();
+    wait_captured(&sb, 3, "once c's processes run");
+    assert!(echoed(&sb, "a", "c"));
+    assert_eq!(same_node_connections(&sb), 2.0);
+
+    // A deleted pod is released: no capture, no map entries left for it.
+    api.kubectl(&["delete", "pod", "b", "-n", NAMESPACE, "--grace-period=0", "--force"], None).unwrap();
+    wait_captured(&sb, 2, "after deleting b");
+    let (_, body) = sb.node("node1").http_get(15000, "/datapath").unwrap();
+    let datapath: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let entries = |name: &str| {
+        datapath["maps"].as_array().unwrap().iter().find(|m| m["name"] == name).unwrap()["entries"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!((entries("MESHED_NETNS"), entries("INBOUND_LISTENERS")), (2, 2), "{datapath}");
+
+    // Removing the label releases the rest: direct again.
+    api.kubectl(&["label", "namespace", NAMESPACE, "ferry.dev/mesh-"], None).unwrap();
+    wait_captured(&sb, 0, "after unlabelling");
+    assert!(echoed(&sb, "a", "c"));
+    assert_eq!(same_node_connections(&sb), 2.0);
+}
