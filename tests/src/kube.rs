@@ -19,9 +19,15 @@ use crate::{Netns, sys::spawn_in};
 /// The token of the test's cluster admin (group system:masters).
 pub const ADMIN_TOKEN: &str = "ferry-test-admin";
 
+/// Loopback ports in the node's netns (each test has its own netns).
+const ETCD_CLIENT: u16 = 2379;
+const ETCD_PEER: u16 = 2380;
+const SECURE: u16 = 6443;
+
 pub struct ApiServer {
     // Field order is drop order: the apiserver before etcd.
-    apiserver: Child,
+    apiserver: Option<Child>,
+    bin: PathBuf,
     etcd: Child,
     dir: PathBuf,
     /// The netns everything runs in (a sandbox node's).
@@ -41,7 +47,7 @@ impl ApiServer {
         };
         let dir = dir.join("kube");
         std::fs::create_dir_all(&dir)?;
-        let [etcd_client, etcd_peer, secure] = [2379, 2380, 6443];
+        let (etcd_client, etcd_peer) = (ETCD_CLIENT, ETCD_PEER);
         let log = |name: &str| -> Result<Stdio> { Ok(std::fs::File::create(dir.join(name))?.into()) };
         let mut etcd = Command::new("etcd");
         etcd.arg("--name=default")
@@ -70,13 +76,35 @@ impl ApiServer {
             openssl(&dir, &args.split_whitespace().collect::<Vec<_>>())?;
         }
         std::fs::write(dir.join("tokens.csv"), format!("{ADMIN_TOKEN},admin,admin,system:masters\n"))?;
-        let path = |name: &str| dir.join(name).display().to_string();
-        let mut apiserver = Command::new(bin.join("kube-apiserver"));
+        let url = format!("https://127.0.0.1:{SECURE}");
+        let kubeconfig = dir.join("kubeconfig");
+        std::fs::write(&kubeconfig, kubeconfig_yaml(&url, &dir.join("ca.crt"), ADMIN_TOKEN))?;
+        let netns = netns.path().to_owned();
+        let mut server = ApiServer { apiserver: None, bin, etcd, dir, netns, url, kubeconfig };
+        server.restart()?;
+        Ok(Some(server))
+    }
+
+    /// Stops kube-apiserver (etcd keeps the cluster's state): the API is unreachable.
+    pub fn stop(&mut self) {
+        if let Some(mut apiserver) = self.apiserver.take() {
+            let _ = apiserver.kill();
+            let _ = apiserver.wait();
+        }
+    }
+
+    /// Starts kube-apiserver (again) and waits until it is ready.
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop();
+        let path = |name: &str| self.dir.join(name).display().to_string();
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("apiserver.log"))?;
+        let mut apiserver = Command::new(self.bin.join("kube-apiserver"));
         apiserver
-            .arg(format!("--etcd-servers=http://127.0.0.1:{etcd_client}"))
+            .arg(format!("--etcd-servers=http://127.0.0.1:{ETCD_CLIENT}"))
             .arg("--bind-address=127.0.0.1")
             .arg("--advertise-address=127.0.0.1")
-            .arg(format!("--secure-port={secure}"))
+            .arg(format!("--secure-port={SECURE}"))
             .arg("--insecure-port=0")
             .arg(format!("--tls-cert-file={}", path("serving.crt")))
             .arg(format!("--tls-private-key-file={}", path("serving.key")))
@@ -86,16 +114,10 @@ impl ApiServer {
             .arg(format!("--service-account-signing-key-file={}", path("sa.key")))
             .arg("--service-account-issuer=https://kubernetes.default.svc")
             .arg("--service-cluster-ip-range=10.96.0.0/16")
-            .stdout(log("apiserver.log")?)
-            .stderr(log("apiserver.log")?);
-        let apiserver = netns.spawn(apiserver, None).context("starting kube-apiserver")?;
-        let url = format!("https://127.0.0.1:{secure}");
-        let kubeconfig = dir.join("kubeconfig");
-        std::fs::write(&kubeconfig, kubeconfig_yaml(&url, &dir.join("ca.crt"), ADMIN_TOKEN))?;
-        let netns = netns.path().to_owned();
-        let server = ApiServer { apiserver, etcd, dir, netns, url, kubeconfig };
-        server.wait_ready()?;
-        Ok(Some(server))
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        self.apiserver = Some(spawn_in(&self.netns, apiserver, None).context("starting kube-apiserver")?);
+        self.wait_ready()
     }
 
     fn wait_ready(&self) -> Result<()> {
@@ -151,10 +173,9 @@ impl ApiServer {
 
 impl Drop for ApiServer {
     fn drop(&mut self) {
-        for child in [&mut self.apiserver, &mut self.etcd] {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.stop();
+        let _ = self.etcd.kill();
+        let _ = self.etcd.wait();
         let _ = std::fs::remove_dir_all(self.dir.join("etcd"));
     }
 }

@@ -71,11 +71,12 @@ fn echoed(sb: &Sandbox, from: &str, to: &str) -> bool {
     matches!(sb.pod(from).connect(to, 10).unwrap(), ConnectOutcome::Echoed { .. })
 }
 
-#[test]
-fn namespace_label_enrols_and_releases_pods_without_restarting_them() {
+/// One node with pods a, b, c as Pods of namespace `shop` bound to it (Running, with their IPs),
+/// and the API server; `None` when there is no API server to test against.
+fn cluster(label: &str) -> Option<(Sandbox, ApiServer)> {
     let pods = ["a", "b", "c"].map(PodSpec::unmeshed).to_vec();
-    let mut sb = Sandbox::new("kube", &[("node1", pods)]).unwrap();
-    let Some(api) = ApiServer::start(&sb.dir, &sb.node("node1").netns).unwrap() else { return };
+    let mut sb = Sandbox::new(label, &[("node1", pods)]).unwrap();
+    let api = ApiServer::start(&sb.dir, &sb.node("node1").netns).unwrap()?;
     api.apply(&format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {NAMESPACE}}}\n")).unwrap();
     for name in ["a", "b", "c"] {
         api.apply(&pod_yaml(name)).unwrap();
@@ -105,17 +106,25 @@ fn namespace_label_enrols_and_releases_pods_without_restarting_them() {
             .unwrap();
         assert_eq!(code, 0, "{err}");
     }
+    Some((sb, api))
+}
+
+/// Starts node1's agent in Kubernetes mode against `api`.
+fn start_agent(sb: &mut Sandbox, api: &ApiServer) {
+    sb.set_agent_env("node1", "KUBECONFIG", &api.kubeconfig.display().to_string());
+    let cgroups = Path::new(CGROUP2_ROOT).join(&sb.id);
+    let config = format!("{}podCgroupRoot: {}\n", sb.config_for("node1"), cgroups.display());
+    sb.start_agent_with("node1", Some(&config), &["--kube"]).unwrap();
+}
+
+#[test]
+fn namespace_label_enrols_and_releases_pods_without_restarting_them() {
+    let Some((mut sb, api)) = cluster("kube") else { return };
     // a's only process is its pause container; b's app serves; c has no process yet.
     let _pause = pause(&sb, "a");
     let _server_b = sb.pod("b").serve(PORT).unwrap();
 
-    sb.set_agent_env("node1", "KUBECONFIG", &api.kubeconfig.display().to_string());
-    let config = format!(
-        "{}podCgroupRoot: {}\n",
-        sb.config_for("node1"),
-        Path::new(CGROUP2_ROOT).join(&sb.id).display()
-    );
-    sb.start_agent_with("node1", Some(&config), &["--kube"]).unwrap();
+    start_agent(&mut sb, &api);
 
     // Not enrolled yet: pods talk directly.
     assert_eq!(captured(&sb), 0);
@@ -151,4 +160,27 @@ fn namespace_label_enrols_and_releases_pods_without_restarting_them() {
     wait_captured(&sb, 0, "after unlabelling");
     assert!(echoed(&sb, "a", "c"));
     assert_eq!(same_node_connections(&sb), 2.0);
+}
+
+#[test]
+fn losing_the_api_server_keeps_the_last_state_and_resyncs_after() {
+    let Some((mut sb, mut api)) = cluster("kubeloss") else { return };
+    let _pause = pause(&sb, "a");
+    let _server = sb.pod("b").serve(PORT).unwrap();
+    api.kubectl(&["label", "namespace", NAMESPACE, "ferry.dev/mesh=enabled"], None).unwrap();
+    start_agent(&mut sb, &api);
+    assert_eq!(captured(&sb), 2);
+
+    api.stop();
+    std::thread::sleep(Duration::from_secs(2));
+    // The datapath serves on what it knew.
+    assert_eq!(captured(&sb), 2);
+    assert!(echoed(&sb, "a", "b"));
+    assert_eq!(same_node_connections(&sb), 1.0);
+    assert_eq!(sb.node("node1").http_get(15021, "/healthz/ready").unwrap().0, 200);
+
+    // What changed meanwhile arrives once the API server is back.
+    api.restart().unwrap();
+    api.kubectl(&["label", "namespace", NAMESPACE, "ferry.dev/mesh-"], None).unwrap();
+    wait_captured(&sb, 0, "after the API server came back and the label was removed");
 }
