@@ -22,9 +22,10 @@ use crate::{
     admin::{Admin, LocalPodView, LocalView},
     config::{self, Config},
     datapath::Datapath,
-    discovery::{self, StaticFile},
+    discovery::{self, StaticFile, kube::Discovered},
     identity::{CertManager, FileCa},
     inpod::PodNetns,
+    policy::Policy,
     proxy::{PodHandle, PodListeners, Proxy},
     state::{State, StateHandle, Workload},
     telemetry::{LogControl, Telemetry},
@@ -64,8 +65,11 @@ const SUCCESSOR_READY_TIMEOUT: Duration = Duration::from_secs(120);
 pub async fn run(config_path: PathBuf, kube: bool, log: LogControl) -> anyhow::Result<()> {
     let source = StaticFile { path: config_path.clone() };
     let mut config = source.read()?;
+    // Kubernetes mode: the API's policies, in force beside the file's.
+    let mut file_policies = config.compiled_policies.clone();
+    let mut api_policies = Vec::new();
     let mut discovered = match kube {
-        true => Some(watch_kubernetes(&mut config).await?),
+        true => Some(watch_kubernetes(&mut config, &mut api_policies).await?),
         false => None,
     };
     let mut takeover = {
@@ -157,15 +161,19 @@ pub async fn run(config_path: PathBuf, kube: bool, log: LogControl) -> anyhow::R
                 Ok(mut reloaded) => {
                     if discovered.is_some() {
                         reloaded.workloads = std::mem::take(&mut config.workloads);
+                        file_policies = reloaded.compiled_policies.clone();
+                        reloaded.compiled_policies.extend(api_policies.iter().cloned());
                     }
                     config = reloaded;
                     agent.apply(&config, "config reloaded");
                 }
                 Err(e) => tracing::error!("config reload rejected, the previous config stays in force: {e}"),
             },
-            Some(workloads) = async { discovered.as_mut().expect("guarded").recv().await }, if discovered.is_some() => {
-                config.workloads = workloads;
-                agent.apply(&config, "workloads changed in the Kubernetes API");
+            Some(update) = async { discovered.as_mut().expect("guarded").recv().await }, if discovered.is_some() => {
+                config.workloads = update.workloads;
+                config.compiled_policies = file_policies.iter().chain(&update.policies).cloned().collect();
+                api_policies = update.policies;
+                agent.apply(&config, "the Kubernetes API changed");
             }
             conn = upgrades.accept(), if successor.is_none() => match conn.and_then(|c| agent.offer(c)) {
                 Ok(next) => {
@@ -196,14 +204,21 @@ pub async fn run(config_path: PathBuf, kube: bool, log: LogControl) -> anyhow::R
     Ok(())
 }
 
-/// Starts watching the Kubernetes API; waits for its first complete picture of the workloads,
-/// which replaces the config file's.
-async fn watch_kubernetes(config: &mut Config) -> anyhow::Result<mpsc::Receiver<Vec<config::Workload>>> {
+/// Starts watching the Kubernetes API; waits for its first complete picture, whose workloads
+/// replace the config file's and whose policies (also kept in `api_policies`) join the file's.
+async fn watch_kubernetes(
+    config: &mut Config,
+    api_policies: &mut Vec<Policy>,
+) -> anyhow::Result<mpsc::Receiver<Discovered>> {
     let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
-    let mut workloads = discovery::kube::spawn(client, config.node.clone(), config.pod_cgroup_root.clone());
-    tracing::info!("waiting for the Kubernetes API's namespaces and pods");
-    config.workloads = workloads.recv().await.context("the Kubernetes watch ended")?;
-    Ok(workloads)
+    let mut updates =
+        discovery::kube::spawn(client, config.node.clone(), config.pod_cgroup_root.clone()).await;
+    tracing::info!("waiting for the Kubernetes API's namespaces, pods and policies");
+    let first = updates.recv().await.context("the Kubernetes watch ended")?;
+    config.workloads = first.workloads;
+    config.compiled_policies.extend(first.policies.iter().cloned());
+    *api_policies = first.policies;
+    Ok(updates)
 }
 
 /// Whether the new agent reported ready (else this agent carries on).

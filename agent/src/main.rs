@@ -23,6 +23,19 @@ pub static malloc_conf: &[u8] = b"background_thread:true,dirty_decay_ms:1000,muz
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Crd => {
+            use kube::CustomResourceExt;
+            match serde_yaml::to_string(&ferry::policy::AuthorizationPolicyResource::crd()) {
+                Ok(yaml) => {
+                    print!("{yaml}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("ferry crd: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "ferry", &mut std::io::stdout());
             ExitCode::SUCCESS

@@ -184,3 +184,53 @@ fn losing_the_api_server_keeps_the_last_state_and_resyncs_after() {
     api.kubectl(&["label", "namespace", NAMESPACE, "ferry.dev/mesh-"], None).unwrap();
     wait_captured(&sb, 0, "after the API server came back and the label was removed");
 }
+
+#[test]
+fn policies_applied_with_kubectl_are_enforced_and_invalid_ones_refused() {
+    let Some((mut sb, api)) = cluster("kubepolicy") else { return };
+    let crd = Command::new(ferry_sandbox::ferry_bin().unwrap()).arg("crd").output().unwrap();
+    api.apply(&String::from_utf8(crd.stdout).unwrap()).unwrap();
+    let _pause = pause(&sb, "a");
+    let _server = sb.pod("b").serve(PORT).unwrap();
+    api.kubectl(&["label", "namespace", NAMESPACE, "ferry.dev/mesh=enabled"], None).unwrap();
+    start_agent(&mut sb, &api);
+    assert!(echoed(&sb, "a", "b"));
+
+    let deny = format!(
+        "apiVersion: ferry.dev/v1\nkind: AuthorizationPolicy\nmetadata: {{name: deny-a, namespace: {NAMESPACE}}}\n\
+         spec:\n  selector: {{matchLabels: {{app: b}}}}\n  action: DENY\n  rules:\n  - from:\n    \
+         - source: {{principals: [\"cluster.local/ns/{NAMESPACE}/sa/sa-a\"]}}\n"
+    );
+    api.apply(&deny).unwrap();
+    let applied = Instant::now();
+    while echoed(&sb, "a", "b") {
+        assert!(
+            applied.elapsed() < Duration::from_secs(2),
+            "policy not enforced:\n{}",
+            sb.agent_log("node1")
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!("policy enforced {:?} after kubectl apply returned", applied.elapsed());
+    assert!(sb.agent_log("node1").contains("shop/deny-a"), "{}", sb.agent_log("node1"));
+
+    // The CRD's schema (generated from the policy types) refuses what the agent could not use.
+    for (bad, field) in
+        [("action: BLOCK", "spec.action"), ("rules: [{to: [{operation: {ports: [80]}}]}]", "ports")]
+    {
+        let yaml = format!(
+            "apiVersion: ferry.dev/v1\nkind: AuthorizationPolicy\nmetadata: {{name: bad, namespace: {NAMESPACE}}}\n\
+             spec: {{{bad}}}\n"
+        );
+        let (code, _, stderr) = api.kubectl(&["apply", "-f", "-"], Some(&yaml)).unwrap();
+        assert_ne!(code, 0, "{bad} was accepted");
+        assert!(stderr.contains(field), "{bad}: {stderr}");
+    }
+
+    api.kubectl(&["delete", "authorizationpolicies.ferry.dev", "deny-a", "-n", NAMESPACE], None).unwrap();
+    let deleted = Instant::now();
+    while !echoed(&sb, "a", "b") {
+        assert!(deleted.elapsed() < Duration::from_secs(2), "policy still enforced after deletion");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -50,7 +50,7 @@ async fn dispatch(client: &AdminClient, command: Command, output: Output) -> Res
             print_value(&result, output, check);
             return Ok(if result["verdict"] == "allow" { 0 } else { 1 });
         }
-        Command::Agent { .. } | Command::Ca { .. } | Command::Completions { .. } => {
+        Command::Agent { .. } | Command::Ca { .. } | Command::Completions { .. } | Command::Crd => {
             unreachable!("run locally by main")
         }
     };

@@ -112,6 +112,11 @@ pub enum Command {
     ///
     /// Example: ferry metrics | grep istio_tcp
     Metrics,
+    /// Print the CustomResourceDefinition of Ferry's AuthorizationPolicy (generated from the
+    /// policy types: the deploy manifests embed this output).
+    ///
+    /// Example: ferry crd | kubectl apply -f -
+    Crd,
     /// Print a shell completion script.
     ///
     /// Example: ferry completions bash > /etc/bash_completion.d/ferry

@@ -1,6 +1,7 @@
-//! Kubernetes as the source of workloads (`ferry agent --kube`): Namespaces and Pods are watched
-//! cluster-wide (every node must know every meshed pod's IP and identity) and turned into the same
-//! [`config::Workload`] list the static file gives, so one state model serves both sources.
+//! Kubernetes as the source of workloads and policies (`ferry agent --kube`): Namespaces and Pods
+//! are watched cluster-wide (every node must know every meshed pod's IP and identity) and turned
+//! into the same [`config::Workload`] list the static file gives, and Ferry's AuthorizationPolicy
+//! objects into the same compiled policies, so one state model serves both sources.
 //!
 //! A namespace labelled `ferry.dev/mesh=enabled` enrols its pods; a pod labelled
 //! `ferry.dev/mesh=disabled` opts out. Pods on this node also need their netns and cgroup: the
@@ -23,18 +24,42 @@ use kube::{
 };
 use tokio::sync::{Notify, mpsc};
 
-use crate::config;
+use crate::{
+    config,
+    policy::{AuthorizationPolicy, AuthorizationPolicyResource, Policy},
+};
 
 /// The label that enrols a namespace (`enabled`) or opts a pod out (`disabled`).
 pub const MESH_LABEL: &str = "ferry.dev/mesh";
 /// How often local pods whose netns is not there yet are looked for again.
 const RETRY: Duration = Duration::from_secs(1);
 
-/// Watches the API server and sends the workload list whenever it changes.
-pub fn spawn(client: Client, node: String, cgroup_root: PathBuf) -> mpsc::Receiver<Vec<config::Workload>> {
+/// What the API says, as the agent uses it.
+#[derive(Debug, Clone, Default)]
+pub struct Discovered {
+    pub workloads: Vec<config::Workload>,
+    pub policies: Vec<Policy>,
+}
+
+/// Watches the API server and sends what it holds whenever that changes. Policies are watched
+/// only if Ferry's CRD is installed when the agent starts.
+pub async fn spawn(client: Client, node: String, cgroup_root: PathBuf) -> mpsc::Receiver<Discovered> {
     let (namespaces, namespace_writer) = reflector::store::<Namespace>();
     let (pods, pod_writer) = reflector::store::<Pod>();
+    let (policies, policy_writer) = reflector::store::<AuthorizationPolicyResource>();
     let changed = Arc::new(Notify::new());
+    let policy_api: Api<AuthorizationPolicyResource> = Api::all(client.clone());
+    let with_policies = match policy_api.list(&kube::api::ListParams::default().limit(1)).await {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::warn!("no AuthorizationPolicy from the API (is `ferry crd` applied?): {e}");
+            false
+        }
+    };
+    if with_policies {
+        let watch_policies = reflector(policy_writer, watcher(policy_api, watcher::Config::default()));
+        tokio::spawn(drive(watch_policies.default_backoff(), changed.clone(), "authorization policies"));
+    }
     let watch_namespaces =
         reflector(namespace_writer, watcher(Api::all(client.clone()), watcher::Config::default()));
     let watch_pods = reflector(pod_writer, watcher(Api::all(client), watcher::Config::default()));
@@ -45,12 +70,18 @@ pub fn spawn(client: Client, node: String, cgroup_root: PathBuf) -> mpsc::Receiv
         let (Ok(()), Ok(())) = (namespaces.wait_until_ready().await, pods.wait_until_ready().await) else {
             return;
         };
+        if with_policies && policies.wait_until_ready().await.is_err() {
+            return;
+        }
         let mut last = None;
         loop {
             let (workloads, waiting) = workloads(&namespaces.state(), &pods.state(), &node, &cgroup_root);
-            if last.as_ref() != Some(&workloads) {
-                last = Some(workloads.clone());
-                if tx.send(workloads).await.is_err() {
+            let versions: Vec<Option<String>> =
+                policies.state().iter().map(|p| p.metadata.resource_version.clone()).collect();
+            if last.as_ref() != Some(&(workloads.clone(), versions.clone())) {
+                last = Some((workloads.clone(), versions));
+                let discovered = Discovered { workloads, policies: compile(&policies.state()) };
+                if tx.send(discovered).await.is_err() {
                     return;
                 }
             }
@@ -107,6 +138,30 @@ fn workloads(
         .collect();
     list.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     (list, waiting)
+}
+
+/// The policy objects, compiled; one that does not compile is left out with an error naming it
+/// (the CRD's schema already refuses most mistakes at the API server).
+fn compile(objects: &[Arc<AuthorizationPolicyResource>]) -> Vec<Policy> {
+    let mut compiled: Vec<Policy> = objects
+        .iter()
+        .filter_map(|object| {
+            let policy = AuthorizationPolicy {
+                api_version: None,
+                kind: None,
+                metadata: crate::policy::Metadata {
+                    name: object.metadata.name.clone()?,
+                    namespace: object.metadata.namespace.clone()?,
+                    annotations: object.metadata.annotations.clone().unwrap_or_default(),
+                },
+                spec: object.spec.clone(),
+            };
+            let key = format!("{}/{}", policy.metadata.namespace, policy.metadata.name);
+            policy.compile().inspect_err(|e| tracing::error!(policy = %key, "policy rejected: {e}")).ok()
+        })
+        .collect();
+    compiled.sort_by_key(Policy::key);
+    compiled
 }
 
 fn workload(pod: &Pod, node: &str, cgroup_root: &Path) -> Option<config::Workload> {

@@ -11,7 +11,7 @@ use std::{collections::BTreeMap, fmt, net::IpAddr, sync::Arc};
 
 use ipnet::IpNet;
 
-pub use model::AuthorizationPolicy;
+pub use model::{AuthorizationPolicy, AuthorizationPolicyResource, Metadata};
 
 use crate::identity::SpiffeId;
 

@@ -4,7 +4,9 @@
 use std::{collections::BTreeMap, net::IpAddr};
 
 use ipnet::IpNet;
-use serde::{Deserialize, Deserializer};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Deserializer, Serialize};
 
 use super::{Action, Policy, Rule, StringMatch};
 
@@ -37,7 +39,17 @@ fn default_namespace() -> String {
     "default".to_owned()
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+/// The policy's spec. Also the schema of Ferry's CRD (`ferry crd` prints it): group `ferry.dev`,
+/// kind `AuthorizationPolicy`, the same fields as Istio's `security.istio.io/v1`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema, CustomResource)]
+#[kube(
+    group = "ferry.dev",
+    version = "v1",
+    kind = "AuthorizationPolicy",
+    root = "AuthorizationPolicyResource",
+    namespaced,
+    shortname = "ap"
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Spec {
     #[serde(default)]
@@ -46,19 +58,20 @@ pub struct Spec {
     pub action: ActionSpec,
     #[serde(default)]
     pub rules: Vec<RuleSpec>,
-    /// Only with CUSTOM, which Ferry rejects.
+    /// Only with CUSTOM, which Ferry rejects (so the CRD has no such field).
     #[serde(default)]
+    #[schemars(skip)]
     pub provider: Option<serde_yaml::Value>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Selector {
     #[serde(default)]
     pub match_labels: BTreeMap<String, String>,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum ActionSpec {
     #[default]
@@ -68,7 +81,7 @@ pub enum ActionSpec {
     Custom,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RuleSpec {
     #[serde(default)]
@@ -79,14 +92,14 @@ pub struct RuleSpec {
     pub when: Vec<ConditionSpec>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FromSpec {
     #[serde(default)]
     pub source: SourceSpec,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SourceSpec {
     #[serde(default)]
@@ -98,8 +111,10 @@ pub struct SourceSpec {
     #[serde(default)]
     pub not_namespaces: Vec<String>,
     #[serde(default, deserialize_with = "ip_blocks")]
+    #[schemars(with = "Vec<String>")]
     pub ip_blocks: Vec<IpNet>,
     #[serde(default, deserialize_with = "ip_blocks")]
+    #[schemars(with = "Vec<String>")]
     pub not_ip_blocks: Vec<IpNet>,
     // L7 (JWT, X-Forwarded-For): accepted, never enforceable at L4.
     #[serde(default)]
@@ -112,19 +127,22 @@ pub struct SourceSpec {
     pub not_remote_ip_blocks: Vec<String>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ToSpec {
     #[serde(default)]
     pub operation: OperationSpec,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OperationSpec {
+    /// Strings in the CRD, as Istio's; numbers accepted in the static file.
     #[serde(default, deserialize_with = "ports")]
+    #[schemars(with = "Vec<String>")]
     pub ports: Vec<u16>,
     #[serde(default, deserialize_with = "ports")]
+    #[schemars(with = "Vec<String>")]
     pub not_ports: Vec<u16>,
     // L7: accepted, never enforceable at L4.
     #[serde(default)]
@@ -141,7 +159,7 @@ pub struct OperationSpec {
     pub not_paths: Vec<String>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ConditionSpec {
     pub key: String,
