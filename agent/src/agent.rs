@@ -161,6 +161,7 @@ pub async fn run(config_path: PathBuf, kube: bool, log: LogControl) -> anyhow::R
                 Ok(mut reloaded) => {
                     if discovered.is_some() {
                         reloaded.workloads = std::mem::take(&mut config.workloads);
+                        reloaded.services = std::mem::take(&mut config.services);
                         file_policies = reloaded.compiled_policies.clone();
                         reloaded.compiled_policies.extend(api_policies.iter().cloned());
                     }
@@ -171,6 +172,7 @@ pub async fn run(config_path: PathBuf, kube: bool, log: LogControl) -> anyhow::R
             },
             Some(update) = async { discovered.as_mut().expect("guarded").recv().await }, if discovered.is_some() => {
                 config.workloads = update.workloads;
+                config.services = update.services;
                 config.compiled_policies = file_policies.iter().chain(&update.policies).cloned().collect();
                 api_policies = update.policies;
                 agent.apply(&config, "the Kubernetes API changed");
@@ -216,6 +218,7 @@ async fn watch_kubernetes(
     tracing::info!("waiting for the Kubernetes API's namespaces, pods and policies");
     let first = updates.recv().await.context("the Kubernetes watch ended")?;
     config.workloads = first.workloads;
+    config.services = first.services;
     config.compiled_policies.extend(first.policies.iter().cloned());
     *api_policies = first.policies;
     Ok(updates)

@@ -51,6 +51,9 @@ pub struct Config {
     pub upgrade_socket: PathBuf,
     #[serde(default)]
     pub workloads: Vec<Workload>,
+    /// Virtual IPs (Kubernetes ClusterIPs) balanced over the workloads their selector picks.
+    #[serde(default)]
+    pub services: Vec<Service>,
     /// Capture when the agent dies without a clean shutdown: `closed` (default: meshed pods' new
     /// connections fail until an agent is back) or `open` (pods talk directly, unmeshed).
     #[serde(default = "default_fail_mode")]
@@ -125,6 +128,27 @@ pub struct Workload {
     pub netns: Option<PathBuf>,
     /// Local workloads only: the pod's cgroup v2 directory.
     pub cgroup: Option<PathBuf>,
+}
+
+/// A service: connections to one of its virtual IPs and ports go to one of its endpoints (the
+/// workloads of its namespace whose labels match its selector), chosen per connection.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Service {
+    pub name: String,
+    pub namespace: String,
+    pub vips: Vec<IpAddr>,
+    pub ports: Vec<ServicePort>,
+    /// No selector: no endpoints (as in Kubernetes, where they would be managed by hand).
+    #[serde(default)]
+    pub selector: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ServicePort {
+    pub port: u16,
+    pub target_port: u16,
 }
 
 fn default_trust_domain() -> String {

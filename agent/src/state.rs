@@ -1,9 +1,9 @@
-//! What the agent knows about the mesh: workloads (later services and policies), indexed for the
-//! proxy. Discovery builds a new [`State`] and swaps it in; the proxy and the datapath only read it.
+//! What the agent knows about the mesh: workloads, services and policies, indexed for the proxy.
+//! Discovery builds a new [`State`] and swaps it in; the proxy and the datapath only read it.
 
 use std::{
     collections::{BTreeMap, HashMap},
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     sync::{Arc, RwLock},
 };
 
@@ -50,12 +50,32 @@ impl From<&config::Workload> for Workload {
     }
 }
 
+/// A service with its endpoints resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    pub name: String,
+    pub namespace: String,
+    pub vips: Vec<IpAddr>,
+    pub ports: Vec<config::ServicePort>,
+    /// The workloads its selector picks, in discovery order.
+    pub endpoints: Vec<Arc<Workload>>,
+}
+
+impl Service {
+    /// `<name>.<namespace>.svc.cluster.local`: the name HBONE carries in `forwarded: ...;host=`.
+    pub fn hostname(&self) -> String {
+        format!("{}.{}.svc.cluster.local", self.name, self.namespace)
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct State {
     pub node: String,
     pub trust_domain: String,
     workloads: Vec<Arc<Workload>>,
     by_ip: HashMap<IpAddr, Arc<Workload>>,
+    services: Vec<Arc<Service>>,
+    by_vip: HashMap<IpAddr, Arc<Service>>,
     pub policies: PolicySet,
 }
 
@@ -69,13 +89,45 @@ impl State {
                 by_ip.insert(*ip, w.clone());
             }
         }
+        let services: Vec<Arc<Service>> = config
+            .services
+            .iter()
+            .map(|s| {
+                let selects = |w: &&Arc<Workload>| {
+                    !s.selector.is_empty()
+                        && w.namespace == s.namespace
+                        && s.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
+                };
+                Arc::new(Service {
+                    name: s.name.clone(),
+                    namespace: s.namespace.clone(),
+                    vips: s.vips.clone(),
+                    ports: s.ports.clone(),
+                    endpoints: workloads.iter().filter(selects).cloned().collect(),
+                })
+            })
+            .collect();
+        let by_vip = services.iter().flat_map(|s| s.vips.iter().map(|vip| (*vip, s.clone()))).collect();
         State {
             node: config.node.clone(),
             trust_domain: config.trust_domain.clone(),
             workloads,
             by_ip,
+            services,
+            by_vip,
             policies: PolicySet::new(config.compiled_policies.clone()),
         }
+    }
+
+    pub fn services(&self) -> &[Arc<Service>] {
+        &self.services
+    }
+
+    /// The service behind a virtual `ip:port`, and the endpoints' port for it.
+    pub fn service_for(&self, dst: SocketAddr) -> Option<(Arc<Service>, u16)> {
+        let service = self.by_vip.get(&dst.ip())?;
+        let port = service.ports.iter().find(|p| p.port == dst.port())?;
+        Some((service.clone(), port.target_port))
     }
 
     /// Every known workload, in discovery order.
@@ -113,5 +165,40 @@ impl StateHandle {
 
     pub fn store(&self, state: State) {
         *self.0.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(state);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    #[test]
+    fn services_select_their_namespace_workloads_by_label() {
+        let config = Config::parse(
+            "
+node: n1
+workloads:
+  - {name: web-1, namespace: shop, labels: {app: web}, ips: [10.0.2.2], node: n2}
+  - {name: web-2, namespace: shop, labels: {app: web, tier: x}, ips: [10.0.2.3], node: n2}
+  - {name: web-other, namespace: other, labels: {app: web}, ips: [10.0.2.4], node: n2}
+  - {name: db, namespace: shop, labels: {app: db}, ips: [10.0.2.5], node: n2}
+services:
+  - {name: web, namespace: shop, vips: [10.96.0.10], ports: [{port: 80, targetPort: 8080}], selector: {app: web}}
+  - {name: manual, namespace: shop, vips: [10.96.0.11], ports: [{port: 80, targetPort: 80}]}
+",
+            Path::new("t.yaml"),
+        )
+        .unwrap();
+        let state = State::from_config(&config);
+        let (web, target) = state.service_for("10.96.0.10:80".parse().unwrap()).unwrap();
+        assert_eq!(target, 8080);
+        assert_eq!(web.hostname(), "web.shop.svc.cluster.local");
+        let endpoints: Vec<String> = web.endpoints.iter().map(|w| w.key()).collect();
+        assert_eq!(endpoints, ["shop/web-1", "shop/web-2"]);
+        assert!(state.service_for("10.96.0.10:81".parse().unwrap()).is_none(), "not a service port");
+        let (manual, _) = state.service_for("10.96.0.11:80".parse().unwrap()).unwrap();
+        assert!(manual.endpoints.is_empty(), "no selector, no endpoints");
     }
 }

@@ -234,3 +234,45 @@ fn policies_applied_with_kubectl_are_enforced_and_invalid_ones_refused() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn service_connections_are_balanced_over_its_pods() {
+    let Some((mut sb, api)) = cluster("kubesvc") else { return };
+    api.kubectl(&["label", "pod", "b", "c", "-n", NAMESPACE, "role=web"], None).unwrap();
+    let service = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: {NAMESPACE}}}\n\
+         spec:\n  selector: {{role: web}}\n  ports: [{{port: 80, targetPort: {PORT}}}]\n"
+    );
+    api.apply(&service).unwrap();
+    let (_, vip, _) = api
+        .kubectl(&["get", "service", "web", "-n", NAMESPACE, "-o", "jsonpath={.spec.clusterIP}"], None)
+        .unwrap();
+    let vip: SocketAddr = format!("{vip}:80").parse().unwrap();
+    let _pause = pause(&sb, "a");
+    let servers = [sb.pod("b").serve(PORT).unwrap(), sb.pod("c").serve(PORT).unwrap()];
+    api.kubectl(&["label", "namespace", NAMESPACE, "ferry.dev/mesh=enabled"], None).unwrap();
+    start_agent(&mut sb, &api);
+
+    let services = sb.ferry_json("node1", &["services"]).unwrap();
+    assert_eq!(services[0]["hostname"], format!("web.{NAMESPACE}.svc.cluster.local"), "{services}");
+    assert_eq!(services[0]["endpoints"].as_array().unwrap().len(), 2, "{services}");
+    for _ in 0..20 {
+        // The app sees the service address it dialled; an endpoint answered.
+        let outcome = sb.pod("a").connect(vip, 10).unwrap();
+        assert_eq!(outcome, ConnectOutcome::Echoed { peer: vip, bytes: 10 });
+    }
+    let accepted = servers.map(|s| s.accepted().len());
+    assert_eq!(accepted.iter().sum::<usize>(), 20);
+    assert!(accepted.iter().all(|n| *n >= 2), "not balanced: b {} c {}", accepted[0], accepted[1]);
+    let series = format!(
+        "istio_tcp_connections_opened_total{{reporter=\"source\",source_workload=\"a\",source_workload_namespace=\"{NAMESPACE}\""
+    );
+    let metrics = sb.metrics("node1").unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with(&series)
+                && l.contains("destination_service=\"web.shop.svc.cluster.local\"")),
+        "no connection metric names the service:\n{metrics}"
+    );
+}

@@ -134,7 +134,7 @@ impl Admin {
             (&Method::GET, "/config_dump") => json_response(StatusCode::OK, &self.config_dump()),
             (&Method::GET, "/workloads") => json_response(StatusCode::OK, &self.workloads()),
             // Services arrive with Kubernetes discovery; the static file declares none yet.
-            (&Method::GET, "/services") => json_response(StatusCode::OK, &Vec::<Value>::new()),
+            (&Method::GET, "/services") => json_response(StatusCode::OK, &self.services()),
             (&Method::GET, "/policies") => json_response(StatusCode::OK, &self.policies()),
             (&Method::GET, "/certificates") => json_response(StatusCode::OK, &self.certificates()),
             (&Method::GET, "/connections") => json_response(StatusCode::OK, &self.proxy.connections()),
@@ -192,6 +192,24 @@ impl Admin {
             "certificates": self.certificates(),
             "datapath": self.datapath(),
         })
+    }
+
+    fn services(&self) -> Vec<Value> {
+        let state = self.state.load();
+        state
+            .services()
+            .iter()
+            .map(|s| {
+                json!({
+                    "name": s.name,
+                    "namespace": s.namespace,
+                    "hostname": s.hostname(),
+                    "vips": s.vips,
+                    "ports": s.ports.iter().map(|p| format!("{}->{}", p.port, p.target_port)).collect::<Vec<_>>(),
+                    "endpoints": s.endpoints.iter().map(|w| w.key()).collect::<Vec<_>>(),
+                })
+            })
+            .collect()
     }
 
     fn workloads(&self) -> Vec<Value> {

@@ -116,11 +116,13 @@ fn workloads(v: &Value) -> String {
 
 fn services(v: &Value) -> String {
     if rows(v).is_empty() {
-        return "no services (the static config declares none; Kubernetes mode discovers them)".into();
+        return "no services".into();
     }
     table(
-        &["service", "vips", "ports"],
-        rows(v).iter().map(|s| vec![cell(&s["name"]), cell(&s["vips"]), cell(&s["ports"])]),
+        &["service", "vips", "ports", "endpoints"],
+        rows(v)
+            .iter()
+            .map(|s| vec![cell(&s["hostname"]), cell(&s["vips"]), cell(&s["ports"]), cell(&s["endpoints"])]),
     )
 }
 

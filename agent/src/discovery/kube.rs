@@ -1,7 +1,9 @@
-//! Kubernetes as the source of workloads and policies (`ferry agent --kube`): Namespaces and Pods
-//! are watched cluster-wide (every node must know every meshed pod's IP and identity) and turned
-//! into the same [`config::Workload`] list the static file gives, and Ferry's AuthorizationPolicy
-//! objects into the same compiled policies, so one state model serves both sources.
+//! Kubernetes as the source of workloads, services and policies (`ferry agent --kube`):
+//! Namespaces, Pods and Services are watched cluster-wide (every node must know every meshed pod's
+//! IP and identity) and turned into the same [`config::Workload`] and [`config::Service`] lists the
+//! static file gives (a service's endpoints are derived from the pods, no EndpointSlice needed),
+//! and Ferry's AuthorizationPolicy objects into the same compiled policies: one state model, two
+//! sources.
 //!
 //! A namespace labelled `ferry.dev/mesh=enabled` enrols its pods; a pod labelled
 //! `ferry.dev/mesh=disabled` opts out. Pods on this node also need their netns and cgroup: the
@@ -17,7 +19,10 @@ use std::{
 };
 
 use futures_util::StreamExt;
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::{
+    api::core::v1::{Namespace, Pod, Service},
+    apimachinery::pkg::util::intstr::IntOrString,
+};
 use kube::{
     Api, Client,
     runtime::{WatchStreamExt, reflector, watcher},
@@ -38,6 +43,7 @@ const RETRY: Duration = Duration::from_secs(1);
 #[derive(Debug, Clone, Default)]
 pub struct Discovered {
     pub workloads: Vec<config::Workload>,
+    pub services: Vec<config::Service>,
     pub policies: Vec<Policy>,
 }
 
@@ -46,6 +52,7 @@ pub struct Discovered {
 pub async fn spawn(client: Client, node: String, cgroup_root: PathBuf) -> mpsc::Receiver<Discovered> {
     let (namespaces, namespace_writer) = reflector::store::<Namespace>();
     let (pods, pod_writer) = reflector::store::<Pod>();
+    let (services, service_writer) = reflector::store::<Service>();
     let (policies, policy_writer) = reflector::store::<AuthorizationPolicyResource>();
     let changed = Arc::new(Notify::new());
     let policy_api: Api<AuthorizationPolicyResource> = Api::all(client.clone());
@@ -62,12 +69,15 @@ pub async fn spawn(client: Client, node: String, cgroup_root: PathBuf) -> mpsc::
     }
     let watch_namespaces =
         reflector(namespace_writer, watcher(Api::all(client.clone()), watcher::Config::default()));
-    let watch_pods = reflector(pod_writer, watcher(Api::all(client), watcher::Config::default()));
+    let watch_pods = reflector(pod_writer, watcher(Api::all(client.clone()), watcher::Config::default()));
+    let watch_services = reflector(service_writer, watcher(Api::all(client), watcher::Config::default()));
     tokio::spawn(drive(watch_namespaces.default_backoff(), changed.clone(), "namespaces"));
     tokio::spawn(drive(watch_pods.default_backoff(), changed.clone(), "pods"));
+    tokio::spawn(drive(watch_services.default_backoff(), changed.clone(), "services"));
     let (tx, rx) = mpsc::channel(4);
     tokio::spawn(async move {
-        let (Ok(()), Ok(())) = (namespaces.wait_until_ready().await, pods.wait_until_ready().await) else {
+        let ready = (namespaces.wait_until_ready().await, pods.wait_until_ready().await);
+        let (Ok(()), Ok(()), Ok(())) = (ready.0, ready.1, services.wait_until_ready().await) else {
             return;
         };
         if with_policies && policies.wait_until_ready().await.is_err() {
@@ -76,11 +86,14 @@ pub async fn spawn(client: Client, node: String, cgroup_root: PathBuf) -> mpsc::
         let mut last = None;
         loop {
             let (workloads, waiting) = workloads(&namespaces.state(), &pods.state(), &node, &cgroup_root);
+            let services = meshed_services(&namespaces.state(), &services.state());
             let versions: Vec<Option<String>> =
                 policies.state().iter().map(|p| p.metadata.resource_version.clone()).collect();
-            if last.as_ref() != Some(&(workloads.clone(), versions.clone())) {
-                last = Some((workloads.clone(), versions));
-                let discovered = Discovered { workloads, policies: compile(&policies.state()) };
+            let now = (workloads, services, versions);
+            if last.as_ref() != Some(&now) {
+                last = Some(now.clone());
+                let (workloads, services, _) = now;
+                let discovered = Discovered { workloads, services, policies: compile(&policies.state()) };
                 if tx.send(discovered).await.is_err() {
                     return;
                 }
@@ -111,6 +124,51 @@ where
     }
 }
 
+/// The names of the namespaces labelled into the mesh.
+fn meshed_namespaces(namespaces: &[Arc<Namespace>]) -> Vec<&str> {
+    namespaces
+        .iter()
+        .filter(|ns| label(&ns.metadata.labels, MESH_LABEL) == Some("enabled"))
+        .filter_map(|ns| ns.metadata.name.as_deref())
+        .collect()
+}
+
+/// ClusterIP services with a selector in meshed namespaces. Named target ports are not resolved
+/// (those ports are left out: their connections go to the virtual IP unproxied).
+fn meshed_services(namespaces: &[Arc<Namespace>], services: &[Arc<Service>]) -> Vec<config::Service> {
+    let meshed = meshed_namespaces(namespaces);
+    let mut list: Vec<config::Service> = services
+        .iter()
+        .filter(|s| s.metadata.namespace.as_deref().is_some_and(|ns| meshed.contains(&ns)))
+        .filter_map(|s| {
+            let spec = s.spec.as_ref()?;
+            let selector = spec.selector.clone().filter(|sel| !sel.is_empty())?;
+            let ips = spec.cluster_ips.clone().or_else(|| spec.cluster_ip.clone().map(|ip| vec![ip]))?;
+            let vips: Vec<_> = ips.iter().filter_map(|ip| ip.parse().ok()).collect();
+            let ports = spec.ports.iter().flatten().filter_map(|p| {
+                let port = u16::try_from(p.port).ok()?;
+                let target_port = match &p.target_port {
+                    None => port,
+                    Some(IntOrString::Int(n)) => u16::try_from(*n).ok()?,
+                    Some(IntOrString::String(_)) => return None,
+                };
+                (p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+                    .then_some(config::ServicePort { port, target_port })
+            });
+            let ports: Vec<_> = ports.collect();
+            (!vips.is_empty() && !ports.is_empty()).then(|| config::Service {
+                name: s.metadata.name.clone().unwrap_or_default(),
+                namespace: s.metadata.namespace.clone().unwrap_or_default(),
+                vips,
+                ports,
+                selector,
+            })
+        })
+        .collect();
+    list.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    list
+}
+
 /// The workloads of meshed namespaces, and whether a local pod is still waiting for its netns.
 fn workloads(
     namespaces: &[Arc<Namespace>],
@@ -118,11 +176,7 @@ fn workloads(
     node: &str,
     cgroup_root: &Path,
 ) -> (Vec<config::Workload>, bool) {
-    let meshed: Vec<&str> = namespaces
-        .iter()
-        .filter(|ns| label(&ns.metadata.labels, MESH_LABEL) == Some("enabled"))
-        .filter_map(|ns| ns.metadata.name.as_deref())
-        .collect();
+    let meshed = meshed_namespaces(namespaces);
     let mut waiting = false;
     let mut list: Vec<config::Workload> = pods
         .iter()

@@ -7,6 +7,7 @@
 //! - [`relay`]: moves bytes both ways once both ends are connected ([`splice`] when both are
 //!   kernel sockets).
 
+mod balance;
 mod connections;
 pub mod hbone;
 mod inbound;
@@ -123,6 +124,8 @@ struct Inner {
     limits: Limits,
     /// One per accepted connection, up to the per-node limit.
     node_permits: Arc<Semaphore>,
+    /// Picks service endpoints.
+    balancer: balance::Balancer,
 }
 
 /// Serving one pod; dropping it closes the pod's listeners (open connections run to their end).
@@ -181,6 +184,7 @@ impl Proxy {
                 draining,
                 drain,
                 node_permits: Arc::new(Semaphore::new(limits.max_connections_per_node)),
+                balancer: balance::Balancer::default(),
                 limits,
             }),
         }

@@ -20,7 +20,7 @@ pub(super) async fn handle(proxy: Proxy, pod: Arc<LocalPod>, client: TcpStream, 
     // The app's own address: the redirect made the kernel pick loopback as its source.
     let app = SocketAddr::new(pod.workload.ips[0], peer.port());
     let source = |flow: Flow| flow.source(Some(pod.workload.clone()), Some(pod.identity.clone()));
-    let Some(dst) = proxy.inner.orig_dst.take(pod.netns.cookie(), peer.port()) else {
+    let Some(original) = proxy.inner.orig_dst.take(pod.netns.cookie(), peer.port()) else {
         let flow = source(Flow::new(Direction::Outbound, "unknown", app, peer));
         return flow.reset(
             &client,
@@ -30,8 +30,23 @@ pub(super) async fn handle(proxy: Proxy, pod: Arc<LocalPod>, client: TcpStream, 
         );
     };
     let state = proxy.inner.state.load();
+    // A service's virtual IP is resolved here, on the client side, to one of its meshed
+    // endpoints. Without any, the connection goes out to the virtual IP as if uncaptured.
+    let resolved = state.service_for(original).and_then(|(service, target_port)| {
+        proxy.inner.balancer.pick(&service, target_port).map(|endpoint| (service, endpoint))
+    });
+    let (service, dst) = match resolved {
+        Some((service, endpoint)) => (Some(service), endpoint),
+        None => (None, original),
+    };
+    // Later picks pass over a service endpoint that refused.
+    let refused = || {
+        if service.is_some() {
+            proxy.inner.balancer.refused(dst);
+        }
+    };
     let route = Route::for_destination(&state, dst.ip());
-    let flow = source(Flow::new(Direction::Outbound, route.as_str(), app, dst));
+    let flow = source(Flow::new(Direction::Outbound, route.as_str(), app, dst)).service(service.as_ref());
     let flow = flow.destination(state.workload_by_ip(dst.ip()).cloned(), None);
     let trust_domain = &pod.identity.trust_domain;
     let upstream = match route {
@@ -39,9 +54,13 @@ pub(super) async fn handle(proxy: Proxy, pod: Arc<LocalPod>, client: TcpStream, 
             let flow = flow
                 .destination(Some(destination.clone()), Some(destination.identity(trust_domain)))
                 .hbone(SocketAddr::new(dst.ip(), HBONE_PORT));
-            return match tunnel::connect(&proxy, &pod, app, dst, &destination).await {
+            let host = service.as_ref().map(|s| s.hostname());
+            return match tunnel::connect(&proxy, &pod, app, dst, &destination, host.as_deref()).await {
                 Ok(stream) => flow.relay(client, stream, &proxy).await,
-                Err(e) => flow.reset(&client, telemetry, e.reason(), &e),
+                Err(e) => {
+                    refused();
+                    flow.reset(&client, telemetry, e.reason(), &e)
+                }
             };
         }
         Route::SameNode => match proxy.local_pod(dst.ip()) {
@@ -56,7 +75,10 @@ pub(super) async fn handle(proxy: Proxy, pod: Arc<LocalPod>, client: TcpStream, 
                 }
                 return match inbound::deliver(&dst_pod, dst).await {
                     Ok(upstream) => flow.relay_tcp(client, upstream, &proxy).await,
-                    Err(e) => flow.reset(&client, telemetry, FailureReason::Connect, &e),
+                    Err(e) => {
+                        refused();
+                        flow.reset(&client, telemetry, FailureReason::Connect, &e)
+                    }
                 };
             }
             // Known as local but not (yet) captured here: reach it as an uncaptured client would.
@@ -66,6 +88,9 @@ pub(super) async fn handle(proxy: Proxy, pod: Arc<LocalPod>, client: TcpStream, 
     };
     match upstream {
         Ok(upstream) => flow.relay_tcp(client, upstream, &proxy).await,
-        Err(e) => flow.reset(&client, telemetry, FailureReason::Connect, &e),
+        Err(e) => {
+            refused();
+            flow.reset(&client, telemetry, FailureReason::Connect, &e)
+        }
     }
 }

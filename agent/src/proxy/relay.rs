@@ -20,7 +20,7 @@ use super::{
 use crate::{
     identity::SpiffeId,
     policy::Decision,
-    state::Workload,
+    state::{Service, Workload},
     telemetry::{ConnectionLabels, Direction, FailureReason, FlowEvent, FlowKind, Telemetry, now_ms},
 };
 
@@ -70,6 +70,8 @@ pub(super) struct Flow {
     pub(super) dst_workload: Option<Arc<Workload>>,
     pub(super) src_identity: Option<SpiffeId>,
     pub(super) dst_identity: Option<SpiffeId>,
+    /// The service the app dialled, when `dst` is one of its endpoints.
+    pub(super) service: Option<Arc<Service>>,
     /// The policy that allowed it, when one did.
     pub(super) policy: Option<String>,
     /// What the destination side admitted it with; re-checked when policies change.
@@ -89,6 +91,7 @@ impl Flow {
             dst_workload: None,
             src_identity: None,
             dst_identity: None,
+            service: None,
             policy: None,
             admission: None,
             started: Instant::now(),
@@ -104,6 +107,11 @@ impl Flow {
     pub(super) fn destination(mut self, workload: Option<Arc<Workload>>, identity: Option<SpiffeId>) -> Flow {
         self.dst_workload = workload;
         self.dst_identity = identity;
+        self
+    }
+
+    pub(super) fn service(mut self, service: Option<&Arc<Service>>) -> Flow {
+        self.service = service.cloned();
         self
     }
 
@@ -131,7 +139,7 @@ impl Flow {
             destination_workload: name(&self.dst_workload),
             destination_workload_namespace: namespace(&self.dst_workload),
             destination_principal: principal(&self.dst_identity),
-            destination_service: UNKNOWN.to_owned(),
+            destination_service: self.service.as_ref().map_or(UNKNOWN.to_owned(), |s| s.hostname()),
             destination_app: app(&self.dst_workload),
             request_protocol: "tcp",
             response_flags: "-",

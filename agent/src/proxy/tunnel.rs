@@ -21,6 +21,7 @@ pub(super) async fn connect(
     client: SocketAddr,
     target: SocketAddr,
     destination: &Workload,
+    service_host: Option<&str>,
 ) -> Result<HboneStream, TunnelError> {
     let key = PoolKey {
         source: source.identity.clone(),
@@ -28,7 +29,14 @@ pub(super) async fn connect(
         source_ip: client.ip(),
         hbone_addr: SocketAddr::new(target.ip(), HBONE_PORT),
     };
-    let request = proto::connect_request(target, client, &source.workload, rand::random(), rand::random());
+    let request = proto::connect_request(
+        target,
+        client,
+        service_host,
+        &source.workload,
+        rand::random(),
+        rand::random(),
+    );
     let inner = &proxy.inner;
     inner.pool.connect(&key, &source.netns, &inner.certs, &inner.telemetry.proxy, request).await
 }

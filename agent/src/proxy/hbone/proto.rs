@@ -51,10 +51,12 @@ pub fn inbound_target(method: &Method, uri: &Uri, arrived_on: IpAddr) -> Result<
     Ok(target)
 }
 
-/// The outbound CONNECT for `target` on behalf of `client` (the app's address) in `source`.
+/// The outbound CONNECT for `target` on behalf of `client` (the app's address) in `source`;
+/// `service_host` when the app dialled a service that resolved to `target`.
 pub fn connect_request(
     target: SocketAddr,
     client: SocketAddr,
+    service_host: Option<&str>,
     source: &Workload,
     trace_id: u128,
     span_id: u64,
@@ -65,7 +67,10 @@ pub fn connect_request(
     *request.uri_mut() =
         Uri::builder().authority(target.to_string()).build().expect("ip:port is a valid authority");
     let headers = request.headers_mut();
-    let forwarded = format!("for=\"{client}\"");
+    let forwarded = match service_host {
+        Some(host) => format!("for=\"{client}\";host={host}"),
+        None => format!("for=\"{client}\""),
+    };
     let baggage = format!("k8s.namespace.name={},k8s.pod.name={}", source.namespace, source.name);
     let traceparent = format!("00-{trace_id:032x}-{span_id:016x}-00");
     for (name, value) in [("forwarded", forwarded), ("baggage", baggage), ("traceparent", traceparent)] {
@@ -137,6 +142,7 @@ mod tests {
         let req = connect_request(
             "10.2.0.2:8080".parse().unwrap(),
             "10.1.0.2:4321".parse().unwrap(),
+            None,
             &source,
             1,
             2,
@@ -147,8 +153,26 @@ mod tests {
         assert_eq!(req.headers()["baggage"], "k8s.namespace.name=shop,k8s.pod.name=a");
         assert_eq!(req.headers()["traceparent"], format!("00-{:032x}-{:016x}-00", 1, 2));
         assert_eq!(forwarded_for(&req.headers()["forwarded"]), Some("10.1.0.2:4321".parse().unwrap()));
-        let v6 =
-            connect_request("[fd00::2]:80".parse().unwrap(), "[fd00::1]:1".parse().unwrap(), &source, 1, 2);
+        let v6 = connect_request(
+            "[fd00::2]:80".parse().unwrap(),
+            "[fd00::1]:1".parse().unwrap(),
+            None,
+            &source,
+            1,
+            2,
+        );
         assert_eq!(v6.uri().authority().unwrap().as_str(), "[fd00::2]:80");
+        // A service the app dialled travels as the forwarded host; the client address still parses.
+        let via_service = connect_request(
+            "10.2.0.2:8080".parse().unwrap(),
+            "10.1.0.2:4321".parse().unwrap(),
+            Some("web.shop.svc.cluster.local"),
+            &source,
+            1,
+            2,
+        );
+        let forwarded = &via_service.headers()["forwarded"];
+        assert_eq!(forwarded, "for=\"10.1.0.2:4321\";host=web.shop.svc.cluster.local");
+        assert_eq!(forwarded_for(forwarded), Some("10.1.0.2:4321".parse().unwrap()));
     }
 }
