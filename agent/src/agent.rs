@@ -62,8 +62,16 @@ struct Agent {
 /// How long a new agent may take, from receiving the listeners, to be ready.
 const SUCCESSOR_READY_TIMEOUT: Duration = Duration::from_secs(120);
 
-pub async fn run(config_path: PathBuf, kube: bool, log: LogControl) -> anyhow::Result<()> {
-    let source = StaticFile { path: config_path.clone() };
+/// How the agent was started: `ferry agent --config FILE [--node NAME] [--kube]`.
+pub struct Options {
+    pub config: PathBuf,
+    pub node: Option<String>,
+    pub kube: bool,
+}
+
+pub async fn run(options: Options, log: LogControl) -> anyhow::Result<()> {
+    let Options { config: config_path, node, kube } = options;
+    let source = StaticFile { path: config_path.clone(), node };
     let mut config = source.read()?;
     // Kubernetes mode: the API's policies, in force beside the file's.
     let mut file_policies = config.compiled_policies.clone();

@@ -23,7 +23,9 @@ pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Config {
-    /// This node's name; workloads whose `node` matches are local and get captured.
+    /// This node's name; workloads whose `node` matches are local and get captured. May be left
+    /// out when `ferry agent --node` (or `$NODE_NAME`) gives it, as a DaemonSet does.
+    #[serde(default)]
     pub node: String,
     #[serde(default = "default_trust_domain")]
     pub trust_domain: String,
@@ -203,20 +205,27 @@ pub enum ConfigError {
 }
 
 impl Config {
-    /// Reads, parses and validates a config file.
-    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    /// Reads, parses and validates a config file; `node`, if given, overrides the file's.
+    pub fn load(path: &Path, node: Option<&str>) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        Config::parse(&text, path)
+        Config::parse_for(&text, path, node)
     }
 
     /// Parses and validates config text; `path` only labels errors.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        Config::parse_for(text, path, None)
+    }
+
+    fn parse_for(text: &str, path: &Path, node: Option<&str>) -> Result<Config, ConfigError> {
         let mut config: Config = serde_yaml::from_str(text).map_err(|source| ConfigError::Syntax {
             path: path.to_owned(),
             policy: policy_named_in(&source, text),
             source,
         })?;
+        if let Some(node) = node {
+            config.node = node.to_owned();
+        }
         let invalid = |(field, problem)| ConfigError::Invalid { path: path.to_owned(), field, problem };
         config.validate().map_err(invalid)?;
         config.compiled_policies = config
@@ -232,6 +241,9 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), (String, String)> {
+        if self.node.is_empty() {
+            return Err(("node".into(), "required (in the file, or with --node / $NODE_NAME)".into()));
+        }
         if self.cert_ttl < Duration::from_secs(2) {
             return Err(("certTtl".into(), "must be at least 2s".into()));
         }

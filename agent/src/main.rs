@@ -40,7 +40,7 @@ fn main() -> ExitCode {
             clap_complete::generate(shell, &mut Cli::command(), "ferry", &mut std::io::stdout());
             ExitCode::SUCCESS
         }
-        Command::Agent { config, log_format, kube } => {
+        Command::Agent { config, log_format, kube, node } => {
             // Before any thread exists: the agent's own netns, to come back to from pods.
             inpod::init();
             let log = telemetry::init_logging(log_format);
@@ -55,7 +55,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(agent::run(config, kube, log)) {
+            match runtime.block_on(agent::run(agent::Options { config, node, kube }, log)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");

@@ -11,7 +11,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ferry_sandbox::{CGROUP2_ROOT, Cgroup, ConnectOutcome, PodSpec, Sandbox, kube::ApiServer};
+use ferry_sandbox::{
+    CGROUP2_ROOT, Cgroup, ConnectOutcome, PodSpec, Sandbox,
+    kube::{self, ApiServer},
+};
 
 const PORT: u16 = 8080;
 const NAMESPACE: &str = "shop";
@@ -109,9 +112,14 @@ fn cluster(label: &str) -> Option<(Sandbox, ApiServer)> {
     Some((sb, api))
 }
 
-/// Starts node1's agent in Kubernetes mode against `api`.
+/// Starts node1's agent in Kubernetes mode against `api`, as the cluster admin.
 fn start_agent(sb: &mut Sandbox, api: &ApiServer) {
-    sb.set_agent_env("node1", "KUBECONFIG", &api.kubeconfig.display().to_string());
+    start_agent_as(sb, &api.kubeconfig);
+}
+
+/// Starts node1's agent in Kubernetes mode with the credentials of `kubeconfig`.
+fn start_agent_as(sb: &mut Sandbox, kubeconfig: &Path) {
+    sb.set_agent_env("node1", "KUBECONFIG", &kubeconfig.display().to_string());
     let cgroups = Path::new(CGROUP2_ROOT).join(&sb.id);
     let config = format!("{}podCgroupRoot: {}\n", sb.config_for("node1"), cgroups.display());
     sb.start_agent_with("node1", Some(&config), &["--kube"]).unwrap();
@@ -275,4 +283,53 @@ fn service_connections_are_balanced_over_its_pods() {
                 && l.contains("destination_service=\"web.shop.svc.cluster.local\"")),
         "no connection metric names the service:\n{metrics}"
     );
+}
+
+#[test]
+fn the_deploy_manifest_validates_and_the_agent_needs_no_more_than_its_rbac() {
+    let Some((mut sb, api)) = cluster("kubedeploy") else { return };
+    for (name, generated) in kube::manifests().unwrap() {
+        let written = std::fs::read_to_string(kube::deploy_dir().join(name)).unwrap_or_default();
+        assert!(written == generated, "deploy/{name} is stale: run `cargo xtask manifests`");
+    }
+    let manifest = std::fs::read_to_string(kube::deploy_dir().join("ferry.yaml")).unwrap();
+    // A server-side dry run validates every object (namespaced ones need their namespace).
+    api.kubectl(&["create", "namespace", "ferry-system"], None).unwrap();
+    let (code, _, err) = api.kubectl(&["apply", "--dry-run=server", "-f", "-"], Some(&manifest)).unwrap();
+    assert_eq!(code, 0, "{err}");
+    api.apply(&manifest).unwrap();
+    let (code, _, err) = api
+        .kubectl(
+            &["wait", "--for=condition=established", "crd/authorizationpolicies.ferry.dev", "--timeout=30s"],
+            None,
+        )
+        .unwrap();
+    assert_eq!(code, 0, "{err}");
+
+    // The agent runs with nothing but its ServiceAccount's token.
+    let (code, token, err) =
+        api.kubectl(&["create", "token", "ferry-agent", "-n", "ferry-system"], None).unwrap();
+    assert_eq!(code, 0, "{err}");
+    let kubeconfig = api.kubeconfig_with_token("agent", token.trim()).unwrap();
+    let _pause = pause(&sb, "a");
+    let _server = sb.pod("b").serve(PORT).unwrap();
+    api.kubectl(&["label", "namespace", NAMESPACE, "ferry.dev/mesh=enabled"], None).unwrap();
+    start_agent_as(&mut sb, &kubeconfig);
+    assert_eq!(captured(&sb), 2);
+    let deny = format!(
+        "apiVersion: ferry.dev/v1\nkind: AuthorizationPolicy\nmetadata: {{name: deny-all, namespace: {NAMESPACE}}}\n\
+         spec: {{action: DENY, rules: [{{}}]}}\n"
+    );
+    api.apply(&deny).unwrap();
+    let applied = Instant::now();
+    while echoed(&sb, "a", "b") {
+        assert!(
+            applied.elapsed() < Duration::from_secs(2),
+            "policy not enforced:\n{}",
+            sb.agent_log("node1")
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = sb.agent_log("node1");
+    assert!(!log.contains("forbidden") && !log.contains("Forbidden"), "{log}");
 }

@@ -39,6 +39,8 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
+    /// Regenerate deploy/ferry.yaml and deploy/ferry-hitless.yaml from deploy/base.yaml and `ferry crd`.
+    Manifests,
     /// Two nodes with two pods each in network namespaces; traffic through the agents.
     Demo {
         #[command(subcommand)]
@@ -55,6 +57,15 @@ fn main() -> Result<()> {
         Task::Test { args } => test(&args),
         Task::Demo { action, keep } => demo::run(action, keep),
         Task::Bench { quick } => bench::run(quick),
+        Task::Manifests => {
+            cargo(&["build", "--bin", "ferry"])?;
+            for (name, text) in ferry_sandbox::kube::manifests()? {
+                let path = ferry_sandbox::kube::deploy_dir().join(name);
+                std::fs::write(&path, text)?;
+                eprintln!("wrote {}", path.display());
+            }
+            Ok(())
+        }
         Task::Fuzz { seconds } => {
             setup::run()?;
             fuzz(seconds)

@@ -58,10 +58,14 @@ pub enum Command {
         /// Log output format.
         #[arg(long, value_enum, default_value = "text")]
         log_format: LogFormat,
-        /// Take workloads from the Kubernetes API (in-cluster config, or $KUBECONFIG) instead of
-        /// the config file's `workloads`.
+        /// Take workloads, services and policies from the Kubernetes API (in-cluster config, or
+        /// $KUBECONFIG) instead of the config file's `workloads`.
         #[arg(long)]
         kube: bool,
+        /// This node's name, instead of the config file's `node` (a DaemonSet passes
+        /// spec.nodeName through $NODE_NAME).
+        #[arg(long, env = "NODE_NAME")]
+        node: Option<String>,
     },
     /// Manage the file CA of the embedded default.
     Ca {

@@ -12,10 +12,12 @@ use crate::config::{Config, ConfigError};
 #[derive(Debug, Clone)]
 pub struct StaticFile {
     pub path: PathBuf,
+    /// This node's name, if given outside the file.
+    pub node: Option<String>,
 }
 
 impl StaticFile {
     pub fn read(&self) -> Result<Config, ConfigError> {
-        Config::load(&self.path)
+        Config::load(&self.path, self.node.as_deref())
     }
 }
