@@ -232,6 +232,12 @@ async fn watch_kubernetes(
     Ok(updates)
 }
 
+/// Whether a captured workload's new spec needs its capture redone. Readiness only decides
+/// whether it takes service connections, which the state answers.
+fn needs_restart(running: &config::Workload, wanted: &config::Workload) -> bool {
+    config::Workload { ready: running.ready, ..wanted.clone() } != *running
+}
+
 /// Whether the new agent reported ready (else this agent carries on).
 fn handed_over(ready: Result<std::io::Result<()>, tokio::task::JoinError>) -> bool {
     match ready {
@@ -291,7 +297,7 @@ impl Agent {
         let stale: Vec<String> = self
             .pods
             .iter()
-            .filter(|(key, pod)| desired.get(*key).is_none_or(|w| **w != pod.spec))
+            .filter(|(key, pod)| desired.get(*key).is_none_or(|w| needs_restart(&pod.spec, w)))
             .map(|(key, _)| key.clone())
             .collect();
         for key in stale {

@@ -126,6 +126,9 @@ pub struct Workload {
     /// False for a known workload that does not take part in the mesh (gets plain TCP).
     #[serde(default = "default_true")]
     pub meshed: bool,
+    /// False while it should not get service connections (in Kubernetes: the pod is not Ready).
+    #[serde(default = "default_true")]
+    pub ready: bool,
     /// Local workloads only: the pod's network namespace file (e.g. /run/netns/NAME).
     pub netns: Option<PathBuf>,
     /// Local workloads only: the pod's cgroup v2 directory.

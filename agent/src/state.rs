@@ -22,6 +22,8 @@ pub struct Workload {
     pub ips: Vec<IpAddr>,
     pub node: String,
     pub meshed: bool,
+    /// Takes service connections.
+    pub ready: bool,
 }
 
 impl Workload {
@@ -46,6 +48,7 @@ impl From<&config::Workload> for Workload {
             ips: w.ips.clone(),
             node: w.node.clone(),
             meshed: w.meshed,
+            ready: w.ready,
         }
     }
 }
@@ -95,6 +98,7 @@ impl State {
             .map(|s| {
                 let selects = |w: &&Arc<Workload>| {
                     !s.selector.is_empty()
+                        && w.ready
                         && w.namespace == s.namespace
                         && s.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
                 };
@@ -184,6 +188,7 @@ workloads:
   - {name: web-2, namespace: shop, labels: {app: web, tier: x}, ips: [10.0.2.3], node: n2}
   - {name: web-other, namespace: other, labels: {app: web}, ips: [10.0.2.4], node: n2}
   - {name: db, namespace: shop, labels: {app: db}, ips: [10.0.2.5], node: n2}
+  - {name: web-3, namespace: shop, labels: {app: web}, ips: [10.0.2.6], node: n2, ready: false}
 services:
   - {name: web, namespace: shop, vips: [10.96.0.10], ports: [{port: 80, targetPort: 8080}], selector: {app: web}}
   - {name: manual, namespace: shop, vips: [10.96.0.11], ports: [{port: 80, targetPort: 80}]}
@@ -196,7 +201,7 @@ services:
         assert_eq!(target, 8080);
         assert_eq!(web.hostname(), "web.shop.svc.cluster.local");
         let endpoints: Vec<String> = web.endpoints.iter().map(|w| w.key()).collect();
-        assert_eq!(endpoints, ["shop/web-1", "shop/web-2"]);
+        assert_eq!(endpoints, ["shop/web-1", "shop/web-2"], "same namespace, labels match, ready");
         assert!(state.service_for("10.96.0.10:81".parse().unwrap()).is_none(), "not a service port");
         let (manual, _) = state.service_for("10.96.0.11:80".parse().unwrap()).unwrap();
         assert!(manual.endpoints.is_empty(), "no selector, no endpoints");

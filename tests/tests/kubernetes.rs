@@ -90,7 +90,7 @@ fn cluster(label: &str) -> Option<(Sandbox, ApiServer)> {
         let cgroup = Path::new(CGROUP2_ROOT).join(&sb.id).join(format!("kubepods/besteffort/pod{uid}"));
         let pod = sb.pods.iter_mut().find(|p| p.spec.name == name).unwrap();
         pod.cgroup = Cgroup::create(&cgroup).unwrap();
-        let status = format!("{{\"status\":{{\"phase\":\"Running\",\"podIP\":\"{}\"}}}}", pod.ip);
+        let status = pod_status(pod.ip, true);
         let (code, _, err) = api
             .kubectl(
                 &[
@@ -110,6 +110,15 @@ fn cluster(label: &str) -> Option<(Sandbox, ApiServer)> {
         assert_eq!(code, 0, "{err}");
     }
     Some((sb, api))
+}
+
+/// A status patch: Running with `ip`, Ready or not.
+fn pod_status(ip: std::net::Ipv4Addr, ready: bool) -> String {
+    let ready = if ready { "True" } else { "False" };
+    format!(
+        "{{\"status\":{{\"phase\":\"Running\",\"podIP\":\"{ip}\",\
+         \"conditions\":[{{\"type\":\"Ready\",\"status\":\"{ready}\"}}]}}}}"
+    )
 }
 
 /// Starts node1's agent in Kubernetes mode against `api`, as the cluster admin.
@@ -269,7 +278,7 @@ fn service_connections_are_balanced_over_its_pods() {
         let outcome = sb.pod("a").connect(vip, 10).unwrap();
         assert_eq!(outcome, ConnectOutcome::Echoed { peer: vip, bytes: 10 });
     }
-    let accepted = servers.map(|s| s.accepted().len());
+    let accepted = [&servers[0], &servers[1]].map(|s| s.accepted().len());
     assert_eq!(accepted.iter().sum::<usize>(), 20);
     assert!(accepted.iter().all(|n| *n >= 2), "not balanced: b {} c {}", accepted[0], accepted[1]);
     let series = format!(
@@ -283,6 +292,27 @@ fn service_connections_are_balanced_over_its_pods() {
                 && l.contains("destination_service=\"web.shop.svc.cluster.local\"")),
         "no connection metric names the service:\n{metrics}"
     );
+
+    // A pod that is not Ready gets no service connections.
+    let status = pod_status(sb.pod("c").ip, false);
+    let (code, _, err) = api
+        .kubectl(
+            &["patch", "pod", "c", "-n", NAMESPACE, "--subresource=status", "--type=merge", "-p", &status],
+            None,
+        )
+        .unwrap();
+    assert_eq!(code, 0, "{err}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while sb.ferry_json("node1", &["services"]).unwrap()[0]["endpoints"].as_array().unwrap().len() != 1 {
+        assert!(Instant::now() < deadline, "c still an endpoint while not ready\n{}", sb.agent_log("node1"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for _ in 0..10 {
+        assert!(matches!(sb.pod("a").connect(vip, 10).unwrap(), ConnectOutcome::Echoed { .. }));
+    }
+    assert_eq!(servers[0].accepted().len(), accepted[0] + 10, "all to b");
+    // Readiness only steers service traffic: c's capture was not redone.
+    assert_eq!(sb.agent_log("node1").matches("workload captured workload=shop/c").count(), 1);
 }
 
 #[test]

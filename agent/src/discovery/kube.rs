@@ -242,6 +242,7 @@ fn workload(pod: &Pod, node: &str, cgroup_root: &Path) -> Option<config::Workloa
         ips: vec![ip],
         node: pod_node,
         meshed: true,
+        ready: status.conditions.iter().flatten().any(|c| c.type_ == "Ready" && c.status == "True"),
         netns,
         cgroup,
     })

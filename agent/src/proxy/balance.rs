@@ -59,6 +59,7 @@ mod tests {
                 ips: vec![ip.parse().unwrap()],
                 node: "n".into(),
                 meshed: true,
+                ready: true,
             })
         };
         Service {

@@ -138,6 +138,7 @@ mod tests {
             ips: vec![],
             node: "n1".into(),
             meshed: true,
+            ready: true,
         };
         let req = connect_request(
             "10.2.0.2:8080".parse().unwrap(),
