@@ -615,9 +615,9 @@ rustls buffers), context switches 8-9%. New connections are bound by wakeups and
 Done so far, and what it bought: 64 KiB relay buffers instead of tokio's 8 KiB (about 2x bulk on \
 every proxied path); same-node traffic handed from the outbound to the inbound side inside the agent \
 (one proxy hop instead of two, no TLS); pooled HBONE connections (new app connections cost one \
-HTTP/2 stream, not a TCP and TLS handshake: cross-node new connections at 0.4x direct); `splice(2)` \
+HTTP/2 stream, not a TCP and TLS handshake: cross-node new connections at 0.3-0.4x direct); `splice(2)` \
 through a pipe for relays between two kernel sockets (same-node, passthrough, 15006), so those bytes \
-never enter user space (same-node bulk 0.45x -> 0.71x direct in a quick run); jemalloc instead of \
+never enter user space (same-node bulk 0.45x -> 0.54x direct in full runs, up to 0.71x in quick ones); jemalloc instead of \
 glibc's malloc (RSS does not ratchet up under churn, see testing.md). Worker \
 threads 1 vs 2 (`FERRY_WORKER_THREADS`) made no difference beyond noise on this machine.\n\n\
 Next, in order of expected gain: drive HTTP/2 streams with h2 directly instead of hyper's upgrade \
