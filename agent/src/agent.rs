@@ -143,8 +143,6 @@ pub async fn run(options: Options, log: LogControl) -> anyhow::Result<()> {
         node_loops,
     };
     agent.reconcile(&config);
-    // Listeners of pods the previous agent served and this one does not: closed now.
-    agent.inherited = Inherited::default();
     // Links and map entries a crashed or previous agent left for pods that are gone now.
     agent.datapath.remove_orphans();
     agent.telemetry.set_ready(true);
@@ -301,6 +299,14 @@ impl Agent {
             .map(|(key, _)| key.clone())
             .collect();
         for key in stale {
+            // A pod captured again right away keeps its listening sockets: binding new ones
+            // could race the old ones' closing, and connections in their backlogs would be lost.
+            if desired.contains_key(&key)
+                && let Some(pod) = self.pods.get(&key)
+                && let Ok(fds) = pod.handle.clone_listeners()
+            {
+                self.inherited.keep_pod(pod.netns_cookie, fds);
+            }
             self.stop_pod(&key);
         }
         let identities: BTreeSet<_> =
@@ -321,6 +327,8 @@ impl Agent {
                 Err(e) => tracing::error!(workload = %key, "cannot capture workload: {e:#}"),
             }
         }
+        // Kept listeners no pod took (and, after an upgrade, the previous agent's): closed now.
+        self.inherited = Inherited::default();
         self.telemetry.meshed_workloads.set(self.pods.len() as i64);
         self.publish();
     }

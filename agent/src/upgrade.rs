@@ -67,7 +67,8 @@ pub struct Offer<'a> {
     pub pods: Vec<(u64, PodFds<BorrowedFd<'a>>)>,
 }
 
-/// The listeners a new agent received, to adopt instead of binding its own.
+/// Listeners to adopt instead of binding new ones: received from the agent this one upgrades, or
+/// kept from a pod being captured again.
 #[derive(Debug, Default)]
 pub struct Inherited {
     node: HashMap<String, OwnedFd>,
@@ -85,6 +86,11 @@ impl Inherited {
 
     pub fn pods(&self) -> usize {
         self.pods.len()
+    }
+
+    /// Keeps a pod's listeners for the next capture of the same netns (a pod captured again).
+    pub fn keep_pod(&mut self, netns_cookie: u64, fds: PodFds<OwnedFd>) {
+        self.pods.insert(netns_cookie, fds);
     }
 }
 

@@ -160,6 +160,12 @@ fn namespace_label_enrols_and_releases_pods_without_restarting_them() {
     assert!(echoed(&sb, "a", "c"));
     assert_eq!(same_node_connections(&sb), 2.0);
 
+    // A label change re-captures the pod on the same listening sockets: nothing refused.
+    api.kubectl(&["label", "pod", "b", "-n", NAMESPACE, "tier=web"], None).unwrap();
+    sb.wait_for_log("node1", "workload captured workload=shop/b", 2).unwrap();
+    assert!(echoed(&sb, "a", "b"));
+    assert!(!sb.agent_log("node1").contains("cannot capture"), "{}", sb.agent_log("node1"));
+
     // A deleted pod is released: no capture, no map entries left for it.
     api.kubectl(&["delete", "pod", "b", "-n", NAMESPACE, "--grace-period=0", "--force"], None).unwrap();
     wait_captured(&sb, 2, "after deleting b");
@@ -176,7 +182,7 @@ fn namespace_label_enrols_and_releases_pods_without_restarting_them() {
     api.kubectl(&["label", "namespace", NAMESPACE, "ferry.dev/mesh-"], None).unwrap();
     wait_captured(&sb, 0, "after unlabelling");
     assert!(echoed(&sb, "a", "c"));
-    assert_eq!(same_node_connections(&sb), 2.0);
+    assert_eq!(same_node_connections(&sb), 3.0);
 }
 
 #[test]
@@ -278,6 +284,11 @@ fn service_connections_are_balanced_over_its_pods() {
         let outcome = sb.pod("a").connect(vip, 10).unwrap();
         assert_eq!(outcome, ConnectOutcome::Echoed { peer: vip, bytes: 10 });
     }
+    // The servers report accepts asynchronously: wait for all 20.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while servers.iter().map(|s| s.accepted().len()).sum::<usize>() < 20 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let accepted = [&servers[0], &servers[1]].map(|s| s.accepted().len());
     assert_eq!(accepted.iter().sum::<usize>(), 20);
     assert!(accepted.iter().all(|n| *n >= 2), "not balanced: b {} c {}", accepted[0], accepted[1]);
@@ -310,7 +321,8 @@ fn service_connections_are_balanced_over_its_pods() {
     for _ in 0..10 {
         assert!(matches!(sb.pod("a").connect(vip, 10).unwrap(), ConnectOutcome::Echoed { .. }));
     }
-    assert_eq!(servers[0].accepted().len(), accepted[0] + 10, "all to b");
+    assert_eq!(servers[0].wait_accepted(accepted[0] + 10, Duration::from_secs(2)).len(), accepted[0] + 10);
+    assert_eq!(servers[1].accepted().len(), accepted[1], "c got connections while not ready");
     // Readiness only steers service traffic: c's capture was not redone.
     assert_eq!(sb.agent_log("node1").matches("workload captured workload=shop/c").count(), 1);
 }

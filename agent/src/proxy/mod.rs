@@ -143,6 +143,12 @@ impl PodHandle {
         [self.listeners[0].as_fd(), self.listeners[1].as_fd(), self.listeners[2].as_fd()]
     }
 
+    /// New descriptors of the pod's listening sockets, which outlive this handle.
+    pub fn clone_listeners(&self) -> io::Result<PodFds<OwnedFd>> {
+        let [outbound, inbound, hbone] = self.listener_fds();
+        Ok([outbound.try_clone_to_owned()?, inbound.try_clone_to_owned()?, hbone.try_clone_to_owned()?])
+    }
+
     /// Stops accepting (a new agent accepts from the same sockets now); open connections and
     /// the pod's routing stay until the handle drops.
     pub fn stop_accepting(&mut self) {
