@@ -166,6 +166,14 @@ fn namespace_label_enrols_and_releases_pods_without_restarting_them() {
     assert!(echoed(&sb, "a", "b"));
     assert!(!sb.agent_log("node1").contains("cannot capture"), "{}", sb.agent_log("node1"));
 
+    // A pod labelled ferry.dev/mesh=disabled opts out on its own, and back in without it.
+    api.kubectl(&["label", "pod", "c", "-n", NAMESPACE, "ferry.dev/mesh=disabled"], None).unwrap();
+    wait_captured(&sb, 2, "after c opted out");
+    assert!(echoed(&sb, "a", "c"));
+    assert_eq!(same_node_connections(&sb), 3.0, "a -> c went through the agent");
+    api.kubectl(&["label", "pod", "c", "-n", NAMESPACE, "ferry.dev/mesh-"], None).unwrap();
+    wait_captured(&sb, 3, "after c opted back in");
+
     // A deleted pod is released: no capture, no map entries left for it.
     api.kubectl(&["delete", "pod", "b", "-n", NAMESPACE, "--grace-period=0", "--force"], None).unwrap();
     wait_captured(&sb, 2, "after deleting b");
