@@ -25,7 +25,6 @@ use crate::{
     discovery::{self, StaticFile, kube::Discovered},
     identity::{CertManager, FileCa},
     inpod::PodNetns,
-    policy::Policy,
     proxy::{PodHandle, PodListeners, Proxy},
     state::{State, StateHandle, Workload},
     telemetry::{LogControl, Telemetry},
@@ -72,14 +71,16 @@ pub struct Options {
 pub async fn run(options: Options, log: LogControl) -> anyhow::Result<()> {
     let Options { config: config_path, node, kube } = options;
     let source = StaticFile { path: config_path.clone(), node };
-    let mut config = source.read()?;
-    // Kubernetes mode: the API's policies, in force beside the file's.
-    let mut file_policies = config.compiled_policies.clone();
-    let mut api_policies = Vec::new();
-    let mut discovered = match kube {
-        true => Some(watch_kubernetes(&mut config, &mut api_policies).await?),
-        false => None,
+    let mut file = source.read()?;
+    // Kubernetes mode: the API's updates, and its latest picture.
+    let (mut updates, mut api) = match kube {
+        true => {
+            let (updates, first) = watch_kubernetes(&file).await?;
+            (Some(updates), Some(first))
+        }
+        false => (None, None),
     };
+    let config = effective(&file, api.as_ref());
     let mut takeover = {
         let (path, node) = (config.upgrade_socket.clone(), config.node.clone());
         tokio::task::spawn_blocking(move || upgrade::request(&path, &node))
@@ -164,24 +165,15 @@ pub async fn run(options: Options, log: LogControl) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             _ = hangup.recv() => match source.read() {
-                Ok(mut reloaded) => {
-                    if discovered.is_some() {
-                        reloaded.workloads = std::mem::take(&mut config.workloads);
-                        reloaded.services = std::mem::take(&mut config.services);
-                        file_policies = reloaded.compiled_policies.clone();
-                        reloaded.compiled_policies.extend(api_policies.iter().cloned());
-                    }
-                    config = reloaded;
-                    agent.apply(&config, "config reloaded");
+                Ok(reloaded) => {
+                    file = reloaded;
+                    agent.apply(&effective(&file, api.as_ref()), "config reloaded");
                 }
                 Err(e) => tracing::error!("config reload rejected, the previous config stays in force: {e}"),
             },
-            Some(update) = async { discovered.as_mut().expect("guarded").recv().await }, if discovered.is_some() => {
-                config.workloads = update.workloads;
-                config.services = update.services;
-                config.compiled_policies = file_policies.iter().chain(&update.policies).cloned().collect();
-                api_policies = update.policies;
-                agent.apply(&config, "the Kubernetes API changed");
+            Some(update) = async { updates.as_mut().expect("guarded").recv().await }, if updates.is_some() => {
+                api = Some(update);
+                agent.apply(&effective(&file, api.as_ref()), "the Kubernetes API changed");
             }
             conn = upgrades.accept(), if successor.is_none() => match conn.and_then(|c| agent.offer(c)) {
                 Ok(next) => {
@@ -212,22 +204,26 @@ pub async fn run(options: Options, log: LogControl) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Starts watching the Kubernetes API; waits for its first complete picture, whose workloads
-/// replace the config file's and whose policies (also kept in `api_policies`) join the file's.
-async fn watch_kubernetes(
-    config: &mut Config,
-    api_policies: &mut Vec<Policy>,
-) -> anyhow::Result<mpsc::Receiver<Discovered>> {
+/// Starts watching the Kubernetes API; returns its updates and, once it has it, its first
+/// complete picture.
+async fn watch_kubernetes(file: &Config) -> anyhow::Result<(mpsc::Receiver<Discovered>, Discovered)> {
     let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
-    let mut updates =
-        discovery::kube::spawn(client, config.node.clone(), config.pod_cgroup_root.clone()).await;
+    let mut updates = discovery::kube::spawn(client, file.node.clone(), file.pod_cgroup_root.clone()).await;
     tracing::info!("waiting for the Kubernetes API's namespaces, pods and policies");
     let first = updates.recv().await.context("the Kubernetes watch ended")?;
-    config.workloads = first.workloads;
-    config.services = first.services;
-    config.compiled_policies.extend(first.policies.iter().cloned());
-    *api_policies = first.policies;
-    Ok(updates)
+    Ok((updates, first))
+}
+
+/// The config in force: the file's, with the API's workloads and services instead of the file's
+/// and the API's policies beside the file's.
+fn effective(file: &Config, api: Option<&Discovered>) -> Config {
+    let mut config = file.clone();
+    if let Some(api) = api {
+        config.workloads = api.workloads.clone();
+        config.services = api.services.clone();
+        config.compiled_policies.extend(api.policies.iter().cloned());
+    }
+    config
 }
 
 /// Whether a captured workload's new spec needs its capture redone. Readiness only decides

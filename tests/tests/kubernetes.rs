@@ -134,6 +134,20 @@ fn start_agent_as(sb: &mut Sandbox, kubeconfig: &Path) {
     sb.start_agent_with("node1", Some(&config), &["--kube"]).unwrap();
 }
 
+/// Waits up to 2 s until a's connections to b are echoed (`reaches`) or not; how long it took.
+fn wait_until_a_reaches_b(sb: &Sandbox, reaches: bool, what: &str) -> Duration {
+    let started = Instant::now();
+    while echoed(sb, "a", "b") != reaches {
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "not {what} after 2 s:\n{}",
+            sb.agent_log("node1")
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    started.elapsed()
+}
+
 #[test]
 fn namespace_label_enrols_and_releases_pods_without_restarting_them() {
     let Some((mut sb, api)) = cluster("kube") else { return };
@@ -233,16 +247,8 @@ fn policies_applied_with_kubectl_are_enforced_and_invalid_ones_refused() {
          - source: {{principals: [\"cluster.local/ns/{NAMESPACE}/sa/sa-a\"]}}\n"
     );
     api.apply(&deny).unwrap();
-    let applied = Instant::now();
-    while echoed(&sb, "a", "b") {
-        assert!(
-            applied.elapsed() < Duration::from_secs(2),
-            "policy not enforced:\n{}",
-            sb.agent_log("node1")
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    eprintln!("policy enforced {:?} after kubectl apply returned", applied.elapsed());
+    let took = wait_until_a_reaches_b(&sb, false, "policy enforced");
+    eprintln!("policy enforced {took:?} after kubectl apply returned");
     assert!(sb.agent_log("node1").contains("shop/deny-a"), "{}", sb.agent_log("node1"));
 
     // The CRD's schema (generated from the policy types) refuses what the agent could not use.
@@ -259,11 +265,7 @@ fn policies_applied_with_kubectl_are_enforced_and_invalid_ones_refused() {
     }
 
     api.kubectl(&["delete", "authorizationpolicies.ferry.dev", "deny-a", "-n", NAMESPACE], None).unwrap();
-    let deleted = Instant::now();
-    while !echoed(&sb, "a", "b") {
-        assert!(deleted.elapsed() < Duration::from_secs(2), "policy still enforced after deletion");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until_a_reaches_b(&sb, true, "policy lifted after deletion");
 }
 
 #[test]
@@ -371,15 +373,7 @@ fn the_deploy_manifest_validates_and_the_agent_needs_no_more_than_its_rbac() {
          spec: {{action: DENY, rules: [{{}}]}}\n"
     );
     api.apply(&deny).unwrap();
-    let applied = Instant::now();
-    while echoed(&sb, "a", "b") {
-        assert!(
-            applied.elapsed() < Duration::from_secs(2),
-            "policy not enforced:\n{}",
-            sb.agent_log("node1")
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until_a_reaches_b(&sb, false, "policy enforced");
     let log = sb.agent_log("node1");
     assert!(!log.contains("forbidden") && !log.contains("Forbidden"), "{log}");
 }

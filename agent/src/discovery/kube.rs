@@ -85,8 +85,10 @@ pub async fn spawn(client: Client, node: String, cgroup_root: PathBuf) -> mpsc::
         }
         let mut last = None;
         loop {
-            let (workloads, waiting) = workloads(&namespaces.state(), &pods.state(), &node, &cgroup_root);
-            let services = meshed_services(&namespaces.state(), &services.state());
+            let namespaces = namespaces.state();
+            let meshed = meshed_namespaces(&namespaces);
+            let (workloads, waiting) = workloads(&meshed, &pods.state(), &node, &cgroup_root);
+            let services = meshed_services(&meshed, &services.state());
             let versions: Vec<Option<String>> =
                 policies.state().iter().map(|p| p.metadata.resource_version.clone()).collect();
             let now = (workloads, services, versions);
@@ -135,8 +137,7 @@ fn meshed_namespaces(namespaces: &[Arc<Namespace>]) -> Vec<&str> {
 
 /// ClusterIP services with a selector in meshed namespaces. Named target ports are not resolved
 /// (those ports are left out: their connections go to the virtual IP unproxied).
-fn meshed_services(namespaces: &[Arc<Namespace>], services: &[Arc<Service>]) -> Vec<config::Service> {
-    let meshed = meshed_namespaces(namespaces);
+fn meshed_services(meshed: &[&str], services: &[Arc<Service>]) -> Vec<config::Service> {
     let mut list: Vec<config::Service> = services
         .iter()
         .filter(|s| s.metadata.namespace.as_deref().is_some_and(|ns| meshed.contains(&ns)))
@@ -171,12 +172,11 @@ fn meshed_services(namespaces: &[Arc<Namespace>], services: &[Arc<Service>]) -> 
 
 /// The workloads of meshed namespaces, and whether a local pod is still waiting for its netns.
 fn workloads(
-    namespaces: &[Arc<Namespace>],
+    meshed: &[&str],
     pods: &[Arc<Pod>],
     node: &str,
     cgroup_root: &Path,
 ) -> (Vec<config::Workload>, bool) {
-    let meshed = meshed_namespaces(namespaces);
     let mut waiting = false;
     let mut list: Vec<config::Workload> = pods
         .iter()
