@@ -23,7 +23,7 @@ use crate::{
     config::{self, Config},
     datapath::Datapath,
     discovery::{self, StaticFile, kube::Discovered},
-    identity::{CertManager, FileCa},
+    identity::{CertManager, FileCa, ROOT_KEY_FILE, Signer, csr::CsrClient, load_roots},
     inpod::PodNetns,
     proxy::{PodHandle, PodListeners, Proxy},
     state::{State, StateHandle, Workload},
@@ -72,13 +72,17 @@ pub async fn run(options: Options, log: LogControl) -> anyhow::Result<()> {
     let Options { config: config_path, node, kube } = options;
     let source = StaticFile { path: config_path.clone(), node };
     let mut file = source.read()?;
+    let client = match kube {
+        true => Some(kube::Client::try_default().await.context("connecting to the Kubernetes API")?),
+        false => None,
+    };
     // Kubernetes mode: the API's updates, and its latest picture.
-    let (mut updates, mut api) = match kube {
-        true => {
-            let (updates, first) = watch_kubernetes(&file).await?;
+    let (mut updates, mut api) = match &client {
+        Some(client) => {
+            let (updates, first) = watch_kubernetes(client.clone(), &file).await?;
             (Some(updates), Some(first))
         }
-        false => (None, None),
+        None => (None, None),
     };
     let config = effective(&file, api.as_ref());
     let mut takeover = {
@@ -94,8 +98,8 @@ pub async fn run(options: Options, log: LogControl) -> anyhow::Result<()> {
     }
     let (datapath, orig_dst, counters) =
         Datapath::load(config.fail_mode, &config.bpf_pin_dir).context("loading the eBPF programs")?;
-    let ca = FileCa::init(&config.ca_dir)?;
-    let certs = Arc::new(CertManager::new(ca, config.cert_ttl)?);
+    let certs = Arc::new(cert_manager(client, &config)?);
+    tracing::info!(signer = %certs.signer_name(), "workload certificates");
     tokio::spawn(certs.clone().rotate());
     let telemetry = Telemetry::new(counters.clone(), certs.clone());
     let mut node_loops = JoinSet::new();
@@ -175,6 +179,9 @@ pub async fn run(options: Options, log: LogControl) -> anyhow::Result<()> {
                 api = Some(update);
                 agent.apply(&effective(&file, api.as_ref()), "the Kubernetes API changed");
             }
+            _ = agent.certs.first_issued() => {
+                agent.apply(&effective(&file, api.as_ref()), "a workload certificate arrived");
+            }
             conn = upgrades.accept(), if successor.is_none() => match conn.and_then(|c| agent.offer(c)) {
                 Ok(next) => {
                     tracing::info!("a new agent took the listeners; serving until it is ready");
@@ -206,12 +213,32 @@ pub async fn run(options: Options, log: LogControl) -> anyhow::Result<()> {
 
 /// Starts watching the Kubernetes API; returns its updates and, once it has it, its first
 /// complete picture.
-async fn watch_kubernetes(file: &Config) -> anyhow::Result<(mpsc::Receiver<Discovered>, Discovered)> {
-    let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
+async fn watch_kubernetes(
+    client: kube::Client,
+    file: &Config,
+) -> anyhow::Result<(mpsc::Receiver<Discovered>, Discovered)> {
     let mut updates = discovery::kube::spawn(client, file.node.clone(), file.pod_cgroup_root.clone()).await;
     tracing::info!("waiting for the Kubernetes API's namespaces, pods and policies");
     let first = updates.recv().await.context("the Kubernetes watch ended")?;
     Ok((updates, first))
+}
+
+/// Certificates from the file CA in `caDir`; in Kubernetes mode, when `caDir` holds no root key
+/// (the deploy manifests mount only the signer's root certificate there), by
+/// CertificateSigningRequest.
+fn cert_manager(client: Option<kube::Client>, config: &Config) -> anyhow::Result<CertManager> {
+    let certs = match client {
+        Some(client) if !config.ca_dir.join(ROOT_KEY_FILE).exists() => {
+            let roots = load_roots(&config.ca_dir)?;
+            CertManager::new(
+                Signer::Kubernetes(CsrClient::new(client, &config.node)),
+                roots,
+                config.cert_ttl,
+            )?
+        }
+        _ => CertManager::with_file_ca(FileCa::init(&config.ca_dir)?, config.cert_ttl)?,
+    };
+    Ok(certs)
 }
 
 /// The config in force: the file's, with the API's workloads and services instead of the file's
@@ -314,6 +341,12 @@ impl Agent {
             if self.pods.contains_key(&key) {
                 continue;
             }
+            let identity = Workload::from(spec).identity(&config.trust_domain);
+            if self.certs.current(&identity).is_none() {
+                // Requested by CSR: captured when it arrives (the pod runs unmeshed until then).
+                tracing::debug!(workload = %key, %identity, "waiting for the workload's certificate");
+                continue;
+            }
             match self.start_pod(spec, &config.trust_domain) {
                 Ok(pod) => {
                     tracing::info!(workload = %key, netns_cookie = pod.netns_cookie, "workload captured");
@@ -358,9 +391,6 @@ impl Agent {
         };
         let workload = Arc::new(Workload::from(spec));
         let identity = workload.identity(trust_domain);
-        if self.certs.current(&identity).is_none() {
-            anyhow::bail!("no certificate for {identity}");
-        }
         // Listeners are bound: connections captured from here on wait in their backlog.
         self.datapath.attach_pod(&netns, cgroup, &spec.ips, &listeners.inbound_plaintext)?;
         let netns_cookie = netns.cookie();

@@ -11,6 +11,7 @@ pub mod identity;
 pub mod inpod;
 pub mod policy;
 pub mod proxy;
+pub mod signer;
 pub mod state;
 pub mod telemetry;
 pub mod upgrade;

@@ -6,7 +6,9 @@ use ferry::{
     agent,
     cli::{CaCommand, Cli, Command},
     identity::{FileCa, ROOT_CERT_FILE, SpiffeId, write_private},
-    inpod, telemetry,
+    inpod,
+    signer::{self, review::Authority},
+    telemetry,
 };
 
 /// jemalloc instead of glibc's malloc: with many threads, glibc keeps freed memory in per-thread
@@ -44,24 +46,21 @@ fn main() -> ExitCode {
             // Before any thread exists: the agent's own netns, to come back to from pods.
             inpod::init();
             let log = telemetry::init_logging(log_format);
-            let mut builder = tokio::runtime::Builder::new_multi_thread();
-            if let Some(n) = std::env::var("FERRY_WORKER_THREADS").ok().and_then(|v| v.parse().ok()) {
-                builder.worker_threads(n);
-            }
-            let runtime = match builder.enable_all().build() {
-                Ok(runtime) => runtime,
-                Err(e) => {
-                    eprintln!("ferry: cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            match runtime.block_on(agent::run(agent::Options { config, node, kube }, log)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!("{e:#}");
-                    ExitCode::FAILURE
-                }
-            }
+            serve(agent::run(agent::Options { config, node, kube }, log))
+        }
+        Command::Signer {
+            namespace,
+            ca_secret,
+            root_config_map,
+            agent_service_account,
+            trust_domain,
+            cert_ttl,
+            log_format,
+        } => {
+            telemetry::init_logging(log_format);
+            let authority =
+                Authority { trust_domain, agent_namespace: namespace.clone(), agent_service_account };
+            serve(signer::run(signer::Options { namespace, ca_secret, root_config_map, authority, cert_ttl }))
         }
         Command::Ca { command } => match ca(command) {
             Ok(()) => ExitCode::SUCCESS,
@@ -71,6 +70,28 @@ fn main() -> ExitCode {
             }
         },
         _ => ferry::cli::run(cli),
+    }
+}
+
+/// Runs a long-lived command on a multi-threaded runtime; its error is logged.
+fn serve(task: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = std::env::var("FERRY_WORKER_THREADS").ok().and_then(|v| v.parse().ok()) {
+        builder.worker_threads(n);
+    }
+    let runtime = match builder.enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("ferry: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(task) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 

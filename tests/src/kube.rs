@@ -140,10 +140,20 @@ impl ApiServer {
 
     /// Runs kubectl as the admin, with `stdin` piped in if given; (exit code, stdout, stderr).
     pub fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> Result<(i32, String, String)> {
+        self.kubectl_as(&self.kubeconfig, args, stdin)
+    }
+
+    /// Runs kubectl with the credentials of `kubeconfig`.
+    pub fn kubectl_as(
+        &self,
+        kubeconfig: &Path,
+        args: &[&str],
+        stdin: Option<&str>,
+    ) -> Result<(i32, String, String)> {
         let mut kubectl = Command::new("kubectl");
         kubectl
             .arg("--kubeconfig")
-            .arg(&self.kubeconfig)
+            .arg(kubeconfig)
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

@@ -19,8 +19,8 @@ use ferry_sandbox::{
 const PORT: u16 = 8080;
 const NAMESPACE: &str = "shop";
 
-/// A pod's long-lived process (the kubelet's pause container): what the agent finds the pod's
-/// netns through. Killed on drop.
+/// A process killed on drop: a pod's long-lived process (the kubelet's pause container, what the
+/// agent finds the pod's netns through), or `ferry signer`.
 struct Pause(Child);
 
 impl Drop for Pause {
@@ -268,6 +268,58 @@ fn policies_applied_with_kubectl_are_enforced_and_invalid_ones_refused() {
     wait_until_a_reaches_b(&sb, true, "policy lifted after deletion");
 }
 
+/// Istio's AuthorizationPolicy CRD, cut down to what the API server needs to serve it (Istio's
+/// own has a full schema; the agent reads the spec the same way either way).
+const ISTIO_CRD: &str = "apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\n\
+metadata: {name: authorizationpolicies.security.istio.io}\n\
+spec:\n  group: security.istio.io\n  scope: Namespaced\n  \
+names: {kind: AuthorizationPolicy, plural: authorizationpolicies, singular: authorizationpolicy, listKind: AuthorizationPolicyList}\n  \
+versions:\n  - name: v1\n    served: true\n    storage: true\n    schema:\n      openAPIV3Schema:\n        \
+type: object\n        properties:\n          spec: {type: object, x-kubernetes-preserve-unknown-fields: true}\n";
+
+#[test]
+fn istio_authorization_policies_are_honoured() {
+    let Some((mut sb, api)) = cluster("kubeistio") else { return };
+    api.apply(ISTIO_CRD).unwrap();
+    let (code, _, err) = api
+        .kubectl(
+            &[
+                "wait",
+                "--for=condition=established",
+                "crd/authorizationpolicies.security.istio.io",
+                "--timeout=30s",
+            ],
+            None,
+        )
+        .unwrap();
+    assert_eq!(code, 0, "{err}");
+    let _pause = pause(&sb, "a");
+    let _server = sb.pod("b").serve(PORT).unwrap();
+    api.kubectl(&["label", "namespace", NAMESPACE, "ferry.dev/mesh=enabled"], None).unwrap();
+    start_agent(&mut sb, &api);
+    assert!(echoed(&sb, "a", "b"));
+
+    // As Istio users write them: ports as strings.
+    let istio_policy = |name: &str, extra: &str| {
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: {NAMESPACE}}}\n\
+             spec:\n  selector: {{matchLabels: {{app: b}}}}\n  action: DENY\n{extra}  rules:\n  - from:\n    \
+             - source: {{principals: [\"cluster.local/ns/{NAMESPACE}/sa/sa-a\"]}}\n    to:\n    \
+             - operation: {{ports: [\"{PORT}\"]}}\n"
+        )
+    };
+    // Bound to a waypoint: not the node proxy's to enforce.
+    api.apply(&istio_policy("for-waypoint", "  targetRefs: [{kind: Service, group: \"\", name: b}]\n"))
+        .unwrap();
+    sb.wait_for_log("node1", "bound with targetRefs to a waypoint", 1).unwrap();
+    assert!(echoed(&sb, "a", "b"), "a waypoint's policy was enforced");
+    api.apply(&istio_policy("deny-a", "")).unwrap();
+    wait_until_a_reaches_b(&sb, false, "Istio policy enforced");
+    api.kubectl(&["delete", "authorizationpolicies.security.istio.io", "deny-a", "-n", NAMESPACE], None)
+        .unwrap();
+    wait_until_a_reaches_b(&sb, true, "Istio policy lifted after deletion");
+}
+
 #[test]
 fn service_connections_are_balanced_over_its_pods() {
     let Some((mut sb, api)) = cluster("kubesvc") else { return };
@@ -376,4 +428,195 @@ fn the_deploy_manifest_validates_and_the_agent_needs_no_more_than_its_rbac() {
     wait_until_a_reaches_b(&sb, false, "policy enforced");
     let log = sb.agent_log("node1");
     assert!(!log.contains("forbidden") && !log.contains("Forbidden"), "{log}");
+}
+
+/// Polls `kubectl get <args> -o jsonpath=<path>` as the admin until it prints something.
+fn wait_for_field(api: &ApiServer, args: &[&str], path: &str, what: &str) -> String {
+    let jsonpath = format!("jsonpath={path}");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (code, out, err) = api.kubectl(&[&["get"], args, &["-o", &jsonpath]].concat(), None).unwrap();
+        if code == 0 && !out.trim().is_empty() {
+            return out;
+        }
+        assert!(Instant::now() < deadline, "{what}: {err}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A PKCS#10 request (made by openssl, not by Ferry) for `identity`, as a CSR object's YAML.
+fn csr_yaml(dir: &Path, name: &str, identity: &str) -> String {
+    let key = dir.join(format!("{name}.key"));
+    let out = Command::new("openssl")
+        .args([
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-subj",
+            "/O=t",
+        ])
+        .args(["-addext", &format!("subjectAltName=URI:{identity}"), "-keyout"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    use base64::Engine as _;
+    let request = base64::engine::general_purpose::STANDARD.encode(&out.stdout);
+    format!(
+        "apiVersion: certificates.k8s.io/v1\nkind: CertificateSigningRequest\nmetadata: {{name: {name}}}\n\
+         spec:\n  signerName: ferry.dev/workload\n  request: {request}\n  \
+         usages: [digital signature, key encipherment, server auth, client auth]\n"
+    )
+}
+
+#[test]
+fn the_signer_certifies_local_workloads_and_refuses_the_rest() {
+    let Some((mut sb, api)) = cluster("kubecsr") else { return };
+    api.kubectl(&["create", "namespace", "ferry-system"], None).unwrap();
+    api.apply(&std::fs::read_to_string(kube::deploy_dir().join("ferry.yaml")).unwrap()).unwrap();
+    // The agent's pod on node1 (the test plays kubelet): its token is bound to it.
+    api.apply(
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: ferry-agent-node1, namespace: ferry-system}\n\
+         spec:\n  nodeName: node1\n  serviceAccountName: ferry-agent\n  automountServiceAccountToken: false\n  \
+         containers: [{name: agent, image: localhost/ferry:dev}]\n",
+    )
+    .unwrap();
+    let uid = wait_for_field(
+        &api,
+        &["pod", "ferry-agent-node1", "-n", "ferry-system"],
+        "{.metadata.uid}",
+        "agent pod",
+    );
+    let token = |args: &[&str]| {
+        let (code, token, err) =
+            api.kubectl(&[&["create", "token", "-n", "ferry-system"], args].concat(), None).unwrap();
+        assert_eq!(code, 0, "{err}");
+        token.trim().to_owned()
+    };
+    let agent_token = token(&[
+        "ferry-agent",
+        "--bound-object-kind=Pod",
+        "--bound-object-name=ferry-agent-node1",
+        &format!("--bound-object-uid={uid}"),
+    ]);
+    let agent_kubeconfig = api.kubeconfig_with_token("agent", &agent_token).unwrap();
+    let signer_kubeconfig = api.kubeconfig_with_token("signer", &token(&["ferry-signer"])).unwrap();
+
+    // The signer, with nothing but its own ServiceAccount's token.
+    let (signer_out, signer_err) = (sb.dir.join("signer.log"), sb.dir.join("signer.err"));
+    let mut signer = Command::new(ferry_sandbox::ferry_bin().unwrap());
+    signer
+        .arg("signer")
+        .env("KUBECONFIG", &signer_kubeconfig)
+        .stdout(std::fs::File::create(&signer_out).unwrap())
+        .stderr(std::fs::File::create(&signer_err).unwrap());
+    let _signer = Pause(sb.node("node1").netns.spawn(signer, None).unwrap());
+    let signer_log = || {
+        std::fs::read_to_string(&signer_out).unwrap_or_default()
+            + &std::fs::read_to_string(&signer_err).unwrap_or_default()
+    };
+    // The agent's caDir: the root certificate the signer published, no key.
+    let root = wait_for_field(
+        &api,
+        &["configmap", "ferry-ca-root", "-n", "ferry-system"],
+        "{.data.root-cert\\.pem}",
+        "root certificate published",
+    );
+    let ca_dir = sb.dir.join("cluster-ca");
+    std::fs::create_dir_all(&ca_dir).unwrap();
+    std::fs::write(ca_dir.join("root-cert.pem"), &root).unwrap();
+    let (_, key, _) = api
+        .kubectl(&["get", "secret", "ferry-ca", "-n", "ferry-system", "-o", "jsonpath={.data}"], None)
+        .unwrap();
+    assert!(key.contains("root-key.pem"), "the signer's Secret holds the key");
+
+    let _pause = pause(&sb, "a");
+    let _server = sb.pod("b").serve(PORT).unwrap();
+    let _pause_b = pause(&sb, "b");
+    api.kubectl(&["label", "namespace", NAMESPACE, "ferry.dev/mesh=enabled"], None).unwrap();
+    sb.set_agent_env("node1", "KUBECONFIG", &agent_kubeconfig.display().to_string());
+    let cgroups = Path::new(CGROUP2_ROOT).join(&sb.id);
+    let config = sb.config_for("node1").replace(
+        &format!("caDir: {}", sb.ca_dir().display()),
+        &format!("caDir: {}\npodCgroupRoot: {}", ca_dir.display(), cgroups.display()),
+    );
+    sb.start_agent_with("node1", Some(&config), &["--kube"]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while captured(&sb) != 2 {
+        assert!(
+            Instant::now() < deadline,
+            "pods not captured\n{}\nsigner:\n{}",
+            sb.agent_log("node1"),
+            signer_log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(echoed(&sb, "a", "b"));
+    let log = sb.agent_log("node1");
+    assert!(log.contains("CertificateSigningRequests to ferry.dev/workload"), "{log}");
+
+    // The agent's certificates chain to the published root and name the pods' identities.
+    let certs = sb.ferry_json("node1", &["certs"]).unwrap();
+    let identities: Vec<&str> =
+        certs.as_array().unwrap().iter().map(|c| c["identity"].as_str().unwrap()).collect();
+    for sa in ["sa-a", "sa-b"] {
+        assert!(
+            identities.contains(&format!("spiffe://cluster.local/ns/{NAMESPACE}/sa/{sa}").as_str()),
+            "{certs}"
+        );
+    }
+    let (_, names, _) =
+        api.kubectl(&["get", "csr", "-o", "jsonpath={.items[*].metadata.name}"], None).unwrap();
+    let mut signed = 0;
+    for name in names.split_whitespace() {
+        let pem = wait_for_field(&api, &["csr", name], "{.status.certificate}", "certificate");
+        use base64::Engine as _;
+        let pem = base64::engine::general_purpose::STANDARD.decode(pem.trim()).unwrap();
+        std::fs::write(sb.dir.join("leaf.pem"), pem).unwrap();
+        let verify = Command::new("openssl")
+            .args(["verify", "-CAfile"])
+            .arg(ca_dir.join("root-cert.pem"))
+            .arg(sb.dir.join("leaf.pem"))
+            .output()
+            .unwrap();
+        assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
+        let (_, reason, _) = api
+            .kubectl(&["get", "csr", name, "-o", "jsonpath={.status.conditions[0].reason}"], None)
+            .unwrap();
+        assert_eq!(reason, "FerrySignerApproved");
+        signed += 1;
+    }
+    assert!(signed >= 2, "{names}");
+    assert!(sb.metric("node1", "ferry_certificate_requests_total{result=\"issued\"}").unwrap() >= 2.0);
+
+    // Refused, with the reason on the request: an identity with no pod on the agent's node, and
+    // any request not from an agent.
+    for (name, identity, kubeconfig, reason) in [
+        (
+            "nobody",
+            format!("spiffe://cluster.local/ns/{NAMESPACE}/sa/nobody"),
+            &agent_kubeconfig,
+            "NoSuchWorkloadOnNode",
+        ),
+        ("impostor", format!("spiffe://cluster.local/ns/{NAMESPACE}/sa/sa-a"), &api.kubeconfig, "NotAnAgent"),
+    ] {
+        let (code, _, err) = api
+            .kubectl_as(kubeconfig, &["create", "-f", "-"], Some(&csr_yaml(&sb.dir, name, &identity)))
+            .unwrap();
+        assert_eq!(code, 0, "{err}");
+        let denied = wait_for_field(
+            &api,
+            &["csr", name],
+            "{.status.conditions[?(@.type==\"Denied\")].reason}",
+            &format!("{name} refused\n{}", signer_log()),
+        );
+        assert_eq!(denied, reason);
+        let (_, cert, _) =
+            api.kubectl(&["get", "csr", name, "-o", "jsonpath={.status.certificate}"], None).unwrap();
+        assert!(cert.is_empty(), "{name} got a certificate");
+    }
 }

@@ -50,7 +50,11 @@ async fn dispatch(client: &AdminClient, command: Command, output: Output) -> Res
             print_value(&result, output, check);
             return Ok(if result["verdict"] == "allow" { 0 } else { 1 });
         }
-        Command::Agent { .. } | Command::Ca { .. } | Command::Completions { .. } | Command::Crd => {
+        Command::Agent { .. }
+        | Command::Signer { .. }
+        | Command::Ca { .. }
+        | Command::Completions { .. }
+        | Command::Crd => {
             unreachable!("run locally by main")
         }
     };

@@ -67,6 +67,35 @@ pub enum Command {
         #[arg(long, env = "NODE_NAME")]
         node: Option<String>,
     },
+    /// Run the cluster's workload certificate signer (a Deployment in Kubernetes mode): approve and
+    /// sign the agents' CertificateSigningRequests for ferry.dev/workload, or deny them with a
+    /// reason. The root key lives only in its Secret; the root certificate is published in a
+    /// ConfigMap for the agents.
+    ///
+    /// Example: ferry signer --namespace ferry-system
+    Signer {
+        /// Namespace of the CA Secret, the root ConfigMap and the agents' service account.
+        #[arg(long, env = "POD_NAMESPACE", default_value = "ferry-system")]
+        namespace: String,
+        /// Secret with root-cert.pem and root-key.pem (and optionally trust-bundle.pem); created
+        /// with a new root if absent.
+        #[arg(long, default_value = "ferry-ca")]
+        ca_secret: String,
+        /// ConfigMap the root certificate is published in (the agents' caDir).
+        #[arg(long, default_value = "ferry-ca-root")]
+        root_config_map: String,
+        /// The agents' service account (in --namespace): the only requester served.
+        #[arg(long, default_value = "ferry-agent")]
+        agent_service_account: String,
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+        /// Validity of the certificates signed, e.g. 24h.
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        cert_ttl: std::time::Duration,
+        /// Log output format.
+        #[arg(long, value_enum, default_value = "text")]
+        log_format: LogFormat,
+    },
     /// Manage the file CA of the embedded default.
     Ca {
         #[command(subcommand)]

@@ -25,19 +25,22 @@ use k8s_openapi::{
 };
 use kube::{
     Api, Client,
+    api::{ApiResource, DynamicObject, GroupVersionKind},
     runtime::{WatchStreamExt, reflector, watcher},
 };
 use tokio::sync::{Notify, mpsc};
 
 use crate::{
     config,
-    policy::{AuthorizationPolicy, AuthorizationPolicyResource, Policy},
+    policy::{AuthorizationPolicy, AuthorizationPolicyResource, Policy, Spec},
 };
 
 /// The label that enrols a namespace (`enabled`) or opts a pod out (`disabled`).
 pub const MESH_LABEL: &str = "ferry.dev/mesh";
 /// How often local pods whose netns is not there yet are looked for again.
 const RETRY: Duration = Duration::from_secs(1);
+/// How often the agent looks whether Istio's AuthorizationPolicy CRD has been installed.
+const ISTIO_CRD_POLL: Duration = Duration::from_secs(10);
 
 /// What the API says, as the agent uses it.
 #[derive(Debug, Clone, Default)]
@@ -47,26 +50,38 @@ pub struct Discovered {
     pub policies: Vec<Policy>,
 }
 
-/// Watches the API server and sends what it holds whenever that changes. Policies are watched
-/// only if Ferry's CRD is installed when the agent starts.
+/// Watches the API server and sends what it holds whenever that changes. Ferry's policies are
+/// watched if its CRD is installed when the agent starts; Istio's as soon as their CRD is.
 pub async fn spawn(client: Client, node: String, cgroup_root: PathBuf) -> mpsc::Receiver<Discovered> {
     let (namespaces, namespace_writer) = reflector::store::<Namespace>();
     let (pods, pod_writer) = reflector::store::<Pod>();
     let (services, service_writer) = reflector::store::<Service>();
     let (policies, policy_writer) = reflector::store::<AuthorizationPolicyResource>();
+    let istio_writer = reflector::store::Writer::new(istio_policy_resource());
+    let istio_policies = istio_writer.as_reader();
     let changed = Arc::new(Notify::new());
     let policy_api: Api<AuthorizationPolicyResource> = Api::all(client.clone());
-    let with_policies = match policy_api.list(&kube::api::ListParams::default().limit(1)).await {
-        Ok(_) => true,
+    let with_policies = match installed(&policy_api).await {
+        Ok(()) => {
+            watch(policy_api, policy_writer, changed.clone(), "authorization policies");
+            true
+        }
         Err(e) => {
             tracing::warn!("no AuthorizationPolicy from the API (is `ferry crd` applied?): {e}");
             false
         }
     };
-    if with_policies {
-        let watch_policies = reflector(policy_writer, watcher(policy_api, watcher::Config::default()));
-        tokio::spawn(drive(watch_policies.default_backoff(), changed.clone(), "authorization policies"));
-    }
+    let istio_api: Api<DynamicObject> = Api::all_with(client.clone(), &istio_policy_resource());
+    let with_istio = match installed(&istio_api).await {
+        Ok(()) => {
+            watch(istio_api, istio_writer, changed.clone(), "Istio authorization policies");
+            true
+        }
+        Err(_) => {
+            tokio::spawn(watch_once_installed(istio_api, istio_writer, changed.clone()));
+            false
+        }
+    };
     let watch_namespaces =
         reflector(namespace_writer, watcher(Api::all(client.clone()), watcher::Config::default()));
     let watch_pods = reflector(pod_writer, watcher(Api::all(client.clone()), watcher::Config::default()));
@@ -80,7 +95,11 @@ pub async fn spawn(client: Client, node: String, cgroup_root: PathBuf) -> mpsc::
         let (Ok(()), Ok(()), Ok(())) = (ready.0, ready.1, services.wait_until_ready().await) else {
             return;
         };
+        // Policies in force from the first update on: no moment without them.
         if with_policies && policies.wait_until_ready().await.is_err() {
+            return;
+        }
+        if with_istio && istio_policies.wait_until_ready().await.is_err() {
             return;
         }
         let mut last = None;
@@ -89,13 +108,18 @@ pub async fn spawn(client: Client, node: String, cgroup_root: PathBuf) -> mpsc::
             let meshed = meshed_namespaces(&namespaces);
             let (workloads, waiting) = workloads(&meshed, &pods.state(), &node, &cgroup_root);
             let services = meshed_services(&meshed, &services.state());
-            let versions: Vec<Option<String>> =
-                policies.state().iter().map(|p| p.metadata.resource_version.clone()).collect();
+            let (ferry, istio) = (policies.state(), istio_policies.state());
+            let versions: Vec<Option<String>> = ferry
+                .iter()
+                .map(|p| &p.metadata)
+                .chain(istio.iter().map(|p| &p.metadata))
+                .map(|m| m.resource_version.clone())
+                .collect();
             let now = (workloads, services, versions);
             if last.as_ref() != Some(&now) {
                 last = Some(now.clone());
                 let (workloads, services, _) = now;
-                let discovered = Discovered { workloads, services, policies: compile(&policies.state()) };
+                let discovered = Discovered { workloads, services, policies: compile(&ferry, &istio) };
                 if tx.send(discovered).await.is_err() {
                     return;
                 }
@@ -110,6 +134,51 @@ pub async fn spawn(client: Client, node: String, cgroup_root: PathBuf) -> mpsc::
         }
     });
     rx
+}
+
+/// Istio's `security.istio.io/v1` AuthorizationPolicy, read as a dynamic object: its spec is
+/// converted leniently (see [`istio_spec`]) rather than failing the whole watch.
+fn istio_policy_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("security.istio.io", "v1", "AuthorizationPolicy"),
+        "authorizationpolicies",
+    )
+}
+
+/// Whether the API serves this kind (its CRD is installed and readable).
+async fn installed<K>(api: &Api<K>) -> kube::Result<()>
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    api.list_metadata(&kube::api::ListParams::default().limit(1)).await.map(|_| ())
+}
+
+fn watch<K>(api: Api<K>, writer: reflector::store::Writer<K>, changed: Arc<Notify>, what: &'static str)
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
+{
+    let stream = reflector(writer, watcher(api, watcher::Config::default()));
+    tokio::spawn(drive(stream.default_backoff(), changed, what));
+}
+
+/// Istio may be installed after Ferry: look for its CRD now and then.
+async fn watch_once_installed(
+    api: Api<DynamicObject>,
+    writer: reflector::store::Writer<DynamicObject>,
+    changed: Arc<Notify>,
+) {
+    tracing::info!(
+        "Istio's AuthorizationPolicy CRD is not installed; looking again every {ISTIO_CRD_POLL:?}"
+    );
+    loop {
+        tokio::time::sleep(ISTIO_CRD_POLL).await;
+        if installed(&api).await.is_ok() {
+            tracing::info!("Istio's AuthorizationPolicy CRD appeared: honouring its policies");
+            watch(api, writer, changed, "Istio authorization policies");
+            return;
+        }
+    }
 }
 
 async fn drive<S, T>(stream: S, changed: Arc<Notify>, what: &'static str)
@@ -194,28 +263,46 @@ fn workloads(
     (list, waiting)
 }
 
-/// The policy objects, compiled; one that does not compile is left out with an error naming it
-/// (the CRD's schema already refuses most mistakes at the API server).
-fn compile(objects: &[Arc<AuthorizationPolicyResource>]) -> Vec<Policy> {
-    let mut compiled: Vec<Policy> = objects
-        .iter()
-        .filter_map(|object| {
+/// The policy objects (Ferry's and Istio's), compiled; one that does not compile is left out with
+/// an error naming it (the CRD's schema already refuses most mistakes at the API server).
+fn compile(ferry: &[Arc<AuthorizationPolicyResource>], istio: &[Arc<DynamicObject>]) -> Vec<Policy> {
+    let ferry = ferry.iter().map(|o| (&o.metadata, Ok(o.spec.clone())));
+    let istio = istio.iter().map(|o| (&o.metadata, istio_spec(o)));
+    let mut compiled: Vec<Policy> = ferry
+        .chain(istio)
+        .filter_map(|(metadata, spec)| {
+            let (name, namespace) = (metadata.name.clone()?, metadata.namespace.clone()?);
+            let key = format!("{namespace}/{name}");
+            let spec = spec.inspect_err(|e| tracing::error!(policy = %key, "policy ignored: {e}")).ok()?;
             let policy = AuthorizationPolicy {
                 api_version: None,
                 kind: None,
                 metadata: crate::policy::Metadata {
-                    name: object.metadata.name.clone()?,
-                    namespace: object.metadata.namespace.clone()?,
-                    annotations: object.metadata.annotations.clone().unwrap_or_default(),
+                    name,
+                    namespace,
+                    annotations: metadata.annotations.clone().unwrap_or_default(),
                 },
-                spec: object.spec.clone(),
+                spec,
             };
-            let key = format!("{}/{}", policy.metadata.namespace, policy.metadata.name);
             policy.compile().inspect_err(|e| tracing::error!(policy = %key, "policy rejected: {e}")).ok()
         })
         .collect();
     compiled.sort_by_key(Policy::key);
     compiled
+}
+
+/// The spec of an Istio policy in Ferry's terms. Policies bound with `targetRef(s)` apply to
+/// waypoints and gateways, not to workloads, so (as in Istio's ambient node proxy) they are not
+/// enforced here; any other field Ferry does not know is an error naming it.
+fn istio_spec(object: &DynamicObject) -> Result<Spec, String> {
+    let spec = object.data.get("spec").cloned().unwrap_or_default();
+    if let Some(field) = ["targetRef", "targetRefs"].into_iter().find(|f| spec.get(f).is_some()) {
+        return Err(format!("bound with {field} to a waypoint or gateway, not enforced by a node proxy"));
+    }
+    if spec.is_null() {
+        return Ok(Spec::default());
+    }
+    serde_json::from_value(spec).map_err(|e| format!("Istio AuthorizationPolicy spec: {e}"))
 }
 
 fn workload(pod: &Pod, node: &str, cgroup_root: &Path) -> Option<config::Workload> {
@@ -301,6 +388,30 @@ fn subdirs(dir: &Path) -> impl Iterator<Item = PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn istio(spec: serde_json::Value) -> DynamicObject {
+        DynamicObject::new("p", &istio_policy_resource())
+            .within("ns")
+            .data(serde_json::json!({ "spec": spec }))
+    }
+
+    #[test]
+    fn istio_policies_convert_or_say_why_not() {
+        let spec = istio_spec(&istio(serde_json::json!({
+            "action": "DENY",
+            "rules": [{"from": [{"source": {"namespaces": ["evil"]}}], "to": [{"operation": {"ports": ["8080"]}}]}],
+        })))
+        .unwrap();
+        assert_eq!(spec.rules.len(), 1);
+        assert_eq!(spec.rules[0].to[0].operation.ports, [8080]);
+        assert!(istio_spec(&istio(serde_json::Value::Null)).unwrap().rules.is_empty());
+        let waypoint =
+            istio_spec(&istio(serde_json::json!({"targetRefs": [{"kind": "Service", "name": "s"}]})));
+        assert!(waypoint.unwrap_err().contains("targetRefs"));
+        let unknown =
+            istio_spec(&istio(serde_json::json!({"rules": [{"from": [{"source": {"nodes": ["x"]}}]}]})));
+        assert!(unknown.unwrap_err().contains("nodes"), "the unknown field is named");
+    }
 
     #[test]
     fn pod_cgroups_of_both_drivers_are_found() {

@@ -2,13 +2,13 @@
 //! first use, or an existing root (EC P-256 or RSA >= 2048, PKCS#8 key) used as is.
 
 use std::{
-    path::{Path, PathBuf},
+    path::Path,
     time::{Duration, SystemTime},
 };
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-    KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType, SerialNumber,
+    KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, PublicKeyData, SanType, SerialNumber,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, pem::PemObject};
 
@@ -24,7 +24,7 @@ const ROOT_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 const CLOCK_SKEW: Duration = Duration::from_secs(5 * 60);
 
 pub struct FileCa {
-    dir: PathBuf,
+    origin: String,
     root: CertificateDer<'static>,
     issuer: Issuer<'static, KeyPair>,
     trust_bundle: Vec<CertificateDer<'static>>,
@@ -44,7 +44,10 @@ pub struct WorkloadCert {
 
 impl std::fmt::Debug for FileCa {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FileCa").field("dir", &self.dir).field("roots", &self.trust_bundle.len()).finish()
+        f.debug_struct("FileCa")
+            .field("origin", &self.origin)
+            .field("roots", &self.trust_bundle.len())
+            .finish()
     }
 }
 
@@ -64,54 +67,56 @@ impl FileCa {
         let ca_err = |problem: String| IdentityError::Ca { dir: dir.display().to_string(), problem };
         if !dir.join(ROOT_CERT_FILE).exists() {
             std::fs::create_dir_all(dir).map_err(|e| ca_err(e.to_string()))?;
-            let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| ca_err(e.to_string()))?;
-            let mut params = CertificateParams::default();
-            params.distinguished_name = DistinguishedName::new();
-            params.distinguished_name.push(DnType::OrganizationName, "ferry");
-            // A distinct name per root, so roots of separate meshes never look like each other.
-            let tag: u32 = rand::random();
-            params.distinguished_name.push(DnType::CommonName, format!("Ferry root CA {tag:08x}"));
-            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-            params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-            let now = SystemTime::now();
-            params.not_before = (now - CLOCK_SKEW).into();
-            params.not_after = (now + ROOT_TTL).into();
-            let cert = params.self_signed(&key).map_err(|e| ca_err(e.to_string()))?;
-            write_private(&dir.join(ROOT_KEY_FILE), &key.serialize_pem())
-                .map_err(|e| ca_err(e.to_string()))?;
-            std::fs::write(dir.join(ROOT_CERT_FILE), cert.pem()).map_err(|e| ca_err(e.to_string()))?;
+            let (cert_pem, key_pem) = new_root().map_err(ca_err)?;
+            write_private(&dir.join(ROOT_KEY_FILE), &key_pem).map_err(|e| ca_err(e.to_string()))?;
+            std::fs::write(dir.join(ROOT_CERT_FILE), cert_pem).map_err(|e| ca_err(e.to_string()))?;
         }
         FileCa::load(dir)
     }
 
     /// Loads an existing root from `dir`.
     pub fn load(dir: &Path) -> Result<FileCa, IdentityError> {
-        let file_err = |file: &str, problem: String| IdentityError::Ca {
-            dir: dir.display().to_string(),
-            problem: format!("{file}: {problem}"),
+        let read = |file: &str| {
+            std::fs::read_to_string(dir.join(file)).map_err(|e| IdentityError::Ca {
+                dir: dir.display().to_string(),
+                problem: format!("{file}: {e}"),
+            })
         };
-        let read =
-            |file: &str| std::fs::read_to_string(dir.join(file)).map_err(|e| file_err(file, e.to_string()));
         let cert_pem = read(ROOT_CERT_FILE)?;
         let key_pem = read(ROOT_KEY_FILE)?;
+        let bundle = std::fs::read_to_string(dir.join(TRUST_BUNDLE_FILE)).ok();
+        FileCa::from_pem(&dir.display().to_string(), &cert_pem, &key_pem, bundle.as_deref())
+    }
+
+    /// A CA from the PEM texts of its root certificate, its key and optionally further roots to
+    /// trust; `origin` (a directory, a Secret) names where they came from in errors.
+    pub fn from_pem(
+        origin: &str,
+        cert_pem: &str,
+        key_pem: &str,
+        bundle_pem: Option<&str>,
+    ) -> Result<FileCa, IdentityError> {
+        let file_err = |file: &str, problem: String| IdentityError::Ca {
+            dir: origin.to_owned(),
+            problem: format!("{file}: {problem}"),
+        };
         let root = CertificateDer::from_pem_slice(cert_pem.as_bytes())
             .map_err(|e| file_err(ROOT_CERT_FILE, format!("no PEM certificate ({e})")))?;
-        let key = KeyPair::from_pem(&key_pem).map_err(|e| {
+        let key = KeyPair::from_pem(key_pem).map_err(|e| {
             file_err(ROOT_KEY_FILE, format!("unusable key, want PKCS#8 EC P-256 or RSA ({e})"))
         })?;
         let issuer = Issuer::from_ca_cert_der(&root, key)
             .map_err(|e| file_err(ROOT_CERT_FILE, format!("not a usable CA certificate ({e})")))?;
         let mut trust_bundle = vec![root.clone()];
-        if let Ok(bundle) = std::fs::read(dir.join(TRUST_BUNDLE_FILE)) {
-            for cert in CertificateDer::pem_slice_iter(&bundle) {
-                trust_bundle.push(cert.map_err(|e| file_err(TRUST_BUNDLE_FILE, e.to_string()))?);
-            }
-        }
-        Ok(FileCa { dir: dir.to_owned(), root, issuer, trust_bundle })
+        trust_bundle.extend(
+            parse_bundle(bundle_pem.unwrap_or_default()).map_err(|e| file_err(TRUST_BUNDLE_FILE, e))?,
+        );
+        Ok(FileCa { origin: origin.to_owned(), root, issuer, trust_bundle })
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
+    /// Where the root came from: a directory or a Secret.
+    pub fn origin(&self) -> &str {
+        &self.origin
     }
 
     /// The CA's own root certificate.
@@ -124,11 +129,31 @@ impl FileCa {
         &self.trust_bundle
     }
 
-    /// Mints a leaf for `id`: fresh EC P-256 key, one URI SAN, KU digitalSignature +
-    /// keyEncipherment, EKU serverAuth + clientAuth.
+    /// Mints a leaf for `id` with a fresh EC P-256 key.
     pub fn issue(&self, id: &SpiffeId, ttl: Duration) -> Result<WorkloadCert, IdentityError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
+            .map_err(|e| IdentityError::Issue { id: id.to_string(), problem: e.to_string() })?;
+        let leaf = self.sign(id, &key, ttl)?;
+        Ok(WorkloadCert {
+            identity: id.clone(),
+            chain: vec![leaf.cert],
+            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            not_before: leaf.not_before,
+            not_after: leaf.not_after,
+            serial: leaf.serial,
+        })
+    }
+
+    /// Signs a leaf for `id` over `public_key` (e.g. from a certificate signing request): one URI
+    /// SAN, KU digitalSignature + keyEncipherment, EKU serverAuth + clientAuth. Nothing else a
+    /// request asks for is copied.
+    pub fn sign(
+        &self,
+        id: &SpiffeId,
+        public_key: &impl PublicKeyData,
+        ttl: Duration,
+    ) -> Result<SignedLeaf, IdentityError> {
         let issue_err = |e: rcgen::Error| IdentityError::Issue { id: id.to_string(), problem: e.to_string() };
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(issue_err)?;
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
         params.subject_alt_names = vec![SanType::URI(id.to_string().try_into().map_err(issue_err)?)];
@@ -144,16 +169,66 @@ impl FileCa {
         let (not_before, not_after) = (now - CLOCK_SKEW, now + ttl);
         params.not_before = not_before.into();
         params.not_after = not_after.into();
-        let cert = params.signed_by(&key, &self.issuer).map_err(issue_err)?;
-        Ok(WorkloadCert {
-            identity: id.clone(),
-            chain: vec![cert.der().clone()],
-            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        let cert = params.signed_by(public_key, &self.issuer).map_err(issue_err)?;
+        Ok(SignedLeaf {
+            cert: cert.der().clone(),
             not_before,
             not_after,
             serial: serial.iter().map(|b| format!("{b:02x}")).collect(),
         })
     }
+}
+
+/// A leaf certificate this CA signed.
+#[derive(Debug)]
+pub struct SignedLeaf {
+    pub cert: CertificateDer<'static>,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+    /// Hex.
+    pub serial: String,
+}
+
+/// A new self-signed root (EC P-256): its certificate and PKCS#8 key, PEM.
+pub fn new_root() -> Result<(String, String), String> {
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| e.to_string())?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params.distinguished_name.push(DnType::OrganizationName, "ferry");
+    // A distinct name per root, so roots of separate meshes never look like each other.
+    let tag: u32 = rand::random();
+    params.distinguished_name.push(DnType::CommonName, format!("Ferry root CA {tag:08x}"));
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let now = SystemTime::now();
+    params.not_before = (now - CLOCK_SKEW).into();
+    params.not_after = (now + ROOT_TTL).into();
+    let cert = params.self_signed(&key).map_err(|e| e.to_string())?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// The certificates of a PEM bundle (empty text: none).
+pub(super) fn parse_bundle(pem: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    CertificateDer::pem_slice_iter(pem.as_bytes()).map(|c| c.map_err(|e| e.to_string())).collect()
+}
+
+/// The roots to trust of a CA directory without a key (Kubernetes mode: the signer holds the
+/// key): its root certificate plus the optional trust bundle.
+pub fn load_roots(dir: &Path) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
+    let ca_err = |file: &str, problem: String| IdentityError::Ca {
+        dir: dir.display().to_string(),
+        problem: format!("{file}: {problem}"),
+    };
+    let root = std::fs::read_to_string(dir.join(ROOT_CERT_FILE))
+        .map_err(|e| ca_err(ROOT_CERT_FILE, e.to_string()))?;
+    let mut roots = parse_bundle(&root).map_err(|e| ca_err(ROOT_CERT_FILE, e))?;
+    if roots.is_empty() {
+        return Err(ca_err(ROOT_CERT_FILE, "no PEM certificate".into()));
+    }
+    if let Ok(bundle) = std::fs::read_to_string(dir.join(TRUST_BUNDLE_FILE)) {
+        roots.extend(parse_bundle(&bundle).map_err(|e| ca_err(TRUST_BUNDLE_FILE, e))?);
+    }
+    Ok(roots)
 }
 
 /// Writes a file only its owner can read (private keys).
@@ -166,6 +241,8 @@ pub fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use std::path::PathBuf;
+
     use super::*;
 
     fn temp_dir(name: &str) -> PathBuf {

@@ -1,7 +1,9 @@
-//! Workload identity: SPIFFE IDs, the file CA of the embedded default, certificates minted for
-//! local workloads (kept in memory, rotated at half-life), and the TLS configurations built on them.
+//! Workload identity: SPIFFE IDs, the file CA of the embedded default, certificates obtained for
+//! local workloads (from the file CA, or in Kubernetes mode by CertificateSigningRequest; kept in
+//! memory, renewed at half-life), and the TLS configurations built on them.
 
 mod ca;
+pub mod csr;
 mod manager;
 pub mod tls;
 
@@ -10,8 +12,11 @@ use std::fmt;
 use rustls::pki_types::CertificateDer;
 use x509_parser::{extensions::GeneralName, prelude::FromDer};
 
-pub use ca::{FileCa, ROOT_CERT_FILE, ROOT_KEY_FILE, TRUST_BUNDLE_FILE, WorkloadCert, write_private};
-pub use manager::CertManager;
+pub use ca::{
+    FileCa, ROOT_CERT_FILE, ROOT_KEY_FILE, SignedLeaf, TRUST_BUNDLE_FILE, WorkloadCert, load_roots, new_root,
+    write_private,
+};
+pub use manager::{CertManager, Signer};
 
 /// `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]

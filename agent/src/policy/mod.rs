@@ -11,7 +11,7 @@ use std::{collections::BTreeMap, fmt, net::IpAddr, sync::Arc};
 
 use ipnet::IpNet;
 
-pub use model::{AuthorizationPolicy, AuthorizationPolicyResource, Metadata};
+pub use model::{AuthorizationPolicy, AuthorizationPolicyResource, Metadata, Spec};
 
 use crate::identity::SpiffeId;
 

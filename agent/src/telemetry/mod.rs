@@ -68,6 +68,15 @@ impl Collector for ScrapeCollector {
             let identity = issued.cert.identity.to_string();
             ConstGauge::new(left).encode(family.encode_family(&[("identity", identity.as_str())])?)?;
         }
+        let mut family = encoder.encode_descriptor(
+            "ferry_certificate_requests",
+            "Workload certificates obtained (issued) or not (failed: refused, malformed, timed out)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (result, count) in self.certs.request_counts() {
+            ConstCounter::new(count).encode(family.encode_family(&[("result", result)])?)?;
+        }
         Ok(())
     }
 }

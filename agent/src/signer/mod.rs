@@ -1,0 +1,239 @@
+//! `ferry signer`: the cluster's workload CA. It holds the root key (a Secret only it reads,
+//! created on first start unless an operator supplied one), publishes the root certificate in a
+//! ConfigMap the agents mount, and answers the agents' CertificateSigningRequests for
+//! `ferry.dev/workload`: approve and sign, or deny with a reason (see [`review`]).
+
+pub mod review;
+
+use std::{pin::pin, time::Duration};
+
+use anyhow::Context;
+use futures_util::TryStreamExt;
+use k8s_openapi::{
+    ByteString,
+    api::{
+        certificates::v1::{CertificateSigningRequest, CertificateSigningRequestCondition},
+        core::v1::{Pod, Secret},
+    },
+};
+use kube::{
+    Api, Client,
+    api::{ListParams, ObjectMeta, Patch, PatchParams, PostParams},
+    runtime::{WatchStreamExt, watcher},
+};
+use serde_json::json;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::identity::{
+    FileCa, ROOT_CERT_FILE, ROOT_KEY_FILE, SpiffeId, TRUST_BUNDLE_FILE, csr::SIGNER_NAME, new_root,
+};
+use review::{Authority, Denial, Request};
+
+/// `ferry signer`'s settings (its command-line flags).
+pub struct Options {
+    /// Where the CA Secret and the root ConfigMap live.
+    pub namespace: String,
+    pub ca_secret: String,
+    pub root_config_map: String,
+    pub authority: Authority,
+    pub cert_ttl: Duration,
+}
+
+struct Signer {
+    client: Client,
+    csrs: Api<CertificateSigningRequest>,
+    ca: FileCa,
+    authority: Authority,
+    cert_ttl: Duration,
+}
+
+pub async fn run(options: Options) -> anyhow::Result<()> {
+    let client = Client::try_default().await.context("connecting to the Kubernetes API")?;
+    let ca = load_or_create_ca(&client, &options).await?;
+    publish_root(&client, &options, &ca).await?;
+    let signer = Signer {
+        csrs: Api::all(client.clone()),
+        client,
+        ca,
+        authority: options.authority,
+        cert_ttl: options.cert_ttl,
+    };
+    let requests = watcher::Config::default().fields(&format!("spec.signerName={SIGNER_NAME}"));
+    let mut requests = pin!(watcher(signer.csrs.clone(), requests).default_backoff().applied_objects());
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    tracing::info!(signer = SIGNER_NAME, trust_domain = %signer.authority.trust_domain, "signing workload certificates");
+    loop {
+        tokio::select! {
+            next = requests.try_next() => match next {
+                Ok(Some(csr)) => {
+                    let name = csr.metadata.name.unwrap_or_default();
+                    // The agent gives up after a minute and asks again, so a failure here loses nothing.
+                    if let Err(e) = signer.handle(&name).await {
+                        tracing::error!(csr = %name, "cannot answer the certificate request: {e:#}");
+                    }
+                }
+                Ok(None) => return Ok(()),
+                Err(e) => tracing::warn!("watching CertificateSigningRequests: {e}"),
+            },
+            _ = terminate.recv() => return Ok(()),
+            _ = interrupt.recv() => return Ok(()),
+        }
+    }
+}
+
+impl Signer {
+    /// Answers one request, unless it already has an answer.
+    async fn handle(&self, name: &str) -> anyhow::Result<()> {
+        // The event may be stale (e.g. our own approval): decide on the current object.
+        let Some(csr) = self.csrs.get_opt(name).await? else { return Ok(()) };
+        let status = csr.status.clone().unwrap_or_default();
+        let conditions = status.conditions.unwrap_or_default();
+        let answered = conditions.iter().any(|c| c.type_ == "Denied" || c.type_ == "Failed");
+        if csr.spec.signer_name != SIGNER_NAME || answered || status.certificate.is_some() {
+            return Ok(());
+        }
+        let approved = conditions.iter().any(|c| c.type_ == "Approved");
+        match self.review(&csr).await? {
+            Ok((request, node)) => {
+                let id = &request.identity;
+                if !approved {
+                    let why = format!("a pod of {}/{} runs on node {node}", id.namespace, id.service_account);
+                    self.add_condition(name, conditions, "Approved", "FerrySignerApproved", why, "approval")
+                        .await?;
+                }
+                let leaf = self.ca.sign(id, &request.public_key, self.cert_ttl)?;
+                let pem = pem::encode(&pem::Pem::new("CERTIFICATE", leaf.cert.to_vec()));
+                let patch = json!({"status": {"certificate": ByteString(pem.into_bytes())}});
+                self.csrs
+                    .patch_subresource("status", name, &PatchParams::default(), &Patch::Merge(patch))
+                    .await?;
+                tracing::info!(csr = %name, identity = %id, %node, serial = %leaf.serial, "certificate signed");
+            }
+            Err(Denial { reason, message }) => {
+                // Someone else approved it: the signer's refusal is then a failure to sign.
+                let (kind, subresource) =
+                    if approved { ("Failed", "status") } else { ("Denied", "approval") };
+                tracing::warn!(csr = %name, reason, "certificate request refused: {message}");
+                self.add_condition(name, conditions, kind, reason, message, subresource).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Looks up the requesting agent's pod and the pods on its node, and decides.
+    async fn review(
+        &self,
+        csr: &CertificateSigningRequest,
+    ) -> anyhow::Result<Result<(Request, String), Denial>> {
+        let request = match self.authority.parse(&csr.spec) {
+            Ok(request) => request,
+            Err(denial) => return Ok(Err(denial)),
+        };
+        let agents: Api<Pod> = Api::namespaced(self.client.clone(), &self.authority.agent_namespace);
+        let agent_pod = agents.get_opt(&request.agent_pod).await.context("looking up the agent's pod")?;
+        let node = agent_pod.as_ref().and_then(|p| p.spec.as_ref()).and_then(|s| s.node_name.clone());
+        let pods_on_node = match node {
+            // Read from the API, not a cache: a pod scheduled a moment ago counts.
+            Some(node) => {
+                let SpiffeId { namespace, .. } = &request.identity;
+                let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+                let on_node = ListParams::default().fields(&format!("spec.nodeName={node}"));
+                pods.list(&on_node).await.context("listing the pods on the agent's node")?.items
+            }
+            None => Vec::new(),
+        };
+        Ok(self.authority.authorize(&request, agent_pod.as_ref(), &pods_on_node).map(|node| (request, node)))
+    }
+
+    async fn add_condition(
+        &self,
+        name: &str,
+        mut conditions: Vec<CertificateSigningRequestCondition>,
+        kind: &str,
+        reason: &str,
+        message: String,
+        subresource: &str,
+    ) -> anyhow::Result<()> {
+        conditions.push(CertificateSigningRequestCondition {
+            type_: kind.into(),
+            status: "True".into(),
+            reason: Some(reason.into()),
+            message: Some(message),
+            ..Default::default()
+        });
+        let patch = json!({"status": {"conditions": conditions}});
+        self.csrs
+            .patch_subresource(subresource, name, &PatchParams::default(), &Patch::Merge(patch))
+            .await
+            .with_context(|| format!("setting condition {kind}"))?;
+        Ok(())
+    }
+}
+
+/// The root from the CA Secret; a new root (stored there) when there is none yet.
+async fn load_or_create_ca(client: &Client, options: &Options) -> anyhow::Result<FileCa> {
+    let (namespace, name) = (&options.namespace, &options.ca_secret);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let secret =
+        match secrets.get_opt(name).await.with_context(|| format!("reading Secret {namespace}/{name}"))? {
+            Some(secret) => secret,
+            None => {
+                let (cert, key) = new_root().map_err(anyhow::Error::msg).context("creating a root CA")?;
+                let secret = Secret {
+                    metadata: ObjectMeta { name: Some(name.clone()), ..Default::default() },
+                    data: Some(
+                        [(ROOT_CERT_FILE, cert), (ROOT_KEY_FILE, key)]
+                            .into_iter()
+                            .map(|(k, v)| (k.to_owned(), ByteString(v.into_bytes())))
+                            .collect(),
+                    ),
+                    ..Default::default()
+                };
+                match secrets.create(&PostParams::default(), &secret).await {
+                    Ok(created) => {
+                        tracing::info!(secret = %format!("{namespace}/{name}"), "created a new root CA");
+                        created
+                    }
+                    // Another signer replica was first: use its root.
+                    Err(kube::Error::Api(status)) if status.is_already_exists() => secrets.get(name).await?,
+                    Err(e) => return Err(e).with_context(|| format!("creating Secret {namespace}/{name}")),
+                }
+            }
+        };
+    let field = |key: &str| {
+        secret.data.as_ref().and_then(|d| d.get(key)).map(|v| String::from_utf8_lossy(&v.0).into_owned())
+    };
+    let origin = format!("Secret {namespace}/{name}");
+    let missing = |key: &str| anyhow::anyhow!("{origin} has no {key}");
+    let cert = field(ROOT_CERT_FILE).ok_or_else(|| missing(ROOT_CERT_FILE))?;
+    let key = field(ROOT_KEY_FILE).ok_or_else(|| missing(ROOT_KEY_FILE))?;
+    Ok(FileCa::from_pem(&origin, &cert, &key, field(TRUST_BUNDLE_FILE).as_deref())?)
+}
+
+/// The root certificate (and further roots to trust) for the agents: a ConfigMap they mount as
+/// their `caDir`. No key is in it.
+async fn publish_root(client: &Client, options: &Options, ca: &FileCa) -> anyhow::Result<()> {
+    let pem_of = |certs: &[rustls::pki_types::CertificateDer<'_>]| -> String {
+        certs.iter().map(|c| pem::encode(&pem::Pem::new("CERTIFICATE", c.to_vec()))).collect()
+    };
+    let bundle = ca.trust_bundle();
+    let mut data = serde_json::Map::new();
+    data.insert(ROOT_CERT_FILE.into(), pem_of(&bundle[..1]).into());
+    if bundle.len() > 1 {
+        data.insert(TRUST_BUNDLE_FILE.into(), pem_of(&bundle[1..]).into());
+    }
+    let (namespace, name) = (&options.namespace, &options.root_config_map);
+    let config_map = json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": name, "namespace": namespace},
+        "data": data,
+    });
+    let maps: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(client.clone(), namespace);
+    maps.patch(name, &PatchParams::apply("ferry-signer").force(), &Patch::Apply(config_map))
+        .await
+        .with_context(|| format!("publishing the root certificate in ConfigMap {namespace}/{name}"))?;
+    tracing::info!(config_map = %format!("{namespace}/{name}"), "root certificate published");
+    Ok(())
+}
