@@ -181,8 +181,19 @@ pub const DEFAULT_ADMIN_SOCKET: &str = "/var/run/ferry/admin.sock";
 fn default_admin_socket() -> PathBuf {
     PathBuf::from(DEFAULT_ADMIN_SOCKET)
 }
+
+/// Where cgroup v2 is mounted: `/sys/fs/cgroup` on unified hosts, `/sys/fs/cgroup/unified` on
+/// hybrid ones.
 fn default_pod_cgroup_root() -> PathBuf {
-    PathBuf::from("/sys/fs/cgroup")
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    mountinfo
+        .lines()
+        .find_map(|line| {
+            let (mount, fs) = line.split_once(" - ")?;
+            let mount_point = mount.split_whitespace().nth(4)?;
+            (fs.split_whitespace().next()? == "cgroup2").then(|| PathBuf::from(mount_point))
+        })
+        .unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup"))
 }
 fn default_upgrade_socket() -> PathBuf {
     PathBuf::from("/var/run/ferry/upgrade.sock")

@@ -7,6 +7,7 @@
 
 use std::{
     io::Write as _,
+    net::Ipv4Addr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -23,6 +24,9 @@ pub const ADMIN_TOKEN: &str = "ferry-test-admin";
 const ETCD_CLIENT: u16 = 2379;
 const ETCD_PEER: u16 = 2380;
 const SECURE: u16 = 6443;
+/// Service ClusterIPs, and the `kubernetes` Service's (the first).
+pub const SERVICE_RANGE: &str = "10.96.0.0/16";
+const SERVICE_IP: &str = "10.96.0.1";
 
 pub struct ApiServer {
     // Field order is drop order: the apiserver before etcd.
@@ -32,15 +36,23 @@ pub struct ApiServer {
     dir: PathBuf,
     /// The netns everything runs in (a sandbox node's).
     netns: PathBuf,
+    /// Where pods reach it (the `kubernetes` Service's endpoint); it listens on every address
+    /// unless this is loopback.
+    advertise: Ipv4Addr,
     pub url: String,
     /// A kubeconfig for the admin (kubectl --kubeconfig).
     pub kubeconfig: PathBuf,
 }
 
 impl ApiServer {
-    /// Starts etcd and kube-apiserver in `netns` with state under `dir`; `None` when
-    /// `FERRY_KUBE_BIN` is unset.
+    /// Starts etcd and kube-apiserver on the loopback of `netns` with state under `dir`; `None`
+    /// when `FERRY_KUBE_BIN` is unset.
     pub fn start(dir: &Path, netns: &Netns) -> Result<Option<ApiServer>> {
+        ApiServer::start_at(dir, netns, Ipv4Addr::LOCALHOST)
+    }
+
+    /// [`ApiServer::start`], advertised to pods at `advertise`.
+    pub fn start_at(dir: &Path, netns: &Netns, advertise: Ipv4Addr) -> Result<Option<ApiServer>> {
         let Some(bin) = std::env::var_os("FERRY_KUBE_BIN").map(PathBuf::from) else {
             eprintln!("FERRY_KUBE_BIN not set: skipping (cargo xtask test builds and sets it)");
             return Ok(None);
@@ -63,7 +75,10 @@ impl ApiServer {
         // A CA and a serving certificate it signs (rustls refuses a CA certificate as a server's).
         std::fs::write(
             dir.join("serving.ext"),
-            "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+            format!(
+                "subjectAltName=IP:127.0.0.1,IP:{advertise},IP:{SERVICE_IP},DNS:kubernetes.default.svc,\
+                 DNS:kubernetes.default,DNS:kubernetes\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n"
+            ),
         )?;
         for args in [
             "req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=ferry-test-ca -keyout ca.key -out ca.crt",
@@ -80,7 +95,7 @@ impl ApiServer {
         let kubeconfig = dir.join("kubeconfig");
         std::fs::write(&kubeconfig, kubeconfig_yaml(&url, &dir.join("ca.crt"), ADMIN_TOKEN))?;
         let netns = netns.path().to_owned();
-        let mut server = ApiServer { apiserver: None, bin, etcd, dir, netns, url, kubeconfig };
+        let mut server = ApiServer { apiserver: None, bin, etcd, dir, netns, advertise, url, kubeconfig };
         server.restart()?;
         Ok(Some(server))
     }
@@ -102,8 +117,11 @@ impl ApiServer {
         let mut apiserver = Command::new(self.bin.join("kube-apiserver"));
         apiserver
             .arg(format!("--etcd-servers=http://127.0.0.1:{ETCD_CLIENT}"))
-            .arg("--bind-address=127.0.0.1")
-            .arg("--advertise-address=127.0.0.1")
+            .arg(format!(
+                "--bind-address={}",
+                if self.advertise.is_loopback() { self.advertise } else { Ipv4Addr::UNSPECIFIED }
+            ))
+            .arg(format!("--advertise-address={}", self.advertise))
             .arg(format!("--secure-port={SECURE}"))
             .arg("--insecure-port=0")
             .arg(format!("--tls-cert-file={}", path("serving.crt")))
@@ -113,7 +131,7 @@ impl ApiServer {
             .arg(format!("--service-account-key-file={}", path("sa.pub")))
             .arg(format!("--service-account-signing-key-file={}", path("sa.key")))
             .arg("--service-account-issuer=https://kubernetes.default.svc")
-            .arg("--service-cluster-ip-range=10.96.0.0/16")
+            .arg(format!("--service-cluster-ip-range={SERVICE_RANGE}"))
             .stdout(log.try_clone()?)
             .stderr(log);
         self.apiserver = Some(spawn_in(&self.netns, apiserver, None).context("starting kube-apiserver")?);
@@ -169,6 +187,11 @@ impl ApiServer {
             String::from_utf8_lossy(&output.stdout).into_owned(),
             String::from_utf8_lossy(&output.stderr).into_owned(),
         ))
+    }
+
+    /// A file of the control plane's state directory (certificates, keys, logs).
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
     }
 
     /// A kubeconfig (written under the test's directory) that authenticates with `token`.

@@ -7,6 +7,7 @@
 
 mod app;
 mod capture;
+pub mod cluster;
 pub mod kube;
 mod peer;
 mod sys;

@@ -23,7 +23,7 @@ pub(crate) fn require_root() -> Result<()> {
     Ok(())
 }
 
-fn run(cmd: &mut Command) -> Result<()> {
+pub(crate) fn run(cmd: &mut Command) -> Result<()> {
     let output = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !output.status.success() {
         bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&output.stderr).trim());

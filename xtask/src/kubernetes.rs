@@ -1,6 +1,7 @@
-//! A real kube-apiserver for the Kubernetes-mode tests, built from Debian's own `kubernetes`
-//! source package (no registry ships the binaries; see ../shared/design/kubernetes.md) and cached,
-//! so only the first run pays the ~10 minutes.
+//! A real kube-apiserver (and the rest of a one-node cluster: controller-manager, scheduler,
+//! kubelet, kube-proxy, and the pause container) for the Kubernetes-mode tests, built from Debian's
+//! own `kubernetes` source package (no registry ships the binaries; see
+//! ../shared/design/kubernetes.md) and cached, so only the first run pays the ~10 minutes.
 
 use std::{
     path::{Path, PathBuf},
@@ -11,19 +12,20 @@ use anyhow::{Context, Result, bail};
 
 /// What Debian bookworm's source package builds.
 const VERSION: &str = "1.20.2";
-const BINARIES: [&str; 2] = ["kube-apiserver", "kube-controller-manager"];
+const BINARIES: [&str; 5] =
+    ["kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet", "kube-proxy"];
+/// The pod sandbox's process, compiled statically from the same tree.
+const PAUSE: &str = "pause";
 /// Debian's reflect2 1.0.2; the 1.0.1 vendored in the tree crashes on Go >= 1.18.
 const REFLECT2: &str = "/usr/share/gocode/src/github.com/modern-go/reflect2";
 
-/// The directory holding kube-apiserver and kube-controller-manager, built now if not cached.
+/// The directory holding the cluster's binaries, built now if not cached.
 pub(crate) fn binaries(tools: &Path) -> Result<PathBuf> {
     let bin = tools.join(format!("kubernetes-{VERSION}/bin"));
-    if BINARIES.iter().all(|b| bin.join(b).exists()) {
+    if BINARIES.iter().chain([&PAUSE]).all(|b| bin.join(b).exists()) {
         return Ok(bin);
     }
-    eprintln!(
-        "setup: building kube-apiserver {VERSION} from Debian's source package (about 10 minutes, once)"
-    );
+    eprintln!("setup: building Kubernetes {VERSION} from Debian's source package (about 10 minutes, once)");
     enable_deb_src()?;
     let scratch = tools.join(format!("kubernetes-{VERSION}/build"));
     let _ = std::fs::remove_dir_all(&scratch);
@@ -64,6 +66,16 @@ pub(crate) fn binaries(tools: &Path) -> Result<PathBuf> {
         let built = find_built(&tree, binary)?;
         std::fs::copy(&built, bin.join(binary))?;
     }
+    run(Command::new("gcc")
+        .args(["-Os", "-static", "-o"])
+        .arg(bin.join(PAUSE))
+        .arg(
+            walk(&tree.join("build/pause"))
+                .into_iter()
+                .find(|p| p.ends_with("pause.c"))
+                .context("no pause.c")?,
+        )
+        .arg(format!("-DVERSION={VERSION}")))?;
     let _ = std::fs::remove_dir_all(&scratch);
     Ok(bin)
 }

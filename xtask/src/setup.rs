@@ -25,6 +25,14 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("rsync", "rsync"),
     ("jq", "jq"),
     ("make", "make"),
+    ("gcc", "gcc"),
+    ("/usr/lib/x86_64-linux-gnu/libc.a", "libc6-dev"),
+    // The one-node cluster: container runtime, CNI plugins, kube-proxy's iptables.
+    ("containerd", "containerd"),
+    ("runc", "runc"),
+    ("/usr/lib/cni/bridge", "containernetworking-plugins"),
+    ("iptables", "iptables"),
+    ("conntrack", "conntrack"),
 ];
 
 /// PyPI packages of the independent test peers (tests/peers/), by the module that shows them.
