@@ -12,7 +12,7 @@
 //! API server is unreachable the last known workloads stay in force.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap, HashSet},
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -103,10 +103,11 @@ pub async fn spawn(client: Client, node: String, cgroup_root: PathBuf) -> mpsc::
             return;
         }
         let mut last = None;
+        let mut cgroups = PodCgroups::new(cgroup_root);
         loop {
             let namespaces = namespaces.state();
             let meshed = meshed_namespaces(&namespaces);
-            let (workloads, waiting) = workloads(&meshed, &pods.state(), &node, &cgroup_root);
+            let (workloads, waiting) = workloads(&meshed, &pods.state(), &node, &mut cgroups);
             let services = meshed_services(&meshed, &services.state());
             let (ferry, istio) = (policies.state(), istio_policies.state());
             let versions: Vec<Option<String>> = ferry
@@ -244,15 +245,16 @@ fn workloads(
     meshed: &[&str],
     pods: &[Arc<Pod>],
     node: &str,
-    cgroup_root: &Path,
+    cgroups: &mut PodCgroups,
 ) -> (Vec<config::Workload>, bool) {
+    cgroups.retain(pods);
     let mut waiting = false;
     let mut list: Vec<config::Workload> = pods
         .iter()
         .filter(|pod| pod.metadata.namespace.as_deref().is_some_and(|ns| meshed.contains(&ns)))
         .filter(|pod| label(&pod.metadata.labels, MESH_LABEL) != Some("disabled"))
         .filter_map(|pod| {
-            let workload = workload(pod, node, cgroup_root);
+            let workload = workload(pod, node, cgroups);
             if workload.is_none() && is_local_and_running(pod, node) {
                 waiting = true;
             }
@@ -305,7 +307,7 @@ fn istio_spec(object: &DynamicObject) -> Result<Spec, String> {
     serde_json::from_value(spec).map_err(|e| format!("Istio AuthorizationPolicy spec: {e}"))
 }
 
-fn workload(pod: &Pod, node: &str, cgroup_root: &Path) -> Option<config::Workload> {
+fn workload(pod: &Pod, node: &str, cgroups: &mut PodCgroups) -> Option<config::Workload> {
     let spec = pod.spec.as_ref()?;
     let status = pod.status.as_ref()?;
     if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
@@ -315,7 +317,7 @@ fn workload(pod: &Pod, node: &str, cgroup_root: &Path) -> Option<config::Workloa
     let pod_node = spec.node_name.clone()?;
     let (netns, cgroup) = if pod_node == node {
         let uid = pod.metadata.uid.as_deref()?;
-        let cgroup = pod_cgroup(cgroup_root, uid)?;
+        let cgroup = cgroups.find(uid)?;
         let netns = netns_of(&cgroup)?;
         (Some(netns), Some(cgroup))
     } else {
@@ -342,6 +344,34 @@ fn is_local_and_running(pod: &Pod, node: &str) -> bool {
 
 fn label<'a>(labels: &'a Option<BTreeMap<String, String>>, key: &str) -> Option<&'a str> {
     labels.as_ref()?.get(key).map(String::as_str)
+}
+
+/// Local pods' cgroup directories by pod UID: found once by scanning the kubelet's tree, not again
+/// on every update (the netns is looked up each time: a pod's sandbox may be recreated).
+struct PodCgroups {
+    root: PathBuf,
+    by_uid: HashMap<String, PathBuf>,
+}
+
+impl PodCgroups {
+    fn new(root: PathBuf) -> PodCgroups {
+        PodCgroups { root, by_uid: HashMap::new() }
+    }
+
+    fn find(&mut self, uid: &str) -> Option<PathBuf> {
+        if let Some(dir) = self.by_uid.get(uid).filter(|dir| dir.is_dir()) {
+            return Some(dir.clone());
+        }
+        let dir = pod_cgroup(&self.root, uid)?;
+        self.by_uid.insert(uid.to_owned(), dir.clone());
+        Some(dir)
+    }
+
+    /// Forgets the pods that are gone.
+    fn retain(&mut self, pods: &[Arc<Pod>]) {
+        let live: HashSet<&str> = pods.iter().filter_map(|p| p.metadata.uid.as_deref()).collect();
+        self.by_uid.retain(|uid, _| live.contains(uid.as_str()));
+    }
 }
 
 /// The pod's cgroup directory under the kubelet's tree: `kubepods[/<qos>]/pod<uid>` (cgroupfs
