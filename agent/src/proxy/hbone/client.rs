@@ -18,12 +18,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use http_body_util::Empty;
-use hyper::{StatusCode, body::Bytes, client::conn::http2, upgrade::Upgraded};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use bytes::Bytes;
+use h2::client::SendRequest;
+use http::StatusCode;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_rustls::TlsConnector;
 
+use super::stream::{H2Stream, keep_alive};
 use crate::{
     identity::{CertManager, IdentityError, SpiffeId, tls},
     inpod::PodNetns,
@@ -54,7 +55,7 @@ pub(crate) enum TunnelError {
     #[error("{0}")]
     Identity(#[from] IdentityError),
     #[error("HTTP/2: {0}")]
-    Http(#[from] hyper::Error),
+    Http(#[from] h2::Error),
     #[error("CONNECT refused with {0}")]
     Status(StatusCode),
 }
@@ -74,7 +75,9 @@ impl TunnelError {
 }
 
 struct PooledConnection {
-    sender: http2::SendRequest<Empty<Bytes>>,
+    sender: SendRequest<Bytes>,
+    /// The connection's task has ended (closed by either side, or its pings went unanswered).
+    closed: Arc<AtomicBool>,
     active: AtomicUsize,
     idle_since: Mutex<Instant>,
     /// The peer sent GOAWAY (it drains, e.g. its agent is being upgraded): open streams go on,
@@ -95,7 +98,7 @@ impl Drop for StreamSlot {
 
 /// An established CONNECT stream: the app's bytes go in and out here.
 pub(crate) struct HboneStream {
-    io: TokioIo<Upgraded>,
+    io: H2Stream,
     _slot: StreamSlot,
 }
 
@@ -148,7 +151,7 @@ impl Pool {
         request: http::Request<()>,
     ) -> Result<HboneStream, TunnelError> {
         let mut slot = self.checkout(key, netns, certs, metrics).await?;
-        let mut sent = slot.0.sender.clone().send_request(copy(&request)).await;
+        let mut sent = send(&slot, &request).await;
         if let Err(e) = &sent
             && unprocessed(e)
         {
@@ -156,14 +159,13 @@ impl Pool {
             // again, on a connection that is not.
             slot.0.going_away.store(true, Ordering::Release);
             slot = self.checkout(key, netns, certs, metrics).await?;
-            sent = slot.0.sender.clone().send_request(copy(&request)).await;
+            sent = send(&slot, &request).await;
         }
-        let mut response = sent?;
+        let (response, send_stream) = sent?;
         if response.status() != StatusCode::OK {
             return Err(TunnelError::Status(response.status()));
         }
-        let upgraded = hyper::upgrade::on(&mut response).await?;
-        Ok(HboneStream { io: TokioIo::new(upgraded), _slot: slot })
+        Ok(HboneStream { io: H2Stream::new(send_stream, response.into_body()), _slot: slot })
     }
 
     async fn checkout(
@@ -183,10 +185,11 @@ impl Pool {
         if let Some(slot) = self.reuse(key) {
             return Ok(slot);
         }
-        let sender = dial(key, netns, certs, self.handshake_timeout).await?;
+        let (sender, closed) = dial(key, netns, certs, self.handshake_timeout).await?;
         metrics.hbone_connection(Side::Client);
         let connection = Arc::new(PooledConnection {
             sender,
+            closed,
             active: AtomicUsize::new(1),
             idle_since: Mutex::new(Instant::now()),
             going_away: AtomicBool::new(false),
@@ -203,11 +206,10 @@ impl Pool {
     fn reuse(&self, key: &PoolKey) -> Option<StreamSlot> {
         let mut connections = self.connections.lock().unwrap_or_else(|e| e.into_inner());
         let list = connections.get_mut(key)?;
-        list.retain(|c| !c.sender.is_closed());
+        list.retain(|c| !c.closed.load(Ordering::Acquire));
         // Increments happen only under the pool lock, so the limit holds.
         let connection = list.iter().find(|c| {
-            c.sender.is_ready()
-                && !c.going_away.load(Ordering::Acquire)
+            !c.going_away.load(Ordering::Acquire)
                 && c.active.load(Ordering::Acquire) < MAX_STREAMS_PER_CONNECTION
         })?;
         connection.active.fetch_add(1, Ordering::AcqRel);
@@ -225,7 +227,7 @@ impl Pool {
                     let idle = c.active.load(Ordering::Acquire) == 0
                         && now.duration_since(*c.idle_since.lock().unwrap_or_else(|e| e.into_inner()))
                             > IDLE_TIMEOUT;
-                    !idle && !c.sender.is_closed()
+                    !idle && !c.closed.load(Ordering::Acquire)
                 });
             }
             connections.retain(|_, list| !list.is_empty());
@@ -237,18 +239,19 @@ impl Pool {
     }
 }
 
-/// Whether a failed request is known not to have reached the peer's application: canceled
-/// before it was sent, or refused by the peer's GOAWAY (streams above its last stream id) or
-/// with REFUSED_STREAM.
-fn unprocessed(error: &hyper::Error) -> bool {
-    let h2 = std::error::Error::source(error).and_then(|e| e.downcast_ref::<h2::Error>());
-    error.is_canceled()
-        || h2.is_some_and(|e| e.is_go_away() || e.reason() == Some(h2::Reason::REFUSED_STREAM))
+/// Sends the CONNECT on the slot's connection: the response and the stream to write to.
+async fn send(
+    slot: &StreamSlot,
+    request: &http::Request<()>,
+) -> Result<(http::Response<h2::RecvStream>, h2::SendStream<Bytes>), h2::Error> {
+    let mut sender = slot.0.sender.clone().ready().await?;
+    let (response, send_stream) = sender.send_request(copy(request), false)?;
+    Ok((response.await?, send_stream))
 }
 
-/// The CONNECT request with an empty body (requests are not `Clone`; a retry sends it again).
-fn copy(request: &http::Request<()>) -> http::Request<Empty<Bytes>> {
-    let mut copy = http::Request::new(Empty::new());
+/// The CONNECT request again (requests are not `Clone`; a retry sends it again).
+fn copy(request: &http::Request<()>) -> http::Request<()> {
+    let mut copy = http::Request::new(());
     *copy.method_mut() = request.method().clone();
     *copy.uri_mut() = request.uri().clone();
     *copy.version_mut() = request.version();
@@ -256,13 +259,20 @@ fn copy(request: &http::Request<()>) -> http::Request<Empty<Bytes>> {
     copy
 }
 
-/// TCP from inside the source pod (marked), mTLS as the source identity, HTTP/2 handshake.
+/// Whether a failed request is known not to have reached the peer's application: refused by the
+/// peer's GOAWAY (streams above its last stream id) or with REFUSED_STREAM.
+fn unprocessed(error: &h2::Error) -> bool {
+    error.is_go_away() || error.reason() == Some(h2::Reason::REFUSED_STREAM)
+}
+
+/// TCP from inside the source pod (marked), mTLS as the source identity, HTTP/2 handshake. The
+/// connection runs on its own task, which sets the returned flag when it ends.
 async fn dial(
     key: &PoolKey,
     netns: &PodNetns,
     certs: &Arc<CertManager>,
     handshake_timeout: Duration,
-) -> Result<http2::SendRequest<Empty<Bytes>>, TunnelError> {
+) -> Result<(SendRequest<Bytes>, Arc<AtomicBool>), TunnelError> {
     let addr = key.hbone_addr;
     let tcp = netns.connect(addr).await.map_err(|e| TunnelError::Dial(addr, e))?;
     let _ = socket2::SockRef::from(&tcp).set_keepalive(true);
@@ -272,14 +282,24 @@ async fn dial(
         .await
         .map_err(|_| TunnelError::HandshakeTimeout(addr))?
         .map_err(|e| TunnelError::Tls(addr, e))?;
-    let (sender, connection) = hbone_h2_settings!(http2::Builder::new(TokioExecutor::new()))
-        .keep_alive_while_idle(true)
-        .handshake(TokioIo::new(tls))
-        .await?;
+    let (sender, mut connection) = hbone_h2_settings!(h2::client::Builder::new()).handshake(tls).await?;
+    let closed = Arc::new(AtomicBool::new(false));
+    let ping_pong = connection.ping_pong();
+    let ended = closed.clone();
     tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!("HBONE connection to {addr} ended: {e}");
+        let pinged = async {
+            match ping_pong {
+                Some(ping_pong) => keep_alive(ping_pong).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            result = connection => if let Err(e) = result {
+                tracing::debug!("HBONE connection to {addr} ended: {e}");
+            },
+            () = pinged => tracing::debug!("HBONE connection to {addr}: pings unanswered, closing"),
         }
+        ended.store(true, Ordering::Release);
     });
-    Ok(sender)
+    Ok((sender, closed))
 }

@@ -4,25 +4,24 @@
 //! - [`proto`]: the request and the inbound checks, without I/O.
 //! - [`client`]: the outbound side, with its connection pool.
 //! - [`server`]: the 15008 listener of each local pod.
+//! - [`stream`]: a CONNECT stream as a byte stream, and the connections' keep-alive pings.
 
-/// The HTTP/2 settings both sides use (ztunnel's values), for hyper's client and server
-/// builders: distinct types with the same setters. Expands in the child modules.
+/// The HTTP/2 settings both sides use (ztunnel's values), for h2's client and server builders:
+/// distinct types with the same setters. Expands in the child modules.
 macro_rules! hbone_h2_settings {
     ($builder:expr) => {
         $builder
-            .timer(hyper_util::rt::TokioTimer::new())
-            .initial_stream_window_size(super::STREAM_WINDOW)
+            .initial_window_size(super::STREAM_WINDOW)
             .initial_connection_window_size(super::CONNECTION_WINDOW)
             .max_frame_size(super::MAX_FRAME_SIZE)
             .max_header_list_size(super::MAX_HEADER_LIST_SIZE)
-            .keep_alive_interval(super::PING_INTERVAL)
-            .keep_alive_timeout(super::PING_TIMEOUT)
     };
 }
 
 pub(super) mod client;
 pub mod proto;
 pub(super) mod server;
+mod stream;
 
 use std::time::Duration;
 

@@ -1,38 +1,26 @@
 //! Inbound HBONE on a pod's 15008: mTLS with the pod's certificate, HTTP/2, one CONNECT per app
 //! connection, delivered to the app inside the pod's netns.
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc};
 
-use http_body_util::Empty;
-use hyper::{
-    Request, Response, StatusCode,
-    body::{Bytes, Incoming},
-    header::HeaderValue,
-    server::conn::http2,
-    service::service_fn,
-    upgrade::Upgraded,
-};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::{net::TcpStream, sync::Notify};
+use bytes::Bytes;
+use h2::{RecvStream, server::SendResponse};
+use http::{Request, Response, StatusCode, header::HeaderValue};
+use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
-use super::{SERVER_MAX_CONCURRENT_STREAMS, proto};
+use super::{
+    SERVER_MAX_CONCURRENT_STREAMS, proto,
+    stream::{H2Stream, keep_alive},
+};
 use crate::{
     identity::{SpiffeId, tls},
     policy::Verdict,
-    proxy::{
-        LocalPod, Proxy, inbound,
-        relay::{Abort, Flow},
-    },
+    proxy::{LocalPod, Proxy, inbound, relay::Flow},
     telemetry::{Direction, FailureReason, Side},
 };
 
 const ROUTE: &str = "hbone";
-
-impl Abort for TokioIo<Upgraded> {
-    /// Dropping an unfinished stream resets it.
-    fn abort(&self) {}
-}
 
 pub(in crate::proxy) async fn handle(proxy: Proxy, pod: Arc<LocalPod>, tcp: TcpStream, peer: SocketAddr) {
     let telemetry = proxy.inner.telemetry.clone();
@@ -57,41 +45,49 @@ pub(in crate::proxy) async fn handle(proxy: Proxy, pod: Arc<LocalPod>, tcp: TcpS
     let peer_identity = tls::peer_identity(tls.get_ref().1.peer_certificates());
     let mut draining = proxy.inner.draining.clone();
     let first_request_within = proxy.inner.limits.handshake_timeout;
-    let requested = Arc::new(Notify::new());
-    let (requests, service_pod) = (requested.clone(), pod.clone());
-    let service = service_fn(move |request| {
-        requests.notify_one();
-        let proxy = proxy.clone();
-        let pod = service_pod.clone();
-        let peer_identity = peer_identity.clone();
-        async move { Ok::<_, Infallible>(connect(proxy, pod, peer, peer_identity, local, request).await) }
-    });
-    let connection = hbone_h2_settings!(http2::Builder::new(TokioExecutor::new()))
-        .max_concurrent_streams(SERVER_MAX_CONCURRENT_STREAMS)
-        .serve_connection(TokioIo::new(tls), service);
-    tokio::pin!(connection);
     // A peer that completes TLS and then says nothing (not even the HTTP/2 preface) would hold
     // the connection forever: it gets as long as a handshake for its first request.
-    let silent = async {
-        if tokio::time::timeout(first_request_within, requested.notified()).await.is_err() {
-            return;
-        }
-        std::future::pending::<()>().await
+    let handshake = hbone_h2_settings!(h2::server::Builder::new())
+        .max_concurrent_streams(SERVER_MAX_CONCURRENT_STREAMS)
+        .handshake::<_, Bytes>(tls);
+    let first = async {
+        let mut connection = handshake.await?;
+        let first = connection.accept().await;
+        Ok::<_, h2::Error>((connection, first))
     };
-    let result = tokio::select! {
-        result = connection.as_mut() => result,
-        () = silent => {
+    let (mut connection, mut next) = match tokio::time::timeout(first_request_within, first).await {
+        Ok(Ok(started)) => started,
+        Ok(Err(e)) => return tracing::debug!(%peer, "HBONE connection ended: {e}"),
+        Err(_) => {
             let problem = format!("no HBONE request within {first_request_within:?} of the TLS handshake");
             return flow().fail(&telemetry, FailureReason::Idle, &problem);
         }
-        _ = async { let _ = draining.wait_for(|d| *d).await; } => {
-            // GOAWAY: no new streams, open ones finish.
-            connection.as_mut().graceful_shutdown();
-            connection.await
-        }
     };
-    if let Err(e) = result {
-        tracing::debug!(%peer, "HBONE connection ended: {e}");
+    let pinged = match connection.ping_pong() {
+        Some(ping_pong) => keep_alive(ping_pong),
+        None => return,
+    };
+    tokio::pin!(pinged);
+    let mut draining_now = false;
+    loop {
+        match next {
+            Some(Ok((request, respond))) => {
+                let (proxy, pod, peer_identity) = (proxy.clone(), pod.clone(), peer_identity.clone());
+                tokio::spawn(connect(proxy, pod, peer, peer_identity, local, request, respond));
+            }
+            Some(Err(e)) => return tracing::debug!(%peer, "HBONE connection ended: {e}"),
+            None => return,
+        }
+        next = tokio::select! {
+            next = connection.accept() => next,
+            () = &mut pinged => return tracing::debug!(%peer, "HBONE connection: pings unanswered, closing"),
+            () = async { let _ = draining.wait_for(|d| *d).await; }, if !draining_now => {
+                // GOAWAY: no new streams, open ones finish.
+                draining_now = true;
+                connection.graceful_shutdown();
+                connection.accept().await
+            }
+        };
     }
 }
 
@@ -102,8 +98,9 @@ async fn connect(
     peer: SocketAddr,
     peer_identity: Option<SpiffeId>,
     local: SocketAddr,
-    request: Request<Incoming>,
-) -> Response<Empty<Bytes>> {
+    request: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+) {
     let telemetry = proxy.inner.telemetry.clone();
     let client = request.headers().get("forwarded").and_then(proto::forwarded_for).unwrap_or(peer);
     let target = proto::inbound_target(request.method(), request.uri(), local.ip());
@@ -121,7 +118,7 @@ async fn connect(
             };
             let error = format!("{} {}: {}", rejection.status(), request.uri(), rejection.reason());
             flow.fail(&telemetry, reason, &error);
-            return status(rejection.status());
+            return answer(&mut respond, rejection.status());
         }
     };
     // Policy sees the peer's authenticated identity and its connection's address, not the
@@ -129,31 +126,28 @@ async fn connect(
     let decision = proxy.authorize(&pod, &mut flow, peer.ip());
     if decision.verdict == Verdict::Deny {
         flow.deny(&telemetry, &decision);
-        return status(StatusCode::UNAUTHORIZED);
+        return answer(&mut respond, StatusCode::UNAUTHORIZED);
     }
     let app = match inbound::deliver(&pod, target).await {
         Ok(app) => app,
         Err(e) => {
             flow.fail(&telemetry, FailureReason::Unavailable, &format!("503: app at {target}: {e}"));
-            return status(StatusCode::SERVICE_UNAVAILABLE);
+            return answer(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
         }
     };
-    let relay_proxy = proxy.clone();
-    tokio::spawn(async move {
-        match hyper::upgrade::on(request).await {
-            Ok(upgraded) => flow.relay(TokioIo::new(upgraded), app, &relay_proxy).await,
-            Err(e) => flow.reset(&app, &telemetry, FailureReason::Relay, &e),
-        }
-    });
-    let mut response = status(StatusCode::OK);
+    let mut response = Response::new(());
     if let Ok(baggage) = HeaderValue::from_str(&proto::destination_baggage(&pod.workload)) {
         response.headers_mut().insert("baggage", baggage);
     }
-    response
+    match respond.send_response(response, false) {
+        Ok(send) => flow.relay(H2Stream::new(send, request.into_body()), app, &proxy).await,
+        Err(e) => flow.reset(&app, &telemetry, FailureReason::Relay, &e),
+    }
 }
 
-fn status(code: StatusCode) -> Response<Empty<Bytes>> {
-    let mut response = Response::new(Empty::new());
+/// A refusal: the status, and the stream ends.
+fn answer(respond: &mut SendResponse<Bytes>, code: StatusCode) {
+    let mut response = Response::new(());
     *response.status_mut() = code;
-    response
+    let _ = respond.send_response(response, true);
 }
