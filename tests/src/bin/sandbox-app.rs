@@ -82,7 +82,11 @@ fn serve(port: u16) {
     println!("listening");
     for stream in listener.incoming() {
         let Ok(mut stream) = stream else { continue };
-        println!("accepted {}", stream.peer_addr().expect("peer"));
+        // A connection reset before this point has no peer any more; the server carries on.
+        match stream.peer_addr() {
+            Ok(peer) => println!("accepted {peer}"),
+            Err(_) => continue,
+        }
         std::thread::spawn(move || {
             let mut buf = vec![0u8; 64 * 1024];
             loop {
@@ -110,8 +114,11 @@ fn connect(addr: SocketAddr, bytes: usize, mark: Option<u32>) {
         return;
     }
     let mut stream: TcpStream = socket.into();
-    let peer = stream.peer_addr().expect("getpeername");
-    println!("peer {peer}");
+    // Reset right after the handshake (e.g. denied by policy): no peer any more.
+    match stream.peer_addr() {
+        Ok(peer) => println!("peer {peer}"),
+        Err(e) => return report_error(&e),
+    }
     stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
     let payload: Vec<u8> = (0..bytes).map(|i| (i % 251) as u8).collect();
     // Write and read concurrently so large payloads cannot deadlock on full buffers.
@@ -134,7 +141,10 @@ fn connect(addr: SocketAddr, bytes: usize, mark: Option<u32>) {
 fn report_error(e: &std::io::Error) {
     match e.kind() {
         ErrorKind::ConnectionRefused => println!("refused"),
-        ErrorKind::ConnectionReset | ErrorKind::BrokenPipe | ErrorKind::ConnectionAborted => {
+        ErrorKind::ConnectionReset
+        | ErrorKind::BrokenPipe
+        | ErrorKind::ConnectionAborted
+        | ErrorKind::NotConnected => {
             println!("reset")
         }
         ErrorKind::TimedOut | ErrorKind::WouldBlock => println!("timeout"),
