@@ -609,21 +609,26 @@ fn markdown_tables(report: &Report) -> String {
 const PROFILE: &str = "## Where the time goes\n\n\
 `perf record -g` on both agents during a cross-node mTLS bulk transfer (2 cores shared by sender, \
 two agents and sink): the kernel's TCP stack (softirqs, copies to and from user space) takes about \
-half of each agent's time, AES-GCM 12-14%, user-space copies 8-10% (hyper's HTTP/2 upgrade pipe and \
-rustls buffers), context switches 8-9%. New connections are bound by wakeups and context switches \
-(22% in `finish_task_switch`).\n\n\
+half of each agent's time, AES-GCM 12-14%, user-space copies 8-10% (HTTP/2 framing and rustls \
+buffers), context switches 8-9%. New connections are bound by wake-ups: during a cross-node mTLS \
+connect/echo/close loop a third of both agents' samples are in the scheduler (`finish_task_switch` \
+19%, `_raw_spin_unlock_irqrestore` 14%, reached from `epoll_wait` and idle workers parking), while \
+TLS, HTTP/2 and policy code are under 1% each: per new connection the work is small, the hand-offs \
+between tasks, threads and the two agents are what cost.\n\n\
 Done so far, and what it bought: 64 KiB relay buffers instead of tokio's 8 KiB (about 2x bulk on \
 every proxied path); same-node traffic handed from the outbound to the inbound side inside the agent \
 (one proxy hop instead of two, no TLS); pooled HBONE connections (new app connections cost one \
-HTTP/2 stream, not a TCP and TLS handshake: cross-node new connections at 0.3-0.4x direct); `splice(2)` \
-through a pipe for relays between two kernel sockets (same-node, passthrough, 15006), so those bytes \
-never enter user space (same-node bulk 0.45x -> 0.54x direct in full runs, up to 0.71x in quick ones); jemalloc instead of \
-glibc's malloc (RSS does not ratchet up under churn, see testing.md). Worker \
-threads 1 vs 2 (`FERRY_WORKER_THREADS`) made no difference beyond noise on this machine.\n\n\
-Next, in order of expected gain: drive HTTP/2 streams with h2 directly instead of hyper's upgrade \
-pipe (one copy and one task hop less per chunk, the main cost left on the mTLS path besides AES-GCM \
-and the kernel); kTLS for the record layer; sockmap/sk_msg redirection between local sockets for \
-same-node traffic; larger TLS writes per syscall.\n";
+HTTP/2 stream, not a TCP and TLS handshake); `splice(2)` through a pipe for relays between two \
+kernel sockets (same-node, passthrough, 15006), so those bytes never enter user space (same-node \
+bulk 0.45x -> 0.54x direct in full runs, up to 0.71x in quick ones); jemalloc instead of glibc's \
+malloc (RSS does not ratchet up under churn, see testing.md); HBONE streams driven by h2 directly \
+instead of hyper's CONNECT upgrade, which handed every write to another task through a channel \
+(quick runs before/after: cross-node mTLS bulk 5.98 -> 6.90 Gbit/s, saturated 1 B round trip p50 \
+148 -> 130 us, new connections 1675 -> 1847/s). Worker threads 1 vs 2 (`FERRY_WORKER_THREADS`) \
+stay within noise on this machine (a little less CPU per new connection with one).\n\n\
+Next, in order of expected gain: fewer hand-offs per new connection (accept, policy and dial on \
+one task; no spawn per HBONE stream on the server side); kTLS for the record layer; sockmap/sk_msg \
+redirection between local sockets for same-node traffic; larger TLS writes per syscall.\n";
 
 fn write_performance_doc(path: &Path, results: &str) -> Result<()> {
     let doc = format!(
