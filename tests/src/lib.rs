@@ -180,6 +180,11 @@ impl Sandbox {
     fn add_pod(&self, node_index: usize, node_name: &str, pod_index: usize, spec: PodSpec) -> Result<Pod> {
         let node = &self.nodes[node_index];
         let netns = Netns::create(&format!("{}-{}", self.id, spec.name))?;
+        // Connections opened back to back (the new-connections benchmark) would otherwise run the
+        // pod out of ephemeral ports within seconds, every closed one waiting in TIME_WAIT. Above
+        // the agent's and the apps' listening ports.
+        netns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
+        netns.sysctl("net.ipv4.ip_local_port_range", "20000 65535")?;
         let cgroup = Cgroup::create(
             &Path::new(CGROUP2_ROOT).join(&self.id).join(spec.cgroup.as_deref().unwrap_or(&spec.name)),
         )?;

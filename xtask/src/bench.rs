@@ -626,6 +626,11 @@ instead of hyper's CONNECT upgrade, which handed every write to another task thr
 (quick runs before/after: cross-node mTLS bulk 5.98 -> 6.90 Gbit/s, saturated 1 B round trip p50 \
 148 -> 130 us, new connections 1675 -> 1847/s). Worker threads 1 vs 2 (`FERRY_WORKER_THREADS`) \
 stay within noise on this machine (a little less CPU per new connection with one).\n\n\
+Measurement note: runs before 2026-11-23T16:25Z capped direct new connections at about 5000/s: the \
+client pod ran out of ephemeral ports, each closed connection waiting in TIME_WAIT. Sandbox pods \
+now reuse TIME_WAIT ports (`tcp_tw_reuse=1`, ports 20000-65535); direct reaches about 9700/s and \
+Ferry's new-connection ratios are lower than those runs reported (cross-node mTLS 0.36x -> 0.18x \
+with the same Ferry rate).\n\n\
 Next, in order of expected gain: fewer hand-offs per new connection (accept, policy and dial on \
 one task; no spawn per HBONE stream on the server side); kTLS for the record layer; sockmap/sk_msg \
 redirection between local sockets for same-node traffic; larger TLS writes per syscall.\n";
