@@ -82,13 +82,9 @@ pub async fn spawn(client: Client, node: String, cgroup_root: PathBuf) -> mpsc::
             false
         }
     };
-    let watch_namespaces =
-        reflector(namespace_writer, watcher(Api::all(client.clone()), watcher::Config::default()));
-    let watch_pods = reflector(pod_writer, watcher(Api::all(client.clone()), watcher::Config::default()));
-    let watch_services = reflector(service_writer, watcher(Api::all(client), watcher::Config::default()));
-    tokio::spawn(drive(watch_namespaces.default_backoff(), changed.clone(), "namespaces"));
-    tokio::spawn(drive(watch_pods.default_backoff(), changed.clone(), "pods"));
-    tokio::spawn(drive(watch_services.default_backoff(), changed.clone(), "services"));
+    watch(Api::all(client.clone()), namespace_writer, changed.clone(), "namespaces");
+    watch(Api::all(client.clone()), pod_writer, changed.clone(), "pods");
+    watch(Api::all(client), service_writer, changed.clone(), "services");
     let (tx, rx) = mpsc::channel(4);
     tokio::spawn(async move {
         let ready = (namespaces.wait_until_ready().await, pods.wait_until_ready().await);

@@ -54,8 +54,7 @@ impl std::fmt::Debug for FileCa {
 impl WorkloadCert {
     /// PEM texts of the chain and of the key, for peers outside the agent (`ferry ca issue`).
     pub fn to_pem(&self) -> (String, String) {
-        let chain =
-            self.chain.iter().map(|c| pem::encode(&pem::Pem::new("CERTIFICATE", c.to_vec()))).collect();
+        let chain = certs_to_pem(&self.chain);
         let key = pem::encode(&pem::Pem::new("PRIVATE KEY", self.key.secret_der().to_vec()));
         (chain, key)
     }
@@ -205,6 +204,11 @@ pub fn new_root() -> Result<(String, String), String> {
     params.not_after = (now + ROOT_TTL).into();
     let cert = params.self_signed(&key).map_err(|e| e.to_string())?;
     Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// Certificates as one PEM text.
+pub fn certs_to_pem(certs: &[CertificateDer<'_>]) -> String {
+    certs.iter().map(|c| pem::encode(&pem::Pem::new("CERTIFICATE", c.to_vec()))).collect()
 }
 
 /// The certificates of a PEM bundle (empty text: none).

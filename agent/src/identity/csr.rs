@@ -126,9 +126,8 @@ impl CsrClient {
         let leaf = chain
             .first()
             .ok_or_else(|| fail(format!("CertificateSigningRequest {name}: empty certificate")))?;
-        check_leaf(leaf, id, &key)
+        let (not_before, not_after, serial) = check_leaf(leaf, id, &key)
             .map_err(|problem| fail(format!("CertificateSigningRequest {name}: {problem}")))?;
-        let (not_before, not_after, serial) = validity(leaf).map_err(fail)?;
         tracing::debug!(csr = %name, identity = %id, "certificate signing request answered");
         Ok(WorkloadCert {
             identity: id.clone(),
@@ -141,8 +140,13 @@ impl CsrClient {
     }
 }
 
-/// The signer must have certified our key for exactly the identity asked for.
-fn check_leaf(leaf: &CertificateDer<'_>, id: &SpiffeId, key: &KeyPair) -> Result<(), String> {
+/// The signer must have certified our key for exactly the identity asked for; the leaf's
+/// not-before, not-after and hex serial.
+fn check_leaf(
+    leaf: &CertificateDer<'_>,
+    id: &SpiffeId,
+    key: &KeyPair,
+) -> Result<(SystemTime, SystemTime, String), String> {
     let certified = SpiffeId::from_cert(leaf).map_err(|e| e.to_string())?;
     if &certified != id {
         return Err(format!("signed for {certified}, asked for {id}"));
@@ -151,12 +155,6 @@ fn check_leaf(leaf: &CertificateDer<'_>, id: &SpiffeId, key: &KeyPair) -> Result
     if parsed.public_key().raw != key.subject_public_key_info().as_slice() {
         return Err("the certificate is for another key".into());
     }
-    Ok(())
-}
-
-/// Not-before, not-after and the hex serial of a certificate.
-fn validity(cert: &CertificateDer<'_>) -> Result<(SystemTime, SystemTime, String), String> {
-    let (_, parsed) = x509_parser::parse_x509_certificate(cert).map_err(|e| e.to_string())?;
     let at = |t: x509_parser::time::ASN1Time| {
         SystemTime::UNIX_EPOCH + Duration::from_secs(t.timestamp().max(0) as u64)
     };

@@ -13,8 +13,8 @@ use rustls::pki_types::CertificateDer;
 use x509_parser::{extensions::GeneralName, prelude::FromDer};
 
 pub use ca::{
-    FileCa, ROOT_CERT_FILE, ROOT_KEY_FILE, SignedLeaf, TRUST_BUNDLE_FILE, WorkloadCert, load_roots, new_root,
-    write_private,
+    FileCa, ROOT_CERT_FILE, ROOT_KEY_FILE, SignedLeaf, TRUST_BUNDLE_FILE, WorkloadCert, certs_to_pem,
+    load_roots, new_root, write_private,
 };
 pub use manager::{CertManager, Signer};
 

@@ -25,7 +25,8 @@ use serde_json::json;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::identity::{
-    FileCa, ROOT_CERT_FILE, ROOT_KEY_FILE, SpiffeId, TRUST_BUNDLE_FILE, csr::SIGNER_NAME, new_root,
+    FileCa, ROOT_CERT_FILE, ROOT_KEY_FILE, SpiffeId, TRUST_BUNDLE_FILE, certs_to_pem, csr::SIGNER_NAME,
+    new_root,
 };
 use review::{Authority, Denial, Request};
 
@@ -103,7 +104,7 @@ impl Signer {
                         .await?;
                 }
                 let leaf = self.ca.sign(id, &request.public_key, self.cert_ttl)?;
-                let pem = pem::encode(&pem::Pem::new("CERTIFICATE", leaf.cert.to_vec()));
+                let pem = certs_to_pem(std::slice::from_ref(&leaf.cert));
                 let patch = json!({"status": {"certificate": ByteString(pem.into_bytes())}});
                 self.csrs
                     .patch_subresource("status", name, &PatchParams::default(), &Patch::Merge(patch))
@@ -214,14 +215,11 @@ async fn load_or_create_ca(client: &Client, options: &Options) -> anyhow::Result
 /// The root certificate (and further roots to trust) for the agents: a ConfigMap they mount as
 /// their `caDir`. No key is in it.
 async fn publish_root(client: &Client, options: &Options, ca: &FileCa) -> anyhow::Result<()> {
-    let pem_of = |certs: &[rustls::pki_types::CertificateDer<'_>]| -> String {
-        certs.iter().map(|c| pem::encode(&pem::Pem::new("CERTIFICATE", c.to_vec()))).collect()
-    };
     let bundle = ca.trust_bundle();
     let mut data = serde_json::Map::new();
-    data.insert(ROOT_CERT_FILE.into(), pem_of(&bundle[..1]).into());
+    data.insert(ROOT_CERT_FILE.into(), certs_to_pem(&bundle[..1]).into());
     if bundle.len() > 1 {
-        data.insert(TRUST_BUNDLE_FILE.into(), pem_of(&bundle[1..]).into());
+        data.insert(TRUST_BUNDLE_FILE.into(), certs_to_pem(&bundle[1..]).into());
     }
     let (namespace, name) = (&options.namespace, &options.root_config_map);
     let config_map = json!({
