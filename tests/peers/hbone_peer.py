@@ -139,8 +139,10 @@ def client(args):
     sock.close()
 
 
-def serve_connection(sock):
+def serve_connection(sock, answer_after_data):
     client_identity = uri_san(sock.getpeercert())
+    # CONNECT streams not answered yet: with --answer-after-data, until their first bytes arrive.
+    unanswered = set()
     conn = h2.connection.H2Connection(config=h2.config.H2Configuration(client_side=False))
     conn.initiate_connection()
     pump(sock, conn)
@@ -161,12 +163,22 @@ def serve_connection(sock):
                 emit({"client_identity": client_identity, "pseudo": pseudo, "headers": headers,
                       "header_order": [k.decode() if isinstance(k, bytes) else k for k, _ in event.headers]})
                 status = "200" if pseudo.get(":method") == "CONNECT" else "400"
-                conn.send_headers(event.stream_id, [(":status", status)], end_stream=status != "200")
+                if status == "200" and answer_after_data:
+                    unanswered.add(event.stream_id)
+                else:
+                    conn.send_headers(event.stream_id, [(":status", status)], end_stream=status != "200")
             elif isinstance(event, h2.events.DataReceived):
                 conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                if event.stream_id in unanswered:
+                    unanswered.discard(event.stream_id)
+                    emit({"answered_after_bytes": len(event.data)})
+                    conn.send_headers(event.stream_id, [(":status", "200")])
                 if event.data:
                     conn.send_data(event.stream_id, event.data)
             elif isinstance(event, h2.events.StreamEnded):
+                if event.stream_id in unanswered:
+                    unanswered.discard(event.stream_id)
+                    conn.send_headers(event.stream_id, [(":status", "200")])
                 conn.end_stream(event.stream_id)
         pump(sock, conn)
 
@@ -186,7 +198,7 @@ def server(args):
         except (ssl.SSLError, OSError) as e:
             emit({"tls_error": str(e)})
             continue
-        threading.Thread(target=serve_connection, args=(sock,), daemon=True).start()
+        threading.Thread(target=serve_connection, args=(sock, args.answer_after_data), daemon=True).start()
 
 
 def main():
@@ -200,6 +212,8 @@ def main():
     parser.add_argument("--request", dest="requests", action="append", default=[])
     parser.add_argument("--alpn", default="h2", help="comma-separated ALPN to offer, or none")
     parser.add_argument("--idle", type=float, help="client: stay silent after TLS for this long")
+    parser.add_argument("--answer-after-data", action="store_true",
+                        help="server: answer a CONNECT only once its first bytes have arrived")
     args = parser.parse_args()
     (client if args.mode == "client" else server)(args)
 

@@ -177,15 +177,18 @@ pub fn hbone_client_with(
         .collect()
 }
 
-/// Starts the Python HBONE server in `netns` on `listen` with `cert`; waits until it listens.
+/// Starts the Python HBONE server in `netns` on `listen` with `cert` and `extra` flags (e.g.
+/// `--answer-after-data`); waits until it listens.
 pub fn hbone_server(
     netns: &Netns,
     listen: SocketAddr,
     cert: &CertFiles,
     ca_dir: &Path,
+    extra: &[&str],
 ) -> Result<PeerServer> {
     let addr = listen.to_string();
-    let mut child = netns.spawn(python(&["server", "--listen", &addr], Some(cert), ca_dir), None)?;
+    let args: Vec<&str> = ["server", "--listen", &addr].into_iter().chain(extra.iter().copied()).collect();
+    let mut child = netns.spawn(python(&args, Some(cert), ca_dir), None)?;
     let stdout = child.stdout.take().context("peer stdout")?;
     let mut lines = BufReader::new(stdout).lines();
     match lines.next() {

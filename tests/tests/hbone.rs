@@ -128,7 +128,7 @@ fn python_h2_client_against_ferry_server() {
 fn ferry_client_against_python_h2_server() {
     let mut sb = sandbox("pyserver");
     let cert = sb.issue_cert(&sb.ca_dir_created().unwrap(), &spiffe("sa-c"), "c").unwrap();
-    let peer = hbone_server(&sb.pod("c").netns, addr(&sb, "c", 15008), &cert, &sb.ca_dir()).unwrap();
+    let peer = hbone_server(&sb.pod("c").netns, addr(&sb, "c", 15008), &cert, &sb.ca_dir(), &[]).unwrap();
     sb.start_agent("node1", None).unwrap();
 
     let outcome = sb.pod("a").connect(addr(&sb, "c", PORT), 100_000).unwrap();
@@ -155,10 +155,28 @@ fn ferry_client_against_python_h2_server() {
 }
 
 #[test]
+fn the_apps_first_bytes_go_out_before_the_connect_is_answered() {
+    // A server that answers only once data has arrived: a client that waited for the answer
+    // before sending would never get one.
+    let mut sb = sandbox("early");
+    let cert = sb.issue_cert(&sb.ca_dir_created().unwrap(), &spiffe("sa-c"), "c").unwrap();
+    let server = addr(&sb, "c", 15008);
+    let peer =
+        hbone_server(&sb.pod("c").netns, server, &cert, &sb.ca_dir(), &["--answer-after-data"]).unwrap();
+    sb.start_agent("node1", None).unwrap();
+
+    let outcome = sb.pod("a").connect(addr(&sb, "c", PORT), 1000).unwrap();
+    assert_eq!(outcome, ConnectOutcome::Echoed { peer: addr(&sb, "c", PORT), bytes: 1000 });
+    let events = peer.wait_events(2, Duration::from_secs(2));
+    let answered = events.iter().find_map(|e| e["answered_after_bytes"].as_u64());
+    assert!(answered.is_some_and(|n| n > 0), "{events:?}");
+}
+
+#[test]
 fn ferry_client_resets_when_the_server_has_the_wrong_identity() {
     let mut sb = sandbox("wrongid");
     let cert = sb.issue_cert(&sb.ca_dir_created().unwrap(), &spiffe("impostor"), "impostor").unwrap();
-    let _peer = hbone_server(&sb.pod("c").netns, addr(&sb, "c", 15008), &cert, &sb.ca_dir()).unwrap();
+    let _peer = hbone_server(&sb.pod("c").netns, addr(&sb, "c", 15008), &cert, &sb.ca_dir(), &[]).unwrap();
     sb.start_agent("node1", None).unwrap();
     let outcome = sb.pod("a").connect(addr(&sb, "c", PORT), 10).unwrap();
     assert!(matches!(outcome, ConnectOutcome::Reset { .. }), "{outcome:?}");

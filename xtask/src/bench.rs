@@ -115,14 +115,13 @@ struct Target {
     met: Option<bool>,
 }
 
-pub(crate) fn run(quick: bool) -> Result<()> {
-    crate::use_release_binaries()?;
+pub(crate) fn run(quick: bool, only: Option<&str>) -> Result<()> {
     let params = Params::new(quick);
     let started = SystemTime::now();
     eprintln!("bench: {} run, {params:?}", if quick { "quick" } else { "full" });
-    let samples = measure_paths(&params)?;
+    let samples = measure_paths(&params, only)?;
     let summary = summarize(&samples);
-    let scale = measure_scale(&params)?;
+    let scale = if only.is_some() { Vec::new() } else { measure_scale(&params)? };
     let targets = targets(&summary, &scale);
     let report = Report {
         started: humantime::format_rfc3339_seconds(started).to_string(),
@@ -142,7 +141,7 @@ pub(crate) fn run(quick: bool) -> Result<()> {
     chart(&report, &out.join(format!("bench-{stamp}.png")))?;
     println!("{summary}");
     println!("results: {}", out.join(format!("bench-{stamp}.{{json,md,png}}")).display());
-    if !quick {
+    if !quick && only.is_none() {
         let docs = crate::workspace_root().join("docs");
         chart(&report, &docs.join("performance.png"))?;
         write_performance_doc(&docs.join("performance.md"), &markdown(&report, "performance.png"))?;
@@ -197,7 +196,7 @@ fn paths_sandbox() -> Result<Sandbox> {
     Ok(sb)
 }
 
-fn measure_paths(params: &Params) -> Result<Vec<Sample>> {
+fn measure_paths(params: &Params, only: Option<&str>) -> Result<Vec<Sample>> {
     let sb = paths_sandbox()?;
     let mut servers = Vec::new();
     for pod in ["b", "c", "e", "f", "g"] {
@@ -273,6 +272,9 @@ fn measure_paths(params: &Params) -> Result<Vec<Sample>> {
         for (metrics, unit, args, word) in &workloads {
             // Interleaved: every path runs each workload before the next workload starts.
             for path in &PATHS {
+                if only.is_some_and(|only| !format!("{} {}", path.name, metrics[0]).contains(only)) {
+                    continue;
+                }
                 let server = sb.pod(path.server).ip;
                 let args: Vec<String> = args
                     .iter()

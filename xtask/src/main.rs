@@ -38,6 +38,13 @@ enum Task {
         /// A one-minute smoke run.
         #[arg(long)]
         quick: bool,
+        /// Only the cases whose "<path> <workload>" contains this (e.g. "new connections",
+        /// "mTLS rr 1B"); no scale cases, docs untouched. For profiling one case.
+        #[arg(long)]
+        only: Option<String>,
+        /// Another build of the `ferry` binary to run as the agent (A/B against a change).
+        #[arg(long)]
+        agent: Option<std::path::PathBuf>,
     },
     /// Regenerate deploy/ferry.yaml and deploy/ferry-hitless.yaml from deploy/base.yaml and `ferry crd`.
     Manifests,
@@ -56,7 +63,14 @@ fn main() -> Result<()> {
         Task::Setup => setup::run(),
         Task::Test { args } => test(&args),
         Task::Demo { action, keep } => demo::run(action, keep),
-        Task::Bench { quick } => bench::run(quick),
+        Task::Bench { quick, only, agent } => {
+            use_release_binaries()?;
+            if let Some(agent) = agent {
+                // SAFETY: still before any other thread exists.
+                unsafe { std::env::set_var("FERRY_BIN", std::fs::canonicalize(agent)?) };
+            }
+            bench::run(quick, only.as_deref())
+        }
         Task::Manifests => {
             cargo(&["build", "--bin", "ferry"])?;
             for (name, text) in ferry_sandbox::kube::manifests()? {

@@ -4,22 +4,16 @@
 
 use std::{
     collections::HashMap,
-    io,
     net::{IpAddr, SocketAddr},
-    pin::Pin,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
-    task::{Context, Poll},
     time::Instant,
 };
 
 use serde::Serialize;
-use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
-    sync::watch,
-};
+use tokio::sync::watch;
 
 use super::relay::Flow;
 use crate::{
@@ -79,47 +73,6 @@ struct Tracked {
 pub(super) struct ByteCounts {
     pub(super) src_to_dst: AtomicU64,
     pub(super) dst_to_src: AtomicU64,
-}
-
-/// Counts what is read from a stream into one of a connection's [`ByteCounts`].
-pub(super) struct Counted<'a, S> {
-    inner: S,
-    count: &'a AtomicU64,
-}
-
-impl<'a, S> Counted<'a, S> {
-    pub(super) fn new(inner: S, count: &'a AtomicU64) -> Self {
-        Counted { inner, count }
-    }
-
-    pub(super) fn get_ref(&self) -> &S {
-        &self.inner
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Counted<'_, S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
-        self.count.fetch_add((buf.filled().len() - before) as u64, Ordering::Relaxed);
-        result
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<'_, S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, data)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
 }
 
 #[derive(Default)]

@@ -7,7 +7,7 @@ use tokio::net::TcpStream;
 
 use super::{
     LocalPod, Proxy, Route, inbound,
-    relay::{Abort, Flow},
+    relay::{Abort, Flow, TunnelEnd},
     tunnel,
 };
 use crate::{
@@ -55,8 +55,12 @@ pub(super) async fn handle(proxy: Proxy, pod: Arc<LocalPod>, client: TcpStream, 
                 .destination(Some(destination.clone()), Some(destination.identity(trust_domain)))
                 .hbone(SocketAddr::new(dst.ip(), HBONE_PORT));
             let host = service.as_ref().map(|s| s.hostname());
-            return match tunnel::connect(&proxy, &pod, app, dst, &destination, host.as_deref()).await {
-                Ok(stream) => flow.relay(client, stream, &proxy).await,
+            return match tunnel::connect(&proxy, &pod, app, dst, &destination, host.as_deref(), &client).await
+            {
+                Ok(stream) => {
+                    let _slot = stream.slot;
+                    flow.relay_hbone(client, stream.io, TunnelEnd::Destination, &proxy).await
+                }
                 Err(e) => {
                     refused();
                     flow.reset(&client, telemetry, e.reason(), &e)

@@ -7,14 +7,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::{
-    io::{AsyncRead, AsyncWrite, copy_bidirectional_with_sizes},
-    net::TcpStream,
-};
+use tokio::net::TcpStream;
 
 use super::{
     Proxy,
-    connections::{Admission, ByteCounts, Counted, Registration},
+    connections::{Admission, ByteCounts, Registration},
+    hbone::{self, H2Stream},
     splice,
 };
 use crate::{
@@ -24,8 +22,6 @@ use crate::{
     telemetry::{ConnectionLabels, Direction, FailureReason, FlowEvent, FlowKind, Telemetry, now_ms},
 };
 
-/// Copy buffer per direction. tokio's 8 KiB default halves bulk throughput.
-const BUFFER_SIZE: usize = 64 * 1024;
 const UNKNOWN: &str = "unknown";
 
 /// Resolves once no byte has moved either way for `timeout`.
@@ -43,6 +39,14 @@ async fn idle(bytes: &ByteCounts, timeout: Duration) {
             return;
         }
     }
+}
+
+/// Which end of a flow the HBONE stream of an HBONE relay is.
+pub(super) enum TunnelEnd {
+    /// Outbound: the app is the source, the tunnel leads to the destination.
+    Destination,
+    /// Inbound: the tunnel brings the source, the app is the destination.
+    Source,
 }
 
 /// A stream that can be cut so the other end sees a failure, not a clean end.
@@ -193,22 +197,31 @@ impl Flow {
         self.fail(telemetry, FailureReason::Denied, decision);
     }
 
-    /// Relays until both directions are closed, a policy change revokes it, it idles past the
-    /// idle timeout, or a side fails; failures reach both ends as resets.
-    /// Relays between two streams (one of them an HBONE stream) through user-space buffers.
-    pub(super) async fn relay<A, B>(self, downstream: A, upstream: B, proxy: &Proxy)
-    where
-        A: AsyncRead + AsyncWrite + Unpin + Abort,
-        B: AsyncRead + AsyncWrite + Unpin + Abort,
-    {
+    /// Relays between an app's socket and an HBONE stream (`tunnel` says which end of the flow
+    /// the stream is) until both directions are closed, a policy change revokes it, it idles past
+    /// the idle timeout, or a side fails; failures reach both ends as resets.
+    pub(super) async fn relay_hbone(
+        self,
+        app: TcpStream,
+        stream: H2Stream,
+        tunnel: TunnelEnd,
+        proxy: &Proxy,
+    ) {
         let registration = self.opened(proxy);
-        let mut downstream = Counted::new(downstream, &registration.bytes.src_to_dst);
-        let mut upstream = Counted::new(upstream, &registration.bytes.dst_to_src);
-        let copy = copy_bidirectional_with_sizes(&mut downstream, &mut upstream, BUFFER_SIZE, BUFFER_SIZE);
-        let outcome = watch(proxy, &registration, copy).await;
+        let bytes = &registration.bytes;
+        let outcome = match tunnel {
+            TunnelEnd::Destination => {
+                let relay = hbone::relay(&app, stream, &bytes.src_to_dst, &bytes.dst_to_src);
+                watch(proxy, &registration, relay).await
+            }
+            TunnelEnd::Source => {
+                let relay = hbone::relay(&app, stream, &bytes.dst_to_src, &bytes.src_to_dst);
+                watch(proxy, &registration, relay).await.map(|(sent, received)| (received, sent))
+            }
+        };
         if outcome.is_err() {
-            downstream.get_ref().abort();
-            upstream.get_ref().abort();
+            // The stream was dropped unfinished, which resets it.
+            app.abort();
         }
         self.closed(proxy, outcome);
     }

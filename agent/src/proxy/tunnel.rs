@@ -4,6 +4,8 @@
 
 use std::net::SocketAddr;
 
+use tokio::net::TcpStream;
+
 use ferry_common::HBONE_PORT;
 
 use super::{
@@ -15,6 +17,7 @@ use super::{
 };
 use crate::state::Workload;
 
+/// Opens the stream for the app's connection `downstream` (from `client`) to `target`.
 pub(super) async fn connect(
     proxy: &Proxy,
     source: &LocalPod,
@@ -22,6 +25,7 @@ pub(super) async fn connect(
     target: SocketAddr,
     destination: &Workload,
     service_host: Option<&str>,
+    downstream: &TcpStream,
 ) -> Result<HboneStream, TunnelError> {
     let key = PoolKey {
         source: source.identity.clone(),
@@ -38,5 +42,5 @@ pub(super) async fn connect(
         rand::random(),
     );
     let inner = &proxy.inner;
-    inner.pool.connect(&key, &source.netns, &inner.certs, &inner.telemetry.proxy, request).await
+    inner.pool.connect(&key, &source.netns, &inner.certs, &inner.telemetry.proxy, request, downstream).await
 }

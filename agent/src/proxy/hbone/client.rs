@@ -9,26 +9,23 @@ use std::{
     collections::HashMap,
     io,
     net::{IpAddr, SocketAddr},
-    pin::Pin,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicUsize, Ordering},
     },
-    task::{Context, Poll},
     time::{Duration, Instant},
 };
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use h2::client::SendRequest;
 use http::StatusCode;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use super::stream::{H2Stream, keep_alive};
+use super::stream::{H2Stream, keep_alive, read_buf};
 use crate::{
     identity::{CertManager, IdentityError, SpiffeId, tls},
     inpod::PodNetns,
-    proxy::relay::Abort,
     telemetry::{FailureReason, ProxyMetrics, Side},
 };
 
@@ -58,6 +55,8 @@ pub(crate) enum TunnelError {
     Http(#[from] h2::Error),
     #[error("CONNECT refused with {0}")]
     Status(StatusCode),
+    #[error("reading the app's connection: {0}")]
+    Client(io::Error),
 }
 
 impl TunnelError {
@@ -70,6 +69,7 @@ impl TunnelError {
             TunnelError::Identity(_) => FailureReason::Identity,
             TunnelError::Dial(..) | TunnelError::Http(_) => FailureReason::Connect,
             TunnelError::Status(_) => FailureReason::Rejected,
+            TunnelError::Client(_) => FailureReason::Relay,
         }
     }
 }
@@ -86,7 +86,7 @@ struct PooledConnection {
 }
 
 /// Holds one stream's place on its connection until dropped.
-struct StreamSlot(Arc<PooledConnection>);
+pub(crate) struct StreamSlot(Arc<PooledConnection>);
 
 impl Drop for StreamSlot {
     fn drop(&mut self) {
@@ -96,37 +96,11 @@ impl Drop for StreamSlot {
     }
 }
 
-/// An established CONNECT stream: the app's bytes go in and out here.
+/// An established CONNECT stream: the app's bytes go in and out of `io`; `slot` holds the
+/// stream's place on its pooled connection and must live as long.
 pub(crate) struct HboneStream {
-    io: H2Stream,
-    _slot: StreamSlot,
-}
-
-impl AsyncRead for HboneStream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for HboneStream {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-}
-
-impl Abort for HboneStream {
-    /// Dropping a stream that has not ended resets it (RST_STREAM), which the peer sees as failure.
-    fn abort(&self) {}
+    pub(crate) io: H2Stream,
+    pub(crate) slot: StreamSlot,
 }
 
 pub(crate) struct Pool {
@@ -141,7 +115,8 @@ impl Pool {
     }
 
     /// Opens a CONNECT stream for `request` to the key's destination, dialing if no pooled
-    /// connection has room.
+    /// connection has room. What `client` sends meanwhile goes out behind the request (see
+    /// [`EarlyData`]).
     pub(crate) async fn connect(
         &self,
         key: &PoolKey,
@@ -149,23 +124,26 @@ impl Pool {
         certs: &Arc<CertManager>,
         metrics: &ProxyMetrics,
         request: http::Request<()>,
+        client: &TcpStream,
     ) -> Result<HboneStream, TunnelError> {
+        let mut early = EarlyData::default();
         let mut slot = self.checkout(key, netns, certs, metrics).await?;
-        let mut sent = send(&slot, &request).await;
-        if let Err(e) = &sent
+        let mut sent = send(&slot, &request, client, &mut early).await;
+        if let Err(TunnelError::Http(e)) = &sent
             && unprocessed(e)
         {
             // The connection is going away and the peer never saw this stream: safe to send
-            // again, on a connection that is not.
+            // again, early data included, on a connection that is not.
             slot.0.going_away.store(true, Ordering::Release);
             slot = self.checkout(key, netns, certs, metrics).await?;
-            sent = send(&slot, &request).await;
+            sent = send(&slot, &request, client, &mut early).await;
         }
         let (response, send_stream) = sent?;
         if response.status() != StatusCode::OK {
             return Err(TunnelError::Status(response.status()));
         }
-        Ok(HboneStream { io: H2Stream::new(send_stream, response.into_body()), _slot: slot })
+        let io = H2Stream::new(send_stream, response.into_body(), early.len as u64);
+        Ok(HboneStream { io, slot })
     }
 
     async fn checkout(
@@ -239,14 +217,53 @@ impl Pool {
     }
 }
 
-/// Sends the CONNECT on the slot's connection: the response and the stream to write to.
+/// What the client sends while its CONNECT waits for an answer (a request, a TLS ClientHello):
+/// sent at once behind the request, so the destination has it a round trip earlier, and kept
+/// (shared, not copied) to send again if the stream must be retried on another connection.
+#[derive(Default)]
+struct EarlyData {
+    chunks: Vec<Bytes>,
+    len: usize,
+    /// The client half-closed; the relay sees that again on its first read.
+    ended: bool,
+}
+
+/// Bounds what is kept for a retry; more waits in the client's socket for the answer.
+const EARLY_DATA_LIMIT: usize = 64 * 1024;
+
+/// Sends the CONNECT and the early data on the slot's connection; returns the response and the
+/// stream to write to.
 async fn send(
     slot: &StreamSlot,
     request: &http::Request<()>,
-) -> Result<(http::Response<h2::RecvStream>, h2::SendStream<Bytes>), h2::Error> {
+    client: &TcpStream,
+    early: &mut EarlyData,
+) -> Result<(http::Response<h2::RecvStream>, h2::SendStream<Bytes>), TunnelError> {
     let mut sender = slot.0.sender.clone().ready().await?;
-    let (response, send_stream) = sender.send_request(copy(request), false)?;
-    Ok((response.await?, send_stream))
+    let (response, mut send_stream) = sender.send_request(copy(request), false)?;
+    for chunk in &early.chunks {
+        send_stream.send_data(chunk.clone(), false)?;
+    }
+    tokio::pin!(response);
+    let mut buf = BytesMut::new();
+    loop {
+        let room = EARLY_DATA_LIMIT - early.len;
+        tokio::select! {
+            biased;
+            response = &mut response => return Ok((response?, send_stream)),
+            read = read_buf(client, &mut buf, room), if room > 0 && !early.ended => {
+                match read.map_err(TunnelError::Client)? {
+                    0 => early.ended = true,
+                    n => {
+                        let chunk = buf.split_to(n).freeze();
+                        send_stream.send_data(chunk.clone(), false)?;
+                        early.chunks.push(chunk);
+                        early.len += n;
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// The CONNECT request again (requests are not `Clone`; a retry sends it again).
@@ -277,7 +294,7 @@ async fn dial(
     let tcp = netns.connect(addr).await.map_err(|e| TunnelError::Dial(addr, e))?;
     let _ = socket2::SockRef::from(&tcp).set_keepalive(true);
     let config = tls::client_config(certs, &key.source, key.destination.clone())?;
-    let handshake = TlsConnector::from(config).connect(tls::server_name(addr.ip()), tcp);
+    let handshake = TlsConnector::from(config).connect(tls::server_name(addr.ip()), super::buffered(tcp));
     let tls = tokio::time::timeout(handshake_timeout, handshake)
         .await
         .map_err(|_| TunnelError::HandshakeTimeout(addr))?

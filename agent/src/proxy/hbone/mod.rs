@@ -4,7 +4,7 @@
 //! - [`proto`]: the request and the inbound checks, without I/O.
 //! - [`client`]: the outbound side, with its connection pool.
 //! - [`server`]: the 15008 listener of each local pod.
-//! - [`stream`]: a CONNECT stream as a byte stream, and the connections' keep-alive pings.
+//! - [`stream`]: relaying a CONNECT stream to a socket, and the connections' keep-alive pings.
 
 /// The HTTP/2 settings both sides use (ztunnel's values), for h2's client and server builders:
 /// distinct types with the same setters. Expands in the child modules.
@@ -23,6 +23,8 @@ pub mod proto;
 pub(super) mod server;
 mod stream;
 
+pub(super) use stream::{H2Stream, relay};
+
 use std::time::Duration;
 
 /// HTTP/2 settings both sides use (ztunnel's values).
@@ -33,3 +35,12 @@ const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
 const SERVER_MAX_CONCURRENT_STREAMS: u32 = 200;
 const PING_INTERVAL: Duration = Duration::from_secs(10);
 const PING_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Read buffer under TLS. rustls asks for at most 4 KiB per read; without it a bulk transfer
+/// costs a `recv` syscall (and often an ACK) per 4 KiB.
+const TLS_READ_BUFFER: usize = 64 * 1024;
+
+/// The TCP connection as TLS sees it: reads buffered, writes passed through.
+fn buffered(tcp: tokio::net::TcpStream) -> tokio::io::BufReader<tokio::net::TcpStream> {
+    tokio::io::BufReader::with_capacity(TLS_READ_BUFFER, tcp)
+}

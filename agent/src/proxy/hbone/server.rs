@@ -16,7 +16,10 @@ use super::{
 use crate::{
     identity::{SpiffeId, tls},
     policy::Verdict,
-    proxy::{LocalPod, Proxy, inbound, relay::Flow},
+    proxy::{
+        LocalPod, Proxy, inbound,
+        relay::{Flow, TunnelEnd},
+    },
     telemetry::{Direction, FailureReason, Side},
 };
 
@@ -33,7 +36,7 @@ pub(in crate::proxy) async fn handle(proxy: Proxy, pod: Arc<LocalPod>, tcp: TcpS
             .destination(Some(pod.workload.clone()), Some(pod.identity.clone()))
             .hbone(local)
     };
-    let handshake = TlsAcceptor::from(pod.tls.clone()).accept(tcp);
+    let handshake = TlsAcceptor::from(pod.tls.clone()).accept(super::buffered(tcp));
     let tls = match tokio::time::timeout(proxy.inner.limits.handshake_timeout, handshake).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
@@ -140,7 +143,10 @@ async fn connect(
         response.headers_mut().insert("baggage", baggage);
     }
     match respond.send_response(response, false) {
-        Ok(send) => flow.relay(H2Stream::new(send, request.into_body()), app, &proxy).await,
+        Ok(send) => {
+            let stream = H2Stream::new(send, request.into_body(), 0);
+            flow.relay_hbone(app, stream, TunnelEnd::Source, &proxy).await
+        }
         Err(e) => flow.reset(&app, &telemetry, FailureReason::Relay, &e),
     }
 }

@@ -1,30 +1,34 @@
-//! One CONNECT stream as a byte stream: the tunnelled connection's bytes are the stream's DATA
-//! frames. Written straight into h2's send queue (hyper's upgrade adds a channel and a task hop per
-//! write, which round trips pay twice).
+//! One CONNECT stream carrying one tunnelled connection: its bytes are the stream's DATA frames.
+//! [`relay`] moves them between the stream and the kernel socket at the other end without a copy
+//! of its own: bytes read from the socket are handed to h2 as they are, and received frames are
+//! written to the socket from h2's buffers.
 
 use std::{
+    future::poll_fn,
     io,
-    pin::Pin,
-    task::{Context, Poll, ready},
+    net::Shutdown,
+    sync::atomic::{AtomicU64, Ordering},
 };
 
-use bytes::{Buf, Bytes};
+use bytes::{BufMut, Bytes, BytesMut};
 use h2::{Ping, PingPong, RecvStream, SendStream};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 
 use super::{PING_INTERVAL, PING_TIMEOUT};
-use crate::proxy::relay::Abort;
+
+/// Most bytes read from the socket at once (and so the largest DATA frame we queue).
+const READ_SIZE: usize = 64 * 1024;
 
 pub(crate) struct H2Stream {
     send: SendStream<Bytes>,
     recv: RecvStream,
-    /// Received, not yet read.
-    pending: Bytes,
+    /// Sent with the request, before the relay started (the client's first bytes).
+    sent_early: u64,
 }
 
 impl H2Stream {
-    pub(crate) fn new(send: SendStream<Bytes>, recv: RecvStream) -> H2Stream {
-        H2Stream { send, recv, pending: Bytes::new() }
+    pub(crate) fn new(send: SendStream<Bytes>, recv: RecvStream, sent_early: u64) -> H2Stream {
+        H2Stream { send, recv, sent_early }
     }
 }
 
@@ -35,74 +39,106 @@ fn io_error(e: h2::Error) -> io::Error {
     io::Error::new(io::ErrorKind::ConnectionReset, e)
 }
 
-impl AsyncRead for H2Stream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        while self.pending.is_empty() {
-            match ready!(self.recv.poll_data(cx)) {
-                Some(Ok(data)) => {
-                    // The peer may send more once this much has been taken off the stream.
-                    let _ = self.recv.flow_control().release_capacity(data.len());
-                    self.pending = data;
-                }
-                Some(Err(e)) => return Poll::Ready(Err(io_error(e))),
-                None => return Poll::Ready(Ok(())),
-            }
+/// Relays both ways until both directions have ended; an end of stream is passed on as a
+/// half-close (END_STREAM one way, FIN the other). Counts bytes as they move; returns
+/// (socket -> stream, stream -> socket). On error the caller drops the stream, which resets it.
+pub(crate) async fn relay(
+    tcp: &TcpStream,
+    stream: H2Stream,
+    tcp_to_stream: &AtomicU64,
+    stream_to_tcp: &AtomicU64,
+) -> io::Result<(u64, u64)> {
+    let H2Stream { mut send, mut recv, sent_early } = stream;
+    tcp_to_stream.fetch_add(sent_early, Ordering::Relaxed);
+    let up = async {
+        let sent = socket_to_stream(tcp, &mut send, tcp_to_stream).await;
+        sent.map(|n| n + sent_early)
+    };
+    tokio::try_join!(up, stream_to_socket(&mut recv, tcp, stream_to_tcp))
+}
+
+async fn socket_to_stream(
+    tcp: &TcpStream,
+    send: &mut SendStream<Bytes>,
+    moved: &AtomicU64,
+) -> io::Result<u64> {
+    let mut buf = BytesMut::new();
+    let mut total = 0;
+    loop {
+        // Read no more than the peer's window admits: a slow receiver slows the sender.
+        let room = capacity(send).await?;
+        // Reuses the previous allocation once h2 has written out what was read into it.
+        buf.reserve(READ_SIZE);
+        let n = read_buf(tcp, &mut buf, room.min(READ_SIZE)).await?;
+        if n == 0 {
+            send.send_data(Bytes::new(), true).map_err(io_error)?;
+            return Ok(total);
         }
-        let n = self.pending.len().min(buf.remaining());
-        buf.put_slice(&self.pending[..n]);
-        self.pending.advance(n);
-        Poll::Ready(Ok(()))
+        send.send_data(buf.split_to(n).freeze(), false).map_err(io_error)?;
+        total += n as u64;
+        moved.fetch_add(n as u64, Ordering::Relaxed);
     }
 }
 
-impl AsyncWrite for H2Stream {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        if buf.is_empty() {
-            return Poll::Ready(Ok(0));
+/// Waits until the stream may send at least one byte; returns how many it may.
+async fn capacity(send: &mut SendStream<Bytes>) -> io::Result<usize> {
+    send.reserve_capacity(READ_SIZE);
+    loop {
+        let room = send.capacity();
+        if room > 0 {
+            return Ok(room);
         }
-        // A peer's RST_STREAM ends writing at once.
-        if let Poll::Ready(reset) = self.send.poll_reset(cx) {
-            return Poll::Ready(Err(match reset {
-                Ok(reason) => {
-                    io::Error::new(io::ErrorKind::ConnectionReset, format!("stream reset: {reason}"))
-                }
-                Err(e) => io_error(e),
-            }));
+        match poll_fn(|cx| send.poll_capacity(cx)).await {
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => return Err(io_error(e)),
+            None => return Err(io::ErrorKind::BrokenPipe.into()),
         }
-        self.send.reserve_capacity(buf.len());
-        loop {
-            let capacity = self.send.capacity();
-            if capacity > 0 {
-                let n = capacity.min(buf.len());
-                self.send.send_data(Bytes::copy_from_slice(&buf[..n]), false).map_err(io_error)?;
-                return Poll::Ready(Ok(n));
-            }
-            match ready!(self.send.poll_capacity(cx)) {
-                Some(Ok(_)) => continue,
-                Some(Err(e)) => return Poll::Ready(Err(io_error(e))),
-                None => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
-            }
-        }
-    }
-
-    /// The connection's task writes queued frames out on its own.
-    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    /// END_STREAM: the half-close of the tunnelled connection.
-    fn poll_shutdown(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(self.send.send_data(Bytes::new(), true).map_err(io_error))
     }
 }
 
-impl Abort for H2Stream {
-    /// Dropping a stream that has not ended resets it (RST_STREAM), which the peer sees as failure.
-    fn abort(&self) {}
+/// One read of up to `limit` bytes, appended to `buf`. Cancel-safe: nothing is read until the
+/// socket is ready.
+pub(super) async fn read_buf(tcp: &TcpStream, buf: &mut BytesMut, limit: usize) -> io::Result<usize> {
+    loop {
+        tcp.readable().await?;
+        let mut limited = (&mut *buf).limit(limit);
+        match tcp.try_read_buf(&mut limited) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            result => return result,
+        }
+    }
+}
+
+async fn stream_to_socket(recv: &mut RecvStream, tcp: &TcpStream, moved: &AtomicU64) -> io::Result<u64> {
+    let mut total = 0;
+    loop {
+        match poll_fn(|cx| recv.poll_data(cx)).await {
+            Some(Ok(data)) => {
+                write_all(tcp, &data).await?;
+                // Only what reached the socket opens the window again.
+                let _ = recv.flow_control().release_capacity(data.len());
+                total += data.len() as u64;
+                moved.fetch_add(data.len() as u64, Ordering::Relaxed);
+            }
+            Some(Err(e)) => return Err(io_error(e)),
+            None => {
+                socket2::SockRef::from(tcp).shutdown(Shutdown::Write)?;
+                return Ok(total);
+            }
+        }
+    }
+}
+
+async fn write_all(tcp: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        tcp.writable().await?;
+        match tcp.try_write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Pings the peer every [`PING_INTERVAL`]; returns when one goes unanswered for [`PING_TIMEOUT`]
