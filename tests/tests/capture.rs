@@ -18,10 +18,11 @@ fn cross_node_connection_goes_through_both_agents() {
     sb.start_agent("node1", None).unwrap();
     sb.start_agent("node2", None).unwrap();
     let server = sb.pod("c").serve(8080).unwrap();
-    let outcome = sb.pod("a").connect(addr(&sb, "c", 8080), 200_000).unwrap();
+    // Enough bytes for the relays to grow their buffers (HBONE reads, splice pipes) midway.
+    let outcome = sb.pod("a").connect(addr(&sb, "c", 8080), BULK).unwrap();
     assert_eq!(
         outcome,
-        ConnectOutcome::Echoed { peer: addr(&sb, "c", 8080), bytes: 200_000 },
+        ConnectOutcome::Echoed { peer: addr(&sb, "c", 8080), bytes: BULK },
         "{}",
         sb.agent_log("node1")
     );
@@ -36,6 +37,9 @@ fn cross_node_connection_goes_through_both_agents() {
     assert_eq!(metric(&sb, "node2", INBOUND_HBONE), 1.0);
     assert_eq!(metric(&sb, "node2", STEERED), 0.0);
 }
+
+/// Bytes echoed through the proxy by the bulk cases: several times the relays' largest buffers.
+const BULK: usize = 8 * 1024 * 1024;
 
 fn metric(sb: &Sandbox, node: &str, series: &str) -> f64 {
     sb.metric(node, series).unwrap_or_else(|e| panic!("scraping {node}: {e}"))
@@ -53,8 +57,8 @@ fn same_node_connection_is_proxied_once() {
     let mut sb = two_nodes("snode");
     sb.start_agent("node1", None).unwrap();
     let server = sb.pod("b").serve(8080).unwrap();
-    let outcome = sb.pod("a").connect(addr(&sb, "b", 8080), 100_000).unwrap();
-    assert_eq!(outcome, ConnectOutcome::Echoed { peer: addr(&sb, "b", 8080), bytes: 100_000 });
+    let outcome = sb.pod("a").connect(addr(&sb, "b", 8080), BULK).unwrap();
+    assert_eq!(outcome, ConnectOutcome::Echoed { peer: addr(&sb, "b", 8080), bytes: BULK });
     assert_eq!(server.wait_accepted(1, Duration::from_secs(2))[0].ip(), sb.pod("b").ip);
     assert_eq!(metric(&sb, "node1", REDIRECTED), 1.0);
     // Handed to b's inbound side inside the agent, not steered again through b's netns.

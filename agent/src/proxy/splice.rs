@@ -8,11 +8,14 @@ use std::{
     sync::atomic::{AtomicU64, Ordering},
 };
 
-use rustix::pipe::{PipeFlags, SpliceFlags};
+use rustix::pipe::{PipeFlags, SpliceFlags, fcntl_setpipe_size};
 use tokio::{io::Interest, net::TcpStream};
 
-/// Bytes moved per splice call: the pipe's default capacity.
-const CHUNK: usize = 64 * 1024;
+/// A pipe's default capacity: what an idle or chatty connection holds.
+const PIPE_START: usize = 64 * 1024;
+/// What a connection that fills its pipe grows it to: 4x bulk steps per syscall and wake-up
+/// (same-node bulk 0.50x -> 0.75x direct), kernel memory only for the connections that move bulk.
+const PIPE_BULK: usize = 1024 * 1024;
 
 /// Relays both ways until both directions have ended; like `copy_bidirectional`, an end of
 /// stream is passed on as a half-close. Counts bytes as they move; returns (a -> b, b -> a).
@@ -27,10 +30,11 @@ pub(super) async fn bidirectional(
 
 async fn one_way(from: &TcpStream, to: &TcpStream, moved: &AtomicU64) -> io::Result<u64> {
     let (pipe_out, pipe_in) = pipe()?;
+    let mut capacity = PIPE_START;
     let mut total = 0u64;
     loop {
         let filled =
-            from.async_io(Interest::READABLE, || splice(from.as_fd(), pipe_in.as_fd(), CHUNK)).await?;
+            from.async_io(Interest::READABLE, || splice(from.as_fd(), pipe_in.as_fd(), capacity)).await?;
         if filled == 0 {
             // The sender finished: finish our side towards the receiver too.
             socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write)?;
@@ -42,6 +46,10 @@ async fn one_way(from: &TcpStream, to: &TcpStream, moved: &AtomicU64) -> io::Res
         }
         total += filled as u64;
         moved.fetch_add(filled as u64, Ordering::Relaxed);
+        // Best effort: without it (limits on pipe memory), the relay just takes smaller steps.
+        if filled == capacity && capacity < PIPE_BULK && fcntl_setpipe_size(&pipe_in, PIPE_BULK).is_ok() {
+            capacity = PIPE_BULK;
+        }
     }
 }
 
