@@ -609,33 +609,46 @@ fn markdown_tables(report: &Report) -> String {
 
 /// What profiling showed, and what was done about it; kept here so a full run keeps it in the doc.
 const PROFILE: &str = "## Where the time goes\n\n\
-`perf record -g` on both agents during a cross-node mTLS bulk transfer (2 cores shared by sender, \
-two agents and sink): the kernel's TCP stack (softirqs, copies to and from user space) takes about \
-half of each agent's time, AES-GCM 12-14%, user-space copies 8-10% (HTTP/2 framing and rustls \
-buffers), context switches 8-9%. New connections are bound by wake-ups: during a cross-node mTLS \
-connect/echo/close loop a third of both agents' samples are in the scheduler (`finish_task_switch` \
-19%, `_raw_spin_unlock_irqrestore` 14%, reached from `epoll_wait` and idle workers parking), while \
-TLS, HTTP/2 and policy code are under 1% each: per new connection the work is small, the hand-offs \
-between tasks, threads and the two agents are what cost.\n\n\
+`perf record -a -g` during a cross-node mTLS bulk transfer (2 cores shared by sender, two agents \
+and sink; `cargo xtask bench --only \"mTLS bulk 1\"` runs just that case): the agents take 80% of \
+all samples, 70% of theirs in the kernel: copies to and from user space 21%, time with interrupts \
+off in TCP transmit and wake-ups of the receiving side 22% (`_raw_spin_unlock_irqrestore`), \
+softirqs 6%; AES-GCM 11%, user-space copies 4% (rustls records). Each byte crosses three TCP \
+connections (app -> agent, agent -> agent, agent -> app) where direct TCP crosses one, and is \
+sealed and opened once: on two cores that, not the proxy's own code, is what bounds bulk. New \
+connections and round trips are bound by wake-ups: during a connect/echo/close loop 72% of the \
+agents' time is in the kernel (TCP connect, accept, close; waking the next process in the chain) \
+and user space is spread thin (no function above 2%); a round trip through Ferry wakes six \
+processes in turn where direct TCP wakes two, and on an idle VM each wake-up of a halted vCPU is an \
+IPI and a VM exit.\n\n\
 Done so far, and what it bought: 64 KiB relay buffers instead of tokio's 8 KiB (about 2x bulk on \
 every proxied path); same-node traffic handed from the outbound to the inbound side inside the agent \
 (one proxy hop instead of two, no TLS); pooled HBONE connections (new app connections cost one \
 HTTP/2 stream, not a TCP and TLS handshake); `splice(2)` through a pipe for relays between two \
 kernel sockets (same-node, passthrough, 15006), so those bytes never enter user space (same-node \
-bulk 0.45x -> 0.54x direct in full runs, up to 0.71x in quick ones); jemalloc instead of glibc's \
-malloc (RSS does not ratchet up under churn, see testing.md); HBONE streams driven by h2 directly \
-instead of hyper's CONNECT upgrade, which handed every write to another task through a channel \
-(quick runs before/after: cross-node mTLS bulk 5.98 -> 6.90 Gbit/s, saturated 1 B round trip p50 \
-148 -> 130 us, new connections 1675 -> 1847/s). Worker threads 1 vs 2 (`FERRY_WORKER_THREADS`) \
-stay within noise on this machine (a little less CPU per new connection with one).\n\n\
+bulk 0.45x -> 0.54x direct); jemalloc instead of glibc's malloc (RSS does not ratchet up under \
+churn, see testing.md); HBONE streams driven by h2 directly instead of hyper's CONNECT upgrade, \
+which handed every write to another task through a channel (cross-node mTLS bulk 5.98 -> 6.90 \
+Gbit/s, saturated 1 B round trip p50 148 -> 130 us, new connections 1675 -> 1847/s). \
+Then, measured A/B in one sandbox with `--agent` (5 x 3 s each): the app's first bytes sent right \
+behind the CONNECT instead of after its answer, one round trip earlier (cross-node mTLS new \
+connections 1651 -> 2223/s, 0.19x -> 0.25x direct); an HBONE relay of our own instead of \
+`copy_bidirectional` over an adapter: socket reads handed to h2 without a copy, frames written from \
+h2's buffers, and no zeroed 64 KiB buffers per connection (jemalloc zeroed each with `madvise`, a TLB \
+shootdown IPI, 4% of the agents' time in the new-connection loop); relays that grow their step \
+when a connection moves bulk, splice pipes 64 KiB -> 1 MiB and HBONE reads 64 KiB -> 1 MiB (same-node \
+bulk 10.6 -> 17.4 Gbit/s, 0.50x -> 0.84x, agent CPU 70% -> 45%; cross-node mTLS bulk 5.84 -> 7.55 \
+Gbit/s). Tried without a measurable effect: worker threads 1 vs 2 (`FERRY_WORKER_THREADS`; fixed-rate \
+round trip p50 301 vs 317 us); a 64 KiB read buffer under rustls, which reads 4 KiB per syscall \
+(kept: fewer syscalls, same throughput).\n\n\
 Measurement note: runs before 2026-11-23T16:25Z capped direct new connections at about 5000/s: the \
 client pod ran out of ephemeral ports, each closed connection waiting in TIME_WAIT. Sandbox pods \
-now reuse TIME_WAIT ports (`tcp_tw_reuse=1`, ports 20000-65535); direct reaches about 9700/s and \
-Ferry's new-connection ratios are lower than those runs reported (cross-node mTLS 0.36x -> 0.18x \
-with the same Ferry rate).\n\n\
-Next, in order of expected gain: fewer hand-offs per new connection (accept, policy and dial on \
-one task; no spawn per HBONE stream on the server side); kTLS for the record layer; sockmap/sk_msg \
-redirection between local sockets for same-node traffic; larger TLS writes per syscall.\n";
+now reuse TIME_WAIT ports (`tcp_tw_reuse=1`, ports 20000-65535); direct reaches about 9000-9700/s.\n\n\
+Where the bar is still missed, and why: cross-node mTLS bulk (three TCP connections and two AES \
+passes per byte on two shared cores; next: kTLS, so the kernel seals while it copies and rustls' \
+copy goes), cross-node round-trip latency and new connections (six wake-ups per round trip, two \
+extra TCP connections per app connection, both in the kernel; next: sockmap/sk_msg redirection \
+between the app's and the agent's local sockets, which removes a loopback TCP hop on each side).\n";
 
 fn write_performance_doc(path: &Path, results: &str) -> Result<()> {
     let doc = format!(

@@ -62,7 +62,9 @@ pub(super) async fn handle(proxy: Proxy, pod: Arc<LocalPod>, client: TcpStream, 
                     flow.relay_hbone(client, stream.io, TunnelEnd::Destination, &proxy).await
                 }
                 Err(e) => {
-                    refused();
+                    if e.blames_destination() {
+                        refused();
+                    }
                     flow.reset(&client, telemetry, e.reason(), &e)
                 }
             };

@@ -72,6 +72,12 @@ impl TunnelError {
             TunnelError::Client(_) => FailureReason::Relay,
         }
     }
+
+    /// Whether the destination failed us (and a balancer should pass over it for a while), not
+    /// the app's own connection.
+    pub(crate) fn blames_destination(&self) -> bool {
+        !matches!(self, TunnelError::Client(_))
+    }
 }
 
 struct PooledConnection {
