@@ -14,7 +14,7 @@ use tokio::{io::Interest, net::TcpStream};
 /// A pipe's default capacity: what an idle or chatty connection holds.
 const PIPE_START: usize = 64 * 1024;
 /// What a connection that fills its pipe grows it to: 4x bulk steps per syscall and wake-up
-/// (same-node bulk 0.50x -> 0.75x direct), kernel memory only for the connections that move bulk.
+/// (same-node bulk 0.50x -> 0.84x direct), kernel memory only for the connections that move bulk.
 const PIPE_BULK: usize = 1024 * 1024;
 
 /// Relays both ways until both directions have ended; like `copy_bidirectional`, an end of

@@ -148,7 +148,7 @@ impl Pool {
         if response.status() != StatusCode::OK {
             return Err(TunnelError::Status(response.status()));
         }
-        let io = H2Stream::new(send_stream, response.into_body(), early.len as u64);
+        let io = H2Stream::new(send_stream, response.into_body(), early.len() as u64);
         Ok(HboneStream { io, slot })
     }
 
@@ -229,9 +229,14 @@ impl Pool {
 #[derive(Default)]
 struct EarlyData {
     chunks: Vec<Bytes>,
-    len: usize,
     /// The client half-closed; the relay sees that again on its first read.
     ended: bool,
+}
+
+impl EarlyData {
+    fn len(&self) -> usize {
+        self.chunks.iter().map(Bytes::len).sum()
+    }
 }
 
 /// Bounds what is kept for a retry; more waits in the client's socket for the answer.
@@ -253,7 +258,7 @@ async fn send(
     tokio::pin!(response);
     let mut buf = BytesMut::new();
     loop {
-        let room = EARLY_DATA_LIMIT - early.len;
+        let room = EARLY_DATA_LIMIT - early.len();
         tokio::select! {
             biased;
             response = &mut response => return Ok((response?, send_stream)),
@@ -264,7 +269,6 @@ async fn send(
                         let chunk = buf.split_to(n).freeze();
                         send_stream.send_data(chunk.clone(), false)?;
                         early.chunks.push(chunk);
-                        early.len += n;
                     }
                 }
             }

@@ -108,11 +108,15 @@ async fn capacity(send: &mut SendStream<Bytes>, wanted: usize) -> io::Result<usi
     }
 }
 
-/// One read of up to `limit` bytes, appended to `buf`. Cancel-safe: nothing is read until the
-/// socket is ready.
+/// One read of up to `limit` bytes, appended to `buf`; a buffer without room gets `limit` of it
+/// once there is something to read (else the read would take 64 bytes). Cancel-safe: nothing is
+/// read until the socket is ready.
 pub(super) async fn read_buf(tcp: &TcpStream, buf: &mut BytesMut, limit: usize) -> io::Result<usize> {
     loop {
         tcp.readable().await?;
+        if buf.capacity() == 0 {
+            buf.reserve(limit);
+        }
         let mut limited = (&mut *buf).limit(limit);
         match tcp.try_read_buf(&mut limited) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
