@@ -36,8 +36,11 @@ pub(in crate::proxy) async fn handle(proxy: Proxy, pod: Arc<LocalPod>, tcp: TcpS
             .destination(Some(pod.workload.clone()), Some(pod.identity.clone()))
             .hbone(local)
     };
+    // Pinned here rather than moved into the timeout, so a failed peer's socket closes only after
+    // its failure is counted: what the peer observes is already in the metrics.
     let handshake = TlsAcceptor::from(pod.tls.clone()).accept(super::buffered(tcp));
-    let tls = match tokio::time::timeout(proxy.inner.limits.handshake_timeout, handshake).await {
+    tokio::pin!(handshake);
+    let tls = match tokio::time::timeout(proxy.inner.limits.handshake_timeout, &mut handshake).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             return flow().fail(&telemetry, FailureReason::TlsHandshake, &format!("TLS handshake: {e}"));
@@ -58,7 +61,8 @@ pub(in crate::proxy) async fn handle(proxy: Proxy, pod: Arc<LocalPod>, tcp: TcpS
         let first = connection.accept().await;
         Ok::<_, h2::Error>((connection, first))
     };
-    let (mut connection, mut next) = match tokio::time::timeout(first_request_within, first).await {
+    tokio::pin!(first);
+    let (mut connection, mut next) = match tokio::time::timeout(first_request_within, &mut first).await {
         Ok(Ok(started)) => started,
         Ok(Err(e)) => return tracing::debug!(%peer, "HBONE connection ended: {e}"),
         Err(_) => {
