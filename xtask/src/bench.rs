@@ -552,7 +552,7 @@ fn markdown_tables(report: &Report) -> String {
     let _ = writeln!(md, "### Targets (ratios to direct TCP in the same run)\n");
     let _ = writeln!(md, "| target | bar | measured | met |\n|---|---|---|---|");
     for t in &report.targets {
-        let measured = t.measured.map_or("-".into(), |v| format!("{v:.2}"));
+        let measured = t.measured.map_or("-".into(), |v| format!("{v:.3}"));
         let met = match t.met {
             Some(true) => "yes",
             Some(false) => "**no**",
@@ -638,21 +638,32 @@ h2's buffers, and no zeroed 64 KiB buffers per connection (jemalloc zeroed each 
 shootdown IPI, 4% of the agents' time in the new-connection loop); relays that grow their step \
 when a connection moves bulk, splice pipes 64 KiB -> 1 MiB and HBONE reads 64 KiB -> 1 MiB (same-node \
 bulk 10.6 -> 17.4 Gbit/s, 0.50x -> 0.84x, agent CPU 70% -> 45%; cross-node mTLS bulk 5.84 -> 7.55 \
-Gbit/s). Tried without a measurable effect: worker threads 1 vs 2 (`FERRY_WORKER_THREADS`; fixed-rate \
-round trip p50 301 vs 317 us); a 64 KiB read buffer under rustls, which reads 4 KiB per syscall \
+Gbit/s); one runtime worker instead of two on a two-core node (the default is now half the CPUs, \
+one to two): a second worker mostly woke up (a futex call and an IPI) to find nothing to steal \
+(cross-node mTLS new connections 2366 -> 2672/s, same-node 5174 -> 5578/s, same-node bulk 1 stream \
+16.0 -> 18.0 Gbit/s but 4 streams 19.2 -> 17.3, round trips unchanged). Tried without a measurable \
+effect: AES-128-GCM preferred over AES-256-GCM (cross-node mTLS bulk 8.54 vs 8.54 and 8.60 vs 8.32 \
+Gbit/s; ztunnel's order kept); a 64 KiB read buffer under rustls, which reads 4 KiB per syscall \
 (kept: fewer syscalls, same throughput).\n\n\
 Measurement note: runs before 2026-11-23T16:25Z capped direct new connections at about 5000/s: the \
 client pod ran out of ephemeral ports, each closed connection waiting in TIME_WAIT. Sandbox pods \
 now reuse TIME_WAIT ports (`tcp_tw_reuse=1`, ports 20000-65535); direct reaches about 9000-9700/s.\n\n\
 Where the bar is still missed, and why: cross-node mTLS bulk (three TCP connections and two AES \
-passes per byte on two shared cores; next: kTLS, so the kernel seals while it copies and rustls' \
-copy goes), cross-node round-trip latency and new connections (six wake-ups per round trip, two \
-extra TCP connections per app connection, both in the kernel; next: sockmap/sk_msg redirection \
-between the app's and the agent's local sockets, which removes a loopback TCP hop on each side). \
+passes per byte on two shared cores: each agent does the copying work of a sender plus a receiver; \
+kTLS, so the kernel seals while it copies, cannot be tried on this VM: its kernel has no `tls` ULP \
+and loads no modules), cross-node round-trip latency and new connections (six wake-ups per round \
+trip, two extra TCP connections per app connection, both in the kernel). `perf sched timehist` of \
+fixed-rate round trips shows where: each agent needs 10-25 us from its wake-up to waking the next \
+process, and the chain twice wakes a halted vCPU (this Firecracker guest runs cpuidle haltpoll with \
+`guest_halt_poll_ns=0`), 30-40 us each; direct TCP has one or two such wake-ups in all. Next: \
+sockmap/sk_msg redirection between the app's and the agent's local sockets, which removes the \
+loopback TCP processing on each side (not the wake-ups). \
 Same-node fixed-rate round trips are bimodal on this VM: in some repetitions every round trip takes \
 about 500 us longer (p50 ~625 us instead of ~140 us), with the current build and the one before \
 alike; in separate runs of that case alone both measured 0.95-1.3x direct. A full run whose median \
-catches two such repetitions reports the same-node latency target missed.\n";
+catches two such repetitions reports the same-node latency target missed. Same-node bulk sits at its \
+bar: 0.696x to 0.84x direct over the last full and single-case runs, while direct same-node bulk \
+itself moved between 20.6 and 23.1 Gbit/s from one full run to the next.\n";
 
 fn write_performance_doc(path: &Path, results: &str) -> Result<()> {
     let doc = format!(
