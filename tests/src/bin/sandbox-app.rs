@@ -82,6 +82,10 @@ fn serve(port: u16) {
     println!("listening");
     for stream in listener.incoming() {
         let Ok(mut stream) = stream else { continue };
+        // Like Go's net package and most RPC servers: without it, an echo written while the previous
+        // one is still unacknowledged waits for the next request's ACK (Nagle and delayed ACK), and
+        // an open-loop client then measures every round trip one request interval late.
+        let _ = stream.set_nodelay(true);
         // A connection reset before this point has no peer any more; the server carries on.
         match stream.peer_addr() {
             Ok(peer) => println!("accepted {peer}"),
