@@ -658,10 +658,12 @@ process, and the chain twice wakes a halted vCPU (this Firecracker guest runs cp
 `guest_halt_poll_ns=0`), 30-40 us each; direct TCP has one or two such wake-ups in all. Next: \
 sockmap/sk_msg redirection between the app's and the agent's local sockets, which removes the \
 loopback TCP processing on each side (not the wake-ups). \
-Same-node fixed-rate round trips are bimodal on this VM: in some repetitions every round trip takes \
-about 500 us longer (p50 ~625 us instead of ~140 us), with the current build and the one before \
-alike; in separate runs of that case alone both measured 0.95-1.3x direct. A full run whose median \
-catches two such repetitions reports the same-node latency target missed. Same-node bulk sits at its \
+Until 2026-11-23T21:20Z same-node fixed-rate round trips were bimodal: in some repetitions every \
+round trip took one request interval longer (p50 ~625 us = 500 + ~125 us), with older builds too. \
+The sandbox's echo server ran with Nagle's algorithm on: an echo written while the previous one was \
+still unacknowledged waited for the next request to carry the ACK, and an open-loop client, once in \
+that lockstep, stays in it. The echo server now sets TCP_NODELAY, as Go's net package and most RPC \
+servers do; the full run after that measured same-node 1.10x. Same-node bulk sits at its \
 bar: 0.696x to 0.84x direct over the last full and single-case runs, while direct same-node bulk \
 itself moved between 20.6 and 23.1 Gbit/s from one full run to the next.\n";
 
