@@ -36,14 +36,16 @@ pub(in crate::proxy) async fn handle(proxy: Proxy, pod: Arc<LocalPod>, tcp: TcpS
             .destination(Some(pod.workload.clone()), Some(pod.identity.clone()))
             .hbone(local)
     };
-    // Pinned here rather than moved into the timeout, so a failed peer's socket closes only after
-    // its failure is counted: what the peer observes is already in the metrics.
-    let handshake = TlsAcceptor::from(pod.tls.clone()).accept(super::buffered(tcp));
+    // A failed peer's socket closes only after its failure is counted, so what the peer observes
+    // is already in the metrics: the handshake is pinned here rather than moved into the timeout,
+    // and a failed one hands the socket back.
+    let handshake = TlsAcceptor::from(pod.tls.clone()).accept(super::buffered(tcp)).into_fallible();
     tokio::pin!(handshake);
     let tls = match tokio::time::timeout(proxy.inner.limits.handshake_timeout, &mut handshake).await {
         Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => {
-            return flow().fail(&telemetry, FailureReason::TlsHandshake, &format!("TLS handshake: {e}"));
+        Ok(Err((e, socket))) => {
+            flow().fail(&telemetry, FailureReason::TlsHandshake, &format!("TLS handshake: {e}"));
+            return drop(socket);
         }
         Err(_) => return flow().fail(&telemetry, FailureReason::TlsHandshake, &"TLS handshake timed out"),
     };
