@@ -45,6 +45,10 @@ enum Task {
         /// Another build of the `ferry` binary to run as the agent (A/B against a change).
         #[arg(long)]
         agent: Option<std::path::PathBuf>,
+        /// Keep every CPU out of idle with a SCHED_IDLE busy loop, as on a node busy with other
+        /// work: shows what waking halted (v)CPUs adds to round trips. Docs untouched.
+        #[arg(long)]
+        awake: bool,
     },
     /// Regenerate deploy/ferry.yaml and deploy/ferry-hitless.yaml from deploy/base.yaml and `ferry crd`.
     Manifests,
@@ -63,13 +67,13 @@ fn main() -> Result<()> {
         Task::Setup => setup::run(),
         Task::Test { args } => test(&args),
         Task::Demo { action, keep } => demo::run(action, keep),
-        Task::Bench { quick, only, agent } => {
+        Task::Bench { quick, only, agent, awake } => {
             use_release_binaries()?;
             if let Some(agent) = agent {
                 // SAFETY: still before any other thread exists.
                 unsafe { std::env::set_var("FERRY_BIN", std::fs::canonicalize(agent)?) };
             }
-            bench::run(quick, only.as_deref())
+            bench::run(quick, only.as_deref(), awake)
         }
         Task::Manifests => {
             cargo(&["build", "--bin", "ferry"])?;
