@@ -678,86 +678,16 @@ fn markdown_tables(report: &Report) -> String {
 }
 
 /// What profiling showed, and what was done about it; kept here so a full run keeps it in the doc.
-const PROFILE: &str = "## Where the time goes\n\n\
-`perf record -a -g` during a cross-node mTLS bulk transfer (2 cores shared by sender, two agents \
-and sink; `cargo xtask bench --only \"mTLS bulk 1\"` runs just that case): the agents take 80% of \
-all samples, 70% of theirs in the kernel: copies to and from user space 21%, time with interrupts \
-off in TCP transmit and wake-ups of the receiving side 22% (`_raw_spin_unlock_irqrestore`), \
-softirqs 6%; AES-GCM 11%, user-space copies 4% (rustls records). Each byte crosses three TCP \
-connections (app -> agent, agent -> agent, agent -> app) where direct TCP crosses one, and is \
-sealed and opened once: on two cores that, not the proxy's own code, is what bounds bulk. New \
-connections and round trips are bound by wake-ups: during a connect/echo/close loop 72% of the \
-agents' time is in the kernel (TCP connect, accept, close; waking the next process in the chain) \
-and user space is spread thin (no function above 2%); a round trip through Ferry wakes six \
-processes in turn where direct TCP wakes two, and on an idle VM each wake-up of a halted vCPU is an \
-IPI and a VM exit.\n\n\
-Done so far, and what it bought: 64 KiB relay buffers instead of tokio's 8 KiB (about 2x bulk on \
-every proxied path); same-node traffic handed from the outbound to the inbound side inside the agent \
-(one proxy hop instead of two, no TLS); pooled HBONE connections (new app connections cost one \
-HTTP/2 stream, not a TCP and TLS handshake); `splice(2)` through a pipe for relays between two \
-kernel sockets (same-node, passthrough, 15006), so those bytes never enter user space (same-node \
-bulk 0.45x -> 0.54x direct); jemalloc instead of glibc's malloc (RSS does not ratchet up under \
-churn, see testing.md); HBONE streams driven by h2 directly instead of hyper's CONNECT upgrade, \
-which handed every write to another task through a channel (cross-node mTLS bulk 5.98 -> 6.90 \
-Gbit/s, saturated 1 B round trip p50 148 -> 130 us, new connections 1675 -> 1847/s). \
-Then, measured A/B in one sandbox with `--agent` (5 x 3 s each): the app's first bytes sent right \
-behind the CONNECT instead of after its answer, one round trip earlier (cross-node mTLS new \
-connections 1651 -> 2223/s, 0.19x -> 0.25x direct); an HBONE relay of our own instead of \
-`copy_bidirectional` over an adapter: socket reads handed to h2 without a copy, frames written from \
-h2's buffers, and no zeroed 64 KiB buffers per connection (jemalloc zeroed each with `madvise`, a TLB \
-shootdown IPI, 4% of the agents' time in the new-connection loop); relays that grow their step \
-when a connection moves bulk, splice pipes 64 KiB -> 1 MiB and HBONE reads 64 KiB -> 1 MiB (same-node \
-bulk 10.6 -> 17.4 Gbit/s, 0.50x -> 0.84x, agent CPU 70% -> 45%; cross-node mTLS bulk 5.84 -> 7.55 \
-Gbit/s); one runtime worker instead of two on a two-core node (the default is now half the CPUs, \
-one to two): a second worker mostly woke up (a futex call and an IPI) to find nothing to steal \
-(cross-node mTLS new connections 2366 -> 2672/s, same-node 5174 -> 5578/s, same-node bulk 1 stream \
-16.0 -> 18.0 Gbit/s but 4 streams 19.2 -> 17.3, round trips unchanged). Tried without a measurable \
-effect: AES-128-GCM preferred over AES-256-GCM (cross-node mTLS bulk 8.54 vs 8.54 and 8.60 vs 8.32 \
-Gbit/s; ztunnel's order kept); a 64 KiB read buffer under rustls, which reads 4 KiB per syscall \
-(kept: fewer syscalls, same throughput).\n\n\
-Measurement note: runs before 2026-11-23T16:25Z capped direct new connections at about 5000/s: the \
-client pod ran out of ephemeral ports, each closed connection waiting in TIME_WAIT. Sandbox pods \
-now reuse TIME_WAIT ports (`tcp_tw_reuse=1`, ports 20000-65535); direct reaches about 9000-9700/s.\n\n\
-Where the bar is still missed, and why: cross-node mTLS bulk (three TCP connections and two AES \
-passes per byte on two shared cores: each agent does the copying work of a sender plus a receiver; \
-kTLS, so the kernel seals while it copies, cannot be tried on this VM: its kernel has no `tls` ULP \
-and loads no modules), cross-node round-trip latency and new connections (six wake-ups per round \
-trip, two extra TCP connections per app connection, both in the kernel). `perf sched timehist` of \
-fixed-rate round trips shows where: each agent needs 10-25 us from its wake-up to waking the next \
-process, and the chain twice wakes a halted vCPU (this Firecracker guest runs cpuidle haltpoll with \
-`guest_halt_poll_ns=0`), 30-40 us each; direct TCP has one or two such wake-ups in all. Next: \
-sockmap/sk_msg redirection between the app's and the agent's local sockets, which removes the \
-loopback TCP processing on each side (not the wake-ups). \
-Until 2026-11-23T21:20Z same-node fixed-rate round trips were bimodal: in some repetitions every \
-round trip took one request interval longer (p50 ~625 us = 500 + ~125 us), with older builds too. \
-The sandbox's echo server ran with Nagle's algorithm on: an echo written while the previous one was \
-still unacknowledged waited for the next request to carry the ACK, and an open-loop client, once in \
-that lockstep, stays in it. The echo server now sets TCP_NODELAY, as Go's net package and most RPC \
-servers do; the full run after that measured same-node 1.10x. Same-node bulk sits at its \
-bar: 0.696x to 0.84x direct over the last full and single-case runs, while direct same-node bulk \
-itself moved between 20.6 and 23.1 Gbit/s from one full run to the next.\n";
+/// Heads the generated part of docs/performance.md; the prose above it is written by hand.
+const RESULTS_HEADING: &str = "## Latest full run\n";
 
+/// Replaces everything from [`RESULTS_HEADING`] on with `results`, keeping the prose before it.
 fn write_performance_doc(path: &Path, results: &str) -> Result<()> {
-    let doc = format!(
-        "# Performance\n\n\
-         Measured with `cargo xtask bench` (about 10 minutes; `--quick` is a one-minute smoke run) in the \
-         netns sandbox: two nodes joined by a veth, pods as network namespaces with cgroups. Each case \
-         runs every path back to back (interleaved) and is repeated; the table gives medians with their \
-         range, and ratios to direct TCP between unmeshed pods of the same topology, measured in the same \
-         run. Latency ratios depend on how busy the machine is: compare ratios, not absolute numbers.\n\n\
-         Paths: *direct* (unmeshed pods, no agent), *ferry same-node* (one agent, in-process hand-off), \
-         *ferry cross-node mTLS* (HBONE between two agents), *ferry cross-node plain* (two agents, plain \
-         TCP between them: the proxy's cost without the crypto). Workloads: one-way bulk to a discarding \
-         server over 1 and 4 connections; request/response of 1 B and 1 KiB, closed loop (saturated) and \
-         open loop at a fixed rate (latency from each request's scheduled time, so stalls are not hidden); \
-         new connections per second (connect, 1-byte echo, close). Agent CPU is both agents' CPU time over \
-         the case's wall time (100 = one core); RSS is both agents' resident memory.\n\n\
-         Reproduce: `cargo xtask bench` (results under target/bench/ as JSON, markdown and PNG; a full run \
-         rewrites this file). `--only CASE` runs just the cases whose \"path workload\" contains CASE \
-         (e.g. `--only \"mTLS new\"`, to profile one), `--agent PATH` runs another build of `ferry` as \
-         the agent (A/B against a change in the same sandbox).\n\n{PROFILE}\n## Latest full run\n\n{results}"
-    );
-    std::fs::write(path, doc)?;
+    let doc = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let Some(at) = doc.find(RESULTS_HEADING) else {
+        bail!("{} has no {RESULTS_HEADING:?} line to put the results under", path.display());
+    };
+    std::fs::write(path, format!("{}{RESULTS_HEADING}\n{results}", &doc[..at]))?;
     Ok(())
 }
 
