@@ -112,10 +112,38 @@ struct Report {
 
 #[derive(Debug, Serialize)]
 struct Target {
-    what: &'static str,
-    bar: &'static str,
+    what: String,
+    bar: String,
     measured: Option<f64>,
     met: Option<bool>,
+}
+
+/// What a measured value must be to meet a target.
+#[derive(Debug, Clone, Copy)]
+enum Bar {
+    AtLeast(f64),
+    AtMost(f64),
+    Below(f64),
+}
+
+impl Bar {
+    fn met(self, measured: f64) -> bool {
+        match self {
+            Bar::AtLeast(limit) => measured >= limit,
+            Bar::AtMost(limit) => measured <= limit,
+            Bar::Below(limit) => measured < limit,
+        }
+    }
+}
+
+impl std::fmt::Display for Bar {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Bar::AtLeast(limit) => write!(f, ">= {limit}"),
+            Bar::AtMost(limit) => write!(f, "<= {limit}"),
+            Bar::Below(limit) => write!(f, "< {limit}"),
+        }
+    }
 }
 
 pub(crate) fn run(quick: bool, only: Option<&str>, awake: bool) -> Result<()> {
@@ -505,17 +533,11 @@ fn find<'a>(summary: &'a [Summary], path: &str, metric: &str) -> Option<&'a Summ
 
 fn targets(summary: &[Summary], scale: &[ScaleRow]) -> Vec<Target> {
     let ratio = |path, metric| find(summary, path, metric).and_then(|s| s.ratio);
-    let at_least = |what, bar, measured: Option<f64>, limit: f64| Target {
-        what,
-        bar,
+    let target = |what: &str, bar: Bar, measured: Option<f64>| Target {
+        what: what.to_owned(),
+        bar: bar.to_string(),
         measured,
-        met: measured.map(|m| m >= limit),
-    };
-    let at_most = |what, bar, measured: Option<f64>, limit: f64| Target {
-        what,
-        bar,
-        measured,
-        met: measured.map(|m| m <= limit),
+        met: measured.map(|m| bar.met(m)),
     };
     let biggest = scale.iter().max_by_key(|r| r.pods);
     let smallest = scale.iter().min_by_key(|r| r.pods);
@@ -525,50 +547,21 @@ fn targets(summary: &[Summary], scale: &[ScaleRow]) -> Vec<Target> {
         }
         _ => None,
     };
+    let mtls = "ferry cross-node mTLS";
+    let same = "ferry same-node";
     vec![
-        at_least(
-            "cross-node mTLS bulk, 1 stream (x direct)",
-            ">= 0.5",
-            ratio("ferry cross-node mTLS", "bulk 1 stream"),
-            0.5,
-        ),
-        at_least(
-            "same-node bulk, 1 stream (x direct)",
-            ">= 0.7",
-            ratio("ferry same-node", "bulk 1 stream"),
-            0.7,
-        ),
-        at_most(
-            "cross-node mTLS rr 1B p50 (x direct)",
-            "<= 1.8",
-            ratio("ferry cross-node mTLS", "rr 1B fixed-rate p50"),
-            1.8,
-        ),
-        at_most(
-            "cross-node mTLS rr 1B p99 (x direct)",
-            "<= 2.0",
-            ratio("ferry cross-node mTLS", "rr 1B fixed-rate p99"),
-            2.0,
-        ),
-        at_most(
-            "same-node rr 1B p50 (x direct)",
-            "<= 1.5",
-            ratio("ferry same-node", "rr 1B fixed-rate p50"),
-            1.5,
-        ),
-        at_least(
-            "cross-node new connections/s (x direct)",
-            ">= 0.4",
-            ratio("ferry cross-node mTLS", "new connections"),
-            0.4,
-        ),
-        at_most(
-            "agent RSS with the most pods (MiB)",
-            "< 40 (at 200 pods)",
+        target("cross-node mTLS bulk, 1 stream (x direct)", Bar::AtLeast(0.5), ratio(mtls, "bulk 1 stream")),
+        target("same-node bulk, 1 stream (x direct)", Bar::AtLeast(0.7), ratio(same, "bulk 1 stream")),
+        target("cross-node mTLS rr 1B p50 (x direct)", Bar::AtMost(1.8), ratio(mtls, "rr 1B fixed-rate p50")),
+        target("cross-node mTLS rr 1B p99 (x direct)", Bar::AtMost(2.0), ratio(mtls, "rr 1B fixed-rate p99")),
+        target("same-node rr 1B p50 (x direct)", Bar::AtMost(1.5), ratio(same, "rr 1B fixed-rate p50")),
+        target("cross-node new connections/s (x direct)", Bar::AtLeast(0.4), ratio(mtls, "new connections")),
+        target(
+            &format!("agent RSS with {} pods (MiB)", biggest.map_or(0, |r| r.pods)),
+            Bar::Below(40.0),
             biggest.map(|r| r.idle_rss_kib as f64 / 1024.0),
-            40.0,
         ),
-        at_most("agent RSS growth per idle pod (KiB)", "< 64", growth, 64.0),
+        target("agent RSS growth per idle pod (KiB)", Bar::Below(64.0), growth),
     ]
 }
 
@@ -767,4 +760,108 @@ fn chart(report: &Report, path: &Path) -> Result<()> {
         .draw()?;
     root.present()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(path: &'static str, metric: &str, repetition: usize, value: f64) -> Sample {
+        Sample {
+            path,
+            metric: metric.into(),
+            unit: "us",
+            repetition,
+            value,
+            agent_cpu_percent: 0.0,
+            agent_rss_kib: 0,
+        }
+    }
+
+    #[test]
+    fn ratios_pair_each_repetition_with_the_direct_run_beside_it() {
+        let metric = "rr 1B fixed-rate p50";
+        let mtls = "ferry cross-node mTLS";
+        let samples = vec![
+            sample(DIRECT_CROSS, metric, 0, 100.0),
+            sample(mtls, metric, 0, 200.0),
+            sample(DIRECT_CROSS, metric, 1, 50.0),
+            sample(mtls, metric, 1, 150.0),
+            sample(DIRECT_CROSS, metric, 2, 80.0),
+            sample(mtls, metric, 2, 200.0),
+        ];
+        let summary = summarize(&samples);
+        let direct = find(&summary, DIRECT_CROSS, metric).unwrap();
+        assert_eq!((direct.median, direct.min, direct.max, direct.ratio), (80.0, 50.0, 100.0, None));
+        let ferry = find(&summary, mtls, metric).unwrap();
+        // Per repetition 2.0, 3.0 and 2.5: not the ratio of the medians (200 / 80).
+        assert_eq!((ferry.ratio, ferry.ratio_min, ferry.ratio_max), (Some(2.5), Some(2.0), Some(3.0)));
+        assert_eq!(ferry.median, 200.0);
+    }
+
+    #[test]
+    fn a_path_without_its_direct_run_has_no_ratio() {
+        let summary = summarize(&[sample("ferry same-node", "new connections", 0, 5000.0)]);
+        assert_eq!(summary.len(), 1);
+        assert_eq!(summary[0].ratio, None);
+    }
+
+    fn row(pods: usize, idle_rss_kib: u64) -> ScaleRow {
+        ScaleRow {
+            pods,
+            startup_ms: 0.0,
+            idle_rss_kib,
+            idle_cpu_percent: 0.0,
+            connected_rss_kib: 0,
+            connected_cpu_percent: 0.0,
+            policy_change_ms: 0.0,
+        }
+    }
+
+    #[test]
+    fn targets_compare_each_ratio_with_its_bar_and_leave_unmeasured_ones_open() {
+        let samples = vec![
+            sample(DIRECT_CROSS, "bulk 1 stream", 0, 20.0),
+            sample("ferry cross-node mTLS", "bulk 1 stream", 0, 10.0),
+            sample(DIRECT_CROSS, "rr 1B fixed-rate p50", 0, 100.0),
+            sample("ferry cross-node mTLS", "rr 1B fixed-rate p50", 0, 181.0),
+        ];
+        let scale = [row(200, 40 * 1024), row(10, 30 * 1024)];
+        let targets = targets(&summarize(&samples), &scale);
+        let get = |what: &str| targets.iter().find(|t| t.what.starts_with(what)).unwrap();
+        let bulk = get("cross-node mTLS bulk");
+        assert_eq!((bulk.bar.as_str(), bulk.measured, bulk.met), (">= 0.5", Some(0.5), Some(true)));
+        let p50 = get("cross-node mTLS rr 1B p50");
+        assert_eq!((p50.bar.as_str(), p50.met), ("<= 1.8", Some(false)));
+        let cps = get("cross-node new connections");
+        assert_eq!((cps.measured, cps.met), (None, None));
+        // 40 MiB is not below 40 MiB; growth is (40 - 30) MiB over 190 pods.
+        let rss = get("agent RSS with 200 pods");
+        assert_eq!((rss.bar.as_str(), rss.measured, rss.met), ("< 40", Some(40.0), Some(false)));
+        let growth = get("agent RSS growth per idle pod");
+        assert_eq!(growth.measured, Some(10.0 * 1024.0 / 190.0));
+        assert_eq!(growth.met, Some(true));
+    }
+
+    #[test]
+    fn a_full_run_replaces_only_the_results_under_their_heading() {
+        struct RemoveOnDrop(std::path::PathBuf);
+        impl Drop for RemoveOnDrop {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+        let dir = RemoveOnDrop(std::env::temp_dir().join(format!("ferry-bench-doc-{}", std::process::id())));
+        std::fs::create_dir_all(&dir.0).unwrap();
+        let path = dir.0.join("performance.md");
+        std::fs::write(&path, "# Performance\n\nProse.\n\n## Latest full run\n\nold tables\n").unwrap();
+        write_performance_doc(&path, "new tables\n").unwrap();
+        let doc = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(doc, "# Performance\n\nProse.\n\n## Latest full run\n\nnew tables\n");
+
+        std::fs::write(&path, "# Performance\n\nNo results section.\n").unwrap();
+        let err = write_performance_doc(&path, "new tables\n").unwrap_err().to_string();
+        assert!(err.contains("## Latest full run"), "{err}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "# Performance\n\nNo results section.\n");
+    }
 }
