@@ -670,7 +670,6 @@ fn markdown_tables(report: &Report) -> String {
     md
 }
 
-/// What profiling showed, and what was done about it; kept here so a full run keeps it in the doc.
 /// Heads the generated part of docs/performance.md; the prose above it is written by hand.
 const RESULTS_HEADING: &str = "## Latest full run\n";
 
