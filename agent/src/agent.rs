@@ -101,7 +101,7 @@ pub async fn run(options: Options, log: LogControl) -> anyhow::Result<()> {
     let certs = Arc::new(cert_manager(client, &config)?);
     tracing::info!(signer = %certs.signer_name(), "workload certificates");
     tokio::spawn(certs.clone().rotate());
-    let telemetry = Telemetry::new(counters.clone(), certs.clone());
+    let telemetry = Telemetry::new(counters.clone(), certs.clone(), &log);
     let mut node_loops = JoinSet::new();
     let mut node_listeners = Vec::new();
     for (name, addr) in [(upgrade::METRICS, config.metrics_addr), (upgrade::READINESS, config.readiness_addr)]

@@ -73,7 +73,8 @@ fn main() -> ExitCode {
     }
 }
 
-/// Runs a long-lived command on a multi-threaded runtime; its error is logged.
+/// Runs a long-lived command on a multi-threaded runtime; its error is logged, and the log
+/// written out before the process exits.
 fn serve(task: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
     let workers = std::env::var("FERRY_WORKER_THREADS").ok().and_then(|v| v.parse().ok());
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -87,13 +88,15 @@ fn serve(task: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCod
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(task) {
+    let code = match runtime.block_on(task) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
             ExitCode::FAILURE
         }
-    }
+    };
+    telemetry::flush_logs();
+    code
 }
 
 /// Half the CPUs this process may use, at least one and at most two (ztunnel's default): the

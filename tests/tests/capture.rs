@@ -188,6 +188,7 @@ fn reload_releases_removed_workloads_and_rejects_bad_config() {
     assert!(matches!(sb.pod("b").connect(addr(&sb, "u", 8080), 10).unwrap(), ConnectOutcome::Echoed { .. }));
     assert_eq!(metric(&sb, "node1", REDIRECTED), 1.0);
     assert_eq!(metric(&sb, "node1", "ferry_meshed_workloads"), 2.0);
+    assert_eq!(metric(&sb, "node1", "ferry_log_lines_dropped_total"), 0.0);
 
     // A config that fails to parse changes nothing.
     sb.reload_agent("node1", "node: node1\nworkloads: [{bogus: 1}]\n").unwrap();

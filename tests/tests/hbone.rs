@@ -245,8 +245,8 @@ fn rotation_keeps_open_connections_and_new_handshakes_get_the_new_certificate() 
     // A long-lived connection across several rotations (every second).
     let streamed = sb.pod("a").stream(addr(&sb, "c", PORT), 4).unwrap();
     assert!(streamed > 100, "only {streamed} round trips");
-    let issued = sb.agent_log("node2").matches("certificate issued").count();
-    assert!(issued >= 4, "node2 issued {issued} certificates in 4 s with a 2 s TTL");
+    // Four certificates in the 4 s of the stream with a 2 s TTL (log lines may trail by a batch).
+    sb.wait_for_log("node2", "certificate issued", 4).unwrap();
 
     // New handshakes present the current certificate.
     let cert = sb.issue_cert(&sb.ca_dir(), &spiffe("py"), "py").unwrap();

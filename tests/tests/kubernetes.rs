@@ -249,7 +249,7 @@ fn policies_applied_with_kubectl_are_enforced_and_invalid_ones_refused() {
     api.apply(&deny).unwrap();
     let took = wait_until_a_reaches_b(&sb, false, "policy enforced");
     eprintln!("policy enforced {took:?} after kubectl apply returned");
-    assert!(sb.agent_log("node1").contains("shop/deny-a"), "{}", sb.agent_log("node1"));
+    sb.wait_for_log("node1", "shop/deny-a", 1).unwrap();
 
     // The CRD's schema (generated from the policy types) refuses what the agent could not use.
     for (bad, field) in
@@ -556,8 +556,7 @@ fn the_signer_certifies_local_workloads_and_refuses_the_rest() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(echoed(&sb, "a", "b"));
-    let log = sb.agent_log("node1");
-    assert!(log.contains("CertificateSigningRequests to ferry.dev/workload"), "{log}");
+    sb.wait_for_log("node1", "CertificateSigningRequests to ferry.dev/workload", 1).unwrap();
 
     // The agent's certificates chain to the published root and name the pods' identities.
     let certs = sb.ferry_json("node1", &["certs"]).unwrap();

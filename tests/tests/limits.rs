@@ -38,7 +38,7 @@ fn connection_limit_refuses_extra_connections_and_idle_ones_are_closed() {
     assert!(matches!(outcome, ConnectOutcome::Reset { .. }), "{outcome:?}");
     let limit = "ferry_proxy_connection_failures_total{direction=\"outbound\",reason=\"limit\"}";
     assert_eq!(sb.metric("node1", limit).unwrap(), 1.0);
-    assert!(sb.agent_log("node1").contains("connection limit reached"));
+    sb.wait_for_log("node1", "connection limit reached", 1).unwrap();
 
     // The quiet ones are closed by the idle timeout, which frees the quota.
     wait_until("idle connections to close", Duration::from_secs(5), || live_connections(&sb) == 0);
@@ -77,7 +77,7 @@ fn a_silent_peer_on_15008_is_cut_off_after_the_handshake_timeout() {
     );
     let series = "ferry_proxy_connection_failures_total{direction=\"inbound\",reason=\"tls_handshake\"}";
     assert_eq!(sb.metric("node2", series).unwrap(), 2.0);
-    assert!(sb.agent_log("node2").contains("TLS handshake timed out"));
+    sb.wait_for_log("node2", "TLS handshake timed out", 1).unwrap();
 
     // A peer with a valid certificate that completes TLS and then sends nothing, not even the
     // HTTP/2 preface, gets as long for its first request.
@@ -90,5 +90,5 @@ fn a_silent_peer_on_15008_is_cut_off_after_the_handshake_timeout() {
     assert!((0.8..3.0).contains(&closed_after), "closed after {closed_after} s");
     let series = "ferry_proxy_connection_failures_total{direction=\"inbound\",reason=\"idle\"}";
     assert_eq!(sb.metric("node2", series).unwrap(), 1.0);
-    assert!(sb.agent_log("node2").contains("no HBONE request within 1s of the TLS handshake"));
+    sb.wait_for_log("node2", "no HBONE request within 1s of the TLS handshake", 1).unwrap();
 }

@@ -76,8 +76,8 @@ fn deny_policy_blocks_one_service_account_and_not_another() {
         ),
         1.0
     );
-    let log = sb.agent_log("node2");
-    assert!(log.contains("connection denied") && log.contains("policy=\"default/deny-a\""), "{log}");
+    sb.wait_for_log("node2", "connection denied", 1).unwrap();
+    sb.wait_for_log("node2", "policy=\"default/deny-a\"", 1).unwrap();
 }
 
 #[test]
@@ -134,7 +134,7 @@ fn dry_run_lets_traffic_through_and_counts_the_would_be_deny() {
         1.0
     );
     assert_eq!(metric(&sb, "node2", "ferry_policy_verdicts_total{verdict=\"allow\",policy=\"none\"}"), 1.0);
-    assert!(sb.agent_log("node2").contains("dry-run: would be denied"));
+    sb.wait_for_log("node2", "dry-run: would be denied", 1).unwrap();
 }
 
 #[test]
@@ -154,7 +154,7 @@ fn policy_changes_close_open_connections_and_removal_restores_traffic() {
         assert!(!outcome.starts_with("streamed"), "the denied connection survived: {outcome}");
     });
     sb.wait_for_log("node2", "closed by a policy change", 1).unwrap();
-    assert!(sb.agent_log("node2").contains("closed_by_policy=1"));
+    sb.wait_for_log("node2", "closed_by_policy=1", 1).unwrap();
     // New connections are denied at once, b is untouched.
     assert!(matches!(sb.pod("a").connect(addr(&sb, "c"), 10).unwrap(), ConnectOutcome::Reset { .. }));
     assert!(echoed(&sb.pod("b").connect(addr(&sb, "c"), 10).unwrap()));

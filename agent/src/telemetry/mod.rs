@@ -25,7 +25,7 @@ use prometheus_client::{
 use tokio::net::TcpListener;
 
 pub use flows::{FlowEvent, FlowKind, FlowLog, now_ms};
-pub use logging::{LogControl, LogFormat, init_logging};
+pub use logging::{LogControl, LogFormat, flush_logs, init_logging};
 pub use metrics::{ConnectionLabels, Direction, FailureReason, ProxyMetrics, Side, VerdictKind};
 
 use crate::{datapath::Counters, identity::CertManager};
@@ -91,7 +91,7 @@ pub struct Telemetry {
 }
 
 impl Telemetry {
-    pub fn new(datapath: Counters, certs: Arc<CertManager>) -> Arc<Telemetry> {
+    pub fn new(datapath: Counters, certs: Arc<CertManager>, log: &LogControl) -> Arc<Telemetry> {
         let mut registry = Registry::default();
         let proxy = Arc::new(ProxyMetrics::default());
         proxy.register(&mut registry);
@@ -100,6 +100,11 @@ impl Telemetry {
             "ferry_meshed_workloads",
             "Workloads captured on this node",
             meshed_workloads.clone(),
+        );
+        registry.register(
+            "ferry_log_lines_dropped",
+            "Log lines dropped because the log output (stderr) was not keeping up",
+            log.dropped_lines(),
         );
         registry.register(
             "ferry_build",
