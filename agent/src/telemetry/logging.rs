@@ -8,8 +8,8 @@
 
 use std::{
     io::{self, Write},
-    sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock},
-    time::Duration,
+    sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, TryLockError},
+    time::{Duration, Instant},
 };
 
 use prometheus_client::metrics::counter::Counter;
@@ -19,6 +19,8 @@ use tracing_subscriber::{EnvFilter, Layer, Registry, layer::SubscriberExt, reloa
 const BATCH_DELAY: Duration = Duration::from_millis(5);
 /// Lines waiting beyond this (stderr is not keeping up) are dropped and counted.
 const MAX_PENDING_BYTES: usize = 4 << 20;
+/// How long an exiting agent waits for a stuck output before it leaves the last lines behind.
+const EXIT_PATIENCE: Duration = Duration::from_secs(2);
 /// A batch buffer larger than this after a burst is given back.
 const KEEP_CAPACITY: usize = 64 << 10;
 
@@ -75,7 +77,7 @@ static BATCHER: OnceLock<Arc<Batcher>> = OnceLock::new();
 /// Writes out the lines still waiting; the process calls it before it exits.
 pub fn flush_logs() {
     if let Some(batcher) = BATCHER.get() {
-        batcher.write_out();
+        batcher.write_out(EXIT_PATIENCE);
     }
 }
 
@@ -84,7 +86,6 @@ pub fn flush_logs() {
 struct Batcher {
     pending: Mutex<Pending>,
     arrived: Condvar,
-    /// Held while a batch is taken and written, so batches never interleave.
     output: Mutex<Box<dyn Write + Send>>,
     max_pending: usize,
     dropped: Counter,
@@ -144,16 +145,32 @@ impl Batcher {
             }
             drop(pending);
             std::thread::sleep(BATCH_DELAY);
-            self.write_batch(&mut batch);
+            let mut output = self.output.lock().unwrap_or_else(|e| e.into_inner());
+            self.write_batch(&mut **output, &mut batch);
         }
     }
 
-    fn write_out(&self) {
-        self.write_batch(&mut Vec::new());
+    /// Writes out what is waiting, unless the writer thread has been stuck in a write for
+    /// `patience`: exiting must not hang on a stalled stderr.
+    fn write_out(&self, patience: Duration) {
+        let deadline = Instant::now() + patience;
+        loop {
+            match self.output.try_lock() {
+                Ok(mut output) => return self.write_batch(&mut **output, &mut Vec::new()),
+                Err(TryLockError::Poisoned(e)) => {
+                    return self.write_batch(&mut **e.into_inner(), &mut Vec::new());
+                }
+                Err(TryLockError::WouldBlock) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(TryLockError::WouldBlock) => return,
+            }
+        }
     }
 
-    fn write_batch(&self, batch: &mut Vec<u8>) {
-        let mut output = self.output.lock().unwrap_or_else(|e| e.into_inner());
+    /// Takes what is waiting into `batch` (kept for its capacity) and writes it to `output`,
+    /// which the caller holds locked so batches never interleave.
+    fn write_batch(&self, output: &mut dyn Write, batch: &mut Vec<u8>) {
         let dropped = {
             let mut pending = self.pending();
             std::mem::swap(batch, &mut pending.lines);
@@ -183,10 +200,7 @@ impl Write for &Batcher {
 
 #[cfg(test)]
 mod tests {
-    use std::{
-        sync::mpsc,
-        time::{Duration, Instant},
-    };
+    use std::sync::mpsc;
 
     use super::*;
 
@@ -267,6 +281,9 @@ mod tests {
             std::thread::sleep(Duration::from_millis(1));
         }
         assert_eq!(batcher.dropped.get(), 40, "1000 bytes hold 10 lines of 100");
+        let exiting = Instant::now();
+        batcher.write_out(Duration::from_millis(100));
+        assert!(exiting.elapsed() < Duration::from_secs(2), "exiting hung on the stalled output");
 
         // Released: the first batch, then the ten kept lines and the count of the dropped ones.
         for _ in 0..2 {
