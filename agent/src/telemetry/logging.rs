@@ -62,7 +62,7 @@ pub fn init_logging(format: LogFormat) -> LogControl {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let (filter, handle) = reload::Layer::new(filter);
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let batcher = BATCHER.get_or_init(|| Batcher::start(Box::new(io::stderr()), MAX_PENDING_BYTES));
+    let batcher = BATCHER.get_or_init(|| Batcher::start(Box::new(io::stderr()), format, MAX_PENDING_BYTES));
     let output = tracing_subscriber::fmt::layer().with_ansi(ansi).with_writer(batcher.clone());
     let output: Box<dyn Layer<Registry> + Send + Sync> = match format {
         LogFormat::Text => output.boxed(),
@@ -87,6 +87,8 @@ struct Batcher {
     pending: Mutex<Pending>,
     arrived: Condvar,
     output: Mutex<Box<dyn Write + Send>>,
+    /// For the line that reports dropped lines.
+    format: LogFormat,
     max_pending: usize,
     dropped: Counter,
 }
@@ -99,11 +101,12 @@ struct Pending {
 }
 
 impl Batcher {
-    fn start(output: Box<dyn Write + Send>, max_pending: usize) -> Arc<Batcher> {
+    fn start(output: Box<dyn Write + Send>, format: LogFormat, max_pending: usize) -> Arc<Batcher> {
         let batcher = Arc::new(Batcher {
             pending: Mutex::default(),
             arrived: Condvar::new(),
             output: Mutex::new(output),
+            format,
             max_pending,
             dropped: Counter::default(),
         });
@@ -177,13 +180,28 @@ impl Batcher {
             std::mem::take(&mut pending.dropped)
         };
         if dropped > 0 {
-            let notice = format!("ferry: {dropped} log lines dropped: the log output was not keeping up\n");
-            batch.extend_from_slice(notice.as_bytes());
+            batch.extend_from_slice(self.dropped_notice(dropped).as_bytes());
         }
         // Nowhere to report a failing stderr: the lines are lost, the agent goes on.
         let _ = output.write_all(batch).and_then(|()| output.flush());
         batch.clear();
         batch.shrink_to(KEEP_CAPACITY);
+    }
+
+    /// A warning line in the output's format, after the lines that made it.
+    fn dropped_notice(&self, dropped: u64) -> String {
+        let time = humantime::format_rfc3339_micros(std::time::SystemTime::now());
+        let (target, message) = (module_path!(), "log lines dropped: the log output was not keeping up");
+        match self.format {
+            LogFormat::Text => format!("{time}  WARN {target}: {message} dropped={dropped}\n"),
+            LogFormat::Json => {
+                let line = serde_json::json!({
+                    "timestamp": time.to_string(), "level": "WARN", "message": message,
+                    "dropped": dropped, "target": target,
+                });
+                format!("{line}\n")
+            }
+        }
     }
 }
 
@@ -248,7 +266,7 @@ mod tests {
     #[test]
     fn lines_arrive_whole_in_order_and_in_few_writes() {
         let output = Recorder::default();
-        let batcher = Batcher::start(Box::new(output.clone()), MAX_PENDING_BYTES);
+        let batcher = Batcher::start(Box::new(output.clone()), LogFormat::Text, MAX_PENDING_BYTES);
         let lines: Vec<String> = (0..1000).map(|i| format!("line {i}\n")).collect();
         for line in &lines {
             (&*batcher).write_all(line.as_bytes()).unwrap();
@@ -265,7 +283,7 @@ mod tests {
         let (release, release_rx) = mpsc::channel();
         let output =
             Recorder { hold: Some(Arc::new(Mutex::new((entered_tx, release_rx)))), ..Default::default() };
-        let batcher = Batcher::start(Box::new(output.clone()), 1000);
+        let batcher = Batcher::start(Box::new(output.clone()), LogFormat::Json, 1000);
         (&*batcher).write_all(b"first\n").unwrap();
         // The writer is now stuck writing the first batch, as on a full pipe.
         entered.recv_timeout(Duration::from_secs(5)).expect("the writer never wrote");
@@ -292,6 +310,11 @@ mod tests {
         let text = output.wait_for(|text| text.contains("dropped"));
         assert!(text.starts_with("first\n"), "{text}");
         assert_eq!(text.matches(&"x".repeat(99)).count(), 10, "{text}");
-        assert!(text.ends_with("ferry: 40 log lines dropped: the log output was not keeping up\n"), "{text}");
+        let notice: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+        assert_eq!(
+            (notice["level"].as_str(), notice["dropped"].as_u64()),
+            (Some("WARN"), Some(40)),
+            "{text}"
+        );
     }
 }
