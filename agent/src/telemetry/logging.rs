@@ -157,18 +157,17 @@ impl Batcher {
     /// `patience`: exiting must not hang on a stalled stderr.
     fn write_out(&self, patience: Duration) {
         let deadline = Instant::now() + patience;
-        loop {
+        let mut output = loop {
             match self.output.try_lock() {
-                Ok(mut output) => return self.write_batch(&mut **output, &mut Vec::new()),
-                Err(TryLockError::Poisoned(e)) => {
-                    return self.write_batch(&mut **e.into_inner(), &mut Vec::new());
-                }
+                Ok(output) => break output,
+                Err(TryLockError::Poisoned(e)) => break e.into_inner(),
                 Err(TryLockError::WouldBlock) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(10));
                 }
                 Err(TryLockError::WouldBlock) => return,
             }
-        }
+        };
+        self.write_batch(&mut **output, &mut Vec::new());
     }
 
     /// Takes what is waiting into `batch` (kept for its capacity) and writes it to `output`,
