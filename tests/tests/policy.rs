@@ -234,6 +234,51 @@ fn metrics_count_exact_connections_and_bytes_with_istio_labels() {
 }
 
 #[test]
+fn byte_counters_follow_a_long_lived_connection_and_end_exact() {
+    let mut sb = sandbox("livebytes");
+    sb.start_agent("node2", None).unwrap();
+    let _server = sb.pod("c").serve(PORT).unwrap();
+    // One connection, a 1-byte ping-pong every 10 ms for 3 s.
+    let client = sb.pod("a").spawn_app(&["stream", &addr(&sb, "c").to_string(), "3"]).unwrap();
+    let series = |node: &str, name: &str| {
+        let reporter = if node == "node1" { "source" } else { "destination" };
+        let samples = parse_metrics(&sb.metrics(node).unwrap()).unwrap();
+        sum_samples(
+            &samples,
+            name,
+            &[("reporter", reporter), ("source_workload", "a"), ("destination_workload", "c")],
+        )
+    };
+    // While it is open, each scrape shows the bytes moved so far, growing.
+    std::thread::sleep(Duration::from_millis(500));
+    for node in ["node1", "node2"] {
+        let first = series(node, "istio_tcp_received_bytes_total");
+        assert!(first > 0.0, "{node}: no bytes counted for an open connection");
+        std::thread::sleep(Duration::from_millis(300));
+        let second = series(node, "istio_tcp_received_bytes_total");
+        assert!(second > first, "{node}: byte count stuck at {first} while bytes flow");
+        assert!(series(node, "istio_tcp_sent_bytes_total") > 0.0, "{node}");
+        assert_eq!(series(node, "istio_tcp_connections_closed_total"), 0.0, "{node}: closed early");
+    }
+    let output = client.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let exchanged: f64 = match stdout.split_whitespace().collect::<Vec<_>>().as_slice() {
+        ["streamed", n] => n.parse().unwrap(),
+        other => panic!("stream client: {other:?}"),
+    };
+    // After the close, each byte counted exactly once, by scrapes and the close together.
+    for node in ["node1", "node2"] {
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        while series(node, "istio_tcp_connections_closed_total") < 1.0 {
+            assert!(std::time::Instant::now() < deadline, "{node}: connection not closed");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(series(node, "istio_tcp_received_bytes_total"), exchanged, "{node}");
+        assert_eq!(series(node, "istio_tcp_sent_bytes_total"), exchanged, "{node}");
+    }
+}
+
+#[test]
 fn access_log_is_json_and_matches_the_connections() {
     let mut sb = sandbox("accesslog");
     sb.start_agent_with("node2", None, &["--log-format", "json"]).unwrap();

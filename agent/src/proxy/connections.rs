@@ -20,6 +20,7 @@ use crate::{
     identity::SpiffeId,
     policy::{Decision, PolicySet, Request, Verdict},
     state::Workload,
+    telemetry::{ConnectionLabels, LiveBytes, ProxyMetrics},
 };
 
 /// The inputs of the authorization decision a connection was admitted with.
@@ -68,11 +69,47 @@ struct Tracked {
     revoke: watch::Sender<Option<Decision>>,
 }
 
-/// Bytes relayed so far, updated as they flow.
-#[derive(Debug, Default)]
+/// Bytes relayed so far, updated as they flow, and how many of them the byte counters have.
+#[derive(Debug)]
 pub(super) struct ByteCounts {
     pub(super) src_to_dst: AtomicU64,
     pub(super) dst_to_src: AtomicU64,
+    counted_src_to_dst: AtomicU64,
+    counted_dst_to_src: AtomicU64,
+    /// The connection's labels on the byte counters.
+    pub(super) labels: ConnectionLabels,
+}
+
+impl ByteCounts {
+    fn new(labels: ConnectionLabels) -> ByteCounts {
+        ByteCounts {
+            src_to_dst: AtomicU64::new(0),
+            dst_to_src: AtomicU64::new(0),
+            counted_src_to_dst: AtomicU64::new(0),
+            counted_dst_to_src: AtomicU64::new(0),
+            labels,
+        }
+    }
+
+    /// (source to destination, destination to source) so far.
+    pub(super) fn totals(&self) -> (u64, u64) {
+        (self.src_to_dst.load(Ordering::Relaxed), self.dst_to_src.load(Ordering::Relaxed))
+    }
+
+    /// Adds what moved since the last call to the byte counters. A scrape and the connection's
+    /// close may race: each byte is still added once, as `fetch_max` hands every increment of
+    /// `counted` to exactly one caller.
+    pub(super) fn count(&self, metrics: &ProxyMetrics) {
+        let (received, sent) = self.totals();
+        let new = |counted: &AtomicU64, total: u64| {
+            total.saturating_sub(counted.fetch_max(total, Ordering::Relaxed))
+        };
+        metrics.relayed(
+            &self.labels,
+            new(&self.counted_src_to_dst, received),
+            new(&self.counted_dst_to_src, sent),
+        );
+    }
 }
 
 #[derive(Default)]
@@ -112,7 +149,7 @@ impl Drop for Registration {
 }
 
 impl Tracker {
-    pub(super) fn register(self: &Arc<Self>, flow: &Flow) -> Registration {
+    pub(super) fn register(self: &Arc<Self>, flow: &Flow, labels: ConnectionLabels) -> Registration {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let admission = flow.admission.clone();
         let (revoke, revoked) = watch::channel(None);
@@ -128,7 +165,7 @@ impl Tracker {
             bytes_dst_to_src: 0,
             age_ms: 0,
         };
-        let bytes = Arc::new(ByteCounts::default());
+        let bytes = Arc::new(ByteCounts::new(labels));
         let tracked = Tracked { info, opened: Instant::now(), bytes: bytes.clone(), admission, revoke };
         self.live.lock().unwrap_or_else(|e| e.into_inner()).insert(id, tracked);
         Registration { tracker: self.clone(), id, revoked, bytes }
@@ -154,14 +191,30 @@ impl Tracker {
         let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
         let mut list: Vec<LiveConnection> = live
             .values()
-            .map(|t| LiveConnection {
-                bytes_src_to_dst: t.bytes.src_to_dst.load(Ordering::Relaxed),
-                bytes_dst_to_src: t.bytes.dst_to_src.load(Ordering::Relaxed),
-                age_ms: t.opened.elapsed().as_millis() as u64,
-                ..t.info.clone()
+            .map(|t| {
+                let (bytes_src_to_dst, bytes_dst_to_src) = t.bytes.totals();
+                LiveConnection {
+                    bytes_src_to_dst,
+                    bytes_dst_to_src,
+                    age_ms: t.opened.elapsed().as_millis() as u64,
+                    ..t.info.clone()
+                }
             })
             .collect();
         list.sort_by_key(|c| c.id);
         list
+    }
+}
+
+impl LiveBytes for Tracker {
+    fn count_bytes(&self, metrics: &ProxyMetrics) {
+        // Counted outside the lock, which new and closing connections take.
+        let live: Vec<Arc<ByteCounts>> = {
+            let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+            live.values().map(|tracked| tracked.bytes.clone()).collect()
+        };
+        for bytes in live {
+            bytes.count(metrics);
+        }
     }
 }

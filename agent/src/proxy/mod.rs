@@ -45,7 +45,7 @@ use crate::{
     inpod::PodNetns,
     policy::{Decision, Verdict},
     state::{StateHandle, Workload},
-    telemetry::{Direction, FailureReason, Telemetry, VerdictKind},
+    telemetry::{Direction, FailureReason, LiveBytes, Telemetry, VerdictKind},
     upgrade::PodFds,
 };
 use connections::Admission;
@@ -178,13 +178,16 @@ impl Proxy {
         let (drain, draining) = watch::channel(false);
         let pool = Arc::new(hbone::client::Pool::new(limits.handshake_timeout));
         tokio::spawn(pool.clone().release_idle());
+        let tracker = Arc::new(Tracker::default());
+        let live: Arc<dyn LiveBytes> = tracker.clone();
+        telemetry.count_live_bytes(Arc::downgrade(&live));
         Proxy {
             inner: Arc::new(Inner {
                 state,
                 local_pods: RwLock::default(),
                 orig_dst,
                 telemetry,
-                tracker: Arc::default(),
+                tracker,
                 certs,
                 pool,
                 draining,

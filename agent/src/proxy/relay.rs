@@ -3,7 +3,7 @@
 
 use std::{
     net::SocketAddr,
-    sync::{Arc, atomic::Ordering},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -26,7 +26,7 @@ const UNKNOWN: &str = "unknown";
 
 /// Resolves once no byte has moved either way for `timeout`.
 async fn idle(bytes: &ByteCounts, timeout: Duration) {
-    let moved = || (bytes.src_to_dst.load(Ordering::Relaxed), bytes.dst_to_src.load(Ordering::Relaxed));
+    let moved = || bytes.totals();
     let mut last = moved();
     let mut quiet_since = tokio::time::Instant::now();
     loop {
@@ -209,21 +209,16 @@ impl Flow {
     ) {
         let registration = self.opened(proxy);
         let bytes = &registration.bytes;
-        let outcome = match tunnel {
-            TunnelEnd::Destination => {
-                let relay = hbone::relay(&app, stream, &bytes.src_to_dst, &bytes.dst_to_src);
-                watch(proxy, &registration, relay).await
-            }
-            TunnelEnd::Source => {
-                let relay = hbone::relay(&app, stream, &bytes.dst_to_src, &bytes.src_to_dst);
-                watch(proxy, &registration, relay).await.map(|(sent, received)| (received, sent))
-            }
+        let relay = match tunnel {
+            TunnelEnd::Destination => hbone::relay(&app, stream, &bytes.src_to_dst, &bytes.dst_to_src),
+            TunnelEnd::Source => hbone::relay(&app, stream, &bytes.dst_to_src, &bytes.src_to_dst),
         };
+        let outcome = watch(proxy, &registration, relay).await;
         if outcome.is_err() {
             // The stream was dropped unfinished, which resets it.
             app.abort();
         }
-        self.closed(proxy, outcome);
+        self.closed(proxy, &registration, outcome);
     }
 
     /// Relays between two kernel TCP sockets with `splice(2)`: the bytes never enter user space.
@@ -236,35 +231,41 @@ impl Flow {
             downstream.abort();
             upstream.abort();
         }
-        self.closed(proxy, outcome);
+        self.closed(proxy, &registration, outcome);
     }
 
     /// Counts and logs the opening, and registers the connection for policy re-checks.
     fn opened(&self, proxy: &Proxy) -> Registration {
         let telemetry = &proxy.inner.telemetry;
-        telemetry.proxy.opened(self.direction, self.route, &self.labels());
+        let labels = self.labels();
+        telemetry.proxy.opened(self.direction, self.route, &labels);
         telemetry.flows.push(self.event(FlowKind::Opened, None, 0, 0));
-        proxy.inner.tracker.register(self)
+        proxy.inner.tracker.register(self, labels)
     }
 
-    /// Counts and logs how the relay ended.
-    fn closed(self, proxy: &Proxy, outcome: Result<(u64, u64), (FailureReason, String)>) {
+    /// Counts and logs how the relay ended, with every byte it moved (failed ones too).
+    fn closed(
+        self,
+        proxy: &Proxy,
+        registration: &Registration,
+        outcome: Result<(), (FailureReason, String)>,
+    ) {
         let telemetry = &proxy.inner.telemetry;
-        let labels = self.labels();
-        match outcome {
-            Ok((received, sent)) => {
-                telemetry.proxy.closed(self.direction, self.route, &labels, received, sent);
-                self.log(FlowKind::Closed, None, None, received, sent);
-                telemetry.flows.push(self.event(FlowKind::Closed, None, received, sent));
-            }
+        let bytes = &registration.bytes;
+        telemetry.proxy.closed(self.direction, self.route, &bytes.labels);
+        // What no scrape has counted yet.
+        bytes.count(&telemetry.proxy);
+        let (received, sent) = bytes.totals();
+        let (kind, reason, error) = match outcome {
+            Ok(()) => (FlowKind::Closed, None, None),
             Err((reason, error)) => {
-                telemetry.proxy.closed(self.direction, self.route, &labels, 0, 0);
                 telemetry.proxy.failed(self.direction, reason, None);
                 let kind = if reason == FailureReason::Denied { FlowKind::Denied } else { FlowKind::Closed };
-                self.log(kind, Some(reason), Some(&error), 0, 0);
-                telemetry.flows.push(self.event(kind, Some(error), 0, 0));
+                (kind, Some(reason), Some(error))
             }
-        }
+        };
+        self.log(kind, reason, error.as_deref(), received, sent);
+        telemetry.flows.push(self.event(kind, error, received, sent));
     }
 
     fn log(
@@ -309,8 +310,8 @@ impl Flow {
 async fn watch(
     proxy: &Proxy,
     registration: &Registration,
-    relay: impl Future<Output = std::io::Result<(u64, u64)>>,
-) -> Result<(u64, u64), (FailureReason, String)> {
+    relay: impl Future<Output = std::io::Result<()>>,
+) -> Result<(), (FailureReason, String)> {
     let idle_timeout = proxy.inner.limits.idle_timeout;
     tokio::select! {
         result = relay => result.map_err(|e| (FailureReason::Relay, e.to_string())),

@@ -18,33 +18,31 @@ const PIPE_START: usize = 64 * 1024;
 const PIPE_BULK: usize = 1024 * 1024;
 
 /// Relays both ways until both directions have ended; like `copy_bidirectional`, an end of
-/// stream is passed on as a half-close. Counts bytes as they move; returns (a -> b, b -> a).
+/// stream is passed on as a half-close. Counts bytes as they move.
 pub(super) async fn bidirectional(
     a: &TcpStream,
     b: &TcpStream,
     a_to_b: &AtomicU64,
     b_to_a: &AtomicU64,
-) -> io::Result<(u64, u64)> {
-    tokio::try_join!(one_way(a, b, a_to_b), one_way(b, a, b_to_a))
+) -> io::Result<()> {
+    tokio::try_join!(one_way(a, b, a_to_b), one_way(b, a, b_to_a)).map(|_| ())
 }
 
-async fn one_way(from: &TcpStream, to: &TcpStream, moved: &AtomicU64) -> io::Result<u64> {
+async fn one_way(from: &TcpStream, to: &TcpStream, moved: &AtomicU64) -> io::Result<()> {
     let (pipe_out, pipe_in) = pipe()?;
     let mut capacity = PIPE_START;
-    let mut total = 0u64;
     loop {
         let filled =
             from.async_io(Interest::READABLE, || splice(from.as_fd(), pipe_in.as_fd(), capacity)).await?;
         if filled == 0 {
             // The sender finished: finish our side towards the receiver too.
             socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write)?;
-            return Ok(total);
+            return Ok(());
         }
         let mut left = filled;
         while left > 0 {
             left -= to.async_io(Interest::WRITABLE, || splice(pipe_out.as_fd(), to.as_fd(), left)).await?;
         }
-        total += filled as u64;
         moved.fetch_add(filled as u64, Ordering::Relaxed);
         // Best effort: without it (limits on pipe memory), the relay just takes smaller steps.
         if filled == capacity && capacity < PIPE_BULK && fcntl_setpipe_size(&pipe_in, PIPE_BULK).is_ok() {

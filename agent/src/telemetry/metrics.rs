@@ -152,6 +152,12 @@ pub struct ProxyMetrics {
     verdicts: Family<VerdictLabels, Counter>,
 }
 
+/// Connections still relaying. At each scrape they add the bytes they moved since the last one,
+/// so the byte counters follow long-lived connections instead of jumping when they close.
+pub trait LiveBytes: Send + Sync {
+    fn count_bytes(&self, metrics: &ProxyMetrics);
+}
+
 /// A policy verdict as counted: enforced, or what a dry-run policy would have done.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VerdictKind {
@@ -213,19 +219,20 @@ impl ProxyMetrics {
         self.tcp_opened.get_or_create(labels).inc();
     }
 
-    /// `received`: source to destination; `sent`: destination to source.
-    pub fn closed(
-        &self,
-        direction: Direction,
-        route: &'static str,
-        labels: &ConnectionLabels,
-        received: u64,
-        sent: u64,
-    ) {
+    pub fn closed(&self, direction: Direction, route: &'static str, labels: &ConnectionLabels) {
         self.closed.get_or_create(&RouteLabels { direction: direction.as_str(), route }).inc();
         self.tcp_closed.get_or_create(labels).inc();
-        self.tcp_received_bytes.get_or_create(labels).inc_by(received);
-        self.tcp_sent_bytes.get_or_create(labels).inc_by(sent);
+    }
+
+    /// Bytes a connection relayed since it last reported. `received`: source to destination;
+    /// `sent`: destination to source.
+    pub fn relayed(&self, labels: &ConnectionLabels, received: u64, sent: u64) {
+        if received > 0 {
+            self.tcp_received_bytes.get_or_create(labels).inc_by(received);
+        }
+        if sent > 0 {
+            self.tcp_sent_bytes.get_or_create(labels).inc_by(sent);
+        }
     }
 
     pub fn failed(&self, direction: Direction, reason: FailureReason, labels: Option<&ConnectionLabels>) {

@@ -7,7 +7,7 @@ mod metrics;
 
 use std::{
     sync::{
-        Arc,
+        Arc, Mutex, Weak,
         atomic::{AtomicBool, AtomicI64, Ordering},
     },
     time::SystemTime,
@@ -26,7 +26,7 @@ use tokio::net::TcpListener;
 
 pub use flows::{FlowEvent, FlowKind, FlowLog, now_ms};
 pub use logging::{LogControl, LogFormat, flush_logs, init_logging};
-pub use metrics::{ConnectionLabels, Direction, FailureReason, ProxyMetrics, Side, VerdictKind};
+pub use metrics::{ConnectionLabels, Direction, FailureReason, LiveBytes, ProxyMetrics, Side, VerdictKind};
 
 use crate::{datapath::Counters, identity::CertManager};
 
@@ -88,6 +88,7 @@ pub struct Telemetry {
     pub flows: Arc<FlowLog>,
     pub meshed_workloads: Gauge<i64, AtomicI64>,
     ready: AtomicBool,
+    live_bytes: Mutex<Vec<Weak<dyn LiveBytes>>>,
 }
 
 impl Telemetry {
@@ -118,7 +119,13 @@ impl Telemetry {
             flows: Arc::new(FlowLog::default()),
             meshed_workloads,
             ready: AtomicBool::new(false),
+            live_bytes: Mutex::default(),
         })
+    }
+
+    /// Has `source` add its connections' bytes to the counters before each scrape.
+    pub fn count_live_bytes(&self, source: Weak<dyn LiveBytes>) {
+        self.live_bytes.lock().unwrap_or_else(|e| e.into_inner()).push(source);
     }
 
     pub fn set_ready(&self, ready: bool) {
@@ -127,6 +134,14 @@ impl Telemetry {
 
     /// The OpenMetrics exposition.
     pub fn render(&self) -> String {
+        let sources: Vec<_> = {
+            let mut live = self.live_bytes.lock().unwrap_or_else(|e| e.into_inner());
+            live.retain(|source| source.strong_count() > 0);
+            live.iter().filter_map(Weak::upgrade).collect()
+        };
+        for source in sources {
+            source.count_bytes(&self.proxy);
+        }
         let mut text = String::new();
         // Writing to a String cannot fail.
         let _ = encode(&mut text, &self.registry);

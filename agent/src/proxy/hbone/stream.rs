@@ -45,31 +45,30 @@ fn io_error(e: h2::Error) -> io::Error {
 }
 
 /// Relays both ways until both directions have ended; an end of stream is passed on as a
-/// half-close (END_STREAM one way, FIN the other). Counts bytes as they move; returns
-/// (socket -> stream, stream -> socket). On error the caller drops the stream, which resets it.
+/// half-close (END_STREAM one way, FIN the other). Counts bytes as they move. On error the
+/// caller drops the stream, which resets it.
 pub(crate) async fn relay(
     tcp: &TcpStream,
     stream: H2Stream,
     tcp_to_stream: &AtomicU64,
     stream_to_tcp: &AtomicU64,
-) -> io::Result<(u64, u64)> {
+) -> io::Result<()> {
     let H2Stream { mut send, mut recv, sent_early } = stream;
     tcp_to_stream.fetch_add(sent_early, Ordering::Relaxed);
-    let up = async {
-        let sent = socket_to_stream(tcp, &mut send, tcp_to_stream).await;
-        sent.map(|n| n + sent_early)
-    };
-    tokio::try_join!(up, stream_to_socket(&mut recv, tcp, stream_to_tcp))
+    tokio::try_join!(
+        socket_to_stream(tcp, &mut send, tcp_to_stream),
+        stream_to_socket(&mut recv, tcp, stream_to_tcp)
+    )
+    .map(|_| ())
 }
 
 async fn socket_to_stream(
     tcp: &TcpStream,
     send: &mut SendStream<Bytes>,
     moved: &AtomicU64,
-) -> io::Result<u64> {
+) -> io::Result<()> {
     let mut buf = BytesMut::new();
     let mut read_size = READ_START;
-    let mut total = 0;
     loop {
         // Read no more than the peer's window admits: a slow receiver slows the sender.
         let room = capacity(send, read_size).await?;
@@ -79,11 +78,9 @@ async fn socket_to_stream(
         }
         let n = read_buf(tcp, &mut buf, room.min(read_size)).await?;
         if n == 0 {
-            send.send_data(Bytes::new(), true).map_err(io_error)?;
-            return Ok(total);
+            return send.send_data(Bytes::new(), true).map_err(io_error);
         }
         send.send_data(buf.split_to(n).freeze(), false).map_err(io_error)?;
-        total += n as u64;
         moved.fetch_add(n as u64, Ordering::Relaxed);
         if n >= READ_START {
             read_size = READ_BULK;
@@ -125,22 +122,17 @@ pub(super) async fn read_buf(tcp: &TcpStream, buf: &mut BytesMut, limit: usize) 
     }
 }
 
-async fn stream_to_socket(recv: &mut RecvStream, tcp: &TcpStream, moved: &AtomicU64) -> io::Result<u64> {
-    let mut total = 0;
+async fn stream_to_socket(recv: &mut RecvStream, tcp: &TcpStream, moved: &AtomicU64) -> io::Result<()> {
     loop {
         match poll_fn(|cx| recv.poll_data(cx)).await {
             Some(Ok(data)) => {
                 write_all(tcp, &data).await?;
                 // Only what reached the socket opens the window again.
                 let _ = recv.flow_control().release_capacity(data.len());
-                total += data.len() as u64;
                 moved.fetch_add(data.len() as u64, Ordering::Relaxed);
             }
             Some(Err(e)) => return Err(io_error(e)),
-            None => {
-                socket2::SockRef::from(tcp).shutdown(Shutdown::Write)?;
-                return Ok(total);
-            }
+            None => return socket2::SockRef::from(tcp).shutdown(Shutdown::Write),
         }
     }
 }
