@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use crate::{Pod, app_bin};
+use crate::{Pod, Process, app_bin};
 
 /// An echo server running in a pod; records the peer of every connection it accepts.
 pub struct Server {
@@ -64,8 +64,8 @@ pub enum ConnectOutcome {
 
 impl Pod {
     /// Starts `sandbox-app ARGS` in this pod (its netns and cgroup) with stdout piped.
-    pub fn spawn_app(&self, args: &[&str]) -> Result<Child> {
-        self.app(args)
+    pub fn spawn_app(&self, args: &[&str]) -> Result<Process> {
+        self.app(args).map(Process::new)
     }
 
     fn app(&self, args: &[&str]) -> Result<Child> {

@@ -28,7 +28,7 @@ pub use capture::{Capture, Segment};
 pub use peer::{
     CertFiles, PeerServer, Sample, hbone_client, hbone_client_with, hbone_server, parse_metrics, sum_samples,
 };
-pub use sys::{Cgroup, Netns, ProcUsage};
+pub use sys::{Cgroup, Netns, ProcUsage, Process};
 
 /// The cgroup v2 hierarchy of this machine (hybrid layout).
 pub const CGROUP2_ROOT: &str = "/sys/fs/cgroup/unified";

@@ -245,6 +245,35 @@ mod tests {
     }
 }
 
+/// A process killed when dropped, so that a test failing midway leaves none behind.
+pub struct Process(Option<Child>);
+
+impl Process {
+    pub fn new(child: Child) -> Process {
+        Process(Some(child))
+    }
+
+    pub fn child(&mut self) -> &mut Child {
+        self.0.as_mut().expect("a process is only taken by finish()")
+    }
+
+    /// Waits for it to exit; the last line it printed (its stdout must be piped).
+    pub fn finish(mut self) -> Result<String> {
+        let child = self.0.take().expect("a process is only taken by finish()");
+        let output = child.wait_with_output()?;
+        Ok(String::from_utf8_lossy(&output.stdout).lines().last().unwrap_or_default().to_owned())
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// What a process uses, from /proc (zero for what cannot be read, e.g. it exited).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ProcUsage {

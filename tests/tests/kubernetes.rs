@@ -7,34 +7,25 @@
 use std::{
     net::SocketAddr,
     path::Path,
-    process::{Child, Command},
+    process::Command,
     time::{Duration, Instant},
 };
 
 use ferry_sandbox::{
-    CGROUP2_ROOT, Cgroup, ConnectOutcome, PodSpec, Sandbox,
+    CGROUP2_ROOT, Cgroup, ConnectOutcome, PodSpec, Process, Sandbox,
     kube::{self, ApiServer},
 };
 
 const PORT: u16 = 8080;
 const NAMESPACE: &str = "shop";
 
-/// A process killed on drop: a pod's long-lived process (the kubelet's pause container, what the
-/// agent finds the pod's netns through), or `ferry signer`.
-struct Pause(Child);
-
-impl Drop for Pause {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn pause(sb: &Sandbox, pod: &str) -> Pause {
+/// A pod's long-lived process: the kubelet's pause container, what the agent finds the pod's
+/// netns through.
+fn pause(sb: &Sandbox, pod: &str) -> Process {
     let mut cmd = Command::new("sleep");
     cmd.arg("600");
     let p = sb.pod(pod);
-    Pause(p.netns.spawn(cmd, Some(&p.cgroup)).unwrap())
+    Process::new(p.netns.spawn(cmd, Some(&p.cgroup)).unwrap())
 }
 
 fn pod_yaml(name: &str) -> String {
@@ -514,7 +505,7 @@ fn the_signer_certifies_local_workloads_and_refuses_the_rest() {
         .env("KUBECONFIG", &signer_kubeconfig)
         .stdout(std::fs::File::create(&signer_out).unwrap())
         .stderr(std::fs::File::create(&signer_err).unwrap());
-    let _signer = Pause(sb.node("node1").netns.spawn(signer, None).unwrap());
+    let _signer = Process::new(sb.node("node1").netns.spawn(signer, None).unwrap());
     let signer_log = || {
         std::fs::read_to_string(&signer_out).unwrap_or_default()
             + &std::fs::read_to_string(&signer_err).unwrap_or_default()

@@ -31,7 +31,7 @@ fn connection_limit_refuses_extra_connections_and_idle_ones_are_closed() {
     let b = SocketAddr::from((sb.pod("b").ip, PORT)).to_string();
 
     // Three quiet connections from a use up its quota...
-    let mut holders: Vec<_> = (0..3).map(|_| sb.pod("a").spawn_app(&["idle", &b, "30"]).unwrap()).collect();
+    let holders: Vec<_> = (0..3).map(|_| sb.pod("a").spawn_app(&["idle", &b, "30"]).unwrap()).collect();
     wait_until("3 live connections", Duration::from_secs(2), || live_connections(&sb) == 3);
     // ...so the fourth is refused at once, and counted; b (another pod) is not affected.
     let outcome = sb.pod("a").connect(b.parse().unwrap(), 10).unwrap();
@@ -46,10 +46,7 @@ fn connection_limit_refuses_extra_connections_and_idle_ones_are_closed() {
     assert_eq!(sb.metric("node1", idle).unwrap(), 3.0);
     let outcome = sb.pod("a").connect(b.parse().unwrap(), 10).unwrap();
     assert!(matches!(outcome, ConnectOutcome::Echoed { .. }), "{outcome:?}");
-    for holder in &mut holders {
-        let _ = holder.kill();
-        let _ = holder.wait();
-    }
+    drop(holders);
 }
 
 #[test]

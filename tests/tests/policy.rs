@@ -260,9 +260,8 @@ fn byte_counters_follow_a_long_lived_connection_and_end_exact() {
         assert!(series(node, "istio_tcp_sent_bytes_total") > 0.0, "{node}");
         assert_eq!(series(node, "istio_tcp_connections_closed_total"), 0.0, "{node}: closed early");
     }
-    let output = client.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let exchanged: f64 = match stdout.split_whitespace().collect::<Vec<_>>().as_slice() {
+    let last = client.finish().unwrap();
+    let exchanged: f64 = match last.split_whitespace().collect::<Vec<_>>().as_slice() {
         ["streamed", n] => n.parse().unwrap(),
         other => panic!("stream client: {other:?}"),
     };

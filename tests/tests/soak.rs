@@ -5,11 +5,10 @@
 
 use std::{
     net::SocketAddr,
-    process::Child,
     time::{Duration, Instant},
 };
 
-use ferry_sandbox::{ProcUsage, Sandbox};
+use ferry_sandbox::{ProcUsage, Process, Sandbox};
 
 const PORT: u16 = 8080;
 /// Concurrent connections opened (and closed) at once in each burst, every 2 s.
@@ -32,7 +31,7 @@ fn live_connections(sb: &Sandbox, node: &str) -> u64 {
 /// Runs new-connection loops to both destinations and bursts of concurrent connections for `secs`.
 fn churn(sb: &Sandbox, secs: u64, mut sample: impl FnMut()) {
     let targets = [addr(sb, "c"), addr(sb, "b")];
-    let loops: Vec<Child> = targets
+    let loops: Vec<Process> = targets
         .iter()
         .map(|to| sb.pod("a").spawn_app(&["cps", &to.to_string(), &secs.to_string(), RATE]).unwrap())
         .collect();
@@ -46,8 +45,7 @@ fn churn(sb: &Sandbox, secs: u64, mut sample: impl FnMut()) {
         std::thread::sleep(Duration::from_secs(2));
     }
     for child in loops {
-        let output = child.wait_with_output().unwrap();
-        let line = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+        let line = child.finish().unwrap();
         assert!(line.starts_with("cps ") && line.ends_with(" 0"), "churn loop ended with {line:?}");
     }
 }

@@ -2,9 +2,9 @@
 //! shared) while traffic flows, and nothing is lost: no failed new connection, no cut long-lived
 //! one, every byte echoed.
 
-use std::{net::SocketAddr, process::Child, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
-use ferry_sandbox::{ConnectOutcome, Sandbox};
+use ferry_sandbox::{ConnectOutcome, Process, Sandbox};
 
 const PORT: u16 = 8080;
 /// How long the load runs; the three upgrades of each node happen inside it.
@@ -15,9 +15,8 @@ fn addr(sb: &Sandbox, pod: &str) -> SocketAddr {
 }
 
 /// The app's last stdout line.
-fn result(child: Child) -> String {
-    let output = child.wait_with_output().expect("load app");
-    String::from_utf8_lossy(&output.stdout).lines().last().unwrap_or_default().to_owned()
+fn result(child: Process) -> String {
+    child.finish().expect("load app")
 }
 
 /// The agents' warnings and errors, to explain a failure.

@@ -8,7 +8,6 @@ use std::{
     fmt::Write as _,
     net::SocketAddr,
     path::Path,
-    process::Child,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -476,7 +475,7 @@ fn measure_scale(params: &Params) -> Result<Vec<ScaleRow>> {
 
         let _server = sb.pod("srv").serve(ECHO_PORT)?;
         let target = SocketAddr::from((sb.pod("srv").ip, ECHO_PORT)).to_string();
-        let mut holders: Vec<Child> = Vec::with_capacity(pods);
+        let mut holders = Vec::with_capacity(pods);
         for i in 0..pods {
             holders.push(sb.pod(&format!("s{i}")).spawn_app(&["idle", &target, "30"])?);
         }
@@ -493,10 +492,7 @@ fn measure_scale(params: &Params) -> Result<Vec<ScaleRow>> {
         sb.reload_agent("node1", &deny)?;
         sb.wait_for_log("node1", "config reloaded", reloads + 1)?;
         let policy_change_ms = start.elapsed().as_secs_f64() * 1000.0;
-        for mut holder in holders {
-            let _ = holder.kill();
-            let _ = holder.wait();
-        }
+        drop(holders);
         eprintln!(
             "bench: scale {pods} pods: startup {startup_ms:.0} ms, RSS idle {idle_rss_kib} KiB, connected {connected_rss_kib} KiB"
         );
