@@ -26,8 +26,8 @@ use aya::{
 };
 use aya_log::EbpfLogger;
 use ferry_common::{
-    ConnKey, Counter, IpKey, MAX_MESHED_PODS, MAX_TRACKED_CONNECTIONS, SockAddr, maps as map_names,
-    programs as prog_names,
+    COUNTER_SLOTS, ConnKey, Counter, IpKey, MAX_MESHED_PODS, MAX_TRACKED_CONNECTIONS, SockAddr,
+    maps as map_names, programs as prog_names,
 };
 use tokio::io::unix::AsyncFd;
 
@@ -357,7 +357,7 @@ impl Datapath {
                 ),
                 map(map_names::ORIG_DST_BY_SOCKET, "lru_hash", MAX_TRACKED_CONNECTIONS, None),
                 map(map_names::ORIG_DST, "lru_hash", MAX_TRACKED_CONNECTIONS, None),
-                map(map_names::COUNTERS, "percpu_array", Counter::COUNT, None),
+                map(map_names::COUNTERS, "percpu_array", COUNTER_SLOTS, None),
             ],
         }
     }

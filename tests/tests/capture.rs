@@ -2,7 +2,7 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use ferry_sandbox::{ConnectOutcome, Sandbox};
+use ferry_sandbox::{ConnectOutcome, Process, Sandbox};
 
 fn two_nodes(label: &str) -> Sandbox {
     Sandbox::two_nodes(label).expect("sandbox")
@@ -213,4 +213,45 @@ fn reload_releases_removed_workloads_and_rejects_bad_config() {
     // a is untouched.
     assert!(matches!(sb.pod("a").connect(addr(&sb, "u", 8080), 10).unwrap(), ConnectOutcome::Echoed { .. }));
     assert_eq!(metric(&sb, "node1", REDIRECTED), 2.0);
+}
+
+#[test]
+fn inbound_ipv6_into_a_meshed_pod_is_refused_not_let_past_policy() {
+    let mut sb = two_nodes("ipv6");
+    // Dual stack for pod c (node2's first pod, so its node-side veth is p0), and an app in it
+    // listening on IPv6.
+    let (c, node2) = (sb.pod("c"), sb.node("node2"));
+    c.netns.ip(&["-6", "addr", "add", "fd00:f::2/64", "dev", "eth0", "nodad"]).unwrap();
+    node2.netns.ip(&["-6", "addr", "add", "fd00:f::1/64", "dev", "p0", "nodad"]).unwrap();
+    let mut listen = std::process::Command::new("python3");
+    let script = "import socket\ns=socket.socket(socket.AF_INET6)\ns.bind(('::',8080))\ns.listen()\nprint('listening',flush=True)\nwhile True: s.accept()";
+    listen.args(["-c", script]).stdout(std::process::Stdio::piped());
+    let mut app = Process::new(c.netns.spawn(listen, None).unwrap());
+    let mut ready = String::new();
+    let stdout = app.child().stdout.as_mut().unwrap();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut ready).unwrap();
+    assert_eq!(ready.trim(), "listening");
+    let app_v6: SocketAddr = "[fd00:f::2]:8080".parse().unwrap();
+    let from_node = |sb: &Sandbox| sb.node("node2").netns.connect(app_v6, Duration::from_millis(500));
+    // Unmeshed, the app is reachable over IPv6 from outside the pod.
+    from_node(&sb).expect("IPv6 before the agent runs");
+
+    sb.start_agent("node2", None).unwrap();
+    // Meshed, where policy cannot be applied to IPv6, it is not: refused (a reset, so a dual-stack
+    // client falls back to IPv4 at once).
+    let refused = from_node(&sb).expect_err("IPv6 reached the app past the agent");
+    let kind = refused.downcast_ref::<std::io::Error>().map(std::io::Error::kind);
+    assert_eq!(kind, Some(std::io::ErrorKind::ConnectionRefused), "{refused}");
+    assert!(metric(&sb, "node2", "ferry_datapath_events_total{event=\"inbound_ipv6_refused\"}") >= 1.0);
+    sb.wait_for_log("node2", "IPv6 is not meshed", 1).unwrap();
+    // Inside the pod, IPv6 loopback is local traffic and passes.
+    sb.pod("c")
+        .netns
+        .connect("[::1]:8080".parse().unwrap(), Duration::from_secs(2))
+        .expect("::1 inside the pod");
+    // IPv4 into the same pod is still captured as before.
+    let _server = sb.pod("c").serve(8081).unwrap();
+    let outcome = sb.pod("u").connect(addr(&sb, "c", 8081), 10).unwrap();
+    assert!(matches!(outcome, ConnectOutcome::Echoed { .. }), "{outcome:?}");
+    assert_eq!(metric(&sb, "node2", STEERED), 1.0);
 }

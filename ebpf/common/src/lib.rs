@@ -34,8 +34,8 @@ pub mod maps {
     pub const SHARED: [&str; 6] =
         [MESHED_NETNS, ORIG_DST_BY_SOCKET, ORIG_DST, INBOUND_LISTENERS, FAIL_CLOSED_IPS, COUNTERS];
     /// Bumped whenever a shared map's key, value or size changes: agents of another layout use
-    /// their own pins instead of misreading these.
-    pub const LAYOUT_VERSION: u32 = 1;
+    /// their own pins instead of misreading these. (2: `COUNTERS` got spare slots.)
+    pub const LAYOUT_VERSION: u32 = 2;
 }
 
 /// Program names, as the eBPF object defines them.
@@ -95,6 +95,10 @@ impl ConnKey {
     }
 }
 
+/// Slots of the `COUNTERS` array: more than there are counters, so that a new counter does not
+/// change the shared map's size (and with it the layout version).
+pub const COUNTER_SLOTS: u32 = 32;
+
 /// Per-CPU event counters, indexes into the `COUNTERS` array.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -117,10 +121,14 @@ pub enum Counter {
     MapUpdateFailed = 7,
     /// Inbound connections dropped because the pod is fail-closed and its listener is gone.
     InboundDropped = 8,
+    /// Inbound IPv6 connections refused: IPv6 is not meshed, and policy must not be bypassed.
+    InboundIpv6Refused = 9,
 }
 
+const _: () = assert!(Counter::COUNT <= COUNTER_SLOTS);
+
 impl Counter {
-    pub const COUNT: u32 = 9;
+    pub const COUNT: u32 = 10;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::Redirected,
         Counter::Passed,
@@ -131,6 +139,7 @@ impl Counter {
         Counter::InboundNoListener,
         Counter::MapUpdateFailed,
         Counter::InboundDropped,
+        Counter::InboundIpv6Refused,
     ];
 
     /// Stable snake_case name, used in metrics and logs.
@@ -145,6 +154,7 @@ impl Counter {
             Counter::InboundNoListener => "inbound_no_listener",
             Counter::MapUpdateFailed => "map_update_failed",
             Counter::InboundDropped => "inbound_dropped",
+            Counter::InboundIpv6Refused => "inbound_ipv6_refused",
         }
     }
 }

@@ -5,7 +5,8 @@
 //! - `ferry_sock_ops` (sockops): when that connection is established, re-keys the destination by
 //!   (netns cookie, client port), which is what the agent knows after `accept()`.
 //! - `ferry_getpeername4` (cgroup/getpeername4): the app's `getpeername()` sees the original destination.
-//! - `ferry_sk_lookup` (sk_lookup, per pod netns): steers inbound connections to the pod's plaintext listener.
+//! - `ferry_sk_lookup` (sk_lookup, per pod netns): steers inbound connections to the pod's plaintext
+//!   listener, and refuses inbound IPv6, which is not meshed, so policy cannot be bypassed over it.
 //!
 //! Rare events are logged through aya-log; nothing is logged per packet or per connection.
 #![no_std]
@@ -24,7 +25,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use ferry_common::{
-    AF_INET, AGENT_MARK, ConnKey, Counter, HBONE_PORT, IpKey, MAX_MESHED_PODS, MAX_TRACKED_CONNECTIONS,
+    AF_INET, AF_INET6, AGENT_MARK, COUNTER_SLOTS, ConnKey, Counter, HBONE_PORT, IpKey, MAX_MESHED_PODS, MAX_TRACKED_CONNECTIONS,
     OUTBOUND_PORT, SockAddr,
 };
 
@@ -33,6 +34,8 @@ const IPPROTO_TCP: u32 = 6;
 const ALLOW: i32 = 1;
 /// 127.0.0.1 as the kernel stores it (network byte order).
 const LOOPBACK: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
+/// ::1 as the kernel stores it.
+const LOOPBACK6: [u32; 4] = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
 
 /// Netns cookies of meshed pods (value reserved for flags).
 #[map]
@@ -57,7 +60,7 @@ static INBOUND_LISTENERS: SockHash<IpKey> = SockHash::with_max_entries(MAX_MESHE
 static FAIL_CLOSED_IPS: HashMap<IpKey, u32> = HashMap::with_max_entries(MAX_MESHED_PODS, 0);
 
 #[map]
-static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
 
 #[inline(always)]
 fn count(counter: Counter) {
@@ -169,7 +172,13 @@ fn steer_inbound(ctx: &SkLookupContext) -> u32 {
     // Copy the fields to the stack: map helpers reject pointers into the context.
     let lookup = unsafe { &*ctx.lookup };
     let (protocol, family) = (lookup.protocol, lookup.family);
-    if protocol != IPPROTO_TCP || family != u32::from(AF_INET) {
+    if protocol != IPPROTO_TCP {
+        return SK_PASS;
+    }
+    if family == u32::from(AF_INET6) {
+        return refuse_ipv6(ctx);
+    }
+    if family != u32::from(AF_INET) {
         return SK_PASS;
     }
     let local_port = lookup.local_port;
@@ -202,6 +211,25 @@ fn steer_inbound(ctx: &SkLookupContext) -> u32 {
             SK_PASS
         }
     }
+}
+
+/// The agent proxies and authorizes IPv4 only: a TCP connection into a meshed pod over IPv6
+/// (a dual-stack cluster) would reach the app with no policy applied, so it is refused (a failed
+/// lookup: the client gets a reset, and a dual-stack client falls back to IPv4 at once). Local
+/// traffic passes, as for IPv4.
+#[inline(always)]
+fn refuse_ipv6(ctx: &SkLookupContext) -> u32 {
+    let lookup = unsafe { &*ctx.lookup };
+    let (local_ip, remote_ip) = (lookup.local_ip6, lookup.remote_ip6);
+    if lookup.ingress_ifindex == 1 || remote_ip == local_ip || remote_ip == LOOPBACK6 {
+        count(Counter::InboundPassed);
+        return SK_PASS;
+    }
+    count(Counter::InboundIpv6Refused);
+    // SAFETY: four u32 in network byte order are the address's sixteen bytes.
+    let address: [u8; 16] = unsafe { core::mem::transmute(local_ip) };
+    warn!(ctx, "sk_lookup: IPv6 connection to [{:i}]:{} refused: IPv6 is not meshed", address, lookup.local_port);
+    SK_DROP
 }
 
 #[cfg(not(test))]
