@@ -25,8 +25,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use ferry_common::{
-    AF_INET, AF_INET6, AGENT_MARK, COUNTER_SLOTS, ConnKey, Counter, HBONE_PORT, IpKey, MAX_MESHED_PODS, MAX_TRACKED_CONNECTIONS,
-    OUTBOUND_PORT, SockAddr,
+    AF_INET, AF_INET6, AGENT_MARK, COUNTER_SLOTS, ConnKey, Counter, HBONE_PORT, IpKey, MAX_MESHED_PODS,
+    MAX_TRACKED_CONNECTIONS, OUTBOUND_PORT, SockAddr,
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -228,7 +228,10 @@ fn refuse_ipv6(ctx: &SkLookupContext) -> u32 {
     count(Counter::InboundIpv6Refused);
     // SAFETY: four u32 in network byte order are the address's sixteen bytes.
     let address: [u8; 16] = unsafe { core::mem::transmute(local_ip) };
-    warn!(ctx, "sk_lookup: IPv6 connection to [{:i}]:{} refused: IPv6 is not meshed", address, lookup.local_port);
+    warn!(
+        ctx,
+        "sk_lookup: IPv6 connection to [{:i}]:{} refused: IPv6 is not meshed", address, lookup.local_port
+    );
     SK_DROP
 }
 
