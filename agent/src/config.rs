@@ -60,6 +60,9 @@ pub struct Config {
     /// connections fail until an agent is back) or `open` (pods talk directly, unmeshed).
     #[serde(default = "default_fail_mode")]
     pub fail_mode: FailMode,
+    /// Connections into a meshed pod from this node's own addresses (the kubelet's probes).
+    #[serde(default)]
+    pub node_traffic: NodeTraffic,
     /// Where the shared maps (and, fail-closed, the links) are pinned: a directory on a bpffs;
     /// /sys/fs/bpf is mounted if needed. One per node agent.
     #[serde(default = "default_bpf_pin_dir")]
@@ -171,6 +174,19 @@ fn default_service_account() -> String {
 fn default_metrics_addr() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 15020))
 }
+/// How policy treats plaintext connections into a meshed pod from this node's own addresses:
+/// the kubelet's health probes, and anything else on the host network.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeTraffic {
+    /// Let through without policy, as Istio ambient (and Cilium) let the kubelet's probes in, so
+    /// policies that allow only meshed identities do not fail every probe.
+    #[default]
+    Allowed,
+    /// Subject to policy like any other plaintext client (allow the node with `ipBlocks`).
+    Policy,
+}
+
 const fn default_fail_mode() -> FailMode {
     FailMode::Closed
 }

@@ -8,7 +8,7 @@ use std::{
 };
 
 use crate::{
-    config::{self, Config},
+    config::{self, Config, NodeTraffic},
     identity::SpiffeId,
     policy::PolicySet,
 };
@@ -80,6 +80,7 @@ pub struct State {
     services: Vec<Arc<Service>>,
     by_vip: HashMap<IpAddr, Arc<Service>>,
     pub policies: PolicySet,
+    pub node_traffic: NodeTraffic,
 }
 
 impl State {
@@ -120,6 +121,7 @@ impl State {
             services,
             by_vip,
             policies: PolicySet::new(config.compiled_policies.clone()),
+            node_traffic: config.node_traffic,
         }
     }
 

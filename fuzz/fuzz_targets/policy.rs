@@ -31,6 +31,7 @@ fuzz_target!(|data: &[u8]| {
         dst_port: u16::from_be_bytes([head[4], head[5]]),
         dst_namespace: "shop",
         dst_labels: &labels,
+        node_exempt: head[6] & 4 != 0,
     };
     let decision = set.evaluate(&request);
     let _ = decision.to_string();

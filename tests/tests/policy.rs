@@ -233,6 +233,51 @@ fn metrics_count_exact_connections_and_bytes_with_istio_labels() {
     }
 }
 
+/// One byte echoed on a connection from `node`'s own netns (as the kubelet's probes connect).
+fn echoed_from_node(sb: &Sandbox, node: &str, to: SocketAddr) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = sb.node(node).netns.connect(to, Duration::from_secs(2)) else { return false };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut byte = [7u8];
+    stream.write_all(&byte).and_then(|()| stream.read_exact(&mut byte)).is_ok()
+}
+
+const ALLOW_ONLY_A: &str = "
+  - metadata: {name: only-a, namespace: default}
+    spec:
+      selector: {matchLabels: {app: c}}
+      action: ALLOW
+      rules:
+        - from: [{source: {principals: [cluster.local/ns/default/sa/sa-a]}}]
+";
+
+#[test]
+fn the_nodes_own_traffic_passes_policy_unless_configured_otherwise() {
+    let mut sb = sandbox("nodetraffic");
+    let config = labelled_c(&with_policies(&sb, "node2", ALLOW_ONLY_A));
+    sb.start_agent("node2", Some(&config)).unwrap();
+    let _server = sb.pod("c").serve(PORT).unwrap();
+
+    // Only sa-a is allowed, yet the node's own connection (a kubelet probe) gets through...
+    assert!(echoed_from_node(&sb, "node2", addr(&sb, "c")), "{}", sb.agent_log("node2"));
+    // ...while other plaintext clients do not, and neither does the node of another pod.
+    let outcome = sb.pod("u").connect(addr(&sb, "c"), 10).unwrap();
+    assert!(matches!(outcome, ConnectOutcome::Reset { .. }), "u should be denied: {outcome:?}");
+    assert!(!echoed_from_node(&sb, "node1", addr(&sb, "c")), "node1 is not c's node");
+    // `ferry policy check` agrees. node2 reaches c from the address on c's veth, 10.2.0.1.
+    let (code, out, err) =
+        sb.ferry("node2", &["policy", "check", "--from", "10.2.0.1", "--to", "default/c:8080"]).unwrap();
+    assert_eq!(code, 0, "{out} {err}");
+    assert!(out.contains("from this node"), "{out}");
+
+    // With `nodeTraffic: policy` the node is a plaintext client like any other.
+    let strict = config.replacen('\n', "\nnodeTraffic: policy\n", 1);
+    sb.reload_agent("node2", &strict).unwrap();
+    sb.wait_for_log("node2", "config reloaded", 1).unwrap();
+    assert!(!echoed_from_node(&sb, "node2", addr(&sb, "c")), "node traffic should now be denied");
+    sb.wait_for_log("node2", "connection denied", 3).unwrap();
+}
+
 #[test]
 fn byte_counters_follow_a_long_lived_connection_and_end_exact() {
     let mut sb = sandbox("livebytes");

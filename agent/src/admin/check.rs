@@ -9,6 +9,7 @@ use std::{
 use serde_json::{Value, json};
 
 use crate::{
+    config::NodeTraffic,
     identity::SpiffeId,
     policy::{Request, Verdict},
     state::State,
@@ -16,7 +17,12 @@ use crate::{
 
 /// `from`: `namespace/serviceaccount` (an mTLS identity) or an IP (the workload there, with its
 /// identity if it is meshed; plaintext otherwise). `to`: `ip:port` or `namespace/name:port`.
-pub(super) fn run(state: &State, q: &BTreeMap<String, String>) -> Result<Value, String> {
+/// `from_node`: whether an address is one of this node's own.
+pub(super) fn run(
+    state: &State,
+    q: &BTreeMap<String, String>,
+    from_node: impl Fn(IpAddr) -> bool,
+) -> Result<Value, String> {
     let from = q.get("from").ok_or("missing from=<namespace/serviceaccount or ip>")?;
     let to = q.get("to").ok_or("missing to=<ip:port or namespace/name:port>")?;
 
@@ -60,6 +66,9 @@ pub(super) fn run(state: &State, q: &BTreeMap<String, String>) -> Result<Value, 
         dst_port: port,
         dst_namespace: &destination.namespace,
         dst_labels: &destination.labels,
+        node_exempt: src_identity.is_none()
+            && state.node_traffic == NodeTraffic::Allowed
+            && from_node(src_ip),
     });
     let verdict = |v: Verdict| if v == Verdict::Allow { "allow" } else { "deny" };
     Ok(json!({

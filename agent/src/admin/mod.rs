@@ -139,10 +139,12 @@ impl Admin {
             (&Method::GET, "/certificates") => json_response(StatusCode::OK, &self.certificates()),
             (&Method::GET, "/connections") => json_response(StatusCode::OK, &self.proxy.connections()),
             (&Method::GET, "/flows") => self.flows(&q),
-            (&Method::GET, "/policy/check") => match check::run(&self.state.load(), &q) {
-                Ok(result) => json_response(StatusCode::OK, &result),
-                Err(message) => error(StatusCode::BAD_REQUEST, message),
-            },
+            (&Method::GET, "/policy/check") => {
+                match check::run(&self.state.load(), &q, |ip| self.proxy.from_node(ip)) {
+                    Ok(result) => json_response(StatusCode::OK, &result),
+                    Err(message) => error(StatusCode::BAD_REQUEST, message),
+                }
+            }
             (&Method::GET, "/datapath") => json_response(StatusCode::OK, &self.datapath()),
             (&Method::GET, "/metrics") => {
                 let mut response = Response::new(Full::new(Bytes::from(self.telemetry.render())).boxed());

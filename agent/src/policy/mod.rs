@@ -117,6 +117,9 @@ pub struct Request<'a> {
     pub dst_port: u16,
     pub dst_namespace: &'a str,
     pub dst_labels: &'a BTreeMap<String, String>,
+    /// From this node's own address (the kubelet's probes), with `nodeTraffic: allowed`: let
+    /// through before any policy, as Istio ambient lets probes past ztunnel.
+    pub node_exempt: bool,
 }
 
 impl Request<'_> {
@@ -185,6 +188,14 @@ impl PolicySet {
     }
 
     pub fn evaluate(&self, request: &Request<'_>) -> Decision {
+        if request.node_exempt {
+            let explanation = "from this node (kubelet probes), exempt with nodeTraffic: allowed";
+            return Decision {
+                verdict: Verdict::Allow,
+                reason: Reason { policy: None, rule: None, explanation },
+                dry_run: None,
+            };
+        }
         let applicable: Vec<&Policy> =
             self.policies.iter().map(Arc::as_ref).filter(|p| p.applies_to(request)).collect();
         let enforced = decide(applicable.iter().copied().filter(|p| !p.dry_run), request);

@@ -47,6 +47,7 @@ fn run_set(set: &PolicySet, cases: &[Case]) {
             dst_port: c.port,
             dst_namespace: "shop",
             dst_labels: &labels,
+            node_exempt: false,
         };
         let decision = set.evaluate(&request);
         assert_eq!(decision.verdict == Verdict::Allow, c.allowed, "case {:?}: {decision}", c.name);
@@ -62,6 +63,7 @@ fn plaintext_to_shop(labels: &BTreeMap<String, String>) -> Request<'_> {
         dst_port: 80,
         dst_namespace: "shop",
         dst_labels: labels,
+        node_exempt: false,
     }
 }
 
@@ -373,4 +375,25 @@ spec:
             case("other", Some("shop/x"), "10.1.0.1", 8080, false),
         ],
     );
+}
+
+#[test]
+fn the_nodes_own_traffic_is_exempt_only_when_marked_so() {
+    // An ALLOW policy for one identity and a DENY for everything on port 80: plaintext from the
+    // node (the kubelet's probes) gets through only as exempt.
+    let set = policies(
+        "
+- metadata: {name: only-frontend, namespace: shop}
+  spec: {action: ALLOW, rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/frontend]}}]}]}
+- metadata: {name: no-80, namespace: shop}
+  spec: {action: DENY, rules: [{to: [{operation: {ports: ['80']}}]}]}
+",
+    );
+    let labels = BTreeMap::new();
+    let mut request = plaintext_to_shop(&labels);
+    assert_eq!(set.evaluate(&request).verdict, Verdict::Deny);
+    request.node_exempt = true;
+    let decision = set.evaluate(&request);
+    assert_eq!(decision.verdict, Verdict::Allow);
+    assert_eq!((decision.reason.policy, decision.dry_run), (None, None));
 }

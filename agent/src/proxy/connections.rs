@@ -17,9 +17,10 @@ use tokio::sync::watch;
 
 use super::relay::Flow;
 use crate::{
+    config::NodeTraffic,
     identity::SpiffeId,
-    policy::{Decision, PolicySet, Request, Verdict},
-    state::Workload,
+    policy::{Decision, Request, Verdict},
+    state::{State, Workload},
     telemetry::{ConnectionLabels, LiveBytes, ProxyMetrics},
 };
 
@@ -31,17 +32,20 @@ pub(super) struct Admission {
     pub(super) dst: SocketAddr,
     /// The local workload the connection is for (its namespace and labels scope the policies).
     pub(super) destination: Arc<Workload>,
+    /// `src_ip` is one of this node's own addresses.
+    pub(super) from_node: bool,
 }
 
 impl Admission {
-    pub(super) fn evaluate(&self, policies: &PolicySet) -> Decision {
-        policies.evaluate(&Request {
+    pub(super) fn evaluate(&self, state: &State) -> Decision {
+        state.policies.evaluate(&Request {
             src_ip: self.src_ip,
             src_identity: self.src_identity.as_ref(),
             dst_ip: self.dst.ip(),
             dst_port: self.dst.port(),
             dst_namespace: &self.destination.namespace,
             dst_labels: &self.destination.labels,
+            node_exempt: self.from_node && state.node_traffic == NodeTraffic::Allowed,
         })
     }
 }
@@ -171,14 +175,14 @@ impl Tracker {
         Registration { tracker: self.clone(), id, revoked, bytes }
     }
 
-    /// Re-evaluates every admitted connection against `policies`; closes those now denied.
-    /// Returns how many were closed.
-    pub fn recheck(&self, policies: &PolicySet) -> usize {
+    /// Re-evaluates every admitted connection against `state`'s policies; closes those now
+    /// denied. Returns how many were closed.
+    pub fn recheck(&self, state: &State) -> usize {
         let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
         let mut closed = 0;
         for tracked in live.values() {
             let Some(admission) = &tracked.admission else { continue };
-            let decision = admission.evaluate(policies);
+            let decision = admission.evaluate(state);
             if decision.verdict == Verdict::Deny {
                 let _ = tracked.revoke.send(Some(decision));
                 closed += 1;

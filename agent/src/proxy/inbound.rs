@@ -1,7 +1,13 @@
 //! Inbound: connections for a meshed pod, delivered to its app from inside its netns.
 //! Plaintext (15006) is here; HBONE (15008) is in [`super::hbone::server`].
 
-use std::{io, net::SocketAddr, sync::Arc};
+use std::{
+    collections::HashSet,
+    io,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 use tokio::net::TcpStream;
 
@@ -41,4 +47,45 @@ pub(super) async fn handle_plaintext(proxy: Proxy, pod: Arc<LocalPod>, client: T
 /// is the pod's own address, which sk_lookup treats as local and does not steer again.
 pub(super) async fn deliver(pod: &LocalPod, dst: SocketAddr) -> io::Result<TcpStream> {
     pod.netns.connect(dst).await
+}
+
+/// This node's own addresses, those of the agent's netns (the host's), where the kubelet's
+/// probes come from. Read again on a miss, at most once per [`NodeAddresses::REREAD`], so an
+/// address added later is found without a read per connection.
+pub(super) struct NodeAddresses {
+    known: Mutex<(HashSet<IpAddr>, Instant)>,
+}
+
+impl NodeAddresses {
+    const REREAD: Duration = Duration::from_secs(1);
+
+    pub(super) fn read() -> NodeAddresses {
+        NodeAddresses { known: Mutex::new((interface_addresses(), Instant::now())) }
+    }
+
+    pub(super) fn contains(&self, ip: IpAddr) -> bool {
+        let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        if !known.0.contains(&ip) && known.1.elapsed() >= Self::REREAD {
+            *known = (interface_addresses(), Instant::now());
+        }
+        known.0.contains(&ip)
+    }
+}
+
+/// The addresses of the calling thread's netns. Proxy threads enter pods' netns only around
+/// creating a socket, so here that is the agent's.
+fn interface_addresses() -> HashSet<IpAddr> {
+    match nix::ifaddrs::getifaddrs() {
+        Ok(interfaces) => interfaces
+            .filter_map(|interface| interface.address)
+            .filter_map(|address| {
+                let v4 = address.as_sockaddr_in().map(|a| IpAddr::V4(a.ip()));
+                v4.or_else(|| address.as_sockaddr_in6().map(|a| IpAddr::V6(a.ip())))
+            })
+            .collect(),
+        Err(e) => {
+            tracing::warn!("reading this node's addresses: {e}; node traffic gets no exemption");
+            HashSet::new()
+        }
+    }
 }

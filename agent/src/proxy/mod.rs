@@ -126,6 +126,7 @@ struct Inner {
     node_permits: Arc<Semaphore>,
     /// Picks service endpoints.
     balancer: balance::Balancer,
+    node_addresses: inbound::NodeAddresses,
 }
 
 /// Serving one pod; dropping it closes the pod's listeners (open connections run to their end).
@@ -194,6 +195,7 @@ impl Proxy {
                 drain,
                 node_permits: Arc::new(Semaphore::new(limits.max_connections_per_node)),
                 balancer: balance::Balancer::default(),
+                node_addresses: inbound::NodeAddresses::read(),
                 limits,
             }),
         }
@@ -246,7 +248,7 @@ impl Proxy {
 
     /// Re-checks open connections against the current policies; closes those now denied.
     pub fn recheck_policies(&self) -> usize {
-        self.inner.tracker.recheck(&self.inner.state.load().policies)
+        self.inner.tracker.recheck(&self.inner.state.load())
     }
 
     /// The connections being relayed now.
@@ -263,8 +265,10 @@ impl Proxy {
             src_identity: flow.src_identity.clone(),
             dst: flow.dst,
             destination: pod.workload.clone(),
+            // Only plaintext can come from the node: HBONE peers are other agents, identified.
+            from_node: flow.src_identity.is_none() && self.from_node(src_ip),
         };
-        let decision = admission.evaluate(&self.inner.state.load().policies);
+        let decision = admission.evaluate(&self.inner.state.load());
         let metrics = &self.inner.telemetry.proxy;
         let kind = if decision.verdict == Verdict::Allow { VerdictKind::Allow } else { VerdictKind::Deny };
         metrics.verdict(kind, decision.reason.policy.as_deref());
@@ -283,6 +287,11 @@ impl Proxy {
         flow.policy = decision.reason.policy.clone();
         flow.admission = Some(admission);
         decision
+    }
+
+    /// Whether `ip` is one of this node's own addresses (the kubelet's probes come from one).
+    pub fn from_node(&self, ip: IpAddr) -> bool {
+        self.inner.node_addresses.contains(ip)
     }
 
     fn local_pod(&self, ip: IpAddr) -> Option<Arc<LocalPod>> {
