@@ -29,11 +29,18 @@ pub struct PodNetns {
 }
 
 impl PodNetns {
-    /// Opens a netns file (e.g. /run/netns/NAME or /proc/PID/ns/net) and reads its cookie.
+    /// Opens a netns file (e.g. /run/netns/NAME or /proc/PID/ns/net) and reads its cookie. The
+    /// agent's own netns is refused: capturing it would capture the node itself (its inbound
+    /// connections steered, its own listeners on the node's address).
     pub fn open(path: &Path) -> io::Result<PodNetns> {
         let file = File::open(path)?;
-        let probe = in_netns(file.as_fd(), || Socket::new(Domain::IPV4, Type::STREAM, None))?;
-        let cookie = netns_cookie(&probe)?;
+        let cookie = cookie_of(file.as_fd())?;
+        if cookie == cookie_of(home_netns().as_fd())? {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "it is the agent's own network namespace, the node's (a hostNetwork pod?): not captured",
+            ));
+        }
         Ok(PodNetns { file, cookie })
     }
 
@@ -68,6 +75,11 @@ impl PodNetns {
 /// Non-blocking, and close-on-exec from the start (socket2 asks `socket(2)` for `SOCK_CLOEXEC`).
 fn new_tcp_socket(addr: SocketAddr) -> io::Result<Socket> {
     Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking(), Some(Protocol::TCP))
+}
+
+fn cookie_of(netns: BorrowedFd<'_>) -> io::Result<u64> {
+    let probe = in_netns(netns, || Socket::new(Domain::IPV4, Type::STREAM, None))?;
+    netns_cookie(&probe)
 }
 
 fn netns_cookie(socket: &Socket) -> io::Result<u64> {

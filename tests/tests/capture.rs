@@ -255,3 +255,24 @@ fn inbound_ipv6_into_a_meshed_pod_is_refused_not_let_past_policy() {
     assert!(matches!(outcome, ConnectOutcome::Echoed { .. }), "{outcome:?}");
     assert_eq!(metric(&sb, "node2", STEERED), 1.0);
 }
+
+#[test]
+fn a_workload_in_the_nodes_own_netns_is_not_captured() {
+    let mut sb = two_nodes("hostnet");
+    // Pod b declared with node1's netns, as a hostNetwork pod would have: capturing it would
+    // steer every connection to the node and put the pod's listeners on the node's addresses.
+    let config = sb.config_for("node1").replace(
+        &sb.pod("b").netns.path().display().to_string(),
+        &sb.node("node1").netns.path().display().to_string(),
+    );
+    sb.start_agent("node1", Some(&config)).unwrap();
+    sb.wait_for_log("node1", "the agent's own network namespace", 1).unwrap();
+    assert_eq!(metric(&sb, "node1", "ferry_meshed_workloads"), 1.0, "only a is captured");
+    // The node's netns has no listener of the agent's: 15006 there is refused.
+    let node_15006 = SocketAddr::from((sb.node("node1").underlay_ip, 15006));
+    assert!(sb.node("node1").netns.connect(node_15006, Duration::from_secs(1)).is_err());
+    // a is served as usual.
+    let _server = sb.pod("u").serve(8080).unwrap();
+    assert!(matches!(sb.pod("a").connect(addr(&sb, "u", 8080), 10).unwrap(), ConnectOutcome::Echoed { .. }));
+    assert_eq!(metric(&sb, "node1", REDIRECTED), 1.0);
+}

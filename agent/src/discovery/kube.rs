@@ -305,6 +305,11 @@ fn istio_spec(object: &DynamicObject) -> Result<Spec, String> {
 
 fn workload(pod: &Pod, node: &str, cgroups: &mut PodCgroups) -> Option<config::Workload> {
     let spec = pod.spec.as_ref()?;
+    // A hostNetwork pod has the node's netns and address: not a workload (as in Istio ambient).
+    // Traffic to it is traffic to the node.
+    if spec.host_network == Some(true) {
+        return None;
+    }
     let status = pod.status.as_ref()?;
     if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
         return None;
@@ -437,6 +442,22 @@ mod tests {
         let unknown =
             istio_spec(&istio(serde_json::json!({"rules": [{"from": [{"source": {"nodes": ["x"]}}]}]})));
         assert!(unknown.unwrap_err().contains("nodes"), "the unknown field is named");
+    }
+
+    #[test]
+    fn host_network_pods_are_not_workloads() {
+        let pod = |host_network: bool| -> Pod {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "p", "namespace": "ns", "uid": "u"},
+                "spec": {"nodeName": "elsewhere", "hostNetwork": host_network, "containers": []},
+                "status": {"phase": "Running", "podIP": "10.9.0.1"},
+            }))
+            .unwrap()
+        };
+        let mut cgroups = PodCgroups::new(PathBuf::from("/nonexistent"));
+        let ordinary = workload(&pod(false), "here", &mut cgroups).expect("an ordinary pod is a workload");
+        assert_eq!(ordinary.ips, ["10.9.0.1".parse::<std::net::IpAddr>().unwrap()]);
+        assert!(workload(&pod(true), "here", &mut cgroups).is_none());
     }
 
     #[test]
