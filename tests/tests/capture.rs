@@ -243,7 +243,7 @@ fn inbound_ipv6_into_a_meshed_pod_is_refused_not_let_past_policy() {
     let kind = refused.downcast_ref::<std::io::Error>().map(std::io::Error::kind);
     assert_eq!(kind, Some(std::io::ErrorKind::ConnectionRefused), "{refused}");
     assert!(metric(&sb, "node2", "ferry_datapath_events_total{event=\"inbound_ipv6_refused\"}") >= 1.0);
-    sb.wait_for_log("node2", "IPv6 is not meshed", 1).unwrap();
+    sb.wait_for_log("node2", "IPv6 connection to [fd00:f::2]:8080 refused: IPv6 is not meshed", 1).unwrap();
     // Inside the pod, IPv6 loopback is local traffic and passes.
     sb.pod("c")
         .netns
