@@ -181,6 +181,7 @@ impl Admin {
             "workloads_known": state.workloads().len(),
             "workloads_captured": self.local.read().unwrap_or_else(|e| e.into_inner()).pods.len(),
             "policies": state.policies.policies().len(),
+            "node_traffic": state.node_traffic,
             "connections": self.proxy.connections().len(),
             "certificates": self.certs.all().len(),
         })

@@ -94,6 +94,7 @@ fn status(v: &Value) -> String {
         "workloads_known",
         "workloads_captured",
         "policies",
+        "node_traffic",
         "connections",
         "certificates",
         "config",
