@@ -18,7 +18,7 @@ use aya_ebpf::{
         BPF_SK_LOOKUP_F_REPLACE, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
         sk_action::{SK_DROP, SK_PASS},
     },
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns},
     macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
     maps::{HashMap, LruHashMap, PerCpuArray, SockHash},
     programs::{SkLookupContext, SockAddrContext, SockOpsContext},
@@ -61,6 +61,15 @@ static FAIL_CLOSED_IPS: HashMap<IpKey, u32> = HashMap::with_max_entries(MAX_MESH
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+
+/// When this CPU last logged a refused IPv6 connection (ns since boot). Not shared between
+/// agent generations: each starts logging afresh.
+#[map]
+static IPV6_WARNED_AT: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// At most one IPv6 warning per CPU in this long: where dual-stack clients try IPv6 first, every
+/// connection would log one. The counter has them all.
+const IPV6_WARN_INTERVAL_NS: u64 = 10_000_000_000;
 
 #[inline(always)]
 fn count(counter: Counter) {
@@ -226,11 +235,21 @@ fn refuse_ipv6(ctx: &SkLookupContext) -> u32 {
         return SK_PASS;
     }
     count(Counter::InboundIpv6Refused);
+    let now = unsafe { bpf_ktime_get_ns() };
+    let Some(warned_at) = IPV6_WARNED_AT.get_ptr_mut(0) else { return SK_DROP };
+    // SAFETY: per-CPU slot, no concurrent writer.
+    let last = unsafe { *warned_at };
+    if last != 0 && now.wrapping_sub(last) < IPV6_WARN_INTERVAL_NS {
+        return SK_DROP;
+    }
+    unsafe { *warned_at = now };
     // SAFETY: four u32 in network byte order are the address's sixteen bytes.
     let address: [u8; 16] = unsafe { core::mem::transmute(local_ip) };
     warn!(
         ctx,
-        "sk_lookup: IPv6 connection to [{:i}]:{} refused: IPv6 is not meshed", address, lookup.local_port
+        "sk_lookup: IPv6 connection to [{:i}]:{} refused: IPv6 is not meshed (all are counted in inbound_ipv6_refused, one is logged per CPU every 10 s)",
+        address,
+        lookup.local_port
     );
     SK_DROP
 }
