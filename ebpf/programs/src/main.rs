@@ -8,7 +8,8 @@
 //! - `ferry_sk_lookup` (sk_lookup, per pod netns): steers inbound connections to the pod's plaintext
 //!   listener, and refuses inbound IPv6, which is not meshed, so policy cannot be bypassed over it.
 //!
-//! Rare events are logged through aya-log; nothing is logged per packet or per connection.
+//! Rare events are logged through aya-log, each kind at most once per CPU every 10 s (the counters
+//! have every occurrence); nothing is logged per packet or per connection.
 #![no_std]
 #![no_main]
 
@@ -62,14 +63,38 @@ static FAIL_CLOSED_IPS: HashMap<IpKey, u32> = HashMap::with_max_entries(MAX_MESH
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
 
-/// When this CPU last logged a refused IPv6 connection (ns since boot). Not shared between
-/// agent generations: each starts logging afresh.
-#[map]
-static IPV6_WARNED_AT: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+/// The warnings, each of which a burst of connections could repeat (a full map, dual-stack
+/// clients trying IPv6 first): each is logged at most once per CPU per [`WARN_INTERVAL_NS`], while
+/// the counters have every occurrence.
+#[derive(Clone, Copy)]
+#[repr(u32)]
+enum Warning {
+    ConnectMapFull,
+    OrigDstMissing,
+    OrigDstUpdateFailed,
+    NoListener,
+    Ipv6Refused,
+}
+const WARNINGS: u32 = Warning::Ipv6Refused as u32 + 1;
+const WARN_INTERVAL_NS: u64 = 10_000_000_000;
 
-/// At most one IPv6 warning per CPU in this long: where dual-stack clients try IPv6 first, every
-/// connection would log one. The counter has them all.
-const IPV6_WARN_INTERVAL_NS: u64 = 10_000_000_000;
+/// When this CPU last logged each warning (ns since boot). Not shared between agent
+/// generations: each starts logging afresh.
+#[map]
+static WARNED_AT: PerCpuArray<u64> = PerCpuArray::with_max_entries(WARNINGS, 0);
+
+#[inline(always)]
+fn may_warn(warning: Warning) -> bool {
+    let Some(warned_at) = WARNED_AT.get_ptr_mut(warning as u32) else { return false };
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: per-CPU slot, no concurrent writer.
+    let last = unsafe { *warned_at };
+    if last != 0 && now.wrapping_sub(last) < WARN_INTERVAL_NS {
+        return false;
+    }
+    unsafe { *warned_at = now };
+    true
+}
 
 #[inline(always)]
 fn count(counter: Counter) {
@@ -117,7 +142,9 @@ fn redirect_outbound(ctx: &SockAddrContext) {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     if ORIG_DST_BY_SOCKET.insert(&cookie, &dst, 0).is_err() {
         count(Counter::MapUpdateFailed);
-        warn!(ctx, "connect4: original-destination map full, connection not captured");
+        if may_warn(Warning::ConnectMapFull) {
+            warn!(ctx, "connect4: original-destination map full, connection not captured");
+        }
         return;
     }
     addr.user_ip4 = LOOPBACK;
@@ -139,7 +166,9 @@ fn record_established(ctx: &SockOpsContext) {
     let Some(dst) = (unsafe { ORIG_DST_BY_SOCKET.get(&cookie) }).copied() else {
         if ctx.remote_ip4() == LOOPBACK && remote_port(ctx) == OUTBOUND_PORT {
             count(Counter::OrigDstMiss);
-            warn!(ctx, "sock_ops: connection to the outbound listener without a stored destination");
+            if may_warn(Warning::OrigDstMissing) {
+                warn!(ctx, "sock_ops: connection to the outbound listener without a stored destination");
+            }
         }
         return;
     };
@@ -148,7 +177,9 @@ fn record_established(ctx: &SockOpsContext) {
     let key = ConnKey::new(netns, ctx.local_port() as u16);
     if ORIG_DST.insert(&key, &dst, 0).is_err() {
         count(Counter::MapUpdateFailed);
-        warn!(ctx, "sock_ops: original-destination map update failed");
+        if may_warn(Warning::OrigDstUpdateFailed) {
+            warn!(ctx, "sock_ops: original-destination map update failed");
+        }
     }
 }
 
@@ -216,7 +247,9 @@ fn steer_inbound(ctx: &SkLookupContext) -> u32 {
         }
         Err(_) => {
             count(Counter::InboundNoListener);
-            warn!(ctx, "sk_lookup: no inbound listener for {:i}", u32::from_be(local_ip));
+            if may_warn(Warning::NoListener) {
+                warn!(ctx, "sk_lookup: no inbound listener for {:i}", u32::from_be(local_ip));
+            }
             SK_PASS
         }
     }
@@ -235,21 +268,14 @@ fn refuse_ipv6(ctx: &SkLookupContext) -> u32 {
         return SK_PASS;
     }
     count(Counter::InboundIpv6Refused);
-    let now = unsafe { bpf_ktime_get_ns() };
-    let Some(warned_at) = IPV6_WARNED_AT.get_ptr_mut(0) else { return SK_DROP };
-    // SAFETY: per-CPU slot, no concurrent writer.
-    let last = unsafe { *warned_at };
-    if last != 0 && now.wrapping_sub(last) < IPV6_WARN_INTERVAL_NS {
+    if !may_warn(Warning::Ipv6Refused) {
         return SK_DROP;
     }
-    unsafe { *warned_at = now };
     // SAFETY: four u32 in network byte order are the address's sixteen bytes.
     let address: [u8; 16] = unsafe { core::mem::transmute(local_ip) };
     warn!(
         ctx,
-        "sk_lookup: IPv6 connection to [{:i}]:{} refused: IPv6 is not meshed (all are counted in inbound_ipv6_refused, one is logged per CPU every 10 s)",
-        address,
-        lookup.local_port
+        "sk_lookup: IPv6 connection to [{:i}]:{} refused: IPv6 is not meshed", address, lookup.local_port
     );
     SK_DROP
 }
