@@ -264,6 +264,23 @@ fn the_nodes_own_traffic_passes_policy_unless_configured_otherwise() {
     let outcome = sb.pod("u").connect(addr(&sb, "c"), 10).unwrap();
     assert!(matches!(outcome, ConnectOutcome::Reset { .. }), "u should be denied: {outcome:?}");
     assert!(!echoed_from_node(&sb, "node1", addr(&sb, "c")), "node1 is not c's node");
+    // Traffic the node only forwards, masqueraded to its own address (as kube-proxy does for a
+    // NodePort), has no socket on the node: not exempt.
+    let (u, c) = (sb.pod("u").ip.to_string(), sb.pod("c").ip.to_string());
+    let mut masquerade = std::process::Command::new("iptables");
+    masquerade.args(["-t", "nat", "-A", "POSTROUTING", "-s", &u, "-d", &c, "-j", "MASQUERADE"]);
+    assert!(sb.node("node2").netns.spawn(masquerade, None).unwrap().wait().unwrap().success());
+    let outcome = sb.pod("u").connect(addr(&sb, "c"), 10).unwrap();
+    assert!(matches!(outcome, ConnectOutcome::Reset { .. }), "masqueraded u should be denied: {outcome:?}");
+    let masqueraded_denied = || {
+        let log = sb.agent_log("node2");
+        log.lines().any(|l| l.contains("connection denied") && l.contains("src=10.2.0.1:"))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while !masqueraded_denied() {
+        assert!(std::time::Instant::now() < deadline, "no denial from the node's address logged");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     // `ferry policy check` agrees. node2 reaches c from the address on c's veth, 10.2.0.1.
     let (code, out, err) =
         sb.ferry("node2", &["policy", "check", "--from", "10.2.0.1", "--to", "default/c:8080"]).unwrap();
@@ -275,7 +292,7 @@ fn the_nodes_own_traffic_passes_policy_unless_configured_otherwise() {
     sb.reload_agent("node2", &strict).unwrap();
     sb.wait_for_log("node2", "config reloaded", 1).unwrap();
     assert!(!echoed_from_node(&sb, "node2", addr(&sb, "c")), "node traffic should now be denied");
-    sb.wait_for_log("node2", "connection denied", 3).unwrap();
+    sb.wait_for_log("node2", "connection denied", 4).unwrap();
 }
 
 #[test]

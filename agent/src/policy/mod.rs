@@ -117,7 +117,7 @@ pub struct Request<'a> {
     pub dst_port: u16,
     pub dst_namespace: &'a str,
     pub dst_labels: &'a BTreeMap<String, String>,
-    /// From this node's own address (the kubelet's probes), with `nodeTraffic: allowed`: let
+    /// Opened by a process on this node (the kubelet's probes), with `nodeTraffic: allowed`: let
     /// through before any policy, as Istio ambient lets probes past ztunnel.
     pub node_exempt: bool,
 }

@@ -32,7 +32,7 @@ pub(super) struct Admission {
     pub(super) dst: SocketAddr,
     /// The local workload the connection is for (its namespace and labels scope the policies).
     pub(super) destination: Arc<Workload>,
-    /// `src_ip` is one of this node's own addresses.
+    /// A process on this node opened it (see `Proxy::opened_on_node`).
     pub(super) from_node: bool,
 }
 

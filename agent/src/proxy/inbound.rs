@@ -89,3 +89,59 @@ fn interface_addresses() -> HashSet<IpAddr> {
         }
     }
 }
+
+/// Whether a process on the node opened this connection: a TCP socket from `src` to `dst`
+/// exists in the calling thread's netns (the agent's, the host's). The kubelet's probes have one;
+/// traffic the node only forwards, masqueraded to its own address, has none. One exact
+/// `SOCK_DIAG_BY_FAMILY` lookup, as `ss` makes; a listener that happens to match does not count.
+pub(super) fn opened_on_node(src: SocketAddr, dst: SocketAddr) -> io::Result<bool> {
+    use std::os::fd::AsRawFd;
+
+    use nix::sys::socket::{
+        AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, recv, sendto, socket,
+    };
+    const SOCK_DIAG_BY_FAMILY: u16 = 20;
+    const NLM_F_REQUEST: u16 = 1;
+    const NLMSG_ERROR: u16 = 2;
+    const TCP_LISTEN: u8 = 10;
+    const HEADER: usize = 16;
+
+    let (SocketAddr::V4(src), SocketAddr::V4(dst)) = (src, dst) else { return Ok(false) };
+    // nlmsghdr, then inet_diag_req_v2 whose socket id names the node's end as the source.
+    let mut request = Vec::with_capacity(HEADER + 56);
+    request.extend_from_slice(&((HEADER + 56) as u32).to_ne_bytes());
+    request.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    request.extend_from_slice(&NLM_F_REQUEST.to_ne_bytes());
+    request.extend_from_slice(&[0; 8]); // sequence number, port id
+    request.extend_from_slice(&[libc::AF_INET as u8, libc::IPPROTO_TCP as u8, 0, 0]);
+    request.extend_from_slice(&u32::MAX.to_ne_bytes()); // any state
+    request.extend_from_slice(&src.port().to_be_bytes());
+    request.extend_from_slice(&dst.port().to_be_bytes());
+    for ip in [src.ip(), dst.ip()] {
+        request.extend_from_slice(&ip.octets());
+        request.extend_from_slice(&[0; 12]);
+    }
+    request.extend_from_slice(&[0; 4]); // any interface
+    request.extend_from_slice(&[0xff; 8]); // no cookie
+    let netlink = socket(
+        AddressFamily::Netlink,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkSockDiag,
+    )?;
+    sendto(netlink.as_raw_fd(), &request, &NetlinkAddr::new(0, 0), MsgFlags::empty())?;
+    let mut answer = [0u8; 512];
+    let n = recv(netlink.as_raw_fd(), &mut answer, MsgFlags::empty())?;
+    if n < HEADER + 4 {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "short sock_diag answer"));
+    }
+    match u16::from_ne_bytes([answer[4], answer[5]]) {
+        // The payload is inet_diag_msg: family, then state.
+        SOCK_DIAG_BY_FAMILY => Ok(answer[HEADER + 1] != TCP_LISTEN),
+        NLMSG_ERROR => match -i32::from_ne_bytes([answer[16], answer[17], answer[18], answer[19]]) {
+            libc::ENOENT => Ok(false),
+            errno => Err(io::Error::from_raw_os_error(errno)),
+        },
+        other => Err(io::Error::new(io::ErrorKind::InvalidData, format!("sock_diag answered type {other}"))),
+    }
+}

@@ -266,7 +266,7 @@ impl Proxy {
             dst: flow.dst,
             destination: pod.workload.clone(),
             // Only plaintext can come from the node: HBONE peers are other agents, identified.
-            from_node: flow.src_identity.is_none() && self.from_node(src_ip),
+            from_node: flow.src_identity.is_none() && self.opened_on_node(flow.src, flow.dst),
         };
         let decision = admission.evaluate(&self.inner.state.load());
         let metrics = &self.inner.telemetry.proxy;
@@ -292,6 +292,18 @@ impl Proxy {
     /// Whether `ip` is one of this node's own addresses (the kubelet's probes come from one).
     pub fn from_node(&self, ip: IpAddr) -> bool {
         self.inner.node_addresses.contains(ip)
+    }
+
+    /// Whether a process on this node opened the connection from `src` to `dst` (a kubelet
+    /// probe), rather than the node forwarding it under its own address.
+    fn opened_on_node(&self, src: SocketAddr, dst: SocketAddr) -> bool {
+        if !self.from_node(src.ip()) {
+            return false;
+        }
+        inbound::opened_on_node(src, dst).unwrap_or_else(|e| {
+            tracing::warn!(%src, %dst, "looking up the node's socket: {e}; treated as forwarded");
+            false
+        })
     }
 
     fn local_pod(&self, ip: IpAddr) -> Option<Arc<LocalPod>> {
