@@ -145,3 +145,21 @@ pub(super) fn opened_on_node(src: SocketAddr, dst: SocketAddr) -> io::Result<boo
         other => Err(io::Error::new(io::ErrorKind::InvalidData, format!("sock_diag answered type {other}"))),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connection_opened_here_is_found_and_a_listener_is_not() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let server = listener.local_addr().unwrap();
+        let client = std::net::TcpStream::connect(server).unwrap();
+        let local = client.local_addr().unwrap();
+        assert!(opened_on_node(local, server).unwrap());
+        // No socket from another port to the server.
+        assert!(!opened_on_node(SocketAddr::new(local.ip(), 1), server).unwrap());
+        // The kernel's lookup also finds a listener on the source address: that is not a connection.
+        assert!(!opened_on_node(server, "127.0.0.2:9".parse().unwrap()).unwrap());
+    }
+}
