@@ -187,6 +187,13 @@ pub enum NodeTraffic {
     Policy,
 }
 
+impl NodeTraffic {
+    /// Whether a connection a process on the node opened skips policy.
+    pub fn exempts(self, opened_on_node: bool) -> bool {
+        opened_on_node && self == NodeTraffic::Allowed
+    }
+}
+
 const fn default_fail_mode() -> FailMode {
     FailMode::Closed
 }

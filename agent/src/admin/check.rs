@@ -9,7 +9,6 @@ use std::{
 use serde_json::{Value, json};
 
 use crate::{
-    config::NodeTraffic,
     identity::SpiffeId,
     policy::{Request, Verdict},
     state::State,
@@ -66,9 +65,7 @@ pub(super) fn run(
         dst_port: port,
         dst_namespace: &destination.namespace,
         dst_labels: &destination.labels,
-        node_exempt: src_identity.is_none()
-            && state.node_traffic == NodeTraffic::Allowed
-            && from_node(src_ip),
+        node_exempt: state.node_traffic.exempts(src_identity.is_none() && from_node(src_ip)),
     });
     let verdict = |v: Verdict| if v == Verdict::Allow { "allow" } else { "deny" };
     Ok(json!({

@@ -17,7 +17,6 @@ use tokio::sync::watch;
 
 use super::relay::Flow;
 use crate::{
-    config::NodeTraffic,
     identity::SpiffeId,
     policy::{Decision, Request, Verdict},
     state::{State, Workload},
@@ -45,7 +44,7 @@ impl Admission {
             dst_port: self.dst.port(),
             dst_namespace: &self.destination.namespace,
             dst_labels: &self.destination.labels,
-            node_exempt: self.from_node && state.node_traffic == NodeTraffic::Allowed,
+            node_exempt: state.node_traffic.exempts(self.from_node),
         })
     }
 }
