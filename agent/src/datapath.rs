@@ -1,7 +1,7 @@
 //! The eBPF side of the agent: loads Ferry's programs once, attaches them per meshed pod, and
 //! owns the maps they share with user space.
 //!
-//! Per pod: connect4, getpeername4 and sock_ops on the pod's cgroup; sk_lookup on its netns; its
+//! Per pod: connect4/6, getpeername4/6 and sock_ops on the pod's cgroup; sk_lookup on its netns; its
 //! netns cookie in `MESHED_NETNS`; its inbound plaintext listener in `INBOUND_LISTENERS`.
 //!
 //! Under the pin directory (a bpffs): `maps/v<layout>/` holds the shared maps, which every agent
@@ -146,7 +146,7 @@ impl Datapath {
             Ok(logger) => spawn_log_forwarder(logger),
             Err(e) => tracing::warn!("eBPF log forwarding unavailable: {e}"),
         }
-        for name in [prog_names::CONNECT4, prog_names::GETPEERNAME4] {
+        for name in prog_names::SOCK_ADDR {
             program::<CgroupSockAddr>(&mut ebpf, name)?
                 .load()
                 .map_err(|source| DatapathError::Program { name, source })?;
@@ -233,9 +233,8 @@ impl Datapath {
         let id = sk_lookup.attach(netns.as_fd()).map_err(attach_err(prog_names::SK_LOOKUP))?;
         let link = sk_lookup.take_link(id).map_err(attach_err(prog_names::SK_LOOKUP))?;
         let sk_lookup_link: FdLink = link.into();
-        // connect4 last: once it runs, connections are redirected and need everything before it.
         let mut attached = vec![(prog_names::SK_LOOKUP, sk_lookup_link)];
-        for name in [prog_names::GETPEERNAME4, prog_names::SOCK_OPS, prog_names::CONNECT4] {
+        for name in prog_names::ALL.into_iter().filter(|&name| name != prog_names::SK_LOOKUP) {
             let link = if name == prog_names::SOCK_OPS {
                 let prog = program::<SockOps>(&mut self.ebpf, name)?;
                 let id = prog.attach(&cgroup_dir, CgroupAttachMode::Single).map_err(attach_err(name))?;
@@ -343,7 +342,9 @@ impl Datapath {
         DatapathView {
             programs: vec![
                 program(prog_names::CONNECT4, "cgroup_sock_addr", "pod cgroup (connect4)"),
+                program(prog_names::CONNECT6, "cgroup_sock_addr", "pod cgroup (connect6)"),
                 program(prog_names::GETPEERNAME4, "cgroup_sock_addr", "pod cgroup (getpeername4)"),
+                program(prog_names::GETPEERNAME6, "cgroup_sock_addr", "pod cgroup (getpeername6)"),
                 program(prog_names::SOCK_OPS, "sock_ops", "pod cgroup"),
                 program(prog_names::SK_LOOKUP, "sk_lookup", "pod netns"),
             ],

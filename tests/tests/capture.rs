@@ -38,6 +38,24 @@ fn cross_node_connection_goes_through_both_agents() {
     assert_eq!(metric(&sb, "node2", STEERED), 0.0);
 }
 
+/// Java and .NET connect to IPv4 addresses through IPv6 sockets (`::ffff:a.b.c.d`), which connect4
+/// never sees: connect6 captures them like IPv4, and getpeername6 hides the redirect.
+#[test]
+fn an_ipv6_socket_connecting_to_an_ipv4_address_is_captured_like_ipv4() {
+    let mut sb = two_nodes("mapped");
+    sb.start_agent("node1", None).unwrap();
+    sb.start_agent("node2", None).unwrap();
+    let server = sb.pod("c").serve(8080).unwrap();
+    let mapped = SocketAddr::from((sb.pod("c").ip.to_ipv6_mapped(), 8080));
+    let outcome = sb.pod("a").connect(mapped, 100_000).unwrap();
+    assert_eq!(outcome, ConnectOutcome::Echoed { peer: mapped, bytes: 100_000 }, "{}", sb.agent_log("node1"));
+    assert_eq!(server.wait_accepted(1, Duration::from_secs(2))[0].ip(), sb.pod("c").ip);
+    assert_eq!(metric(&sb, "node1", REDIRECTED), 1.0);
+    assert_eq!(metric(&sb, "node1", HBONE_CLIENT), 1.0);
+    assert_eq!(metric(&sb, "node2", INBOUND_HBONE), 1.0);
+    assert_eq!(metric(&sb, "node2", STEERED), 0.0, "reached c in plaintext, around the tunnel");
+}
+
 /// Bytes echoed through the proxy by the bulk cases: several times the relays' largest buffers.
 const BULK: usize = 8 * 1024 * 1024;
 

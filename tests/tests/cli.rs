@@ -49,7 +49,7 @@ fn inspection_commands_report_config_and_traffic() {
     assert_eq!(c["identity"], "spiffe://cluster.local/ns/default/sa/sa-c");
     assert_eq!(c["captured"], true);
     assert_eq!(c["netns"], sb.pod("c").netns.path().display().to_string());
-    assert_eq!(c["programs"].as_array().unwrap().len(), 4);
+    assert_eq!(c["programs"].as_array().unwrap().len(), 6);
     let a = workloads.as_array().unwrap().iter().find(|w| w["name"] == "a").unwrap();
     assert_eq!((a["local"].as_bool(), a["captured"].as_bool()), (Some(false), Some(false)));
 
@@ -179,7 +179,7 @@ fn admin_api_serves_datapath_and_changes_the_log_level() {
     let maps = datapath["maps"].as_array().unwrap();
     let meshed = maps.iter().find(|m| m["name"] == "MESHED_NETNS").unwrap();
     assert_eq!((meshed["entries"].as_u64(), meshed["max_entries"].as_u64()), (Some(1), Some(4096)));
-    assert_eq!(datapath["programs"].as_array().unwrap().len(), 4);
+    assert_eq!(datapath["programs"].as_array().unwrap().len(), 6);
     assert!(datapath["counters"]["inbound_passed"].is_u64());
 
     assert!(!sb.agent_log("node2").contains("DEBUG"));

@@ -34,7 +34,7 @@ fn killed_agent_fails_closed_and_a_new_agent_takes_over() {
     let _server_c = sb.pod("c").serve(PORT).unwrap();
     let _server_a = sb.pod("a").serve(PORT).unwrap();
     assert!(matches!(sb.pod("a").connect(addr(&sb, "c"), 10).unwrap(), ConnectOutcome::Echoed { .. }));
-    assert_eq!(pins(&sb, "node1"), 8, "4 links for each of a and b");
+    assert_eq!(pins(&sb, "node1"), 12, "6 links for each of a and b");
     assert_eq!(pinned_maps(&sb, "node1"), 6);
 
     sb.kill_agent("node1").unwrap();
@@ -51,7 +51,7 @@ fn killed_agent_fails_closed_and_a_new_agent_takes_over() {
     sb.start_agent("node1", None).unwrap();
     assert!(matches!(sb.pod("a").connect(addr(&sb, "c"), 10).unwrap(), ConnectOutcome::Echoed { .. }));
     assert!(matches!(sb.pod("u").connect(addr(&sb, "a"), 10).unwrap(), ConnectOutcome::Echoed { .. }));
-    assert_eq!(pins(&sb, "node1"), 8);
+    assert_eq!(pins(&sb, "node1"), 12);
     // The new agent shares the maps: counters go on from the dead agent's (first connect, the
     // refused one while no agent ran, and the last one).
     assert_eq!(pinned_maps(&sb, "node1"), 6);

@@ -41,11 +41,16 @@ pub mod maps {
 /// Program names, as the eBPF object defines them.
 pub mod programs {
     pub const CONNECT4: &str = "ferry_connect4";
+    pub const CONNECT6: &str = "ferry_connect6";
     pub const SOCK_OPS: &str = "ferry_sock_ops";
     pub const GETPEERNAME4: &str = "ferry_getpeername4";
+    pub const GETPEERNAME6: &str = "ferry_getpeername6";
     pub const SK_LOOKUP: &str = "ferry_sk_lookup";
-    /// Every program, in the order they are attached to a pod.
-    pub const ALL: [&str; 4] = [SK_LOOKUP, GETPEERNAME4, SOCK_OPS, CONNECT4];
+    /// The cgroup/sock_addr programs.
+    pub const SOCK_ADDR: [&str; 4] = [GETPEERNAME4, GETPEERNAME6, CONNECT4, CONNECT6];
+    /// Every program, in the order they are attached to a pod: the connects last, since once they
+    /// run connections are redirected and need everything before them.
+    pub const ALL: [&str; 6] = [SK_LOOKUP, GETPEERNAME4, GETPEERNAME6, SOCK_OPS, CONNECT4, CONNECT6];
 }
 
 /// An IP address and port. `ip` holds the address in network byte order (IPv4 in `ip[0]`);
@@ -105,7 +110,7 @@ pub const COUNTER_SLOTS: u32 = 32;
 pub enum Counter {
     /// Outbound connects rewritten to the pod's outbound listener.
     Redirected = 0,
-    /// Connects left alone: not TCP, not a meshed netns, or to loopback.
+    /// Connects left alone: not TCP, not a meshed netns, to loopback, or to an IPv6 address.
     Passed = 1,
     /// Connects left alone because the socket carries the agent's mark.
     ExemptByMark = 2,

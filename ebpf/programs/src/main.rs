@@ -2,9 +2,12 @@
 //!
 //! - `ferry_connect4` (cgroup/connect4): rewrites a meshed pod's outbound TCP connect to the pod's
 //!   outbound listener and remembers the original destination under the socket cookie.
+//! - `ferry_connect6` (cgroup/connect6): the same for IPv6 sockets connecting to an IPv4 address
+//!   (`::ffff:a.b.c.d`, as Java and .NET dual-stack sockets do), which connect4 never sees.
 //! - `ferry_sock_ops` (sockops): when that connection is established, re-keys the destination by
 //!   (netns cookie, client port), which is what the agent knows after `accept()`.
-//! - `ferry_getpeername4` (cgroup/getpeername4): the app's `getpeername()` sees the original destination.
+//! - `ferry_getpeername4`, `ferry_getpeername6`: the app's `getpeername()` sees the original
+//!   destination.
 //! - `ferry_sk_lookup` (sk_lookup, per pod netns): steers inbound connections to the pod's plaintext
 //!   listener, and refuses inbound IPv6, which is not meshed, so policy cannot be bypassed over it.
 //!
@@ -37,6 +40,8 @@ const ALLOW: i32 = 1;
 const LOOPBACK: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
 /// ::1 as the kernel stores it.
 const LOOPBACK6: [u32; 4] = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
+/// The third word of an IPv4-mapped IPv6 address, `::ffff:a.b.c.d` (the fourth is the IPv4 one).
+const V4_MAPPED: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 
 /// Netns cookies of meshed pods (value reserved for flags).
 #[map]
@@ -111,50 +116,82 @@ fn is_loopback(ip_be: u32) -> bool {
 
 #[cgroup_sock_addr(connect4)]
 pub fn ferry_connect4(ctx: SockAddrContext) -> i32 {
-    redirect_outbound(&ctx);
+    // SAFETY: the context pointer is valid for the program's run.
+    let addr = unsafe { &mut *ctx.sock_addr };
+    if capturable(&ctx) && remember_destination(&ctx, addr.user_ip4, addr.user_port) {
+        addr.user_ip4 = LOOPBACK;
+        addr.user_port = u32::from(OUTBOUND_PORT.to_be());
+        count(Counter::Redirected);
+    }
     ALLOW
 }
 
-#[inline(always)]
-fn redirect_outbound(ctx: &SockAddrContext) {
+/// An IPv6 socket connecting to an IPv4 address (`::ffff:a.b.c.d`) is an IPv4 connection on the
+/// wire: captured like one, redirected to the same listener (`::ffff:127.0.0.1`). Connections to
+/// IPv6 addresses are not meshed and pass.
+#[cgroup_sock_addr(connect6)]
+pub fn ferry_connect6(ctx: SockAddrContext) -> i32 {
     // SAFETY: the context pointer is valid for the program's run.
     let addr = unsafe { &mut *ctx.sock_addr };
+    let (word0, word1, word2) = (addr.user_ip6[0], addr.user_ip6[1], addr.user_ip6[2]);
+    if word0 != 0 || word1 != 0 || word2 != V4_MAPPED {
+        count(Counter::Passed);
+        return ALLOW;
+    }
+    if capturable(&ctx) && remember_destination(&ctx, addr.user_ip6[3], addr.user_port) {
+        addr.user_ip6[3] = LOOPBACK;
+        addr.user_port = u32::from(OUTBOUND_PORT.to_be());
+        count(Counter::Redirected);
+    }
+    ALLOW
+}
+
+/// A TCP connect from a meshed pod by anything but the agent.
+#[inline(always)]
+fn capturable(ctx: &SockAddrContext) -> bool {
+    // SAFETY: the context pointer is valid for the program's run.
+    let addr = unsafe { &*ctx.sock_addr };
     if addr.protocol != IPPROTO_TCP {
         count(Counter::Passed);
-        return;
+        return false;
     }
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     if unsafe { MESHED_NETNS.get(&netns) }.is_none() {
         count(Counter::Passed);
-        return;
+        return false;
     }
     let sk = unsafe { addr.__bindgen_anon_1.sk };
     if !sk.is_null() && unsafe { (*sk).mark } == AGENT_MARK {
         count(Counter::ExemptByMark);
-        return;
+        return false;
     }
-    let dst_ip = addr.user_ip4;
+    true
+}
+
+/// Stores the IPv4 destination (both in network order, as the context holds them) under the
+/// socket's cookie; false if it is not to be redirected (loopback, or the map is full).
+#[inline(always)]
+fn remember_destination(ctx: &SockAddrContext, dst_ip: u32, user_port: u32) -> bool {
     if is_loopback(dst_ip) {
         count(Counter::Passed);
-        return;
+        return false;
     }
-    let dst = SockAddr::v4(dst_ip, u16::from_be(addr.user_port as u16));
+    let dst = SockAddr::v4(dst_ip, u16::from_be(user_port as u16));
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     if ORIG_DST_BY_SOCKET.insert(&cookie, &dst, 0).is_err() {
         count(Counter::MapUpdateFailed);
         if may_warn(Warning::ConnectMapFull) {
-            warn!(ctx, "connect4: original-destination map full, connection not captured");
+            warn!(ctx, "connect: original-destination map full, connection not captured");
         }
-        return;
+        return false;
     }
-    addr.user_ip4 = LOOPBACK;
-    addr.user_port = u32::from(OUTBOUND_PORT.to_be());
-    count(Counter::Redirected);
+    true
 }
 
 #[sock_ops]
 pub fn ferry_sock_ops(ctx: SockOpsContext) -> u32 {
-    if ctx.op() == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && ctx.family() == u32::from(AF_INET) {
+    // IPv6 sockets too: those connected to an IPv4 address were redirected by connect6.
+    if ctx.op() == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
         record_established(&ctx);
     }
     0
@@ -193,13 +230,29 @@ fn remote_port(ctx: &SockOpsContext) -> u16 {
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn ferry_getpeername4(ctx: SockAddrContext) -> i32 {
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if let Some(dst) = unsafe { ORIG_DST_BY_SOCKET.get(&cookie) }.copied() {
+    if let Some(dst) = original_destination(&ctx) {
         let addr = unsafe { &mut *ctx.sock_addr };
         addr.user_ip4 = dst.ip[0];
         addr.user_port = u32::from(dst.port.to_be());
     }
     ALLOW
+}
+
+/// For an IPv6 socket that connect6 redirected: the IPv4 destination, mapped as it connected.
+#[cgroup_sock_addr(getpeername6)]
+pub fn ferry_getpeername6(ctx: SockAddrContext) -> i32 {
+    if let Some(dst) = original_destination(&ctx) {
+        let addr = unsafe { &mut *ctx.sock_addr };
+        addr.user_ip6 = [0, 0, V4_MAPPED, dst.ip[0]];
+        addr.user_port = u32::from(dst.port.to_be());
+    }
+    ALLOW
+}
+
+#[inline(always)]
+fn original_destination(ctx: &SockAddrContext) -> Option<SockAddr> {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    unsafe { ORIG_DST_BY_SOCKET.get(&cookie) }.copied()
 }
 
 #[sk_lookup]

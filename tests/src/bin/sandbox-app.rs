@@ -109,7 +109,10 @@ fn serve(port: u16) {
 }
 
 fn connect(addr: SocketAddr, bytes: usize, mark: Option<u32>) {
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    // An IPv6 ADDR gets an IPv6 socket: `[::ffff:a.b.c.d]:port` connects to an IPv4 address the
+    // way dual-stack runtimes (Java, .NET) do.
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)
+        .expect("socket");
     if let Some(mark) = mark {
         socket.set_mark(mark).expect("SO_MARK");
     }
