@@ -2,7 +2,8 @@
 //! owns the maps they share with user space.
 //!
 //! Per pod: connect4/6, getpeername4/6 and sock_ops on the pod's cgroup; sk_lookup on its netns; its
-//! netns cookie in `MESHED_NETNS`; its inbound plaintext listener in `INBOUND_LISTENERS`.
+//! netns cookie in `MESHED_NETNS` (with its address, which redirected sockets are bound to); its
+//! inbound plaintext listener in `INBOUND_LISTENERS`.
 //!
 //! Under the pin directory (a bpffs): `maps/v<layout>/` holds the shared maps, which every agent
 //! generation on the node opens instead of creating its own, so during an upgrade the old and the
@@ -225,7 +226,9 @@ impl Datapath {
             }
             links.ips.push(key);
         }
-        self.meshed_netns.insert(netns.cookie(), 0, 0).map_err(map_err(map_names::MESHED_NETNS))?;
+        // Redirected sockets are bound to the pod's (first) address.
+        let pod_ip = links.ips.first().map_or(0, |key| key.ip[0]);
+        self.meshed_netns.insert(netns.cookie(), pod_ip, 0).map_err(map_err(map_names::MESHED_NETNS))?;
 
         let cookie = netns.cookie();
         let attach_err = |name| move |source| DatapathError::Program { name, source };

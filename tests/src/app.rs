@@ -111,11 +111,22 @@ impl Pod {
 
     /// Like [`Pod::connect`], with extra flags of `sandbox-app connect` (e.g. `--mark`).
     pub fn connect_with(&self, to: SocketAddr, bytes: usize, extra: &[&str]) -> Result<ConnectOutcome> {
+        parse_outcome(&self.connect_output(to, bytes, extra)?)
+    }
+
+    /// Like [`Pod::connect`], and the connection's own address as the app saw it (getsockname()).
+    pub fn connect_from(&self, to: SocketAddr, bytes: usize) -> Result<(ConnectOutcome, SocketAddr)> {
+        let output = self.connect_output(to, bytes, &[])?;
+        let local = output.lines().find_map(|line| line.strip_prefix("local ")).context("no local line")?;
+        Ok((parse_outcome(&output)?, local.parse()?))
+    }
+
+    fn connect_output(&self, to: SocketAddr, bytes: usize, extra: &[&str]) -> Result<String> {
         let mut args = vec!["connect".to_owned(), to.to_string(), bytes.to_string()];
         args.extend(extra.iter().map(|s| s.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let output = self.app(&args)?.wait_with_output()?;
-        parse_outcome(&String::from_utf8_lossy(&output.stdout))
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     }
 }
 

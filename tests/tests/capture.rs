@@ -56,6 +56,28 @@ fn an_ipv6_socket_connecting_to_an_ipv4_address_is_captured_like_ipv4() {
     assert_eq!(metric(&sb, "node2", STEERED), 0.0, "reached c in plaintext, around the tunnel");
 }
 
+/// The redirect is invisible to the app: its connection's peer is the original destination and
+/// its own address the pod's, not loopback; for IPv4 sockets and IPv6 ones mapped alike.
+#[test]
+fn the_app_sees_its_own_address_and_the_original_peer() {
+    let mut sb = two_nodes("addrs");
+    sb.start_agent("node1", None).unwrap();
+    sb.start_agent("node2", None).unwrap();
+    let _server = sb.pod("c").serve(8080).unwrap();
+    let _local_server = sb.pod("b").serve(8080).unwrap();
+    let pod_a = std::net::IpAddr::V4(sb.pod("a").ip);
+    // Cross-node and same-node.
+    for ip in [sb.pod("c").ip, sb.pod("b").ip] {
+        for to in [SocketAddr::from((ip, 8080)), SocketAddr::from((ip.to_ipv6_mapped(), 8080))] {
+            let (outcome, local) = sb.pod("a").connect_from(to, 10).unwrap();
+            assert_eq!(outcome, ConnectOutcome::Echoed { peer: to, bytes: 10 });
+            assert_eq!(local.ip().to_canonical(), pod_a, "own address of a connection to {to}");
+        }
+    }
+    assert_eq!(metric(&sb, "node1", REDIRECTED), 4.0);
+    assert_eq!(metric(&sb, "node1", "ferry_datapath_events_total{event=\"source_bind_failed\"}"), 0.0);
+}
+
 /// Bytes echoed through the proxy by the bulk cases: several times the relays' largest buffers.
 const BULK: usize = 8 * 1024 * 1024;
 

@@ -128,12 +128,15 @@ pub enum Counter {
     InboundDropped = 8,
     /// Inbound IPv6 connections refused: IPv6 is not meshed, and policy must not be bypassed.
     InboundIpv6Refused = 9,
+    /// A redirected socket could not be bound to its pod's address: it is captured, but the app
+    /// sees loopback as its own address.
+    SourceBindFailed = 10,
 }
 
 const _: () = assert!(Counter::COUNT <= COUNTER_SLOTS);
 
 impl Counter {
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 11;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::Redirected,
         Counter::Passed,
@@ -145,6 +148,7 @@ impl Counter {
         Counter::MapUpdateFailed,
         Counter::InboundDropped,
         Counter::InboundIpv6Refused,
+        Counter::SourceBindFailed,
     ];
 
     /// Stable snake_case name, used in metrics and logs.
@@ -160,6 +164,7 @@ impl Counter {
             Counter::MapUpdateFailed => "map_update_failed",
             Counter::InboundDropped => "inbound_dropped",
             Counter::InboundIpv6Refused => "inbound_ipv6_refused",
+            Counter::SourceBindFailed => "source_bind_failed",
         }
     }
 }

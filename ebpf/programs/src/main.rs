@@ -22,7 +22,7 @@ use aya_ebpf::{
         BPF_SK_LOOKUP_F_REPLACE, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
         sk_action::{SK_DROP, SK_PASS},
     },
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns},
+    helpers::{bpf_bind, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns},
     macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
     maps::{HashMap, LruHashMap, PerCpuArray, SockHash},
     programs::{SkLookupContext, SockAddrContext, SockOpsContext},
@@ -43,7 +43,8 @@ const LOOPBACK6: [u32; 4] = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
 /// The third word of an IPv4-mapped IPv6 address, `::ffff:a.b.c.d` (the fourth is the IPv4 one).
 const V4_MAPPED: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 
-/// Netns cookies of meshed pods (value reserved for flags).
+/// Netns cookies of meshed pods; the value is the pod's IPv4 address (network order, 0 if it has
+/// none), which redirected sockets are bound to.
 #[map]
 static MESHED_NETNS: HashMap<u64, u32> = HashMap::with_max_entries(MAX_MESHED_PODS, 0);
 
@@ -79,8 +80,9 @@ enum Warning {
     OrigDstUpdateFailed,
     NoListener,
     Ipv6Refused,
+    SourceBindFailed,
 }
-const WARNINGS: u32 = Warning::Ipv6Refused as u32 + 1;
+const WARNINGS: u32 = Warning::SourceBindFailed as u32 + 1;
 const WARN_INTERVAL_NS: u64 = 10_000_000_000;
 
 /// When this CPU last logged each warning (ns since boot). Not shared between agent
@@ -118,7 +120,10 @@ fn is_loopback(ip_be: u32) -> bool {
 pub fn ferry_connect4(ctx: SockAddrContext) -> i32 {
     // SAFETY: the context pointer is valid for the program's run.
     let addr = unsafe { &mut *ctx.sock_addr };
-    if capturable(&ctx) && remember_destination(&ctx, addr.user_ip4, addr.user_port) {
+    if let Some(pod_ip) = capturable(&ctx)
+        && remember_destination(&ctx, addr.user_ip4, addr.user_port)
+    {
+        keep_pod_address(&ctx, pod_ip);
         addr.user_ip4 = LOOPBACK;
         addr.user_port = u32::from(OUTBOUND_PORT.to_be());
         count(Counter::Redirected);
@@ -138,7 +143,10 @@ pub fn ferry_connect6(ctx: SockAddrContext) -> i32 {
         count(Counter::Passed);
         return ALLOW;
     }
-    if capturable(&ctx) && remember_destination(&ctx, addr.user_ip6[3], addr.user_port) {
+    if let Some(pod_ip) = capturable(&ctx)
+        && remember_destination(&ctx, addr.user_ip6[3], addr.user_port)
+    {
+        keep_pod_address(&ctx, pod_ip);
         addr.user_ip6[3] = LOOPBACK;
         addr.user_port = u32::from(OUTBOUND_PORT.to_be());
         count(Counter::Redirected);
@@ -146,26 +154,86 @@ pub fn ferry_connect6(ctx: SockAddrContext) -> i32 {
     ALLOW
 }
 
-/// A TCP connect from a meshed pod by anything but the agent.
+/// A TCP connect from a meshed pod by anything but the agent: the pod's IPv4 address (0 if
+/// unknown).
 #[inline(always)]
-fn capturable(ctx: &SockAddrContext) -> bool {
+fn capturable(ctx: &SockAddrContext) -> Option<u32> {
     // SAFETY: the context pointer is valid for the program's run.
     let addr = unsafe { &*ctx.sock_addr };
     if addr.protocol != IPPROTO_TCP {
         count(Counter::Passed);
-        return false;
+        return None;
     }
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    if unsafe { MESHED_NETNS.get(&netns) }.is_none() {
+    let Some(pod_ip) = (unsafe { MESHED_NETNS.get(&netns) }).copied() else {
         count(Counter::Passed);
-        return false;
-    }
+        return None;
+    };
     let sk = unsafe { addr.__bindgen_anon_1.sk };
     if !sk.is_null() && unsafe { (*sk).mark } == AGENT_MARK {
         count(Counter::ExemptByMark);
-        return false;
+        return None;
     }
-    true
+    Some(pod_ip)
+}
+
+/// `struct sockaddr_in`, for `bpf_bind`.
+#[repr(C)]
+struct SockaddrIn {
+    family: u16,
+    port: u16,
+    addr: u32,
+    zero: [u8; 8],
+}
+
+/// `struct sockaddr_in6`, for `bpf_bind`.
+#[repr(C)]
+struct SockaddrIn6 {
+    family: u16,
+    port: u16,
+    flowinfo: u32,
+    addr: [u32; 4],
+    scope_id: u32,
+}
+
+/// Binds a socket about to be redirected to loopback to its pod's address (port 0: the port is
+/// still chosen at connect), so that the app's own address (`getsockname()`) and the source of its
+/// connection stay the pod's, as without capture. A socket the app bound itself is left alone.
+#[inline(always)]
+fn keep_pod_address(ctx: &SockAddrContext, pod_ip: u32) {
+    if pod_ip == 0 {
+        return;
+    }
+    // SAFETY: the context pointer is valid for the program's run.
+    let addr = unsafe { &*ctx.sock_addr };
+    let sk = unsafe { addr.__bindgen_anon_1.sk };
+    if sk.is_null() {
+        return;
+    }
+    let (family, src_port, src_ip4, src_ip6) =
+        unsafe { ((*sk).family, (*sk).src_port, (*sk).src_ip4, (*sk).src_ip6) };
+    if src_port != 0 || src_ip4 != 0 || src_ip6 != [0; 4] {
+        return;
+    }
+    let rc = if family == u32::from(AF_INET6) {
+        let mut sa = SockaddrIn6 {
+            family: AF_INET6,
+            port: 0,
+            flowinfo: 0,
+            addr: [0, 0, V4_MAPPED, pod_ip],
+            scope_id: 0,
+        };
+        unsafe { bpf_bind(ctx.sock_addr, (&raw mut sa).cast(), size_of::<SockaddrIn6>() as i32) }
+    } else {
+        let mut sa = SockaddrIn { family: AF_INET, port: 0, addr: pod_ip, zero: [0; 8] };
+        unsafe { bpf_bind(ctx.sock_addr, (&raw mut sa).cast(), size_of::<SockaddrIn>() as i32) }
+    };
+    if rc != 0 {
+        count(Counter::SourceBindFailed);
+        if may_warn(Warning::SourceBindFailed) {
+            warn!(ctx, "connect: cannot bind to the pod's address {:i} ({})", u32::from_be(pod_ip), rc);
+        }
+    }
 }
 
 /// Stores the IPv4 destination (both in network order, as the context holds them) under the
@@ -279,8 +347,9 @@ fn steer_inbound(ctx: &SkLookupContext) -> u32 {
     let remote_ip = lookup.remote_ip4;
     let ifindex = lookup.ingress_ifindex;
     // Local traffic includes the agent's own delivery to the pod's IP, which reports the
-    // ingress interface of eth0, not lo: match it by source address as well.
-    let local = ifindex == 1 || remote_ip == local_ip || is_loopback(remote_ip);
+    // ingress interface of eth0, not lo: match it by source address as well. Connections to
+    // loopback (the app's, redirected to 15001 from the pod's address) are local too.
+    let local = ifindex == 1 || remote_ip == local_ip || is_loopback(remote_ip) || is_loopback(local_ip);
     if local_port == u32::from(HBONE_PORT) || local {
         count(Counter::InboundPassed);
         return SK_PASS;

@@ -1,7 +1,7 @@
 //! The sandbox's application: an echo server and a client, run inside pods.
 //!
 //! serve PORT                      -> "listening", then "accepted PEER" per connection
-//! connect ADDR BYTES [--mark M]   -> "peer ADDR" (getpeername), then one of
+//! connect ADDR BYTES [--mark M]   -> "peer ADDR" (getpeername), "local ADDR" (getsockname), then one of
 //!                                    "echoed N" | "refused" | "reset" | "timeout" | "error MSG"
 //! rr ADDR COUNT [SIZE]            -> "rr P50 P99 P90 P99.9" (us): closed-loop ping-pong of SIZE bytes
 //! rro ADDR SIZE RATE SECONDS      -> "rro P50 P90 P99 P99.9 RATE": open loop, latency from each
@@ -125,6 +125,9 @@ fn connect(addr: SocketAddr, bytes: usize, mark: Option<u32>) {
     match stream.peer_addr() {
         Ok(peer) => println!("peer {peer}"),
         Err(e) => return report_error(&e),
+    }
+    if let Ok(local) = stream.local_addr() {
+        println!("local {local}");
     }
     stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
     let payload: Vec<u8> = (0..bytes).map(|i| (i % 251) as u8).collect();
