@@ -8,15 +8,21 @@ fn two_nodes(label: &str) -> Sandbox {
     Sandbox::two_nodes(label).expect("sandbox")
 }
 
+/// [`two_nodes`] with both agents running.
+fn with_agents(label: &str) -> Sandbox {
+    let mut sb = two_nodes(label);
+    sb.start_agent("node1", None).unwrap();
+    sb.start_agent("node2", None).unwrap();
+    sb
+}
+
 fn addr(sandbox: &Sandbox, pod: &str, port: u16) -> SocketAddr {
     SocketAddr::from((sandbox.pod(pod).ip, port))
 }
 
 #[test]
 fn cross_node_connection_goes_through_both_agents() {
-    let mut sb = two_nodes("xnode");
-    sb.start_agent("node1", None).unwrap();
-    sb.start_agent("node2", None).unwrap();
+    let sb = with_agents("xnode");
     let server = sb.pod("c").serve(8080).unwrap();
     // Enough bytes for the relays to grow their buffers (HBONE reads, splice pipes) midway.
     let outcome = sb.pod("a").connect(addr(&sb, "c", 8080), BULK).unwrap();
@@ -42,9 +48,7 @@ fn cross_node_connection_goes_through_both_agents() {
 /// never sees: connect6 captures them like IPv4, and getpeername6 hides the redirect.
 #[test]
 fn an_ipv6_socket_connecting_to_an_ipv4_address_is_captured_like_ipv4() {
-    let mut sb = two_nodes("mapped");
-    sb.start_agent("node1", None).unwrap();
-    sb.start_agent("node2", None).unwrap();
+    let sb = with_agents("mapped");
     let server = sb.pod("c").serve(8080).unwrap();
     let mapped = SocketAddr::from((sb.pod("c").ip.to_ipv6_mapped(), 8080));
     let outcome = sb.pod("a").connect(mapped, 100_000).unwrap();
@@ -60,9 +64,7 @@ fn an_ipv6_socket_connecting_to_an_ipv4_address_is_captured_like_ipv4() {
 /// its own address the pod's, not loopback; for IPv4 sockets and IPv6 ones mapped alike.
 #[test]
 fn the_app_sees_its_own_address_and_the_original_peer() {
-    let mut sb = two_nodes("addrs");
-    sb.start_agent("node1", None).unwrap();
-    sb.start_agent("node2", None).unwrap();
+    let sb = with_agents("addrs");
     let _server = sb.pod("c").serve(8080).unwrap();
     let _local_server = sb.pod("b").serve(8080).unwrap();
     let pod_a = std::net::IpAddr::V4(sb.pod("a").ip);
@@ -115,9 +117,7 @@ fn same_node_connection_is_proxied_once() {
 
 #[test]
 fn connection_counts_stay_exact_without_loops() {
-    let mut sb = two_nodes("exact");
-    sb.start_agent("node1", None).unwrap();
-    sb.start_agent("node2", None).unwrap();
+    let sb = with_agents("exact");
     let server = sb.pod("c").serve(8080).unwrap();
     const N: usize = 20;
     for _ in 0..N {
@@ -151,9 +151,7 @@ fn sockets_with_the_agent_mark_are_not_redirected() {
 
 #[test]
 fn unmeshed_pod_bypasses_the_agent() {
-    let mut sb = two_nodes("unmeshed");
-    sb.start_agent("node1", None).unwrap();
-    sb.start_agent("node2", None).unwrap();
+    let sb = with_agents("unmeshed");
     let server_u = sb.pod("u").serve(8080).unwrap();
     let server_c = sb.pod("c").serve(8080).unwrap();
 
@@ -181,9 +179,7 @@ fn unmeshed_pod_bypasses_the_agent() {
 
 #[test]
 fn closed_destination_port_resets_promptly() {
-    let mut sb = two_nodes("refused");
-    sb.start_agent("node1", None).unwrap();
-    sb.start_agent("node2", None).unwrap();
+    let sb = with_agents("refused");
     for (to, node) in [("c", "node2"), ("b", "node1"), ("u", "node1")] {
         let started = std::time::Instant::now();
         let outcome = sb.pod("a").connect(addr(&sb, to, 9999), 10).unwrap();
@@ -205,9 +201,7 @@ fn closed_destination_port_resets_promptly() {
 
 #[test]
 fn pods_reach_each_other_directly_after_the_agents_stop() {
-    let mut sb = two_nodes("stop");
-    sb.start_agent("node1", None).unwrap();
-    sb.start_agent("node2", None).unwrap();
+    let mut sb = with_agents("stop");
     let server = sb.pod("c").serve(8080).unwrap();
     assert!(matches!(sb.pod("a").connect(addr(&sb, "c", 8080), 10).unwrap(), ConnectOutcome::Echoed { .. }));
     assert_eq!(server.wait_accepted(1, Duration::from_secs(2))[0].ip(), sb.pod("c").ip);
