@@ -49,8 +49,8 @@ pub enum DatapathError {
     Missing(&'static str),
     #[error("cannot open cgroup {path}: {source}")]
     Cgroup { path: String, source: std::io::Error },
-    #[error("pod IP {0} is not IPv4; IPv6 capture is not supported yet")]
-    Ipv6(IpAddr),
+    #[error("the pod has no IPv4 address ({0}): Ferry meshes IPv4 only")]
+    NoIpv4(String),
     #[error("pinning eBPF objects at {path}: {problem}")]
     Pin { path: String, problem: String },
 }
@@ -214,9 +214,14 @@ impl Datapath {
         let cgroup_dir = File::open(cgroup)
             .map_err(|source| DatapathError::Cgroup { path: cgroup.display().to_string(), source })?;
 
-        // Listener and netns first: a connection captured a moment later must find both.
+        // Listener and netns first: a connection captured a moment later must find both. IPv6
+        // addresses are not meshed (sk_lookup refuses IPv6 from outside the pod).
+        if !ips.iter().any(IpAddr::is_ipv4) {
+            let ips: Vec<String> = ips.iter().map(IpAddr::to_string).collect();
+            return Err(DatapathError::NoIpv4(ips.join(", ")));
+        }
         for ip in ips {
-            let IpAddr::V4(v4) = ip else { return Err(DatapathError::Ipv6(*ip)) };
+            let IpAddr::V4(v4) = ip else { continue };
             let key = IpKey::v4(u32::from_ne_bytes(v4.octets()));
             self.listeners
                 .insert(key, inbound_listener.as_raw_fd(), 0)
@@ -226,7 +231,7 @@ impl Datapath {
             }
             links.ips.push(key);
         }
-        // Redirected sockets are bound to the pod's (first) address.
+        // Redirected sockets are bound to the pod's (first IPv4) address.
         let pod_ip = links.ips.first().map_or(0, |key| key.ip[0]);
         self.meshed_netns.insert(netns.cookie(), pod_ip, 0).map_err(map_err(map_names::MESHED_NETNS))?;
 

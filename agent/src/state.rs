@@ -36,6 +36,12 @@ impl Workload {
     pub fn identity(&self, trust_domain: &str) -> SpiffeId {
         SpiffeId::new(trust_domain, &self.namespace, &self.service_account)
     }
+
+    /// Where the mesh reaches it: its first IPv4 address (Ferry meshes IPv4, and a dual-stack
+    /// pod may list its IPv6 address first).
+    pub fn mesh_ip(&self) -> Option<IpAddr> {
+        self.ips.iter().copied().find(IpAddr::is_ipv4)
+    }
 }
 
 impl From<&config::Workload> for Workload {

@@ -299,6 +299,29 @@ fn inbound_ipv6_into_a_meshed_pod_is_refused_not_let_past_policy() {
     assert_eq!(metric(&sb, "node2", STEERED), 1.0);
 }
 
+/// Ferry meshes IPv4: a dual-stack pod is captured and reached over IPv4 whichever address it
+/// lists first; an IPv6-only one is not captured, with an error that says why, and the others are
+/// served.
+#[test]
+fn dual_stack_pods_are_meshed_over_ipv4_and_ipv6_only_ones_are_not() {
+    let mut sb = two_nodes("dualstack");
+    let (a_ip, b_ip) = (sb.pod("a").ip, sb.pod("b").ip);
+    let config = sb
+        .config_for("node1")
+        .replace(&format!("ips: [{a_ip}]"), &format!("ips: [\"fd00:a::2\", {a_ip}]"))
+        .replace(&format!("ips: [{b_ip}]"), "ips: [\"fd00:a::3\"]");
+    sb.start_agent("node1", Some(&config)).unwrap();
+    sb.start_agent("node2", None).unwrap();
+    sb.wait_for_log("node1", "the pod has no IPv4 address (fd00:a::3): Ferry meshes IPv4 only", 1).unwrap();
+    assert_eq!(metric(&sb, "node1", "ferry_meshed_workloads"), 1.0, "a is captured, b is not");
+    let _server = sb.pod("c").serve(8080).unwrap();
+    let outcome = sb.pod("a").connect(addr(&sb, "c", 8080), 100).unwrap();
+    assert_eq!(outcome, ConnectOutcome::Echoed { peer: addr(&sb, "c", 8080), bytes: 100 });
+    assert_eq!(metric(&sb, "node1", HBONE_CLIENT), 1.0);
+    let (_, local) = sb.pod("a").connect_from(addr(&sb, "c", 8080), 1).unwrap();
+    assert_eq!(local.ip(), a_ip, "bound to the pod's IPv4 address, not its first");
+}
+
 #[test]
 fn a_workload_in_the_nodes_own_netns_is_not_captured() {
     let mut sb = two_nodes("hostnet");

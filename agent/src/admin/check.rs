@@ -42,7 +42,7 @@ pub(super) fn run(
                 .workloads()
                 .iter()
                 .find(|w| w.identity(&state.trust_domain) == identity)
-                .and_then(|w| w.ips.first().copied())
+                .and_then(|w| w.mesh_ip())
                 .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
             (ip, Some(identity))
         }
@@ -56,7 +56,10 @@ pub(super) fn run(
             state.workload_by_key(target).ok_or_else(|| format!("to={to:?}: unknown workload {target:?}"))?
         }
     };
-    let dst = SocketAddr::new(destination.ips[0], port);
+    let ip = destination
+        .mesh_ip()
+        .ok_or_else(|| format!("to={to:?}: {} has no IPv4 address", destination.key()))?;
+    let dst = SocketAddr::new(ip, port);
 
     let decision = state.policies.evaluate(&Request {
         src_ip,

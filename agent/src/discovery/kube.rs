@@ -13,6 +13,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
+    net::IpAddr,
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -314,7 +315,15 @@ fn workload(pod: &Pod, node: &str, cgroups: &mut PodCgroups) -> Option<config::W
     if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
         return None;
     }
-    let ip = status.pod_ip.as_deref()?.parse().ok()?;
+    // Every address of a dual-stack pod (podIP is only the primary one, IPv6 in an IPv6-first
+    // cluster), in the pod's order.
+    let ips: Vec<IpAddr> = match status.pod_ips.as_deref() {
+        Some(pod_ips) if !pod_ips.is_empty() => pod_ips.iter().filter_map(|p| p.ip.parse().ok()).collect(),
+        _ => status.pod_ip.as_deref().and_then(|ip| ip.parse().ok()).into_iter().collect(),
+    };
+    if ips.is_empty() {
+        return None;
+    }
     let pod_node = spec.node_name.clone()?;
     let (netns, cgroup) = if pod_node == node {
         let uid = pod.metadata.uid.as_deref()?;
@@ -329,7 +338,7 @@ fn workload(pod: &Pod, node: &str, cgroups: &mut PodCgroups) -> Option<config::W
         namespace: pod.metadata.namespace.clone()?,
         service_account: spec.service_account_name.clone().unwrap_or_else(|| "default".to_owned()),
         labels: pod.metadata.labels.clone().unwrap_or_default(),
-        ips: vec![ip],
+        ips,
         node: pod_node,
         meshed: true,
         ready: status.conditions.iter().flatten().any(|c| c.type_ == "Ready" && c.status == "True"),
@@ -458,6 +467,21 @@ mod tests {
         let ordinary = workload(&pod(false), "here", &mut cgroups).expect("an ordinary pod is a workload");
         assert_eq!(ordinary.ips, ["10.9.0.1".parse::<std::net::IpAddr>().unwrap()]);
         assert!(workload(&pod(true), "here", &mut cgroups).is_none());
+    }
+
+    #[test]
+    fn a_dual_stack_pod_has_all_its_addresses() {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p", "namespace": "ns", "uid": "u"},
+            "spec": {"nodeName": "elsewhere", "containers": []},
+            "status": {"phase": "Running", "podIP": "fd00::5", "podIPs": [{"ip": "fd00::5"}, {"ip": "10.9.0.5"}]},
+        }))
+        .unwrap();
+        let workload = workload(&pod, "here", &mut PodCgroups::new(PathBuf::from("/nonexistent"))).unwrap();
+        let ips: Vec<IpAddr> = ["fd00::5".parse().unwrap(), "10.9.0.5".parse().unwrap()].into();
+        assert_eq!(workload.ips, ips);
+        // The mesh reaches it over IPv4, though IPv6 comes first.
+        assert_eq!(crate::state::Workload::from(&workload).mesh_ip(), Some(ips[1]));
     }
 
     #[test]

@@ -26,8 +26,8 @@ impl Balancer {
         let all: Vec<SocketAddr> = service
             .endpoints
             .iter()
-            .filter_map(|w| w.ips.first())
-            .map(|ip| SocketAddr::new(*ip, target_port))
+            .filter_map(|w| w.mesh_ip())
+            .map(|ip| SocketAddr::new(ip, target_port))
             .collect();
         let mut refused = self.refused.lock().unwrap_or_else(|e| e.into_inner());
         refused.retain(|_, at| at.elapsed() < REFUSAL_MEMORY);

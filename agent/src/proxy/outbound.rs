@@ -19,7 +19,7 @@ pub(super) async fn handle(proxy: Proxy, pod: Arc<LocalPod>, client: TcpStream, 
     let telemetry = &proxy.inner.telemetry;
     // The app's own address: the pod's (connect bound the socket to it; were that to fail, the
     // kernel would have picked loopback as the source of the redirected connection).
-    let app = SocketAddr::new(pod.workload.ips[0], peer.port());
+    let app = SocketAddr::new(pod.workload.mesh_ip().unwrap_or(peer.ip()), peer.port());
     let source = |flow: Flow| flow.source(Some(pod.workload.clone()), Some(pod.identity.clone()));
     let Some(original) = proxy.inner.orig_dst.take(pod.netns.cookie(), peer.port()) else {
         let flow = source(Flow::new(Direction::Outbound, "unknown", app, peer));
