@@ -292,6 +292,12 @@ fn inbound_ipv6_into_a_meshed_pod_is_refused_not_let_past_policy() {
         .netns
         .connect("[::1]:8080".parse().unwrap(), Duration::from_secs(2))
         .expect("::1 inside the pod");
+    // The meshed app's own IPv6 connections are not captured either: they pass, counted and logged.
+    let outbound = sb.pod("c").connect("[fd00:f::1]:9".parse().unwrap(), 1).unwrap();
+    assert_eq!(outbound, ConnectOutcome::Refused, "nothing listens on the node's port 9");
+    let passed = "ferry_datapath_events_total{event=\"outbound_ipv6_passed\"}";
+    assert_eq!(metric(&sb, "node2", passed), 1.0);
+    sb.wait_for_log("node2", "connection to [fd00:f::1]:9 not captured: IPv6 is not meshed", 1).unwrap();
     // IPv4 into the same pod is still captured as before.
     let _server = sb.pod("c").serve(8081).unwrap();
     let outcome = sb.pod("u").connect(addr(&sb, "c", 8081), 10).unwrap();

@@ -110,7 +110,7 @@ pub const COUNTER_SLOTS: u32 = 32;
 pub enum Counter {
     /// Outbound connects rewritten to the pod's outbound listener.
     Redirected = 0,
-    /// Connects left alone: not TCP, not a meshed netns, to loopback, or to an IPv6 address.
+    /// Connects left alone: not TCP, not a meshed netns, or to loopback.
     Passed = 1,
     /// Connects left alone because the socket carries the agent's mark.
     ExemptByMark = 2,
@@ -131,12 +131,15 @@ pub enum Counter {
     /// A redirected socket could not be bound to its pod's address: it is captured, but the app
     /// sees loopback as its own address.
     SourceBindFailed = 10,
+    /// A meshed pod's TCP connect to an IPv6 address, left alone: IPv6 is not meshed, so it
+    /// leaves in plaintext (and a meshed destination refuses it).
+    OutboundIpv6Passed = 11,
 }
 
 const _: () = assert!(Counter::COUNT <= COUNTER_SLOTS);
 
 impl Counter {
-    pub const COUNT: u32 = 11;
+    pub const COUNT: u32 = 12;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::Redirected,
         Counter::Passed,
@@ -149,6 +152,7 @@ impl Counter {
         Counter::InboundDropped,
         Counter::InboundIpv6Refused,
         Counter::SourceBindFailed,
+        Counter::OutboundIpv6Passed,
     ];
 
     /// Stable snake_case name, used in metrics and logs.
@@ -165,6 +169,7 @@ impl Counter {
             Counter::InboundDropped => "inbound_dropped",
             Counter::InboundIpv6Refused => "inbound_ipv6_refused",
             Counter::SourceBindFailed => "source_bind_failed",
+            Counter::OutboundIpv6Passed => "outbound_ipv6_passed",
         }
     }
 }

@@ -81,8 +81,9 @@ enum Warning {
     NoListener,
     Ipv6Refused,
     SourceBindFailed,
+    Ipv6NotCaptured,
 }
-const WARNINGS: u32 = Warning::SourceBindFailed as u32 + 1;
+const WARNINGS: u32 = Warning::Ipv6NotCaptured as u32 + 1;
 const WARN_INTERVAL_NS: u64 = 10_000_000_000;
 
 /// When this CPU last logged each warning (ns since boot). Not shared between agent
@@ -133,17 +134,23 @@ pub fn ferry_connect4(ctx: SockAddrContext) -> i32 {
 
 /// An IPv6 socket connecting to an IPv4 address (`::ffff:a.b.c.d`) is an IPv4 connection on the
 /// wire: captured like one, redirected to the same listener (`::ffff:127.0.0.1`). Connections to
-/// IPv6 addresses are not meshed and pass.
+/// IPv6 addresses are not meshed: they pass, counted and (rate-limited) logged, so that an
+/// operator sees traffic leaving a meshed pod around the mesh.
 #[cgroup_sock_addr(connect6)]
 pub fn ferry_connect6(ctx: SockAddrContext) -> i32 {
     // SAFETY: the context pointer is valid for the program's run.
     let addr = unsafe { &mut *ctx.sock_addr };
-    let (word0, word1, word2) = (addr.user_ip6[0], addr.user_ip6[1], addr.user_ip6[2]);
-    if word0 != 0 || word1 != 0 || word2 != V4_MAPPED {
-        count(Counter::Passed);
+    let dst = addr.user_ip6;
+    let Some(pod_ip) = capturable(&ctx) else { return ALLOW };
+    if dst[0] != 0 || dst[1] != 0 || dst[2] != V4_MAPPED {
+        if dst == LOOPBACK6 {
+            count(Counter::Passed);
+        } else {
+            ipv6_not_meshed(&ctx, dst, addr.user_port);
+        }
         return ALLOW;
     }
-    if let Some(pod_ip) = capturable(&ctx)
+    if remember_destination(&ctx, addr.user_ip6[3], addr.user_port)
         && remember_destination(&ctx, addr.user_ip6[3], addr.user_port)
     {
         keep_pod_address(&ctx, pod_ip);
@@ -152,6 +159,17 @@ pub fn ferry_connect6(ctx: SockAddrContext) -> i32 {
         count(Counter::Redirected);
     }
     ALLOW
+}
+
+#[inline(always)]
+fn ipv6_not_meshed(ctx: &SockAddrContext, dst: [u32; 4], user_port: u32) {
+    count(Counter::OutboundIpv6Passed);
+    if may_warn(Warning::Ipv6NotCaptured) {
+        // SAFETY: four u32 in network byte order are the address's sixteen bytes.
+        let address: [u8; 16] = unsafe { core::mem::transmute(dst) };
+        let port = u16::from_be(user_port as u16);
+        warn!(ctx, "connect6: connection to [{:i}]:{} not captured: IPv6 is not meshed", address, port);
+    }
 }
 
 /// A TCP connect from a meshed pod by anything but the agent: the pod's IPv4 address (0 if
