@@ -216,10 +216,6 @@ impl Datapath {
 
         // Listener and netns first: a connection captured a moment later must find both. IPv6
         // addresses are not meshed (sk_lookup refuses IPv6 from outside the pod).
-        if !ips.iter().any(IpAddr::is_ipv4) {
-            let ips: Vec<String> = ips.iter().map(IpAddr::to_string).collect();
-            return Err(DatapathError::NoIpv4(ips.join(", ")));
-        }
         for ip in ips {
             let IpAddr::V4(v4) = ip else { continue };
             let key = IpKey::v4(u32::from_ne_bytes(v4.octets()));
@@ -232,7 +228,10 @@ impl Datapath {
             links.ips.push(key);
         }
         // Redirected sockets are bound to the pod's (first IPv4) address.
-        let pod_ip = links.ips.first().map_or(0, |key| key.ip[0]);
+        let Some(pod_ip) = links.ips.first().map(|key| key.ip[0]) else {
+            let ips: Vec<String> = ips.iter().map(IpAddr::to_string).collect();
+            return Err(DatapathError::NoIpv4(ips.join(", ")));
+        };
         self.meshed_netns.insert(netns.cookie(), pod_ip, 0).map_err(map_err(map_names::MESHED_NETNS))?;
 
         let cookie = netns.cookie();

@@ -150,9 +150,7 @@ pub fn ferry_connect6(ctx: SockAddrContext) -> i32 {
         }
         return ALLOW;
     }
-    if remember_destination(&ctx, addr.user_ip6[3], addr.user_port)
-        && remember_destination(&ctx, addr.user_ip6[3], addr.user_port)
-    {
+    if remember_destination(&ctx, dst[3], addr.user_port) {
         keep_pod_address(&ctx, pod_ip);
         addr.user_ip6[3] = LOOPBACK;
         addr.user_port = u32::from(OUTBOUND_PORT.to_be());
