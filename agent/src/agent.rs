@@ -3,7 +3,7 @@
 
 use std::{
     collections::{BTreeSet, HashMap},
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     os::fd::{AsFd, OwnedFd},
     path::PathBuf,
     sync::Arc,
@@ -385,14 +385,17 @@ impl Agent {
         let cgroup = spec.cgroup.as_deref().context("no cgroup")?;
         let netns =
             PodNetns::open(netns_path).with_context(|| format!("opening netns {}", netns_path.display()))?;
+        let ipv6 = spec.ips.iter().any(IpAddr::is_ipv6);
         let listeners = match self.inherited.take_pod(netns.cookie()) {
-            Some(fds) => PodListeners::adopt(fds).context("adopting the previous agent's listeners")?,
-            None => PodListeners::bind(&netns).context("binding the pod's listeners")?,
+            Some(fds) => {
+                PodListeners::adopt(&netns, fds, ipv6).context("adopting the previous agent's listeners")?
+            }
+            None => PodListeners::bind(&netns, ipv6).context("binding the pod's listeners")?,
         };
         let workload = Arc::new(Workload::from(spec));
         let identity = workload.identity(trust_domain);
         // Listeners are bound: connections captured from here on wait in their backlog.
-        self.datapath.attach_pod(&netns, cgroup, &spec.ips, &listeners.inbound_plaintext)?;
+        self.datapath.attach_pod(&netns, cgroup, &spec.ips, listeners.inbound_plaintext())?;
         let netns_cookie = netns.cookie();
         match self.proxy.serve_pod(workload, identity, netns, listeners) {
             Ok(handle) => Ok(RunningPod { spec: spec.clone(), netns_cookie, handle }),

@@ -2,8 +2,9 @@
 //! owns the maps they share with user space.
 //!
 //! Per pod: connect4/6, getpeername4/6 and sock_ops on the pod's cgroup; sk_lookup on its netns; its
-//! netns cookie in `MESHED_NETNS` (with its address, which redirected sockets are bound to); its
-//! inbound plaintext listener in `INBOUND_LISTENERS`.
+//! netns cookie in `MESHED_NETNS` (with its IPv4 address, which redirected sockets are bound to)
+//! and, if it has an IPv6 address, in `POD_IPV6`; its inbound plaintext listeners (IPv4, IPv6) in
+//! `INBOUND_LISTENERS`, under each of its addresses.
 //!
 //! Under the pin directory (a bpffs): `maps/v<layout>/` holds the shared maps, which every agent
 //! generation on the node opens instead of creating its own, so during an upgrade the old and the
@@ -14,8 +15,8 @@
 use std::{
     collections::{HashMap, HashSet},
     fs::File,
-    net::{IpAddr, SocketAddr},
-    os::fd::AsRawFd,
+    net::{IpAddr, Ipv6Addr, SocketAddr},
+    os::fd::{AsRawFd, BorrowedFd},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
 };
@@ -27,8 +28,8 @@ use aya::{
 };
 use aya_log::EbpfLogger;
 use ferry_common::{
-    COUNTER_SLOTS, ConnKey, Counter, IpKey, MAX_MESHED_PODS, MAX_TRACKED_CONNECTIONS, SockAddr,
-    maps as map_names, programs as prog_names,
+    AF_INET, AF_INET6, COUNTER_SLOTS, ConnKey, Counter, IpKey, MAX_MESHED_PODS, MAX_TRACKED_CONNECTIONS,
+    SockAddr, maps as map_names, programs as prog_names,
 };
 use tokio::io::unix::AsyncFd;
 
@@ -49,8 +50,10 @@ pub enum DatapathError {
     Missing(&'static str),
     #[error("cannot open cgroup {path}: {source}")]
     Cgroup { path: String, source: std::io::Error },
-    #[error("the pod has no IPv4 address ({0}): Ferry meshes IPv4 only")]
-    NoIpv4(String),
+    #[error("the pod has no IP address")]
+    NoAddress,
+    #[error("the pod has IPv6 addresses ({0}) but no IPv6 listener")]
+    NoIpv6Listener(String),
     #[error("pinning eBPF objects at {path}: {problem}")]
     Pin { path: String, problem: String },
 }
@@ -107,6 +110,7 @@ pub enum FailMode {
 pub struct Datapath {
     ebpf: Ebpf,
     meshed_netns: maps::HashMap<MapData, u64, u32>,
+    pod_ipv6: maps::HashMap<MapData, u64, [u32; 4]>,
     listeners: SockHash<MapData, IpKey>,
     fail_closed_ips: maps::HashMap<MapData, IpKey, u32>,
     pods: HashMap<u64, PodLinks>,
@@ -160,6 +164,7 @@ impl Datapath {
             .map_err(|source| DatapathError::Program { name: prog_names::SK_LOOKUP, source })?;
 
         let meshed_netns = take_map(&mut ebpf, map_names::MESHED_NETNS)?;
+        let pod_ipv6 = take_map(&mut ebpf, map_names::POD_IPV6)?;
         let listeners = take_map(&mut ebpf, map_names::INBOUND_LISTENERS)?;
         let fail_closed_ips = take_map(&mut ebpf, map_names::FAIL_CLOSED_IPS)?;
         let orig_dst = take_map(&mut ebpf, map_names::ORIG_DST)?;
@@ -167,6 +172,7 @@ impl Datapath {
         let datapath = Datapath {
             ebpf,
             meshed_netns,
+            pod_ipv6,
             listeners,
             fail_closed_ips,
             pods: HashMap::new(),
@@ -177,7 +183,8 @@ impl Datapath {
         Ok((datapath, OrigDstTable(Arc::new(Mutex::new(orig_dst))), Counters(Arc::new(counters))))
     }
 
-    /// Starts capturing a pod: registers its netns and inbound listener, then attaches the programs.
+    /// Starts capturing a pod: registers its netns and inbound listeners (IPv4, and IPv6 if it has
+    /// an IPv6 address), then attaches the programs.
     /// On error nothing of the pod stays attached. Links a previous agent left pinned for this pod
     /// are replaced once the new ones are attached, so capture never lapses.
     pub fn attach_pod(
@@ -185,10 +192,10 @@ impl Datapath {
         netns: &PodNetns,
         cgroup: &Path,
         ips: &[IpAddr],
-        inbound_listener: &impl AsRawFd,
+        inbound_listeners: (BorrowedFd<'_>, Option<BorrowedFd<'_>>),
     ) -> Result<(), DatapathError> {
         let mut links = PodLinks::default();
-        let result = self.attach_links(&mut links, netns, cgroup, ips, inbound_listener);
+        let result = self.attach_links(&mut links, netns, cgroup, ips, inbound_listeners);
         match result {
             Ok(()) => {
                 self.pods.insert(netns.cookie(), links);
@@ -196,7 +203,7 @@ impl Datapath {
             }
             Err(e) => {
                 self.detach_links(links);
-                let _ = self.meshed_netns.remove(&netns.cookie());
+                self.forget_netns(netns.cookie());
                 Err(e)
             }
         }
@@ -208,31 +215,44 @@ impl Datapath {
         netns: &PodNetns,
         cgroup: &Path,
         ips: &[IpAddr],
-        inbound_listener: &impl AsRawFd,
+        (inbound_v4, inbound_v6): (BorrowedFd<'_>, Option<BorrowedFd<'_>>),
     ) -> Result<(), DatapathError> {
         let map_err = |name| move |source| DatapathError::Map { name, source };
         let cgroup_dir = File::open(cgroup)
             .map_err(|source| DatapathError::Cgroup { path: cgroup.display().to_string(), source })?;
 
-        // Listener and netns first: a connection captured a moment later must find both. IPv6
-        // addresses are not meshed (sk_lookup refuses IPv6 from outside the pod).
+        // Listeners and netns first: a connection captured a moment later must find them.
+        if ips.is_empty() {
+            return Err(DatapathError::NoAddress);
+        }
         for ip in ips {
-            let IpAddr::V4(v4) = ip else { continue };
-            let key = IpKey::v4(u32::from_ne_bytes(v4.octets()));
+            let (key, listener) = match ip {
+                IpAddr::V4(v4) => (IpKey::v4(u32::from_ne_bytes(v4.octets())), inbound_v4),
+                IpAddr::V6(v6) => {
+                    let listener = inbound_v6.ok_or_else(|| {
+                        let ips: Vec<String> = ips.iter().map(IpAddr::to_string).collect();
+                        DatapathError::NoIpv6Listener(ips.join(", "))
+                    })?;
+                    (IpKey::v6(words(v6)), listener)
+                }
+            };
             self.listeners
-                .insert(key, inbound_listener.as_raw_fd(), 0)
+                .insert(key, listener.as_raw_fd(), 0)
                 .map_err(map_err(map_names::INBOUND_LISTENERS))?;
             if self.fail_mode == FailMode::Closed {
                 self.fail_closed_ips.insert(key, 0, 0).map_err(map_err(map_names::FAIL_CLOSED_IPS))?;
             }
             links.ips.push(key);
         }
-        // Redirected sockets are bound to the pod's (first IPv4) address.
-        let Some(pod_ip) = links.ips.first().map(|key| key.ip[0]) else {
-            let ips: Vec<String> = ips.iter().map(IpAddr::to_string).collect();
-            return Err(DatapathError::NoIpv4(ips.join(", ")));
-        };
-        self.meshed_netns.insert(netns.cookie(), pod_ip, 0).map_err(map_err(map_names::MESHED_NETNS))?;
+        // Redirected sockets are bound to the pod's first address of their family; 0 (IPv4)
+        // means none. A pod with an IPv6 address has its IPv6 connections captured.
+        let first =
+            |family: u16| links.ips.iter().find(|key| key.family == u32::from(family)).map(|key| key.ip);
+        if let Some(ipv6) = first(AF_INET6) {
+            self.pod_ipv6.insert(netns.cookie(), ipv6, 0).map_err(map_err(map_names::POD_IPV6))?;
+        }
+        let ipv4 = first(AF_INET).map_or(0, |ip| ip[0]);
+        self.meshed_netns.insert(netns.cookie(), ipv4, 0).map_err(map_err(map_names::MESHED_NETNS))?;
 
         let cookie = netns.cookie();
         let attach_err = |name| move |source| DatapathError::Program { name, source };
@@ -294,8 +314,10 @@ impl Datapath {
         let owned_ips: HashSet<IpKey> = self.pods.values().flat_map(|p| p.ips.iter().copied()).collect();
         let stale_netns: Vec<u64> =
             self.meshed_netns.keys().flatten().filter(|c| !self.pods.contains_key(c)).collect();
-        for cookie in stale_netns {
-            let _ = self.meshed_netns.remove(&cookie);
+        let stale_ipv6: Vec<u64> =
+            self.pod_ipv6.keys().flatten().filter(|c| !self.pods.contains_key(c)).collect();
+        for cookie in stale_netns.into_iter().chain(stale_ipv6) {
+            self.forget_netns(cookie);
         }
         let stale_ips: Vec<IpKey> =
             self.fail_closed_ips.keys().flatten().filter(|k| !owned_ips.contains(k)).collect();
@@ -321,8 +343,13 @@ impl Datapath {
     pub fn detach_pod(&mut self, netns_cookie: u64) {
         if let Some(links) = self.pods.remove(&netns_cookie) {
             self.detach_links(links);
-            let _ = self.meshed_netns.remove(&netns_cookie);
+            self.forget_netns(netns_cookie);
         }
+    }
+
+    fn forget_netns(&mut self, netns_cookie: u64) {
+        let _ = self.meshed_netns.remove(&netns_cookie);
+        let _ = self.pod_ipv6.remove(&netns_cookie);
     }
 
     fn detach_links(&mut self, links: PodLinks) {
@@ -357,6 +384,7 @@ impl Datapath {
             ],
             maps: vec![
                 map(map_names::MESHED_NETNS, "hash", MAX_MESHED_PODS, Some(self.meshed_netns.keys().count())),
+                map(map_names::POD_IPV6, "hash", MAX_MESHED_PODS, Some(self.pod_ipv6.keys().count())),
                 map(
                     map_names::INBOUND_LISTENERS,
                     "sockhash",
@@ -466,16 +494,35 @@ fn spawn_log_forwarder(logger: EbpfLogger<&'static dyn log::Log>) {
 
 impl OrigDstTable {
     /// Takes (reads and removes) the original destination of a connection accepted on a pod's
-    /// outbound listener, keyed by the pod's netns and the client's port.
-    pub fn take(&self, netns_cookie: u64, client_port: u16) -> Option<SocketAddr> {
-        let key = ConnKey::new(netns_cookie, client_port);
+    /// outbound listener, keyed by the pod's netns, the client's port and the listener's family.
+    pub fn take(&self, netns_cookie: u64, client: SocketAddr) -> Option<SocketAddr> {
+        let key = ConnKey::new(netns_cookie, client.port(), client.is_ipv6());
         let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let dst = map.get(&key, 0).ok()?;
         // Removing keeps a stale entry from ever naming the destination of a later connection.
         let _ = map.remove(&key);
-        let ip = std::net::Ipv4Addr::from(dst.ip[0].to_ne_bytes());
-        Some(SocketAddr::from((ip, dst.port)))
+        let ip = if dst.family == AF_INET6 {
+            IpAddr::from(Ipv6Addr::from_bits(u128::from_be_bytes(bytes16(dst.ip))))
+        } else {
+            IpAddr::from(dst.ip[0].to_ne_bytes())
+        };
+        Some(SocketAddr::new(ip, dst.port))
     }
+}
+
+/// An IPv6 address as the kernel stores it: four words, each in network byte order.
+fn words(ip: &Ipv6Addr) -> [u32; 4] {
+    let o = ip.octets();
+    std::array::from_fn(|i| u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]))
+}
+
+/// The inverse of [`words`].
+fn bytes16(words: [u32; 4]) -> [u8; 16] {
+    let mut bytes = [0; 16];
+    for (chunk, word) in bytes.chunks_exact_mut(4).zip(words) {
+        chunk.copy_from_slice(&word.to_ne_bytes());
+    }
+    bytes
 }
 
 impl Counters {

@@ -57,6 +57,10 @@ impl PodNetns {
     pub fn listen(&self, addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
         let socket = in_netns(self.as_fd(), || new_tcp_socket(addr))?;
         socket.set_reuse_address(true)?;
+        if addr.is_ipv6() {
+            // Beside the IPv4 listener on the same port, not in its way.
+            socket.set_only_v6(true)?;
+        }
         socket.bind(&addr.into())?;
         socket.listen(LISTEN_BACKLOG)?;
         tokio::net::TcpListener::from_std(socket.into())

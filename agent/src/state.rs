@@ -37,10 +37,14 @@ impl Workload {
         SpiffeId::new(trust_domain, &self.namespace, &self.service_account)
     }
 
-    /// Where the mesh reaches it: its first IPv4 address (Ferry meshes IPv4, and a dual-stack
-    /// pod may list its IPv6 address first).
-    pub fn mesh_ip(&self) -> Option<IpAddr> {
-        self.ips.iter().copied().find(IpAddr::is_ipv4)
+    /// Its first address of one family (IPv6 if `ipv6`): a dual-stack pod may list either first.
+    pub fn address(&self, ipv6: bool) -> Option<IpAddr> {
+        self.ips.iter().copied().find(|ip| ip.is_ipv6() == ipv6)
+    }
+
+    /// Its IPv4 address if it has one, else its first: where a connection to it by name goes.
+    pub fn preferred_ip(&self) -> Option<IpAddr> {
+        self.address(false).or_else(|| self.ips.first().copied())
     }
 }
 

@@ -27,10 +27,12 @@ use rustix::net::{
 use serde::{Deserialize, Serialize};
 use tokio::io::unix::AsyncFd;
 
+use crate::proxy::LISTENERS_PER_FAMILY;
+
 /// Bumped when the messages below change; agents of different versions refuse each other.
 const PROTOCOL_VERSION: u32 = 1;
-/// Every fd-carrying message holds at most this many descriptors (a pod's three listeners).
-const MAX_FDS_PER_MESSAGE: usize = 3;
+/// Every fd-carrying message holds at most this many descriptors (a pod's six listeners).
+const MAX_FDS_PER_MESSAGE: usize = 2 * LISTENERS_PER_FAMILY;
 const MAX_MESSAGE: usize = 4096;
 /// How long one send or receive of the exchange may block.
 const STEP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -44,7 +46,9 @@ enum Message {
     Refused { reason: String },
     /// Old -> new, with one listener.
     NodeListener { name: String },
-    /// Old -> new, with the pod's outbound, inbound plaintext and HBONE listeners, in that order.
+    /// Old -> new, with the pod's outbound, inbound plaintext and HBONE listeners, in that order,
+    /// for IPv4, then for IPv6 if the pod has them. (Agents from before IPv6 take only three: a
+    /// downgrade from an agent serving IPv6 starts without a handover.)
     PodListeners { netns_cookie: u64 },
     /// Old -> new: that was all.
     End,
@@ -57,8 +61,8 @@ pub const METRICS: &str = "metrics";
 pub const READINESS: &str = "readiness";
 pub const ADMIN: &str = "admin";
 
-/// A pod's listeners: outbound, inbound plaintext, HBONE.
-pub type PodFds<T> = [T; MAX_FDS_PER_MESSAGE];
+/// A pod's listeners: outbound, inbound plaintext, HBONE, for IPv4 and then maybe IPv6.
+pub type PodFds<T> = Vec<T>;
 
 /// Everything a running agent listens on, borrowed for handing over.
 #[derive(Default)]
@@ -123,7 +127,10 @@ pub fn request(path: &Path, node: &str) -> io::Result<Option<Takeover>> {
                 inherited.node.insert(name, fd);
             }
             Message::PodListeners { netns_cookie } => {
-                let fds = exactly::<MAX_FDS_PER_MESSAGE>(fds, &format!("pod netns {netns_cookie}"))?;
+                if fds.len() != LISTENERS_PER_FAMILY && fds.len() != 2 * LISTENERS_PER_FAMILY {
+                    let problem = format!("pod netns {netns_cookie}: {} descriptors", fds.len());
+                    return Err(protocol_error(problem));
+                }
                 inherited.pods.insert(netns_cookie, fds);
             }
             Message::End => return Ok(Some(Takeover { conn, inherited })),
@@ -291,7 +298,8 @@ mod tests {
         let path = dir.join("upgrade.sock");
         let listener = UpgradeListener::bind(&path).unwrap();
         let metrics = TcpListener::bind("127.0.0.1:0").unwrap();
-        let pod: Vec<TcpListener> = (0..3).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+        // An IPv4 and an IPv6 set.
+        let pod: Vec<TcpListener> = (0..6).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
 
         let asker = std::thread::spawn({
             let path = path.clone();
@@ -304,7 +312,7 @@ mod tests {
         let conn = listener.accept().await.unwrap();
         let offered = Offer {
             node: vec![(METRICS, metrics.as_fd())],
-            pods: vec![(7, [pod[0].as_fd(), pod[1].as_fd(), pod[2].as_fd()])],
+            pods: vec![(7, pod.iter().map(|l| l.as_fd()).collect())],
         };
         let successor = offer(conn, "node-a", &offered).unwrap();
         let conn = listener.accept().await.unwrap();
@@ -315,8 +323,8 @@ mod tests {
         assert!(refused.to_string().contains("serves node node-a"), "{refused}");
         let got = TcpListener::from(takeover.inherited.take_node(METRICS).unwrap());
         assert_eq!(got.local_addr().unwrap(), metrics.local_addr().unwrap());
-        let [a, b, c] = takeover.inherited.take_pod(7).unwrap().map(TcpListener::from);
-        let addrs: Vec<_> = [a, b, c].iter().map(|l| l.local_addr().unwrap()).collect();
+        let got = takeover.inherited.take_pod(7).unwrap().into_iter().map(TcpListener::from);
+        let addrs: Vec<_> = got.map(|l| l.local_addr().unwrap()).collect();
         assert_eq!(addrs, pod.iter().map(|l| l.local_addr().unwrap()).collect::<Vec<_>>());
         takeover.confirm().unwrap();
         successor.ready(Duration::from_secs(5)).unwrap();

@@ -74,12 +74,12 @@ impl Pod {
         self.netns.spawn(cmd, Some(&self.cgroup))
     }
 
-    /// Starts an echo server on 0.0.0.0:`port` in this pod and waits until it listens.
+    /// Starts an echo server on `[::]:port` (IPv4 and IPv6) in this pod and waits until it listens.
     pub fn serve(&self, port: u16) -> Result<Server> {
         self.serve_mode("serve", port)
     }
 
-    /// Starts a discarding server (for one-way bulk) on 0.0.0.0:`port`.
+    /// Starts a discarding server (for one-way bulk) on `[::]:port`.
     pub fn serve_sink(&self, port: u16) -> Result<Server> {
         self.serve_mode("sink", port)
     }

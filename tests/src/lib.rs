@@ -14,7 +14,7 @@ mod sys;
 
 use std::{
     fmt::Write as _,
-    net::{Ipv4Addr, SocketAddr},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::atomic::{AtomicU32, Ordering},
@@ -73,6 +73,9 @@ pub struct Pod {
     pub spec: PodSpec,
     pub node: String,
     pub ip: Ipv4Addr,
+    /// Every pod is dual-stack on the wire; the config lists this address only where a test asks
+    /// for it ([`Sandbox::dual_stack_config_for`]).
+    pub ip6: Ipv6Addr,
     pub netns: Netns,
     pub cgroup: Cgroup,
 }
@@ -80,6 +83,7 @@ pub struct Pod {
 pub struct Node {
     pub name: String,
     pub underlay_ip: Ipv4Addr,
+    pub underlay_ip6: Ipv6Addr,
     pub netns: Netns,
     agent: Option<Agent>,
     /// Agents that handed over to a newer one and are draining.
@@ -130,9 +134,11 @@ impl Sandbox {
                 Ipv4Addr::new(UNDERLAY_PREFIX[0], UNDERLAY_PREFIX[1], UNDERLAY_PREFIX[2], i as u8 + 1);
             netns.ip(&["link", "set", "lo", "up"])?;
             netns.sysctl("net.ipv4.ip_forward", "1")?;
+            netns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
             sandbox.nodes.push(Node {
                 name: node_name.to_string(),
                 underlay_ip,
+                underlay_ip6: Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, i as u16 + 1),
                 netns,
                 agent: None,
                 retired: Vec::new(),
@@ -155,6 +161,8 @@ impl Sandbox {
             ])?;
             for node in [a, b] {
                 node.netns.ip(&["addr", "add", &format!("{}/24", node.underlay_ip), "dev", "ul"])?;
+                let underlay6 = format!("{}/64", node.underlay_ip6);
+                node.netns.ip(&["-6", "addr", "add", &underlay6, "dev", "ul", "nodad"])?;
                 node.netns.ip(&["link", "set", "ul", "up"])?;
             }
             for (from, to) in [(0, 1), (1, 0)] {
@@ -165,6 +173,14 @@ impl Sandbox {
                     &pod_subnet(to_index(&sandbox, &to.name)),
                     "via",
                     &to.underlay_ip.to_string(),
+                ])?;
+                from.netns.ip(&[
+                    "-6",
+                    "route",
+                    "add",
+                    &pod_subnet6(to_index(&sandbox, &to.name)),
+                    "via",
+                    &to.underlay_ip6.to_string(),
                 ])?;
             }
         }
@@ -190,6 +206,8 @@ impl Sandbox {
         )?;
         let ip = Ipv4Addr::new(10, node_index as u8 + 1, 0, pod_index as u8 + 2);
         let gateway = Ipv4Addr::new(10, node_index as u8 + 1, 0, 1).to_string();
+        let ip6 = Ipv6Addr::new(0xfd00, node_index as u16 + 1, 0, 0, 0, 0, 0, pod_index as u16 + 2);
+        let gateway6 = Ipv6Addr::new(0xfd00, node_index as u16 + 1, 0, 0, 0, 0, 0, 1).to_string();
         let host_side = format!("p{pod_index}");
         node.netns.ip(&[
             "link",
@@ -206,12 +224,17 @@ impl Sandbox {
         node.netns.ip(&["addr", "add", &format!("{gateway}/32"), "dev", &host_side])?;
         node.netns.ip(&["link", "set", &host_side, "up"])?;
         node.netns.ip(&["route", "add", &format!("{ip}/32"), "dev", &host_side])?;
+        node.netns.ip(&["-6", "addr", "add", &format!("{gateway6}/128"), "dev", &host_side, "nodad"])?;
+        node.netns.ip(&["-6", "route", "add", &format!("{ip6}/128"), "dev", &host_side])?;
         netns.ip(&["link", "set", "lo", "up"])?;
         netns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
+        netns.ip(&["-6", "addr", "add", &format!("{ip6}/128"), "dev", "eth0", "nodad"])?;
         netns.ip(&["link", "set", "eth0", "up"])?;
         netns.ip(&["route", "add", &gateway, "dev", "eth0", "scope", "link"])?;
         netns.ip(&["route", "add", "default", "via", &gateway, "dev", "eth0"])?;
-        Ok(Pod { spec, node: node_name.to_string(), ip, netns, cgroup })
+        netns.ip(&["-6", "route", "add", &gateway6, "dev", "eth0"])?;
+        netns.ip(&["-6", "route", "add", "default", "via", &gateway6, "dev", "eth0"])?;
+        Ok(Pod { spec, node: node_name.to_string(), ip, ip6, netns, cgroup })
     }
 
     /// The layout most tests use: node1 with meshed a (sa-a) and b (sa-b) and unmeshed u; node2
@@ -267,6 +290,14 @@ impl Sandbox {
             }
         }
         yaml
+    }
+
+    /// [`Sandbox::config_for`] with every pod dual-stack: its IPv6 address listed after its IPv4
+    /// one.
+    pub fn dual_stack_config_for(&self, node: &str) -> String {
+        self.pods.iter().fold(self.config_for(node), |config, pod| {
+            config.replace(&format!("ips: [{}]", pod.ip), &format!("ips: [{}, \"{}\"]", pod.ip, pod.ip6))
+        })
     }
 
     /// The file CA every node of the sandbox shares (created by `ferry ca init` on first start).
@@ -500,6 +531,10 @@ fn to_index(sandbox: &Sandbox, node: &str) -> usize {
 
 fn pod_subnet(node_index: usize) -> String {
     format!("10.{}.0.0/24", node_index + 1)
+}
+
+fn pod_subnet6(node_index: usize) -> String {
+    format!("fd00:{}::/64", node_index + 1)
 }
 
 impl Node {

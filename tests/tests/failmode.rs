@@ -35,7 +35,7 @@ fn killed_agent_fails_closed_and_a_new_agent_takes_over() {
     let _server_a = sb.pod("a").serve(PORT).unwrap();
     assert!(matches!(sb.pod("a").connect(addr(&sb, "c"), 10).unwrap(), ConnectOutcome::Echoed { .. }));
     assert_eq!(pins(&sb, "node1"), 12, "6 links for each of a and b");
-    assert_eq!(pinned_maps(&sb, "node1"), 6);
+    assert_eq!(pinned_maps(&sb, "node1"), 7);
 
     sb.kill_agent("node1").unwrap();
     // Outbound: still captured, nothing listens: refused at once, nothing leaves in clear.
@@ -54,7 +54,7 @@ fn killed_agent_fails_closed_and_a_new_agent_takes_over() {
     assert_eq!(pins(&sb, "node1"), 12);
     // The new agent shares the maps: counters go on from the dead agent's (first connect, the
     // refused one while no agent ran, and the last one).
-    assert_eq!(pinned_maps(&sb, "node1"), 6);
+    assert_eq!(pinned_maps(&sb, "node1"), 7);
     assert_eq!(sb.metric("node1", "ferry_datapath_events_total{event=\"redirected\"}").unwrap(), 3.0);
 
     // A clean stop detaches everything: pods talk directly.

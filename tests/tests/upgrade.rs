@@ -38,15 +38,17 @@ fn upgrades_under_load_lose_no_connection_and_no_byte() {
     let mut sb = Sandbox::two_nodes("upgrade").unwrap();
     for node in ["node1", "node2"] {
         // Long enough for the long-lived connections to end on their own in the old agents.
-        let config = sb.config_for(node).replacen('\n', "\nlimits:\n  drainTimeout: 60s\n", 1);
+        // Dual-stack: each pod's IPv6 listeners are handed over too.
+        let config = sb.dual_stack_config_for(node).replacen('\n', "\nlimits:\n  drainTimeout: 60s\n", 1);
         sb.start_agent(node, Some(&config)).unwrap();
     }
     let _server_b = sb.pod("b").serve(PORT).unwrap();
     let _server_c = sb.pod("c").serve(PORT).unwrap();
     let (cross, same) = (addr(&sb, "c"), addr(&sb, "b"));
+    let cross6 = SocketAddr::from((sb.pod("c").ip6, PORT));
     let secs = LOAD_SECS.to_string();
     let mut load = Vec::new();
-    for to in [cross, same] {
+    for to in [cross, same, cross6] {
         // Long-lived: a verified 1-byte ping-pong every 10 ms on one connection.
         load.push(("stream", to, sb.pod("a").spawn_app(&["stream", &to.to_string(), &secs]).unwrap()));
         // New connections back to back: connect, echo a byte, close.

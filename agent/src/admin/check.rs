@@ -42,7 +42,7 @@ pub(super) fn run(
                 .workloads()
                 .iter()
                 .find(|w| w.identity(&state.trust_domain) == identity)
-                .and_then(|w| w.mesh_ip())
+                .and_then(|w| w.preferred_ip())
                 .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
             (ip, Some(identity))
         }
@@ -50,15 +50,20 @@ pub(super) fn run(
 
     let (target, port) = to.rsplit_once(':').ok_or_else(|| format!("to={to:?}: missing :port"))?;
     let port: u16 = port.parse().map_err(|_| format!("to={to:?}: bad port"))?;
-    let destination = match target.trim_matches(['[', ']']).parse::<IpAddr>() {
-        Ok(ip) => state.workload_by_ip(ip).ok_or_else(|| format!("to={to:?}: no known workload has {ip}"))?,
+    let (destination, ip) = match target.trim_matches(['[', ']']).parse::<IpAddr>() {
+        Ok(ip) => {
+            (state.workload_by_ip(ip).ok_or_else(|| format!("to={to:?}: no known workload has {ip}"))?, ip)
+        }
         Err(_) => {
-            state.workload_by_key(target).ok_or_else(|| format!("to={to:?}: unknown workload {target:?}"))?
+            let workload = state
+                .workload_by_key(target)
+                .ok_or_else(|| format!("to={to:?}: unknown workload {target:?}"))?;
+            let ip = workload
+                .preferred_ip()
+                .ok_or_else(|| format!("to={to:?}: {} has no address", workload.key()))?;
+            (workload, ip)
         }
     };
-    let ip = destination
-        .mesh_ip()
-        .ok_or_else(|| format!("to={to:?}: {} has no IPv4 address", destination.key()))?;
     let dst = SocketAddr::new(ip, port);
 
     let decision = state.policies.evaluate(&Request {

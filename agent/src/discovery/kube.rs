@@ -480,8 +480,10 @@ mod tests {
         let workload = workload(&pod, "here", &mut PodCgroups::new(PathBuf::from("/nonexistent"))).unwrap();
         let ips: Vec<IpAddr> = ["fd00::5".parse().unwrap(), "10.9.0.5".parse().unwrap()].into();
         assert_eq!(workload.ips, ips);
-        // The mesh reaches it over IPv4, though IPv6 comes first.
-        assert_eq!(crate::state::Workload::from(&workload).mesh_ip(), Some(ips[1]));
+        // Reached by name over IPv4, though IPv6 comes first.
+        let workload = crate::state::Workload::from(&workload);
+        assert_eq!(workload.preferred_ip(), Some(ips[1]));
+        assert_eq!(workload.address(true), Some(ips[0]));
     }
 
     #[test]

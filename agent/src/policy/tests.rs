@@ -174,6 +174,16 @@ fn namespaces_and_ip_blocks() {
         ],
     );
     run(
+        "[{metadata: {name: p, namespace: shop}, spec: {rules: [{from: [{source: {ipBlocks: ['fd00:1::/64', 10.1.0.0/16], notIpBlocks: ['fd00:1::9']}}]}]}}]",
+        &[
+            case("IPv6 in block", None, "fd00:1::3", 80, true),
+            case("IPv6 excluded address", None, "fd00:1::9", 80, false),
+            case("IPv6 outside", None, "fd00:2::3", 80, false),
+            case("IPv4 in block", None, "10.1.2.3", 80, true),
+            case("IPv4-mapped is not IPv6 in the block", None, "::ffff:10.1.2.3", 80, false),
+        ],
+    );
+    run(
         "[{metadata: {name: p, namespace: shop}, spec: {rules: [{from: [{source: {notNamespaces: [bank]}}]}]}}]",
         &[
             case("bank", Some("bank/a"), "10.1.0.1", 80, false),

@@ -21,12 +21,13 @@ pub(super) struct Balancer {
 }
 
 impl Balancer {
-    /// An endpoint address (`pod IP:target_port`) of `service`; `None` when it has none.
-    pub(super) fn pick(&self, service: &Service, target_port: u16) -> Option<SocketAddr> {
+    /// An endpoint address (`pod IP:target_port`, in the family of the virtual IP the client
+    /// connected to, IPv6 if `ipv6`) of `service`; `None` when it has none.
+    pub(super) fn pick(&self, service: &Service, target_port: u16, ipv6: bool) -> Option<SocketAddr> {
         let all: Vec<SocketAddr> = service
             .endpoints
             .iter()
-            .filter_map(|w| w.mesh_ip())
+            .filter_map(|w| w.address(ipv6))
             .map(|ip| SocketAddr::new(ip, target_port))
             .collect();
         let mut refused = self.refused.lock().unwrap_or_else(|e| e.into_inner());
@@ -75,17 +76,17 @@ mod tests {
     fn spreads_over_endpoints_and_skips_refusing_ones() {
         let balancer = Balancer::default();
         let web = service(&["10.0.0.1", "10.0.0.2"]);
-        let picks: Vec<SocketAddr> = (0..200).map(|_| balancer.pick(&web, 8080).unwrap()).collect();
+        let picks: Vec<SocketAddr> = (0..200).map(|_| balancer.pick(&web, 8080, false).unwrap()).collect();
         for ip in ["10.0.0.1", "10.0.0.2"] {
             let endpoint = SocketAddr::new(ip.parse().unwrap(), 8080);
             assert!(picks.iter().filter(|p| **p == endpoint).count() > 50, "{endpoint} rarely picked");
         }
         let refusing: SocketAddr = "10.0.0.1:8080".parse().unwrap();
         balancer.refused(refusing);
-        assert!((0..50).all(|_| balancer.pick(&web, 8080) != Some(refusing)));
+        assert!((0..50).all(|_| balancer.pick(&web, 8080, false) != Some(refusing)));
         // When every endpoint refused lately, any may be tried again.
         balancer.refused("10.0.0.2:8080".parse().unwrap());
-        assert!(balancer.pick(&web, 8080).is_some());
-        assert_eq!(balancer.pick(&service(&[]), 8080), None);
+        assert!(balancer.pick(&web, 8080, false).is_some());
+        assert_eq!(balancer.pick(&service(&[]), 8080, false), None);
     }
 }

@@ -21,7 +21,7 @@ use std::{
     collections::HashMap,
     future::Future,
     io,
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::{AsFd, BorrowedFd, OwnedFd},
     sync::{Arc, RwLock},
     time::Duration,
@@ -63,32 +63,46 @@ pub struct LocalPod {
     permits: Arc<Semaphore>,
 }
 
-/// The proxy's listeners inside one pod's netns, bound before capture is attached.
+/// The proxy's listeners inside one pod's netns, bound before capture is attached: a set for
+/// IPv4, and one for IPv6 if the pod has an IPv6 address.
 #[derive(Debug)]
 pub struct PodListeners {
+    v4: ListenerSet,
+    v6: Option<ListenerSet>,
+}
+
+/// One address family's listeners.
+#[derive(Debug)]
+struct ListenerSet {
     outbound: TcpListener,
     /// Registered with the datapath so sk_lookup can steer inbound connections to it.
-    pub inbound_plaintext: TcpListener,
+    inbound_plaintext: TcpListener,
     hbone: TcpListener,
 }
 
-impl PodListeners {
-    pub fn bind(netns: &PodNetns) -> io::Result<PodListeners> {
-        let any = |port| SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
-        Ok(PodListeners {
-            outbound: netns.listen(SocketAddr::from((Ipv4Addr::LOCALHOST, OUTBOUND_PORT)))?,
+impl ListenerSet {
+    /// On `loopback` for outbound, on the family's wildcard address for the others.
+    fn bind(netns: &PodNetns, loopback: IpAddr) -> io::Result<ListenerSet> {
+        let any = |port| match loopback {
+            IpAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
+            IpAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)),
+        };
+        Ok(ListenerSet {
+            outbound: netns.listen(SocketAddr::new(loopback, OUTBOUND_PORT))?,
             inbound_plaintext: netns.listen(any(INBOUND_PLAINTEXT_PORT))?,
             hbone: netns.listen(any(HBONE_PORT))?,
         })
     }
 
-    /// Takes over the listeners a previous agent bound in this pod (outbound, inbound
-    /// plaintext, HBONE), checking each is what it claims to be.
-    pub fn adopt([outbound, inbound_plaintext, hbone]: PodFds<OwnedFd>) -> io::Result<PodListeners> {
-        let adopt = |fd: OwnedFd, port: u16| -> io::Result<TcpListener> {
+    /// Takes over a previous agent's listeners (outbound, inbound plaintext, HBONE), checking
+    /// each is what it claims to be.
+    fn adopt(fds: impl IntoIterator<Item = OwnedFd>, ipv6: bool) -> io::Result<ListenerSet> {
+        let mut fds = fds.into_iter();
+        let mut adopt = |port: u16| -> io::Result<TcpListener> {
+            let fd = fds.next().ok_or_else(|| io::Error::other("missing inherited listener"))?;
             let listener = std::net::TcpListener::from(fd);
             let local = listener.local_addr()?;
-            if local.port() != port {
+            if local.port() != port || local.is_ipv6() != ipv6 {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
                     format!("inherited listener is on {local}, expected port {port}"),
@@ -97,12 +111,66 @@ impl PodListeners {
             listener.set_nonblocking(true)?;
             TcpListener::from_std(listener)
         };
-        Ok(PodListeners {
-            outbound: adopt(outbound, OUTBOUND_PORT)?,
-            inbound_plaintext: adopt(inbound_plaintext, INBOUND_PLAINTEXT_PORT)?,
-            hbone: adopt(hbone, HBONE_PORT)?,
+        Ok(ListenerSet {
+            outbound: adopt(OUTBOUND_PORT)?,
+            inbound_plaintext: adopt(INBOUND_PLAINTEXT_PORT)?,
+            hbone: adopt(HBONE_PORT)?,
         })
     }
+}
+
+impl PodListeners {
+    /// Binds the IPv4 set, and the IPv6 set if `ipv6`.
+    pub fn bind(netns: &PodNetns, ipv6: bool) -> io::Result<PodListeners> {
+        let v4 = ListenerSet::bind(netns, IpAddr::V4(Ipv4Addr::LOCALHOST))?;
+        let v6 = ipv6.then(|| ListenerSet::bind(netns, IpAddr::V6(Ipv6Addr::LOCALHOST))).transpose()?;
+        Ok(PodListeners { v4, v6 })
+    }
+
+    /// Takes over the listeners a previous agent bound in this pod: the IPv4 set, then the IPv6
+    /// set if it had one. One that had none (an agent from before IPv6, or a pod that gained an
+    /// IPv6 address) gets a new IPv6 set if `ipv6`.
+    pub fn adopt(netns: &PodNetns, fds: PodFds<OwnedFd>, ipv6: bool) -> io::Result<PodListeners> {
+        let mut fds = fds.into_iter();
+        let v4 = ListenerSet::adopt(fds.by_ref().take(LISTENERS_PER_FAMILY), false)?;
+        let rest: Vec<OwnedFd> = fds.collect();
+        let v6 = match rest.is_empty() {
+            false => Some(ListenerSet::adopt(rest, true)?),
+            true if ipv6 => Some(ListenerSet::bind(netns, IpAddr::V6(Ipv6Addr::LOCALHOST))?),
+            true => None,
+        };
+        Ok(PodListeners { v4, v6 })
+    }
+
+    /// The inbound plaintext listeners, IPv4 and IPv6 (if bound), for sk_lookup to steer to.
+    pub fn inbound_plaintext(&self) -> (BorrowedFd<'_>, Option<BorrowedFd<'_>>) {
+        (self.v4.inbound_plaintext.as_fd(), self.v6.as_ref().map(|v6| v6.inbound_plaintext.as_fd()))
+    }
+
+    /// Every listener with what it serves, IPv4 set first, each set in hand-over order.
+    fn into_roles(self) -> Vec<(TcpListener, Role)> {
+        std::iter::once(self.v4)
+            .chain(self.v6)
+            .flat_map(|set| {
+                [
+                    (set.outbound, Role::Outbound),
+                    (set.inbound_plaintext, Role::Plaintext),
+                    (set.hbone, Role::Hbone),
+                ]
+            })
+            .collect()
+    }
+}
+
+/// Listeners per address family: outbound, inbound plaintext, HBONE.
+pub const LISTENERS_PER_FAMILY: usize = 3;
+
+/// What a pod listener accepts.
+#[derive(Clone, Copy)]
+enum Role {
+    Outbound,
+    Plaintext,
+    Hbone,
 }
 
 #[derive(Clone)]
@@ -133,21 +201,20 @@ struct Inner {
 pub struct PodHandle {
     proxy: Proxy,
     pod: Arc<LocalPod>,
-    /// Outbound, inbound plaintext, HBONE; shared with the accept loops.
-    listeners: PodFds<Arc<TcpListener>>,
+    /// In hand-over order (see [`PodListeners::adopt`]); shared with the accept loops.
+    listeners: Vec<Arc<TcpListener>>,
     accept_loops: JoinSet<()>,
 }
 
 impl PodHandle {
     /// The pod's listening sockets, to hand to a new agent.
     pub fn listener_fds(&self) -> PodFds<BorrowedFd<'_>> {
-        [self.listeners[0].as_fd(), self.listeners[1].as_fd(), self.listeners[2].as_fd()]
+        self.listeners.iter().map(|l| l.as_fd()).collect()
     }
 
     /// New descriptors of the pod's listening sockets, which outlive this handle.
     pub fn clone_listeners(&self) -> io::Result<PodFds<OwnedFd>> {
-        let [outbound, inbound, hbone] = self.listener_fds();
-        Ok([outbound.try_clone_to_owned()?, inbound.try_clone_to_owned()?, hbone.try_clone_to_owned()?])
+        self.listeners.iter().map(|l| l.as_fd().try_clone_to_owned()).collect()
     }
 
     /// Stops accepting (a new agent accepts from the same sockets now); open connections and
@@ -220,14 +287,30 @@ impl Proxy {
         }
         let mut loops = JoinSet::new();
         let inner = &self.inner;
-        let listeners = [listeners.outbound, listeners.inbound_plaintext, listeners.hbone].map(Arc::new);
-        let outbound = (listeners[0].clone(), Direction::Outbound);
-        loops.spawn(accept_loop(outbound, pod.clone(), inner.clone(), outbound::handle));
-        let plaintext = (listeners[1].clone(), Direction::Inbound);
-        loops.spawn(accept_loop(plaintext, pod.clone(), inner.clone(), inbound::handle_plaintext));
-        let hbone = (listeners[2].clone(), Direction::Inbound);
-        loops.spawn(accept_loop(hbone, pod.clone(), inner.clone(), hbone::server::handle));
-        Ok(PodHandle { proxy: self.clone(), pod, listeners, accept_loops: loops })
+        let mut handles = Vec::new();
+        for (listener, role) in listeners.into_roles() {
+            let listener = Arc::new(listener);
+            handles.push(listener.clone());
+            let (pod, inner) = (pod.clone(), inner.clone());
+            match role {
+                Role::Outbound => {
+                    loops.spawn(accept_loop((listener, Direction::Outbound), pod, inner, outbound::handle))
+                }
+                Role::Plaintext => loops.spawn(accept_loop(
+                    (listener, Direction::Inbound),
+                    pod,
+                    inner,
+                    inbound::handle_plaintext,
+                )),
+                Role::Hbone => loops.spawn(accept_loop(
+                    (listener, Direction::Inbound),
+                    pod,
+                    inner,
+                    hbone::server::handle,
+                )),
+            };
+        }
+        Ok(PodHandle { proxy: self.clone(), pod, listeners: handles, accept_loops: loops })
     }
 
     /// Asks every HBONE server connection to wind down (GOAWAY) and waits, up to `deadline`,

@@ -1,4 +1,5 @@
-//! Outbound: connections a meshed pod's app made, redirected by eBPF to the pod's 127.0.0.1:15001.
+//! Outbound: connections a meshed pod's app made, redirected by eBPF to the pod's 127.0.0.1:15001
+//! (or [::1]:15001, for IPv6).
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -19,9 +20,9 @@ pub(super) async fn handle(proxy: Proxy, pod: Arc<LocalPod>, client: TcpStream, 
     let telemetry = &proxy.inner.telemetry;
     // The app's own address: the pod's (connect bound the socket to it; were that to fail, the
     // kernel would have picked loopback as the source of the redirected connection).
-    let app = SocketAddr::new(pod.workload.mesh_ip().unwrap_or(peer.ip()), peer.port());
+    let app = SocketAddr::new(pod.workload.address(peer.is_ipv6()).unwrap_or(peer.ip()), peer.port());
     let source = |flow: Flow| flow.source(Some(pod.workload.clone()), Some(pod.identity.clone()));
-    let Some(original) = proxy.inner.orig_dst.take(pod.netns.cookie(), peer.port()) else {
+    let Some(original) = proxy.inner.orig_dst.take(pod.netns.cookie(), peer) else {
         let flow = source(Flow::new(Direction::Outbound, "unknown", app, peer));
         return flow.reset(
             &client,
@@ -34,7 +35,8 @@ pub(super) async fn handle(proxy: Proxy, pod: Arc<LocalPod>, client: TcpStream, 
     // A service's virtual IP is resolved here, on the client side, to one of its meshed
     // endpoints. Without any, the connection goes out to the virtual IP as if uncaptured.
     let resolved = state.service_for(original).and_then(|(service, target_port)| {
-        proxy.inner.balancer.pick(&service, target_port).map(|endpoint| (service, endpoint))
+        let endpoint = proxy.inner.balancer.pick(&service, target_port, original.is_ipv6());
+        endpoint.map(|endpoint| (service, endpoint))
     });
     let (service, dst) = match resolved {
         Some((service, endpoint)) => (Some(service), endpoint),

@@ -27,14 +27,16 @@ pub mod maps {
     pub const ORIG_DST_BY_SOCKET: &str = "ORIG_DST_BY_SOCKET";
     pub const ORIG_DST: &str = "ORIG_DST";
     pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
+    pub const POD_IPV6: &str = "POD_IPV6";
     pub const FAIL_CLOSED_IPS: &str = "FAIL_CLOSED_IPS";
     pub const COUNTERS: &str = "COUNTERS";
     /// The maps an agent pins so that the next agent (an upgrade, or a restart after a crash)
     /// shares them: programs of both generations see the same state.
-    pub const SHARED: [&str; 6] =
-        [MESHED_NETNS, ORIG_DST_BY_SOCKET, ORIG_DST, INBOUND_LISTENERS, FAIL_CLOSED_IPS, COUNTERS];
+    pub const SHARED: [&str; 7] =
+        [MESHED_NETNS, POD_IPV6, ORIG_DST_BY_SOCKET, ORIG_DST, INBOUND_LISTENERS, FAIL_CLOSED_IPS, COUNTERS];
     /// Bumped whenever a shared map's key, value or size changes: agents of another layout use
-    /// their own pins instead of misreading these. (2: `COUNTERS` got spare slots.)
+    /// their own pins instead of misreading these. (2: `COUNTERS` got spare slots. Adding a map,
+    /// as `POD_IPV6` was, needs no bump: an agent creates the pins it does not find.)
     pub const LAYOUT_VERSION: u32 = 2;
 }
 
@@ -68,6 +70,11 @@ impl SockAddr {
     pub const fn v4(ip: u32, port: u16) -> Self {
         Self { ip: [ip, 0, 0, 0], port, family: AF_INET }
     }
+
+    /// `ip` as the kernel stores it: four words in network byte order.
+    pub const fn v6(ip: [u32; 4], port: u16) -> Self {
+        Self { ip, port, family: AF_INET6 }
+    }
 }
 
 /// Key of an IP address (the SOCKHASH of inbound listeners is keyed by pod IP).
@@ -82,21 +89,30 @@ impl IpKey {
     pub const fn v4(ip: u32) -> Self {
         Self { ip: [ip, 0, 0, 0], family: AF_INET as u32 }
     }
+
+    /// `ip` as the kernel stores it: four words in network byte order.
+    pub const fn v6(ip: [u32; 4]) -> Self {
+        Self { ip, family: AF_INET6 as u32 }
+    }
 }
 
-/// Identifies a redirected connection as the agent sees it on accept: the pod's netns and the
-/// app's local (ephemeral) port, which is the peer port of the accepted socket.
+/// Identifies a redirected connection as the agent sees it on accept: the pod's netns, the
+/// app's local (ephemeral) port, which is the peer port of the accepted socket, and which of the
+/// pod's outbound listeners it reached (an IPv4 and an IPv6 connection may share a port).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ConnKey {
     pub netns_cookie: u64,
     pub port: u16,
-    pub _pad: [u8; 6],
+    /// 1 for the IPv6 listener (`[::1]:15001`). 0 for IPv4, as agents before IPv6 left the
+    /// padding, so that both generations find each other's entries during an upgrade.
+    pub ipv6: u8,
+    pub _pad: [u8; 5],
 }
 
 impl ConnKey {
-    pub const fn new(netns_cookie: u64, port: u16) -> Self {
-        Self { netns_cookie, port, _pad: [0; 6] }
+    pub const fn new(netns_cookie: u64, port: u16, ipv6: bool) -> Self {
+        Self { netns_cookie, port, ipv6: ipv6 as u8, _pad: [0; 5] }
     }
 }
 
@@ -126,13 +142,14 @@ pub enum Counter {
     MapUpdateFailed = 7,
     /// Inbound connections dropped because the pod is fail-closed and its listener is gone.
     InboundDropped = 8,
-    /// Inbound IPv6 connections refused: IPv6 is not meshed, and policy must not be bypassed.
+    /// Inbound IPv6 connections to an address of the pod the agent has no listener for (it does
+    /// not know the address): refused, so that policy is not bypassed over IPv6.
     InboundIpv6Refused = 9,
     /// A redirected socket could not be bound to its pod's address: it is captured, but the app
     /// sees loopback as its own address.
     SourceBindFailed = 10,
-    /// A meshed pod's TCP connect to an IPv6 address, left alone: IPv6 is not meshed, so it
-    /// leaves in plaintext (and a meshed destination refuses it).
+    /// A TCP connect to an IPv6 address from a meshed pod that has no IPv6 address of its own,
+    /// left alone (uncaptured).
     OutboundIpv6Passed = 11,
 }
 

@@ -2,14 +2,15 @@
 //!
 //! - `ferry_connect4` (cgroup/connect4): rewrites a meshed pod's outbound TCP connect to the pod's
 //!   outbound listener and remembers the original destination under the socket cookie.
-//! - `ferry_connect6` (cgroup/connect6): the same for IPv6 sockets connecting to an IPv4 address
-//!   (`::ffff:a.b.c.d`, as Java and .NET dual-stack sockets do), which connect4 never sees.
+//! - `ferry_connect6` (cgroup/connect6): the same for IPv6 sockets: to the IPv6 listener for IPv6
+//!   destinations, and like IPv4 for IPv4 ones (`::ffff:a.b.c.d`, as Java and .NET dual-stack
+//!   sockets connect), which connect4 never sees.
 //! - `ferry_sock_ops` (sockops): when that connection is established, re-keys the destination by
 //!   (netns cookie, client port), which is what the agent knows after `accept()`.
 //! - `ferry_getpeername4`, `ferry_getpeername6`: the app's `getpeername()` sees the original
 //!   destination.
 //! - `ferry_sk_lookup` (sk_lookup, per pod netns): steers inbound connections to the pod's plaintext
-//!   listener, and refuses inbound IPv6, which is not meshed, so policy cannot be bypassed over it.
+//!   listener of their address family.
 //!
 //! Rare events are logged through aya-log, each kind at most once per CPU every 10 s (the counters
 //! have every occurrence); nothing is logged per packet or per connection.
@@ -40,6 +41,9 @@ const ALLOW: i32 = 1;
 const LOOPBACK: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
 /// ::1 as the kernel stores it.
 const LOOPBACK6: [u32; 4] = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
+/// The first word of a link-local address, fe80::/10, and its mask.
+const LINK_LOCAL6: (u32, u32) =
+    (u32::from_ne_bytes([0xfe, 0x80, 0, 0]), u32::from_ne_bytes([0xff, 0xc0, 0, 0]));
 /// The third word of an IPv4-mapped IPv6 address, `::ffff:a.b.c.d` (the fourth is the IPv4 one).
 const V4_MAPPED: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 
@@ -47,6 +51,11 @@ const V4_MAPPED: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 /// none), which redirected sockets are bound to.
 #[map]
 static MESHED_NETNS: HashMap<u64, u32> = HashMap::with_max_entries(MAX_MESHED_PODS, 0);
+
+/// The IPv6 address of meshed pods that have one, by netns cookie: their IPv6 connections are
+/// captured (and bound to it); other pods' pass.
+#[map]
+static POD_IPV6: HashMap<u64, [u32; 4]> = HashMap::with_max_entries(MAX_MESHED_PODS, 0);
 
 /// Original destination by socket cookie: written on connect, read by sock_ops and getpeername.
 #[map]
@@ -121,59 +130,101 @@ fn is_loopback(ip_be: u32) -> bool {
 pub fn ferry_connect4(ctx: SockAddrContext) -> i32 {
     // SAFETY: the context pointer is valid for the program's run.
     let addr = unsafe { &mut *ctx.sock_addr };
-    if let Some(pod_ip) = capturable(&ctx)
-        && remember_destination(&ctx, addr.user_ip4, addr.user_port)
+    if let Some(pod) = capturable(&ctx)
+        && !is_loopback(addr.user_ip4)
+        && remember_destination(&ctx, SockAddr::v4(addr.user_ip4, port_of(addr.user_port)))
     {
-        keep_pod_address(&ctx, pod_ip);
+        keep_pod_address(&ctx, Source::V4(pod.ipv4));
         addr.user_ip4 = LOOPBACK;
-        addr.user_port = u32::from(OUTBOUND_PORT.to_be());
-        count(Counter::Redirected);
+        redirected(addr);
     }
     ALLOW
 }
 
-/// An IPv6 socket connecting to an IPv4 address (`::ffff:a.b.c.d`) is an IPv4 connection on the
-/// wire: captured like one, redirected to the same listener (`::ffff:127.0.0.1`). Connections to
-/// IPv6 addresses are not meshed: they pass, counted and (rate-limited) logged, so that an
-/// operator sees traffic leaving a meshed pod around the mesh.
+/// An IPv6 socket connecting to an IPv6 address is redirected to the pod's IPv6 listener
+/// (`[::1]:15001`), if the pod has an IPv6 address (otherwise it passes, counted and, rate-limited,
+/// logged, so that an operator sees traffic leaving a meshed pod around the mesh). One connecting
+/// to an IPv4 address (`::ffff:a.b.c.d`) is an IPv4 connection on the wire: captured like one,
+/// redirected to the IPv4 listener (`::ffff:127.0.0.1`).
 #[cgroup_sock_addr(connect6)]
 pub fn ferry_connect6(ctx: SockAddrContext) -> i32 {
     // SAFETY: the context pointer is valid for the program's run.
     let addr = unsafe { &mut *ctx.sock_addr };
     let dst = addr.user_ip6;
-    let Some(pod_ip) = capturable(&ctx) else { return ALLOW };
-    if dst[0] != 0 || dst[1] != 0 || dst[2] != V4_MAPPED {
-        if dst == LOOPBACK6 {
-            count(Counter::Passed);
-        } else {
-            ipv6_not_meshed(&ctx, dst, addr.user_port);
+    let Some(pod) = capturable(&ctx) else { return ALLOW };
+    let port = port_of(addr.user_port);
+    if dst[0] == 0 && dst[1] == 0 && dst[2] == V4_MAPPED {
+        if !is_loopback(dst[3]) && remember_destination(&ctx, SockAddr::v4(dst[3], port)) {
+            keep_pod_address(&ctx, Source::Mapped(pod.ipv4));
+            addr.user_ip6[3] = LOOPBACK;
+            redirected(addr);
         }
         return ALLOW;
     }
-    if remember_destination(&ctx, dst[3], addr.user_port) {
-        keep_pod_address(&ctx, pod_ip);
-        addr.user_ip6[3] = LOOPBACK;
-        addr.user_port = u32::from(OUTBOUND_PORT.to_be());
-        count(Counter::Redirected);
+    if dst == LOOPBACK6 || dst[0] & LINK_LOCAL6.1 == LINK_LOCAL6.0 {
+        // Loopback, or a link-local address, which only means something with its interface.
+        count(Counter::Passed);
+        return ALLOW;
+    }
+    let Some(pod_ip6) = (unsafe { POD_IPV6.get(&pod.netns) }).copied() else {
+        ipv6_not_meshed(&ctx, dst, port);
+        return ALLOW;
+    };
+    if remember_destination(&ctx, SockAddr::v6(dst, port)) {
+        keep_pod_address(&ctx, Source::V6(pod_ip6));
+        // Word by word, straight from the context pointer: the verifier refuses a copy through a
+        // pointer into the context.
+        for (i, word) in LOOPBACK6.into_iter().enumerate() {
+            unsafe { core::ptr::write_volatile(&raw mut addr.user_ip6[i], word) };
+        }
+        redirected(addr);
     }
     ALLOW
 }
 
+/// Points the connect at the outbound listener (whose address the caller set).
 #[inline(always)]
-fn ipv6_not_meshed(ctx: &SockAddrContext, dst: [u32; 4], user_port: u32) {
+fn redirected(addr: &mut aya_ebpf::bindings::bpf_sock_addr) {
+    addr.user_port = u32::from(OUTBOUND_PORT.to_be());
+    count(Counter::Redirected);
+}
+
+/// The context's `user_port` (network order in the low 16 bits) in host order.
+#[inline(always)]
+fn port_of(user_port: u32) -> u16 {
+    u16::from_be(user_port as u16)
+}
+
+#[inline(always)]
+fn ipv6_not_meshed(ctx: &SockAddrContext, dst: [u32; 4], port: u16) {
     count(Counter::OutboundIpv6Passed);
     if may_warn(Warning::Ipv6NotCaptured) {
-        // SAFETY: four u32 in network byte order are the address's sixteen bytes.
-        let address: [u8; 16] = unsafe { core::mem::transmute(dst) };
-        let port = u16::from_be(user_port as u16);
-        warn!(ctx, "connect6: connection to [{:i}]:{} not captured: IPv6 is not meshed", address, port);
+        warn!(
+            ctx,
+            "connect6: connection to [{:i}]:{} not captured: the pod has no IPv6 address",
+            bytes16(dst),
+            port
+        );
     }
 }
 
-/// A TCP connect from a meshed pod by anything but the agent: the pod's IPv4 address (0 if
-/// unknown).
+/// An IPv6 address as the kernel stores it (four words in network order), as its sixteen bytes.
 #[inline(always)]
-fn capturable(ctx: &SockAddrContext) -> Option<u32> {
+fn bytes16(ip: [u32; 4]) -> [u8; 16] {
+    // SAFETY: sixteen bytes either way, in the same order.
+    unsafe { core::mem::transmute(ip) }
+}
+
+/// A meshed pod, as its connects see it.
+struct Pod {
+    netns: u64,
+    /// Its IPv4 address, network order; 0 if it has none.
+    ipv4: u32,
+}
+
+/// A TCP connect from a meshed pod by anything but the agent.
+#[inline(always)]
+fn capturable(ctx: &SockAddrContext) -> Option<Pod> {
     // SAFETY: the context pointer is valid for the program's run.
     let addr = unsafe { &*ctx.sock_addr };
     if addr.protocol != IPPROTO_TCP {
@@ -181,7 +232,7 @@ fn capturable(ctx: &SockAddrContext) -> Option<u32> {
         return None;
     }
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let Some(pod_ip) = (unsafe { MESHED_NETNS.get(&netns) }).copied() else {
+    let Some(ipv4) = (unsafe { MESHED_NETNS.get(&netns) }).copied() else {
         count(Counter::Passed);
         return None;
     };
@@ -190,7 +241,15 @@ fn capturable(ctx: &SockAddrContext) -> Option<u32> {
         count(Counter::ExemptByMark);
         return None;
     }
-    Some(pod_ip)
+    Some(Pod { netns, ipv4 })
+}
+
+/// The pod address a redirected socket is bound to: IPv4, IPv4 on an IPv6 socket
+/// (`::ffff:a.b.c.d`), or IPv6, each in network order; an unknown (zero) one is not bound.
+enum Source {
+    V4(u32),
+    Mapped(u32),
+    V6([u32; 4]),
 }
 
 /// `struct sockaddr_in`, for `bpf_bind`.
@@ -216,8 +275,8 @@ struct SockaddrIn6 {
 /// still chosen at connect), so that the app's own address (`getsockname()`) and the source of its
 /// connection stay the pod's, as without capture. A socket the app bound itself is left alone.
 #[inline(always)]
-fn keep_pod_address(ctx: &SockAddrContext, pod_ip: u32) {
-    if pod_ip == 0 {
+fn keep_pod_address(ctx: &SockAddrContext, source: Source) {
+    if matches!(source, Source::V4(0) | Source::Mapped(0) | Source::V6([0, 0, 0, 0])) {
         return;
     }
     // SAFETY: the context pointer is valid for the program's run.
@@ -226,41 +285,34 @@ fn keep_pod_address(ctx: &SockAddrContext, pod_ip: u32) {
     if sk.is_null() {
         return;
     }
-    let (family, src_port, src_ip4, src_ip6) =
-        unsafe { ((*sk).family, (*sk).src_port, (*sk).src_ip4, (*sk).src_ip6) };
+    let (src_port, src_ip4, src_ip6) = unsafe { ((*sk).src_port, (*sk).src_ip4, (*sk).src_ip6) };
     if src_port != 0 || src_ip4 != 0 || src_ip6 != [0; 4] {
         return;
     }
-    let rc = if family == u32::from(AF_INET6) {
-        let mut sa = SockaddrIn6 {
-            family: AF_INET6,
-            port: 0,
-            flowinfo: 0,
-            addr: [0, 0, V4_MAPPED, pod_ip],
-            scope_id: 0,
-        };
+    let bind6 = |ip: [u32; 4]| {
+        let mut sa = SockaddrIn6 { family: AF_INET6, port: 0, flowinfo: 0, addr: ip, scope_id: 0 };
         unsafe { bpf_bind(ctx.sock_addr, (&raw mut sa).cast(), size_of::<SockaddrIn6>() as i32) }
-    } else {
-        let mut sa = SockaddrIn { family: AF_INET, port: 0, addr: pod_ip, zero: [0; 8] };
-        unsafe { bpf_bind(ctx.sock_addr, (&raw mut sa).cast(), size_of::<SockaddrIn>() as i32) }
+    };
+    let rc = match source {
+        Source::V4(ip) => {
+            let mut sa = SockaddrIn { family: AF_INET, port: 0, addr: ip, zero: [0; 8] };
+            unsafe { bpf_bind(ctx.sock_addr, (&raw mut sa).cast(), size_of::<SockaddrIn>() as i32) }
+        }
+        Source::Mapped(ip) => bind6([0, 0, V4_MAPPED, ip]),
+        Source::V6(ip) => bind6(ip),
     };
     if rc != 0 {
         count(Counter::SourceBindFailed);
         if may_warn(Warning::SourceBindFailed) {
-            warn!(ctx, "connect: cannot bind to the pod's address {:i} ({})", u32::from_be(pod_ip), rc);
+            warn!(ctx, "connect: cannot bind to the pod's address ({})", rc);
         }
     }
 }
 
-/// Stores the IPv4 destination (both in network order, as the context holds them) under the
-/// socket's cookie; false if it is not to be redirected (loopback, or the map is full).
+/// Stores the destination under the socket's cookie; false if the map is full (the connection
+/// then goes out uncaptured).
 #[inline(always)]
-fn remember_destination(ctx: &SockAddrContext, dst_ip: u32, user_port: u32) -> bool {
-    if is_loopback(dst_ip) {
-        count(Counter::Passed);
-        return false;
-    }
-    let dst = SockAddr::v4(dst_ip, u16::from_be(user_port as u16));
+fn remember_destination(ctx: &SockAddrContext, dst: SockAddr) -> bool {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     if ORIG_DST_BY_SOCKET.insert(&cookie, &dst, 0).is_err() {
         count(Counter::MapUpdateFailed);
@@ -285,7 +337,8 @@ pub fn ferry_sock_ops(ctx: SockOpsContext) -> u32 {
 fn record_established(ctx: &SockOpsContext) {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let Some(dst) = (unsafe { ORIG_DST_BY_SOCKET.get(&cookie) }).copied() else {
-        if ctx.remote_ip4() == LOOPBACK && remote_port(ctx) == OUTBOUND_PORT {
+        let to_listener = ctx.remote_ip4() == LOOPBACK || remote_ip6(ctx) == LOOPBACK6;
+        if to_listener && remote_port(ctx) == OUTBOUND_PORT {
             count(Counter::OrigDstMiss);
             if may_warn(Warning::OrigDstMissing) {
                 warn!(ctx, "sock_ops: connection to the outbound listener without a stored destination");
@@ -294,14 +347,22 @@ fn record_established(ctx: &SockOpsContext) {
         return;
     };
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    // local_port is in host byte order.
-    let key = ConnKey::new(netns, ctx.local_port() as u16);
+    // local_port is in host byte order. connect6 sent IPv6 destinations to the IPv6 listener.
+    let key = ConnKey::new(netns, ctx.local_port() as u16, dst.family == AF_INET6);
     if ORIG_DST.insert(&key, &dst, 0).is_err() {
         count(Counter::MapUpdateFailed);
         if may_warn(Warning::OrigDstUpdateFailed) {
             warn!(ctx, "sock_ops: original-destination map update failed");
         }
     }
+}
+
+/// sock_ops `remote_ip6`, read word by word: the verifier refuses wider reads of it.
+#[inline(always)]
+fn remote_ip6(ctx: &SockOpsContext) -> [u32; 4] {
+    // SAFETY: the context pointer is valid for the program's run.
+    let ops = unsafe { &*ctx.ops };
+    core::array::from_fn(|i| unsafe { core::ptr::read_volatile(&raw const ops.remote_ip6[i]) })
 }
 
 /// sock_ops `remote_port` is in network order; depending on the kernel in the low or high 16 bits.
@@ -322,12 +383,13 @@ pub fn ferry_getpeername4(ctx: SockAddrContext) -> i32 {
     ALLOW
 }
 
-/// For an IPv6 socket that connect6 redirected: the IPv4 destination, mapped as it connected.
+/// For an IPv6 socket that connect6 redirected: its IPv6 destination, or its IPv4 one mapped as
+/// it connected.
 #[cgroup_sock_addr(getpeername6)]
 pub fn ferry_getpeername6(ctx: SockAddrContext) -> i32 {
     if let Some(dst) = original_destination(&ctx) {
         let addr = unsafe { &mut *ctx.sock_addr };
-        addr.user_ip6 = [0, 0, V4_MAPPED, dst.ip[0]];
+        addr.user_ip6 = if dst.family == AF_INET6 { dst.ip } else { [0, 0, V4_MAPPED, dst.ip[0]] };
         addr.user_port = u32::from(dst.port.to_be());
     }
     ALLOW
@@ -348,29 +410,26 @@ pub fn ferry_sk_lookup(ctx: SkLookupContext) -> u32 {
 fn steer_inbound(ctx: &SkLookupContext) -> u32 {
     // Copy the fields to the stack: map helpers reject pointers into the context.
     let lookup = unsafe { &*ctx.lookup };
-    let (protocol, family) = (lookup.protocol, lookup.family);
+    let (protocol, family, ifindex) = (lookup.protocol, lookup.family, lookup.ingress_ifindex);
     if protocol != IPPROTO_TCP {
         return SK_PASS;
     }
-    if family == u32::from(AF_INET6) {
-        return refuse_ipv6(ctx);
-    }
-    if family != u32::from(AF_INET) {
-        return SK_PASS;
-    }
-    let local_port = lookup.local_port;
-    let local_ip = lookup.local_ip4;
-    let remote_ip = lookup.remote_ip4;
-    let ifindex = lookup.ingress_ifindex;
     // Local traffic includes the agent's own delivery to the pod's IP, which reports the
     // ingress interface of eth0, not lo: match it by source address as well. Connections to
     // loopback (the app's, redirected to 15001 from the pod's address) are local too.
-    let local = ifindex == 1 || remote_ip == local_ip || is_loopback(remote_ip) || is_loopback(local_ip);
-    if local_port == u32::from(HBONE_PORT) || local {
+    let (key, local) = if family == u32::from(AF_INET) {
+        let (local_ip, remote_ip) = (lookup.local_ip4, lookup.remote_ip4);
+        (IpKey::v4(local_ip), remote_ip == local_ip || is_loopback(remote_ip) || is_loopback(local_ip))
+    } else if family == u32::from(AF_INET6) {
+        let (local_ip, remote_ip) = (lookup.local_ip6, lookup.remote_ip6);
+        (IpKey::v6(local_ip), remote_ip == local_ip || remote_ip == LOOPBACK6 || local_ip == LOOPBACK6)
+    } else {
+        return SK_PASS;
+    };
+    if lookup.local_port == u32::from(HBONE_PORT) || ifindex == 1 || local {
         count(Counter::InboundPassed);
         return SK_PASS;
     }
-    let key = IpKey::v4(local_ip);
     // REPLACE: while an upgrade overlaps two generations of this program, the later one selects
     // the same listener again instead of failing because the earlier one already did.
     match INBOUND_LISTENERS.redirect_sk_lookup(ctx, key, BPF_SK_LOOKUP_F_REPLACE as u64) {
@@ -383,38 +442,32 @@ fn steer_inbound(ctx: &SkLookupContext) -> u32 {
             count(Counter::InboundDropped);
             SK_DROP
         }
+        Err(_) if key.family == u32::from(AF_INET6) => refuse_ipv6(ctx, key.ip),
         Err(_) => {
             count(Counter::InboundNoListener);
             if may_warn(Warning::NoListener) {
-                warn!(ctx, "sk_lookup: no inbound listener for {:i}", u32::from_be(local_ip));
+                warn!(ctx, "sk_lookup: no inbound listener for {:i}", u32::from_be(key.ip[0]));
             }
             SK_PASS
         }
     }
 }
 
-/// The agent proxies and authorizes IPv4 only: a TCP connection into a meshed pod over IPv6
-/// (a dual-stack cluster) would reach the app with no policy applied, so it is refused (a failed
-/// lookup: the client gets a reset, and a dual-stack client falls back to IPv4 at once). Local
-/// traffic passes, as for IPv4.
+/// An IPv6 address of a meshed pod the agent has no listener for does not know the address
+/// (a static config that lists only the pod's IPv4 one): refused (a failed lookup, so the client
+/// gets a reset and a dual-stack one falls back to IPv4 at once) rather than let past policy.
 #[inline(always)]
-fn refuse_ipv6(ctx: &SkLookupContext) -> u32 {
-    let lookup = unsafe { &*ctx.lookup };
-    let (local_ip, remote_ip) = (lookup.local_ip6, lookup.remote_ip6);
-    if lookup.ingress_ifindex == 1 || remote_ip == local_ip || remote_ip == LOOPBACK6 {
-        count(Counter::InboundPassed);
-        return SK_PASS;
-    }
+fn refuse_ipv6(ctx: &SkLookupContext, local_ip: [u32; 4]) -> u32 {
     count(Counter::InboundIpv6Refused);
-    if !may_warn(Warning::Ipv6Refused) {
-        return SK_DROP;
+    if may_warn(Warning::Ipv6Refused) {
+        let port = unsafe { (*ctx.lookup).local_port };
+        warn!(
+            ctx,
+            "sk_lookup: IPv6 connection to [{:i}]:{} refused: the agent does not know this address of the pod",
+            bytes16(local_ip),
+            port
+        );
     }
-    // SAFETY: four u32 in network byte order are the address's sixteen bytes.
-    let address: [u8; 16] = unsafe { core::mem::transmute(local_ip) };
-    warn!(
-        ctx,
-        "sk_lookup: IPv6 connection to [{:i}]:{} refused: IPv6 is not meshed", address, lookup.local_port
-    );
     SK_DROP
 }
 

@@ -77,8 +77,13 @@ fn parse_u32(s: &str) -> u32 {
     }
 }
 
+/// Listens on `[::]:port`, which takes IPv4 too (dual-stack): the pods of the sandbox have both.
+fn listen(port: u16) -> TcpListener {
+    TcpListener::bind(("::", port)).expect("bind")
+}
+
 fn serve(port: u16) {
-    let listener = TcpListener::bind(("0.0.0.0", port)).expect("bind");
+    let listener = listen(port);
     println!("listening");
     for stream in listener.incoming() {
         let Ok(mut stream) = stream else { continue };
@@ -88,7 +93,8 @@ fn serve(port: u16) {
         let _ = stream.set_nodelay(true);
         // A connection reset before this point has no peer any more; the server carries on.
         match stream.peer_addr() {
-            Ok(peer) => println!("accepted {peer}"),
+            // IPv4 peers as themselves, not as `::ffff:a.b.c.d`.
+            Ok(peer) => println!("accepted {}", SocketAddr::new(peer.ip().to_canonical(), peer.port())),
             Err(_) => continue,
         }
         std::thread::spawn(move || {
@@ -220,7 +226,7 @@ fn open_loop(addr: SocketAddr, size: usize, rate: u64, seconds: u64) {
 }
 
 fn sink(port: u16) {
-    let listener = TcpListener::bind(("0.0.0.0", port)).expect("bind");
+    let listener = listen(port);
     println!("listening");
     for stream in listener.incoming() {
         let Ok(mut stream) = stream else { continue };
