@@ -254,15 +254,20 @@ const ALLOW_ONLY_A: &str = "
 #[test]
 fn the_nodes_own_traffic_passes_policy_unless_configured_otherwise() {
     let mut sb = sandbox("nodetraffic");
-    let config = labelled_c(&with_policies(&sb, "node2", ALLOW_ONLY_A));
+    // Dual-stack: probes come over IPv6 in an IPv6 cluster.
+    let config = labelled_c(&format!("{}policies:\n{ALLOW_ONLY_A}", sb.dual_stack_config_for("node2")));
     sb.start_agent("node2", Some(&config)).unwrap();
     let _server = sb.pod("c").serve(PORT).unwrap();
+    let c_v6 = SocketAddr::from((sb.pod("c").ip6, PORT));
 
     // Only sa-a is allowed, yet the node's own connection (a kubelet probe) gets through...
     assert!(echoed_from_node(&sb, "node2", addr(&sb, "c")), "{}", sb.agent_log("node2"));
+    assert!(echoed_from_node(&sb, "node2", c_v6), "{}", sb.agent_log("node2"));
     // ...while other plaintext clients do not, and neither does the node of another pod.
-    let outcome = sb.pod("u").connect(addr(&sb, "c"), 10).unwrap();
-    assert!(matches!(outcome, ConnectOutcome::Reset { .. }), "u should be denied: {outcome:?}");
+    for to in [addr(&sb, "c"), c_v6] {
+        let outcome = sb.pod("u").connect(to, 10).unwrap();
+        assert!(matches!(outcome, ConnectOutcome::Reset { .. }), "u should be denied: {outcome:?}");
+    }
     assert!(!echoed_from_node(&sb, "node1", addr(&sb, "c")), "node1 is not c's node");
     // Traffic the node only forwards, masqueraded to its own address (as kube-proxy does for a
     // NodePort), has no socket on the node: not exempt.
@@ -292,7 +297,8 @@ fn the_nodes_own_traffic_passes_policy_unless_configured_otherwise() {
     sb.reload_agent("node2", &strict).unwrap();
     sb.wait_for_log("node2", "config reloaded", 1).unwrap();
     assert!(!echoed_from_node(&sb, "node2", addr(&sb, "c")), "node traffic should now be denied");
-    sb.wait_for_log("node2", "connection denied", 4).unwrap();
+    assert!(!echoed_from_node(&sb, "node2", c_v6), "node traffic should now be denied");
+    sb.wait_for_log("node2", "connection denied", 6).unwrap();
 }
 
 #[test]

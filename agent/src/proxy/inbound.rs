@@ -106,21 +106,31 @@ pub(super) fn opened_on_node(src: SocketAddr, dst: SocketAddr) -> io::Result<boo
     const TCP_LISTEN: u8 = 10;
     const HEADER: usize = 16;
 
-    let (SocketAddr::V4(src), SocketAddr::V4(dst)) = (src, dst) else { return Ok(false) };
+    // Addresses as inet_diag_sockid holds them: sixteen bytes, an IPv4 one in the first four.
+    let (family, src_ip, dst_ip) = match (src.ip(), dst.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let padded = |ip: std::net::Ipv4Addr| {
+                let mut bytes = [0; 16];
+                bytes[..4].copy_from_slice(&ip.octets());
+                bytes
+            };
+            (libc::AF_INET, padded(s), padded(d))
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => (libc::AF_INET6, s.octets(), d.octets()),
+        _ => return Ok(false),
+    };
     // nlmsghdr, then inet_diag_req_v2 whose socket id names the node's end as the source.
     let mut request = Vec::with_capacity(HEADER + 56);
     request.extend_from_slice(&((HEADER + 56) as u32).to_ne_bytes());
     request.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
     request.extend_from_slice(&NLM_F_REQUEST.to_ne_bytes());
     request.extend_from_slice(&[0; 8]); // sequence number, port id
-    request.extend_from_slice(&[libc::AF_INET as u8, libc::IPPROTO_TCP as u8, 0, 0]);
+    request.extend_from_slice(&[family as u8, libc::IPPROTO_TCP as u8, 0, 0]);
     request.extend_from_slice(&u32::MAX.to_ne_bytes()); // any state
     request.extend_from_slice(&src.port().to_be_bytes());
     request.extend_from_slice(&dst.port().to_be_bytes());
-    for ip in [src.ip(), dst.ip()] {
-        request.extend_from_slice(&ip.octets());
-        request.extend_from_slice(&[0; 12]);
-    }
+    request.extend_from_slice(&src_ip);
+    request.extend_from_slice(&dst_ip);
     request.extend_from_slice(&[0; 4]); // any interface
     request.extend_from_slice(&[0xff; 8]); // no cookie
     let netlink = socket(
@@ -152,14 +162,16 @@ mod tests {
 
     #[test]
     fn a_connection_opened_here_is_found_and_a_listener_is_not() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let server = listener.local_addr().unwrap();
-        let client = std::net::TcpStream::connect(server).unwrap();
-        let local = client.local_addr().unwrap();
-        assert!(opened_on_node(local, server).unwrap());
-        // No socket from another port to the server.
-        assert!(!opened_on_node(SocketAddr::new(local.ip(), 1), server).unwrap());
-        // The kernel's lookup also finds a listener on the source address: that is not a connection.
-        assert!(!opened_on_node(server, "127.0.0.2:9".parse().unwrap()).unwrap());
+        for (loopback, other) in [("127.0.0.1:0", "127.0.0.2:9"), ("[::1]:0", "[::2]:9")] {
+            let listener = std::net::TcpListener::bind(loopback).unwrap();
+            let server = listener.local_addr().unwrap();
+            let client = std::net::TcpStream::connect(server).unwrap();
+            let local = client.local_addr().unwrap();
+            assert!(opened_on_node(local, server).unwrap(), "{local} -> {server}");
+            // No socket from another port to the server.
+            assert!(!opened_on_node(SocketAddr::new(local.ip(), 1), server).unwrap());
+            // The kernel's lookup also finds a listener on the source address: not a connection.
+            assert!(!opened_on_node(server, other.parse().unwrap()).unwrap());
+        }
     }
 }
