@@ -131,8 +131,7 @@ pub fn ferry_connect4(ctx: SockAddrContext) -> i32 {
     // SAFETY: the context pointer is valid for the program's run.
     let addr = unsafe { &mut *ctx.sock_addr };
     if let Some(pod) = capturable(&ctx)
-        && !is_loopback(addr.user_ip4)
-        && remember_destination(&ctx, SockAddr::v4(addr.user_ip4, port_of(addr.user_port)))
+        && remember_ipv4_destination(&ctx, addr.user_ip4, port_of(addr.user_port))
     {
         keep_pod_address(&ctx, Source::V4(pod.ipv4));
         addr.user_ip4 = LOOPBACK;
@@ -154,7 +153,7 @@ pub fn ferry_connect6(ctx: SockAddrContext) -> i32 {
     let Some(pod) = capturable(&ctx) else { return ALLOW };
     let port = port_of(addr.user_port);
     if dst[0] == 0 && dst[1] == 0 && dst[2] == V4_MAPPED {
-        if !is_loopback(dst[3]) && remember_destination(&ctx, SockAddr::v4(dst[3], port)) {
+        if remember_ipv4_destination(&ctx, dst[3], port) {
             keep_pod_address(&ctx, Source::Mapped(pod.ipv4));
             addr.user_ip6[3] = LOOPBACK;
             redirected(addr);
@@ -307,6 +306,16 @@ fn keep_pod_address(ctx: &SockAddrContext, source: Source) {
             warn!(ctx, "connect: cannot bind to the pod's address ({})", rc);
         }
     }
+}
+
+/// An IPv4 destination: loopback passes; others are remembered, as [`remember_destination`].
+#[inline(always)]
+fn remember_ipv4_destination(ctx: &SockAddrContext, ip: u32, port: u16) -> bool {
+    if is_loopback(ip) {
+        count(Counter::Passed);
+        return false;
+    }
+    remember_destination(ctx, SockAddr::v4(ip, port))
 }
 
 /// Stores the destination under the socket's cookie; false if the map is full (the connection
