@@ -29,8 +29,11 @@ fn pinned_maps(sb: &Sandbox, node: &str) -> usize {
 #[test]
 fn killed_agent_fails_closed_and_a_new_agent_takes_over() {
     let mut sb = Sandbox::two_nodes("failclosed").unwrap();
-    sb.start_agent("node1", None).unwrap();
-    sb.start_agent("node2", None).unwrap();
+    // Dual-stack, so that neither family leaks.
+    let node1 = sb.dual_stack_config_for("node1");
+    sb.start_agent("node1", Some(&node1)).unwrap();
+    sb.start_agent("node2", Some(&sb.dual_stack_config_for("node2"))).unwrap();
+    let (a_v6, c_v6) = (SocketAddr::from((sb.pod("a").ip6, PORT)), SocketAddr::from((sb.pod("c").ip6, PORT)));
     let _server_c = sb.pod("c").serve(PORT).unwrap();
     let _server_a = sb.pod("a").serve(PORT).unwrap();
     assert!(matches!(sb.pod("a").connect(addr(&sb, "c"), 10).unwrap(), ConnectOutcome::Echoed { .. }));
@@ -43,19 +46,22 @@ fn killed_agent_fails_closed_and_a_new_agent_takes_over() {
     let outcome = sb.pod("a").connect(addr(&sb, "c"), 10).unwrap();
     assert_eq!(outcome, ConnectOutcome::Refused);
     assert!(started.elapsed() < Duration::from_secs(1), "took {:?}", started.elapsed());
+    assert_eq!(sb.pod("a").connect(c_v6, 10).unwrap(), ConnectOutcome::Refused);
     // Inbound plaintext to a meshed pod is not delivered around the agent: sk_lookup fails the
     // lookup, so the kernel refuses the connection although a's app listens.
     assert_eq!(sb.pod("u").connect(addr(&sb, "a"), 10).unwrap(), ConnectOutcome::Refused);
+    assert_eq!(sb.pod("u").connect(a_v6, 10).unwrap(), ConnectOutcome::Refused);
 
     // A new agent takes over: traffic flows again and no stale link is left behind.
-    sb.start_agent("node1", None).unwrap();
+    sb.start_agent("node1", Some(&node1)).unwrap();
     assert!(matches!(sb.pod("a").connect(addr(&sb, "c"), 10).unwrap(), ConnectOutcome::Echoed { .. }));
     assert!(matches!(sb.pod("u").connect(addr(&sb, "a"), 10).unwrap(), ConnectOutcome::Echoed { .. }));
+    assert!(matches!(sb.pod("u").connect(a_v6, 10).unwrap(), ConnectOutcome::Echoed { .. }));
     assert_eq!(pins(&sb, "node1"), 12);
     // The new agent shares the maps: counters go on from the dead agent's (first connect, the
-    // refused one while no agent ran, and the last one).
+    // two refused while no agent ran, and the last one).
     assert_eq!(pinned_maps(&sb, "node1"), 7);
-    assert_eq!(sb.metric("node1", "ferry_datapath_events_total{event=\"redirected\"}").unwrap(), 3.0);
+    assert_eq!(sb.metric("node1", "ferry_datapath_events_total{event=\"redirected\"}").unwrap(), 4.0);
 
     // A clean stop detaches everything: pods talk directly.
     assert!(sb.stop_agent("node1").unwrap().success());
