@@ -41,14 +41,20 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(10);
 #[serde(tag = "type", rename_all = "camelCase")]
 enum Message {
     /// New -> old: who asks.
-    Hello { version: u32, node: String },
+    Hello {
+        version: u32,
+        node: String,
+        /// Takes IPv6 listener sets. Agents from before IPv6 do not send it (and ignore it), so
+        /// an agent rolled back to one gets the IPv4 sets only, which is all it serves.
+        #[serde(default)]
+        ipv6_listeners: bool,
+    },
     /// Old -> new: no handover (wrong node or version).
     Refused { reason: String },
     /// Old -> new, with one listener.
     NodeListener { name: String },
     /// Old -> new, with the pod's outbound, inbound plaintext and HBONE listeners, in that order,
-    /// for IPv4, then for IPv6 if the pod has them. (Agents from before IPv6 take only three: a
-    /// downgrade from an agent serving IPv6 starts without a handover.)
+    /// for IPv4, then for IPv6 if the pod has them and the new agent takes them.
     PodListeners { netns_cookie: u64 },
     /// Old -> new: that was all.
     End,
@@ -116,7 +122,8 @@ pub fn request(path: &Path, node: &str) -> io::Result<Option<Takeover>> {
         Err(e) => return Err(e.into()),
     }
     set_timeouts(&conn)?;
-    send(&conn, &Message::Hello { version: PROTOCOL_VERSION, node: node.to_owned() }, &[])?;
+    let hello = Message::Hello { version: PROTOCOL_VERSION, node: node.to_owned(), ipv6_listeners: true };
+    send(&conn, &hello, &[])?;
     let mut inherited = Inherited::default();
     loop {
         let (message, fds) = receive(&conn)?;
@@ -192,8 +199,8 @@ impl UpgradeListener {
 pub fn offer(conn: OwnedFd, node: &str, offer: &Offer<'_>) -> io::Result<Successor> {
     set_timeouts(&conn)?;
     let (hello, _) = receive(&conn)?;
-    let refusal = match hello {
-        Message::Hello { version, .. } if version != PROTOCOL_VERSION => {
+    let refusal = match &hello {
+        Message::Hello { version, .. } if *version != PROTOCOL_VERSION => {
             Some(format!("protocol version {version}, this agent speaks {PROTOCOL_VERSION}"))
         }
         Message::Hello { node: asker, .. } if asker != node => {
@@ -206,10 +213,12 @@ pub fn offer(conn: OwnedFd, node: &str, offer: &Offer<'_>) -> io::Result<Success
         let _ = send(&conn, &Message::Refused { reason: reason.clone() }, &[]);
         return Err(protocol_error(reason));
     }
+    let takes_ipv6 = matches!(hello, Message::Hello { ipv6_listeners: true, .. });
     for (name, fd) in &offer.node {
         send(&conn, &Message::NodeListener { name: (*name).to_owned() }, &[*fd])?;
     }
     for (netns_cookie, fds) in &offer.pods {
+        let fds = if takes_ipv6 { fds } else { &fds[..fds.len().min(LISTENERS_PER_FAMILY)] };
         send(&conn, &Message::PodListeners { netns_cookie: *netns_cookie }, fds)?;
     }
     send(&conn, &Message::End, &[])?;
@@ -328,6 +337,37 @@ mod tests {
         assert_eq!(addrs, pod.iter().map(|l| l.local_addr().unwrap()).collect::<Vec<_>>());
         takeover.confirm().unwrap();
         successor.ready(Duration::from_secs(5)).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// An agent from before IPv6 (its hello without `ipv6_listeners`) gets each pod's IPv4 set
+    /// only: a rollback is a handover too.
+    #[tokio::test]
+    async fn an_agent_from_before_ipv6_gets_the_ipv4_listeners() {
+        let dir = std::env::temp_dir().join(format!("ferry-upgrade-v4-{}", std::process::id()));
+        let path = dir.join("upgrade.sock");
+        let listener = UpgradeListener::bind(&path).unwrap();
+        let pod: Vec<TcpListener> = (0..6).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+        let asker = std::thread::spawn({
+            let path = path.clone();
+            move || {
+                let conn = seqpacket(SocketFlags::CLOEXEC).unwrap();
+                rustix::net::connect(&conn, &SocketAddrUnix::new(&path).unwrap()).unwrap();
+                let hello = br#"{"type":"hello","version":1,"node":"node-a"}"#;
+                rustix::net::send(&conn, hello, SendFlags::empty()).unwrap();
+                let mut received = Vec::new();
+                loop {
+                    match receive(&conn).unwrap() {
+                        (Message::End, _) => return received,
+                        (message, fds) => received.push((format!("{message:?}"), fds.len())),
+                    }
+                }
+            }
+        });
+        let conn = listener.accept().await.unwrap();
+        let offered = Offer { node: vec![], pods: vec![(7, pod.iter().map(|l| l.as_fd()).collect())] };
+        let _successor = offer(conn, "node-a", &offered).unwrap();
+        assert_eq!(asker.join().unwrap(), [("PodListeners { netns_cookie: 7 }".to_owned(), 3)]);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
