@@ -47,10 +47,11 @@ fn demo(keep: bool) -> Result<()> {
     )?;
     for pod in &sb.pods {
         println!(
-            "   pod {} on {}: {} (netns {}, meshed: {})",
+            "   pod {} on {}: {} and {} (netns {}, meshed: {})",
             pod.spec.name,
             pod.node,
             pod.ip,
+            pod.ip6,
             pod.netns.name(),
             pod.spec.meshed
         );
@@ -62,12 +63,18 @@ fn demo(keep: bool) -> Result<()> {
     let direct_cross = measure(&sb, "a", "c")?;
 
     println!("\n== starting one agent per node (configs in {})", sb.dir.display());
-    sb.start_agent("node1", None)?;
-    sb.start_agent("node2", None)?;
+    for node in ["node1", "node2"] {
+        // Pods dual-stack: meshed over both IPv4 and IPv6.
+        sb.start_agent(node, Some(&sb.dual_stack_config_for(node)))?;
+    }
 
     println!("\n== traffic");
-    for (from, to) in [("a", "b"), ("a", "c"), ("c", "a"), ("d", "c"), ("a", "d")] {
-        let dst = SocketAddr::from((sb.pod(to).ip, PORT));
+    let (v4, v6) = (false, true);
+    for (from, to, ipv6) in
+        [("a", "b", v4), ("a", "c", v4), ("a", "c", v6), ("c", "a", v4), ("d", "c", v4), ("a", "d", v4)]
+    {
+        let pod = sb.pod(to);
+        let dst = if ipv6 { SocketAddr::from((pod.ip6, PORT)) } else { SocketAddr::from((pod.ip, PORT)) };
         let seen_before = servers[index(&sb, to)].accepted().len();
         let outcome = sb.pod(from).connect(dst, 64 * 1024)?;
         let seen = servers[index(&sb, to)].wait_accepted(seen_before + 1, Duration::from_secs(2));
@@ -75,7 +82,7 @@ fn demo(keep: bool) -> Result<()> {
         let path = path_of(&sb, from, to);
         match outcome {
             ConnectOutcome::Echoed { peer: app_peer, bytes } => println!(
-                "   {from} -> {to} ({path}): {bytes} bytes echoed; app's getpeername() = {app_peer}; server saw {peer}"
+                "   {from} -> {to} at {dst} ({path}): {bytes} bytes echoed; app's getpeername() = {app_peer}; server saw {peer}"
             ),
             other => anyhow::bail!("{from} -> {to} failed: {other:?}"),
         }
