@@ -502,7 +502,7 @@ impl OrigDstTable {
         // Removing keeps a stale entry from ever naming the destination of a later connection.
         let _ = map.remove(&key);
         let ip = if dst.family == AF_INET6 {
-            IpAddr::from(Ipv6Addr::from_bits(u128::from_be_bytes(bytes16(dst.ip))))
+            IpAddr::from(bytes16(dst.ip))
         } else {
             IpAddr::from(dst.ip[0].to_ne_bytes())
         };
