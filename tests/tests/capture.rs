@@ -299,6 +299,13 @@ fn ipv6_is_meshed_like_ipv4() {
     let denied = "ferry_policy_verdicts_total{verdict=\"deny\",policy=\"none\"}";
     assert_eq!(metric(&sb, "node2", denied), 2.0);
     assert_eq!(server.accepted().len(), 1, "a denied connection reached c's app");
+    // `ferry policy check` answers for IPv6 addresses alike.
+    let c_v6 = v6("c", 8080).to_string();
+    for (from, code) in [("default/sa-a", 0), ("default/sa-b", 1), (&*sb.pod("u").ip6.to_string(), 1)] {
+        let (status, out, err) =
+            sb.ferry("node2", &["policy", "check", "--from", from, "--to", &c_v6]).unwrap();
+        assert_eq!(status, code, "from {from}: {out} {err}");
+    }
 
     // Same node, handed over inside node1's agent; and an IPv6 socket to an IPv4 address still
     // goes the IPv4 way.
