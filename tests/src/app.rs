@@ -24,6 +24,11 @@ impl Server {
         self.accepted.lock().unwrap().clone()
     }
 
+    /// Forgets the connections accepted so far.
+    pub fn clear(&self) {
+        self.accepted.lock().unwrap().clear();
+    }
+
     /// Waits up to `timeout` for at least `n` accepted connections.
     pub fn wait_accepted(&self, n: usize, timeout: Duration) -> Vec<SocketAddr> {
         let deadline = std::time::Instant::now() + timeout;

@@ -1,6 +1,9 @@
 //! End-to-end capture and proxying through real agents, in real network namespaces.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
 
 use ferry_sandbox::{ConnectOutcome, Sandbox};
 
@@ -318,6 +321,33 @@ fn ipv6_is_meshed_like_ipv4() {
     assert_eq!(local.ip(), sb.pod("a").ip.to_ipv6_mapped());
     assert_eq!(metric(&sb, "node1", REDIRECTED), 4.0);
     assert_eq!(metric(&sb, "node2", denied), 2.0);
+}
+
+/// A dual-stack service is reached in the family the client dialled: its IPv6 address leads to an
+/// endpoint's IPv6 address, its IPv4 one to an IPv4 address.
+#[test]
+fn a_dual_stack_service_is_reached_in_the_family_dialled() {
+    let mut sb = two_nodes("v6svc");
+    let web = "services:
+  - {name: web, namespace: default, vips: [10.96.0.10, 'fd00:96::10'], ports: [{port: 80, targetPort: 8080}], selector: {app: c}}
+";
+    for node in ["node1", "node2"] {
+        let config =
+            sb.dual_stack_config_for(node).replace("  - name: c\n", "  - name: c\n    labels: {app: c}\n");
+        sb.start_agent(node, Some(&format!("{config}{web}"))).unwrap();
+    }
+    let server = sb.pod("c").serve(8080).unwrap();
+    for (vip, endpoint) in
+        [("[fd00:96::10]:80", IpAddr::from(sb.pod("c").ip6)), ("10.96.0.10:80", sb.pod("c").ip.into())]
+    {
+        let vip: SocketAddr = vip.parse().unwrap();
+        let outcome = sb.pod("a").connect(vip, 100).unwrap();
+        assert_eq!(outcome, ConnectOutcome::Echoed { peer: vip, bytes: 100 }, "{}", sb.agent_log("node1"));
+        let accepted = server.wait_accepted(1, Duration::from_secs(2)).pop().unwrap();
+        assert_eq!(accepted.ip(), endpoint, "delivered from inside c at the endpoint's address");
+        server.clear();
+    }
+    assert_eq!(metric(&sb, "node2", INBOUND_HBONE), 2.0);
 }
 
 /// An IPv6 address of a meshed pod that the agent was not told about (a static config listing
