@@ -167,21 +167,10 @@ impl Sandbox {
             }
             for (from, to) in [(0, 1), (1, 0)] {
                 let (from, to) = (&sandbox.nodes[from], &sandbox.nodes[to]);
-                from.netns.ip(&[
-                    "route",
-                    "add",
-                    &pod_subnet(to_index(&sandbox, &to.name)),
-                    "via",
-                    &to.underlay_ip.to_string(),
-                ])?;
-                from.netns.ip(&[
-                    "-6",
-                    "route",
-                    "add",
-                    &pod_subnet6(to_index(&sandbox, &to.name)),
-                    "via",
-                    &to.underlay_ip6.to_string(),
-                ])?;
+                let index = to_index(&sandbox, &to.name);
+                let (via, via6) = (to.underlay_ip.to_string(), to.underlay_ip6.to_string());
+                from.netns.ip(&["route", "add", &pod_subnet(index), "via", &via])?;
+                from.netns.ip(&["-6", "route", "add", &pod_subnet6(index), "via", &via6])?;
             }
         }
         for (node_index, (node_name, pods)) in layout.iter().enumerate() {
