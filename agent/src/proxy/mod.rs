@@ -105,7 +105,10 @@ impl ListenerSet {
             if local.port() != port || local.is_ipv6() != ipv6 {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
-                    format!("inherited listener is on {local}, expected port {port}"),
+                    format!(
+                        "inherited listener is on {local}, expected an {} one on port {port}",
+                        if ipv6 { "IPv6" } else { "IPv4" }
+                    ),
                 ));
             }
             listener.set_nonblocking(true)?;
