@@ -78,8 +78,9 @@ fn parse_u32(s: &str) -> u32 {
 }
 
 /// Listens on `[::]:port`, which takes IPv4 too (dual-stack): the pods of the sandbox have both.
+/// Where IPv6 is disabled (a container without it), on `0.0.0.0:port`.
 fn listen(port: u16) -> TcpListener {
-    TcpListener::bind(("::", port)).expect("bind")
+    TcpListener::bind(("::", port)).or_else(|_| TcpListener::bind(("0.0.0.0", port))).expect("bind")
 }
 
 fn serve(port: u16) {
