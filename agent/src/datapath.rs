@@ -15,7 +15,7 @@
 use std::{
     collections::{HashMap, HashSet},
     fs::File,
-    net::{IpAddr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     os::fd::{AsRawFd, BorrowedFd},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
@@ -29,7 +29,7 @@ use aya::{
 use aya_log::EbpfLogger;
 use ferry_common::{
     AF_INET, AF_INET6, COUNTER_SLOTS, ConnKey, Counter, IpKey, MAX_MESHED_PODS, MAX_TRACKED_CONNECTIONS,
-    SockAddr, maps as map_names, programs as prog_names,
+    SockAddr, ipv6_octets, ipv6_words, maps as map_names, programs as prog_names,
 };
 use tokio::io::unix::AsyncFd;
 
@@ -233,7 +233,7 @@ impl Datapath {
                         let ips: Vec<String> = ips.iter().map(IpAddr::to_string).collect();
                         DatapathError::NoIpv6Listener(ips.join(", "))
                     })?;
-                    (IpKey::v6(words(v6)), listener)
+                    (IpKey::v6(ipv6_words(v6.octets())), listener)
                 }
             };
             self.listeners
@@ -502,27 +502,12 @@ impl OrigDstTable {
         // Removing keeps a stale entry from ever naming the destination of a later connection.
         let _ = map.remove(&key);
         let ip = if dst.family == AF_INET6 {
-            IpAddr::from(bytes16(dst.ip))
+            IpAddr::from(ipv6_octets(dst.ip))
         } else {
             IpAddr::from(dst.ip[0].to_ne_bytes())
         };
         Some(SocketAddr::new(ip, dst.port))
     }
-}
-
-/// An IPv6 address as the kernel stores it: four words, each in network byte order.
-fn words(ip: &Ipv6Addr) -> [u32; 4] {
-    let o = ip.octets();
-    std::array::from_fn(|i| u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]))
-}
-
-/// The inverse of [`words`].
-fn bytes16(words: [u32; 4]) -> [u8; 16] {
-    let mut bytes = [0; 16];
-    for (chunk, word) in bytes.chunks_exact_mut(4).zip(words) {
-        chunk.copy_from_slice(&word.to_ne_bytes());
-    }
-    bytes
 }
 
 impl Counters {

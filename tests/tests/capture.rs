@@ -19,6 +19,11 @@ fn with_agents(label: &str) -> Sandbox {
     sb
 }
 
+/// The node's dual-stack config, with c labelled `app: c` for services and policies to select.
+fn dual_stack_labelled_c(sb: &Sandbox, node: &str) -> String {
+    sb.dual_stack_config_for(node).replace("  - name: c\n", "  - name: c\n    labels: {app: c}\n")
+}
+
 fn addr(sandbox: &Sandbox, pod: &str, port: u16) -> SocketAddr {
     SocketAddr::from((sandbox.pod(pod).ip, port))
 }
@@ -265,8 +270,7 @@ fn ipv6_is_meshed_like_ipv4() {
       rules: [{from: [{source: {principals: [cluster.local/ns/default/sa/sa-a]}}]}]
 ";
     for node in ["node1", "node2"] {
-        let config =
-            sb.dual_stack_config_for(node).replace("  - name: c\n", "  - name: c\n    labels: {app: c}\n");
+        let config = dual_stack_labelled_c(&sb, node);
         sb.start_agent(node, Some(&format!("{config}{only_a}"))).unwrap();
     }
     let v6 = |pod: &str, port: u16| SocketAddr::from((sb.pod(pod).ip6, port));
@@ -332,8 +336,7 @@ fn a_dual_stack_service_is_reached_in_the_family_dialled() {
   - {name: web, namespace: default, vips: [10.96.0.10, 'fd00:96::10'], ports: [{port: 80, targetPort: 8080}], selector: {app: c}}
 ";
     for node in ["node1", "node2"] {
-        let config =
-            sb.dual_stack_config_for(node).replace("  - name: c\n", "  - name: c\n    labels: {app: c}\n");
+        let config = dual_stack_labelled_c(&sb, node);
         sb.start_agent(node, Some(&format!("{config}{web}"))).unwrap();
     }
     let server = sb.pod("c").serve(8080).unwrap();

@@ -55,6 +55,19 @@ pub mod programs {
     pub const ALL: [&str; 6] = [SK_LOOKUP, GETPEERNAME4, GETPEERNAME6, SOCK_OPS, CONNECT4, CONNECT6];
 }
 
+/// An IPv6 address's sixteen bytes as the kernel stores them in eBPF contexts and in these
+/// maps: four words, each in network byte order.
+pub const fn ipv6_words(octets: [u8; 16]) -> [u32; 4] {
+    // SAFETY: sixteen bytes either way, in the same order; every bit pattern is valid.
+    unsafe { core::mem::transmute(octets) }
+}
+
+/// The inverse of [`ipv6_words`].
+pub const fn ipv6_octets(words: [u32; 4]) -> [u8; 16] {
+    // SAFETY: as for `ipv6_words`.
+    unsafe { core::mem::transmute(words) }
+}
+
 /// An IP address and port. `ip` holds the address in network byte order (IPv4 in `ip[0]`);
 /// `port` is in host byte order.
 #[repr(C)]

@@ -31,7 +31,7 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use ferry_common::{
     AF_INET, AF_INET6, AGENT_MARK, COUNTER_SLOTS, ConnKey, Counter, HBONE_PORT, IpKey, MAX_MESHED_PODS,
-    MAX_TRACKED_CONNECTIONS, OUTBOUND_PORT, SockAddr,
+    MAX_TRACKED_CONNECTIONS, OUTBOUND_PORT, SockAddr, ipv6_octets,
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -201,17 +201,10 @@ fn ipv6_not_meshed(ctx: &SockAddrContext, dst: [u32; 4], port: u16) {
         warn!(
             ctx,
             "connect6: connection to [{:i}]:{} not captured: the pod has no IPv6 address",
-            bytes16(dst),
+            ipv6_octets(dst),
             port
         );
     }
-}
-
-/// An IPv6 address as the kernel stores it (four words in network order), as its sixteen bytes.
-#[inline(always)]
-fn bytes16(ip: [u32; 4]) -> [u8; 16] {
-    // SAFETY: sixteen bytes either way, in the same order.
-    unsafe { core::mem::transmute(ip) }
 }
 
 /// A meshed pod, as its connects see it.
@@ -462,9 +455,9 @@ fn steer_inbound(ctx: &SkLookupContext) -> u32 {
     }
 }
 
-/// An IPv6 address of a meshed pod the agent has no listener for does not know the address
-/// (a static config that lists only the pod's IPv4 one): refused (a failed lookup, so the client
-/// gets a reset and a dual-stack one falls back to IPv4 at once) rather than let past policy.
+/// An IPv6 address of a meshed pod with no listener is one the agent does not know (a static
+/// config that lists only the pod's IPv4 address): refused (a failed lookup, so the client gets a
+/// reset and a dual-stack one falls back to IPv4 at once) rather than let past policy.
 #[inline(always)]
 fn refuse_ipv6(ctx: &SkLookupContext, local_ip: [u32; 4]) -> u32 {
     count(Counter::InboundIpv6Refused);
@@ -473,7 +466,7 @@ fn refuse_ipv6(ctx: &SkLookupContext, local_ip: [u32; 4]) -> u32 {
         warn!(
             ctx,
             "sk_lookup: IPv6 connection to [{:i}]:{} refused: the agent does not know this address of the pod",
-            bytes16(local_ip),
+            ipv6_octets(local_ip),
             port
         );
     }
