@@ -24,8 +24,11 @@ pub const ADMIN_TOKEN: &str = "ferry-test-admin";
 const ETCD_CLIENT: u16 = 2379;
 const ETCD_PEER: u16 = 2380;
 const SECURE: u16 = 6443;
-/// Service ClusterIPs, and the `kubernetes` Service's (the first).
+/// Service ClusterIPs, and the `kubernetes` Service's (the first). The cluster is dual-stack,
+/// IPv4 first: a Service is IPv4 unless its `ipFamilies` ask for IPv6.
 pub const SERVICE_RANGE: &str = "10.96.0.0/16";
+/// IPv6 ClusterIPs (1.20 takes at most a /108).
+const SERVICE_RANGE6: &str = "fd00:96::/112";
 const SERVICE_IP: &str = "10.96.0.1";
 
 pub struct ApiServer {
@@ -131,7 +134,9 @@ impl ApiServer {
             .arg(format!("--service-account-key-file={}", path("sa.pub")))
             .arg(format!("--service-account-signing-key-file={}", path("sa.key")))
             .arg("--service-account-issuer=https://kubernetes.default.svc")
-            .arg(format!("--service-cluster-ip-range={SERVICE_RANGE}"))
+            .arg(format!("--service-cluster-ip-range={SERVICE_RANGE},{SERVICE_RANGE6}"))
+            // Dual-stack Pods and Services are alpha in 1.20.
+            .arg("--feature-gates=IPv6DualStack=true")
             .stdout(log.try_clone()?)
             .stderr(log);
         self.apiserver = Some(spawn_in(&self.netns, apiserver, None).context("starting kube-apiserver")?);

@@ -5,14 +5,14 @@
 //! in the status.
 
 use std::{
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     path::Path,
     process::Command,
     time::{Duration, Instant},
 };
 
 use ferry_sandbox::{
-    CGROUP2_ROOT, Cgroup, ConnectOutcome, PodSpec, Process, Sandbox,
+    CGROUP2_ROOT, Cgroup, ConnectOutcome, Pod, PodSpec, Process, Sandbox,
     kube::{self, ApiServer},
 };
 
@@ -65,9 +65,14 @@ fn echoed(sb: &Sandbox, from: &str, to: &str) -> bool {
     matches!(sb.pod(from).connect(to, 10).unwrap(), ConnectOutcome::Echoed { .. })
 }
 
-/// One node with pods a, b, c as Pods of namespace `shop` bound to it (Running, with their IPs),
-/// and the API server; `None` when there is no API server to test against.
+/// One node with pods a, b, c as Pods of namespace `shop` bound to it (Running, with their IPv4
+/// addresses), and the API server; `None` when there is no API server to test against.
 fn cluster(label: &str) -> Option<(Sandbox, ApiServer)> {
+    cluster_reporting(label, |pod| vec![pod.ip.into()])
+}
+
+/// [`cluster`], each Pod's status listing the addresses `ips` gives for it (primary first).
+fn cluster_reporting(label: &str, ips: impl Fn(&Pod) -> Vec<IpAddr>) -> Option<(Sandbox, ApiServer)> {
     let pods = ["a", "b", "c"].map(PodSpec::unmeshed).to_vec();
     let mut sb = Sandbox::new(label, &[("node1", pods)]).unwrap();
     let api = ApiServer::start(&sb.dir, &sb.node("node1").netns).unwrap()?;
@@ -81,7 +86,7 @@ fn cluster(label: &str) -> Option<(Sandbox, ApiServer)> {
         let cgroup = Path::new(CGROUP2_ROOT).join(&sb.id).join(format!("kubepods/besteffort/pod{uid}"));
         let pod = sb.pods.iter_mut().find(|p| p.spec.name == name).unwrap();
         pod.cgroup = Cgroup::create(&cgroup).unwrap();
-        let status = pod_status(pod.ip, true);
+        let status = pod_status(&ips(pod), true);
         let (code, _, err) = api
             .kubectl(
                 &[
@@ -103,13 +108,17 @@ fn cluster(label: &str) -> Option<(Sandbox, ApiServer)> {
     Some((sb, api))
 }
 
-/// A status patch: Running with `ip`, Ready or not.
-fn pod_status(ip: std::net::Ipv4Addr, ready: bool) -> String {
+/// A status patch: Running with addresses `ips` (primary first), Ready or not.
+fn pod_status(ips: &[IpAddr], ready: bool) -> String {
     let ready = if ready { "True" } else { "False" };
-    format!(
-        "{{\"status\":{{\"phase\":\"Running\",\"podIP\":\"{ip}\",\
-         \"conditions\":[{{\"type\":\"Ready\",\"status\":\"{ready}\"}}]}}}}"
-    )
+    let pod_ips: Vec<_> = ips.iter().map(|ip| serde_json::json!({ "ip": ip })).collect();
+    serde_json::json!({ "status": {
+        "phase": "Running",
+        "podIP": ips[0],
+        "podIPs": pod_ips,
+        "conditions": [{ "type": "Ready", "status": ready }],
+    }})
+    .to_string()
 }
 
 /// Starts node1's agent in Kubernetes mode against `api`, as the cluster admin.
@@ -358,7 +367,7 @@ fn service_connections_are_balanced_over_its_pods() {
     );
 
     // A pod that is not Ready gets no service connections.
-    let status = pod_status(sb.pod("c").ip, false);
+    let status = pod_status(&[sb.pod("c").ip.into()], false);
     let (code, _, err) = api
         .kubectl(
             &["patch", "pod", "c", "-n", NAMESPACE, "--subresource=status", "--type=merge", "-p", &status],
@@ -378,6 +387,72 @@ fn service_connections_are_balanced_over_its_pods() {
     assert_eq!(servers[1].accepted().len(), accepted[1], "c got connections while not ready");
     // Readiness only steers service traffic: c's capture was not redone.
     assert_eq!(sb.agent_log("node1").matches("workload captured workload=shop/c").count(), 1);
+}
+
+/// An IPv6-first dual-stack cluster: Pods list their IPv6 address first and a dual-stack Service's
+/// first ClusterIP is IPv6, so that is what clients dial. Each family is captured, reaches the
+/// Service's endpoint in the family dialled, and is subject to policy.
+#[test]
+fn an_ipv6_first_dual_stack_cluster_is_meshed_in_both_families() {
+    let Some((mut sb, api)) = cluster_reporting("kubev6", |pod| vec![pod.ip6.into(), pod.ip.into()]) else {
+        return;
+    };
+    let crd = Command::new(ferry_sandbox::ferry_bin().unwrap()).arg("crd").output().unwrap();
+    api.apply(&String::from_utf8(crd.stdout).unwrap()).unwrap();
+    let service = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: {NAMESPACE}}}\n\
+         spec:\n  ipFamilyPolicy: RequireDualStack\n  ipFamilies: [IPv6, IPv4]\n  selector: {{app: b}}\n  \
+         ports: [{{port: 80, targetPort: {PORT}}}]\n"
+    );
+    api.apply(&service).unwrap();
+    let (_, vips, _) = api
+        .kubectl(&["get", "service", "web", "-n", NAMESPACE, "-o", "jsonpath={.spec.clusterIPs[*]}"], None)
+        .unwrap();
+    let vips: Vec<IpAddr> = vips.split_whitespace().map(|ip| ip.parse().unwrap()).collect();
+    assert!(matches!(vips[..], [IpAddr::V6(_), IpAddr::V4(_)]), "ClusterIPs {vips:?}");
+    let _pause = pause(&sb, "a");
+    let server = sb.pod("b").serve(PORT).unwrap();
+    api.kubectl(&["label", "namespace", NAMESPACE, "ferry.dev/mesh=enabled"], None).unwrap();
+    start_agent(&mut sb, &api);
+
+    let (a, b) = (sb.pod("a"), sb.pod("b"));
+    let targets = [
+        SocketAddr::from((b.ip6, PORT)),
+        SocketAddr::from((b.ip, PORT)),
+        SocketAddr::from((vips[0], 80)),
+        SocketAddr::from((vips[1], 80)),
+    ];
+    for (n, to) in targets.into_iter().enumerate() {
+        let (outcome, local) = a.connect_from(to, 10).unwrap();
+        assert_eq!(outcome, ConnectOutcome::Echoed { peer: to, bytes: 10 }, "{}", sb.agent_log("node1"));
+        let (own, delivered_from) = if to.is_ipv6() {
+            (IpAddr::from(a.ip6), IpAddr::from(b.ip6))
+        } else {
+            (a.ip.into(), b.ip.into())
+        };
+        assert_eq!(local.ip(), own, "to {to}: the app's own address of the family dialled");
+        let accepted = server.wait_accepted(n + 1, Duration::from_secs(2));
+        assert_eq!(accepted[n].ip(), delivered_from, "to {to}: delivered in that family: {accepted:?}");
+    }
+    assert_eq!(same_node_connections(&sb), 4.0, "not every connection went through the agent");
+
+    // The source's IPv6 address is what an ipBlocks rule sees.
+    let deny = format!(
+        "apiVersion: ferry.dev/v1\nkind: AuthorizationPolicy\nmetadata: {{name: deny-a6, namespace: {NAMESPACE}}}\n\
+         spec:\n  selector: {{matchLabels: {{app: b}}}}\n  action: DENY\n  rules:\n  - from:\n    \
+         - source: {{ipBlocks: [\"{}/128\"]}}\n",
+        a.ip6
+    );
+    api.apply(&deny).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while matches!(a.connect(targets[0], 10).unwrap(), ConnectOutcome::Echoed { .. }) {
+        assert!(Instant::now() < deadline, "IPv6 source not denied:\n{}", sb.agent_log("node1"));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(matches!(a.connect(targets[2], 10).unwrap(), ConnectOutcome::Reset { .. }));
+    for to in [targets[1], targets[3]] {
+        assert!(matches!(a.connect(to, 10).unwrap(), ConnectOutcome::Echoed { .. }), "{to} denied too");
+    }
 }
 
 #[test]
