@@ -56,14 +56,7 @@ impl PodNetns {
     /// A non-blocking listener bound inside this netns.
     pub fn listen(&self, addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
         let socket = in_netns(self.as_fd(), || new_tcp_socket(addr))?;
-        socket.set_reuse_address(true)?;
-        if addr.is_ipv6() {
-            // Beside the IPv4 listener on the same port, not in its way.
-            socket.set_only_v6(true)?;
-        }
-        socket.bind(&addr.into())?;
-        socket.listen(LISTEN_BACKLOG)?;
-        tokio::net::TcpListener::from_std(socket.into())
+        tokio::net::TcpListener::from_std(listen_on(socket, addr)?)
     }
 
     /// Connects from inside this netns, with the agent's mark so capture ignores it.
@@ -74,6 +67,20 @@ impl PodNetns {
         let stream = tokio::net::TcpSocket::from_std_stream(socket.into());
         stream.connect(dst).await
     }
+}
+
+/// Binds `socket` to `addr` and listens. TCP_NODELAY is set on the listener because accepted
+/// sockets inherit it: no `setsockopt` per accepted connection.
+fn listen_on(socket: Socket, addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        // Beside the IPv4 listener on the same port, not in its way.
+        socket.set_only_v6(true)?;
+    }
+    socket.set_tcp_nodelay(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
 }
 
 /// Non-blocking, and close-on-exec from the start (socket2 asks `socket(2)` for `SOCK_CLOEXEC`).
@@ -153,5 +160,16 @@ mod tests {
         };
         assert_ne!(fd_flags & libc::FD_CLOEXEC, 0);
         assert_ne!(status_flags & libc::O_NONBLOCK, 0);
+    }
+
+    /// The proxy relies on it: it does not set TCP_NODELAY on the connections it accepts.
+    #[test]
+    fn accepted_sockets_have_no_delay() {
+        let addr = "127.0.0.1:0".parse().unwrap();
+        let listener = listen_on(new_tcp_socket(addr).unwrap(), addr).unwrap();
+        let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        listener.set_nonblocking(false).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        assert!(accepted.nodelay().unwrap());
     }
 }

@@ -112,6 +112,9 @@ impl ListenerSet {
                 ));
             }
             listener.set_nonblocking(true)?;
+            // Accepted sockets inherit it (see `PodNetns::listen`); an older agent's listener
+            // may not have it.
+            socket2::SockRef::from(&listener).set_tcp_nodelay(true)?;
             TcpListener::from_std(listener)
         };
         Ok(ListenerSet {
@@ -412,7 +415,6 @@ async fn accept_loop<F, Fut>(
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                let _ = stream.set_nodelay(true);
                 let permits = (
                     pod.permits.clone().try_acquire_owned(),
                     proxy.inner.node_permits.clone().try_acquire_owned(),
