@@ -397,6 +397,22 @@ fn an_unknown_ipv6_address_of_a_meshed_pod_is_refused_not_let_past_policy() {
     let outcome = sb.pod("u").connect(addr(&sb, "c", 8080), 10).unwrap();
     assert!(matches!(outcome, ConnectOutcome::Echoed { .. }), "{outcome:?}");
     assert_eq!(metric(&sb, "node2", STEERED), 1.0);
+
+    // Its IPv6 address added to the config, c is captured over IPv6 too; taken out again, the
+    // IPv6 listeners go with it (HBONE to c's IPv6 address finds nothing, as before).
+    let hbone_v6 = SocketAddr::from((sb.pod("c").ip6, 15008));
+    let node = |to| sb.node("node2").netns.connect(to, Duration::from_millis(500));
+    sb.reload_agent("node2", &sb.dual_stack_config_for("node2")).unwrap();
+    sb.wait_for_log("node2", "workload captured workload=default/c", 2).unwrap();
+    from_node(&sb).expect("IPv6 once the agent knows the address");
+    assert_eq!(metric(&sb, "node2", STEERED), 2.0);
+    node(hbone_v6).expect("c's IPv6 HBONE listener");
+    sb.reload_agent("node2", &sb.config_for("node2")).unwrap();
+    sb.wait_for_log("node2", "workload captured workload=default/c", 3).unwrap();
+    assert!(from_node(&sb).is_err(), "IPv6 reached the app once its address was dropped");
+    let gone = node(hbone_v6).expect_err("an IPv6 listener outlived the pod's IPv6 address");
+    let kind = gone.downcast_ref::<std::io::Error>().map(std::io::Error::kind);
+    assert_eq!(kind, Some(std::io::ErrorKind::ConnectionRefused), "{gone}");
 }
 
 /// A pod is meshed over the addresses it has, whichever it lists first: an IPv6-only pod too.

@@ -135,15 +135,16 @@ impl PodListeners {
 
     /// Takes over the listeners a previous agent bound in this pod: the IPv4 set, then the IPv6
     /// set if it had one. One that had none (an agent from before IPv6, or a pod that gained an
-    /// IPv6 address) gets a new IPv6 set if `ipv6`.
+    /// IPv6 address) gets a new IPv6 set if `ipv6`; one that lost its IPv6 address has that set
+    /// closed.
     pub fn adopt(netns: &PodNetns, fds: PodFds<OwnedFd>, ipv6: bool) -> io::Result<PodListeners> {
         let mut fds = fds.into_iter();
         let v4 = ListenerSet::adopt(fds.by_ref().take(LISTENERS_PER_FAMILY), false)?;
         let rest: Vec<OwnedFd> = fds.collect();
-        let v6 = match rest.is_empty() {
-            false => Some(ListenerSet::adopt(rest, true)?),
-            true if ipv6 => Some(ListenerSet::bind(netns, IpAddr::V6(Ipv6Addr::LOCALHOST))?),
-            true => None,
+        let v6 = match (ipv6, rest.is_empty()) {
+            (true, false) => Some(ListenerSet::adopt(rest, true)?),
+            (true, true) => Some(ListenerSet::bind(netns, IpAddr::V6(Ipv6Addr::LOCALHOST))?),
+            (false, _) => None,
         };
         Ok(PodListeners { v4, v6 })
     }
