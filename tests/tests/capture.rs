@@ -437,6 +437,15 @@ fn ipv6_only_and_ipv6_first_pods_are_meshed() {
     assert_eq!(local.ip(), sb.pod("a").ip, "bound to the pod's IPv4 address, not its first");
     assert_eq!(metric(&sb, "node1", HBONE_CLIENT), 2.0, "one HBONE connection per source address");
     assert_eq!(metric(&sb, "node1", REDIRECTED), 2.0);
+    // An IPv6-only pod's IPv4 connects pass uncaptured, as they would unmeshed (here the sandbox
+    // does route b's IPv4 address, so it gets through, unauthenticated), counted and logged.
+    let (outcome, local) = sb.pod("b").connect_from(addr(&sb, "c", 8080), 10).unwrap();
+    assert_eq!(outcome, ConnectOutcome::Echoed { peer: addr(&sb, "c", 8080), bytes: 10 });
+    assert_eq!(local.ip(), sb.pod("b").ip);
+    assert_eq!(metric(&sb, "node1", REDIRECTED), 2.0, "captured without an IPv4 address to bind");
+    assert_eq!(metric(&sb, "node1", "ferry_datapath_events_total{event=\"outbound_ipv4_passed\"}"), 1.0);
+    let warning = format!("connection to {}:8080 not captured: the pod has no IPv4 address", sb.pod("c").ip);
+    sb.wait_for_log("node1", &warning, 1).unwrap();
 }
 
 #[test]

@@ -164,12 +164,15 @@ pub enum Counter {
     /// A TCP connect to an IPv6 address from a meshed pod that has no IPv6 address of its own,
     /// left alone (uncaptured).
     OutboundIpv6Passed = 11,
+    /// A TCP connect to an IPv4 address from a meshed pod that has no IPv4 address of its own (an
+    /// IPv6-only pod), left alone (uncaptured).
+    OutboundIpv4Passed = 12,
 }
 
 const _: () = assert!(Counter::COUNT <= COUNTER_SLOTS);
 
 impl Counter {
-    pub const COUNT: u32 = 12;
+    pub const COUNT: u32 = 13;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::Redirected,
         Counter::Passed,
@@ -183,6 +186,7 @@ impl Counter {
         Counter::InboundIpv6Refused,
         Counter::SourceBindFailed,
         Counter::OutboundIpv6Passed,
+        Counter::OutboundIpv4Passed,
     ];
 
     /// Stable snake_case name, used in metrics and logs.
@@ -200,6 +204,7 @@ impl Counter {
             Counter::InboundIpv6Refused => "inbound_ipv6_refused",
             Counter::SourceBindFailed => "source_bind_failed",
             Counter::OutboundIpv6Passed => "outbound_ipv6_passed",
+            Counter::OutboundIpv4Passed => "outbound_ipv4_passed",
         }
     }
 }

@@ -91,8 +91,9 @@ enum Warning {
     Ipv6Refused,
     SourceBindFailed,
     Ipv6NotCaptured,
+    Ipv4NotCaptured,
 }
-const WARNINGS: u32 = Warning::Ipv6NotCaptured as u32 + 1;
+const WARNINGS: u32 = Warning::Ipv4NotCaptured as u32 + 1;
 const WARN_INTERVAL_NS: u64 = 10_000_000_000;
 
 /// When this CPU last logged each warning (ns since boot). Not shared between agent
@@ -131,7 +132,7 @@ pub fn ferry_connect4(ctx: SockAddrContext) -> i32 {
     // SAFETY: the context pointer is valid for the program's run.
     let addr = unsafe { &mut *ctx.sock_addr };
     if let Some(pod) = capturable(&ctx)
-        && remember_ipv4_destination(&ctx, addr.user_ip4, port_of(addr.user_port))
+        && remember_ipv4_destination(&ctx, &pod, addr.user_ip4, port_of(addr.user_port))
     {
         keep_pod_address(&ctx, Source::V4(pod.ipv4));
         addr.user_ip4 = LOOPBACK;
@@ -153,7 +154,7 @@ pub fn ferry_connect6(ctx: SockAddrContext) -> i32 {
     let Some(pod) = capturable(&ctx) else { return ALLOW };
     let port = port_of(addr.user_port);
     if dst[0] == 0 && dst[1] == 0 && dst[2] == V4_MAPPED {
-        if remember_ipv4_destination(&ctx, dst[3], port) {
+        if remember_ipv4_destination(&ctx, &pod, dst[3], port) {
             keep_pod_address(&ctx, Source::Mapped(pod.ipv4));
             addr.user_ip6[3] = LOOPBACK;
             redirected(addr);
@@ -237,7 +238,7 @@ fn capturable(ctx: &SockAddrContext) -> Option<Pod> {
 }
 
 /// The pod address a redirected socket is bound to: IPv4, IPv4 on an IPv6 socket
-/// (`::ffff:a.b.c.d`), or IPv6, each in network order; an unknown (zero) one is not bound.
+/// (`::ffff:a.b.c.d`), or IPv6, each in network order.
 enum Source {
     V4(u32),
     Mapped(u32),
@@ -268,9 +269,6 @@ struct SockaddrIn6 {
 /// connection stay the pod's, as without capture. A socket the app bound itself is left alone.
 #[inline(always)]
 fn keep_pod_address(ctx: &SockAddrContext, source: Source) {
-    if matches!(source, Source::V4(0) | Source::Mapped(0) | Source::V6([0, 0, 0, 0])) {
-        return;
-    }
     // SAFETY: the context pointer is valid for the program's run.
     let addr = unsafe { &*ctx.sock_addr };
     let sk = unsafe { addr.__bindgen_anon_1.sk };
@@ -301,11 +299,26 @@ fn keep_pod_address(ctx: &SockAddrContext, source: Source) {
     }
 }
 
-/// An IPv4 destination: loopback passes; others are remembered, as [`remember_destination`].
+/// An IPv4 destination: loopback passes, and so does any destination of a pod that has no IPv4
+/// address (counted and, rate-limited, logged, like IPv6 from a pod without an IPv6 address: the
+/// connect fails or succeeds as it would unmeshed); others are remembered, as
+/// [`remember_destination`].
 #[inline(always)]
-fn remember_ipv4_destination(ctx: &SockAddrContext, ip: u32, port: u16) -> bool {
+fn remember_ipv4_destination(ctx: &SockAddrContext, pod: &Pod, ip: u32, port: u16) -> bool {
     if is_loopback(ip) {
         count(Counter::Passed);
+        return false;
+    }
+    if pod.ipv4 == 0 {
+        count(Counter::OutboundIpv4Passed);
+        if may_warn(Warning::Ipv4NotCaptured) {
+            warn!(
+                ctx,
+                "connect: connection to {:i}:{} not captured: the pod has no IPv4 address",
+                u32::from_be(ip),
+                port
+            );
+        }
         return false;
     }
     remember_destination(ctx, SockAddr::v4(ip, port))
