@@ -180,6 +180,15 @@ enum Role {
     Hbone,
 }
 
+impl Role {
+    fn direction(self) -> Direction {
+        match self {
+            Role::Outbound => Direction::Outbound,
+            Role::Plaintext | Role::Hbone => Direction::Inbound,
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Proxy {
     inner: Arc<Inner>,
@@ -298,23 +307,11 @@ impl Proxy {
         for (listener, role) in listeners.into_roles() {
             let listener = Arc::new(listener);
             handles.push(listener.clone());
-            let (pod, inner) = (pod.clone(), inner.clone());
+            let (on, pod, inner) = ((listener, role.direction()), pod.clone(), inner.clone());
             match role {
-                Role::Outbound => {
-                    loops.spawn(accept_loop((listener, Direction::Outbound), pod, inner, outbound::handle))
-                }
-                Role::Plaintext => loops.spawn(accept_loop(
-                    (listener, Direction::Inbound),
-                    pod,
-                    inner,
-                    inbound::handle_plaintext,
-                )),
-                Role::Hbone => loops.spawn(accept_loop(
-                    (listener, Direction::Inbound),
-                    pod,
-                    inner,
-                    hbone::server::handle,
-                )),
+                Role::Outbound => loops.spawn(accept_loop(on, pod, inner, outbound::handle)),
+                Role::Plaintext => loops.spawn(accept_loop(on, pod, inner, inbound::handle_plaintext)),
+                Role::Hbone => loops.spawn(accept_loop(on, pod, inner, hbone::server::handle)),
             };
         }
         Ok(PodHandle { proxy: self.clone(), pod, listeners: handles, accept_loops: loops })
