@@ -1,9 +1,9 @@
 //! Driving the sandbox's helper app (src/bin/sandbox-app.rs) inside pods.
 
 use std::{
-    io::{BufRead, BufReader},
+    io::{BufRead, BufReader, Lines},
     net::SocketAddr,
-    process::{Child, Command, Stdio},
+    process::{Child, ChildStdout, Command, Stdio},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -183,6 +183,32 @@ impl Pod {
             .lines()
             .find_map(|l| l.strip_prefix(word).map(str::to_owned))
             .with_context(|| format!("sandbox-app {args:?} printed {stdout:?}"))
+    }
+}
+
+/// New connections from a pod, one every millisecond, until one fails (`sandbox-app probe`).
+pub struct Probe {
+    _process: Process,
+    lines: Lines<BufReader<ChildStdout>>,
+}
+
+impl Probe {
+    /// Blocks until a connection failed, or the probe gave up: "reset", "refused", "timeout", ...
+    pub fn failure(mut self) -> Result<String> {
+        Ok(self.lines.next().context("the probe ended without a word")??)
+    }
+}
+
+impl Pod {
+    /// Starts probing `to` for up to `seconds`; returns once a first connection succeeded.
+    pub fn probe(&self, to: SocketAddr, seconds: u64) -> Result<Probe> {
+        let mut process = Process::new(self.app(&["probe", &to.to_string(), &seconds.to_string()])?);
+        let stdout = process.child().stdout.take().context("probe stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        match lines.next() {
+            Some(Ok(line)) if line == "ok" => Ok(Probe { _process: process, lines }),
+            other => bail!("probe from {} to {to} did not get through: {other:?}", self.spec.name),
+        }
     }
 }
 

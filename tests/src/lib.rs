@@ -23,7 +23,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-pub use app::{ConnectOutcome, Server};
+pub use app::{ConnectOutcome, Probe, Server};
 pub use capture::{Capture, Segment};
 pub use peer::{
     CertFiles, PeerServer, Sample, hbone_client, hbone_client_with, hbone_server, parse_metrics, sum_samples,
@@ -378,7 +378,8 @@ impl Sandbox {
                     std::fs::read_to_string(&log_path).unwrap_or_default()
                 );
             }
-            std::thread::sleep(Duration::from_millis(50));
+            // Fine-grained: the benchmark times startup by this.
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 

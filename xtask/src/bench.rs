@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use ferry_sandbox::{PodSpec, ProcUsage, Sandbox};
 use serde::Serialize;
 
@@ -482,19 +482,23 @@ fn measure_scale(params: &Params) -> Result<Vec<ScaleRow>> {
         wait_for_connections(&sb, pods)?;
         let ((), connected_cpu_percent, connected_rss_kib) = with_usage(&[pid], quiet)?;
 
-        // Policy change: from SIGHUP to the new policy in force.
+        // Policy change: from the new config and SIGHUP to the first new connection it denies.
+        let probe = sb.pod("s0").probe(target.parse()?, 10)?;
         let deny = format!(
             "{}policies:\n  - metadata: {{name: deny-s0, namespace: default}}\n    spec:\n      action: DENY\n      rules:\n        - from: [{{source: {{principals: [cluster.local/ns/default/sa/sa0]}}}}]\n",
             sb.config_for("node1")
         );
-        let reloads = sb.agent_log("node1").matches("config reloaded").count();
         let start = Instant::now();
         sb.reload_agent("node1", &deny)?;
-        sb.wait_for_log("node1", "config reloaded", reloads + 1)?;
+        let failure = probe.failure()?;
         let policy_change_ms = start.elapsed().as_secs_f64() * 1000.0;
+        ensure!(
+            failure == "reset",
+            "after the policy change, s0's new connection ended with {failure:?}, not a reset"
+        );
         drop(holders);
         eprintln!(
-            "bench: scale {pods} pods: startup {startup_ms:.0} ms, RSS idle {idle_rss_kib} KiB, connected {connected_rss_kib} KiB"
+            "bench: scale {pods} pods: startup {startup_ms:.0} ms, RSS idle {idle_rss_kib} KiB, connected {connected_rss_kib} KiB, policy change {policy_change_ms:.1} ms"
         );
         rows.push(ScaleRow {
             pods,

@@ -14,6 +14,9 @@
 //! idle ADDR SECONDS               -> "idle": one connection, one echoed byte, then held open quietly
 //! hold ADDR N                     -> "held N": N concurrent connections, each echoing a byte
 //! stream ADDR SECONDS             -> "streamed N": one connection, a byte ping-pong every 10 ms
+//! probe ADDR SECONDS              -> "ok" once a new connection (connect, 1-byte echo, close)
+//!                                    succeeded, then a new one every millisecond until one fails:
+//!                                    "refused" | "reset" | "timeout" | "error MSG" (as connect)
 
 use std::{
     io::{ErrorKind, Read, Write},
@@ -59,10 +62,11 @@ fn main() -> ExitCode {
         ),
         ["hold", addr, n] => hold(addr.parse().expect("address"), n.parse().expect("count")),
         ["stream", addr, secs] => stream(addr.parse().expect("address"), secs.parse().expect("seconds")),
+        ["probe", addr, secs] => probe(addr.parse().expect("address"), secs.parse().expect("seconds")),
         ["bulk", addr, mib] => bulk(addr.parse().expect("address"), mib.parse().expect("MiB")),
         _ => {
             eprintln!(
-                "usage: sandbox-app serve PORT | connect ADDR BYTES [--mark M] | rr ADDR COUNT | bulk ADDR MIB | hold ADDR N | stream ADDR SECONDS"
+                "usage: sandbox-app MODE ARGS, MODE one of serve, connect, rr, rro, bulk, sink, send, cps, idle, hold, stream, probe"
             );
             return ExitCode::from(2);
         }
@@ -359,6 +363,33 @@ fn stream(addr: SocketAddr, seconds: u64) {
         std::thread::sleep(Duration::from_millis(10));
     }
     println!("streamed {count}");
+}
+
+/// Times a change that makes connections fail (a policy that denies them): the caller starts it,
+/// waits for "ok", makes the change, and reads the next line when the change has taken effect.
+/// No failure within `seconds` is reported as "timeout".
+fn probe(addr: SocketAddr, seconds: u64) {
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let mut succeeded = false;
+    while Instant::now() < deadline {
+        let attempt = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).and_then(|mut stream| {
+            stream.set_read_timeout(Some(Duration::from_secs(1)))?;
+            let mut byte = [0u8; 1];
+            stream.write_all(&byte)?;
+            stream.read_exact(&mut byte)
+        });
+        match attempt {
+            Ok(()) if !succeeded => {
+                succeeded = true;
+                println!("ok");
+            }
+            Ok(()) => {}
+            // Before the first success too: the caller expects "ok" and reports what came instead.
+            Err(e) => return report_error(&e),
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    println!("timeout");
 }
 
 fn idle(addr: SocketAddr, seconds: u64) {
