@@ -102,6 +102,9 @@ pub async fn run(options: Options, log: LogControl) -> anyhow::Result<()> {
     tracing::info!(signer = %certs.signer_name(), "workload certificates");
     tokio::spawn(certs.clone().rotate());
     let telemetry = Telemetry::new(counters.clone(), certs.clone(), &log);
+    if let Some(api) = &api {
+        telemetry.policies_refused.set(api.refused_policies as i64);
+    }
     let mut node_loops = JoinSet::new();
     let mut node_listeners = Vec::new();
     for (name, addr) in [(upgrade::METRICS, config.metrics_addr), (upgrade::READINESS, config.readiness_addr)]
@@ -176,6 +179,7 @@ pub async fn run(options: Options, log: LogControl) -> anyhow::Result<()> {
                 Err(e) => tracing::error!("config reload rejected, the previous config stays in force: {e}"),
             },
             Some(update) = async { updates.as_mut().expect("guarded").recv().await }, if updates.is_some() => {
+                agent.telemetry.policies_refused.set(update.refused_policies as i64);
                 api = Some(update);
                 agent.apply(&effective(&file, api.as_ref()), "the Kubernetes API changed");
             }

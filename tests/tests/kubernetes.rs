@@ -136,16 +136,47 @@ fn start_agent_as(sb: &mut Sandbox, kubeconfig: &Path) {
 
 /// Waits up to 2 s until a's connections to b are echoed (`reaches`) or not; how long it took.
 fn wait_until_a_reaches_b(sb: &Sandbox, reaches: bool, what: &str) -> Duration {
+    wait_until_reaches(sb, ("a", "b"), reaches, what, Duration::from_secs(2))
+}
+
+fn wait_until_reaches(
+    sb: &Sandbox,
+    (from, to): (&str, &str),
+    reaches: bool,
+    what: &str,
+    within: Duration,
+) -> Duration {
     let started = Instant::now();
-    while echoed(sb, "a", "b") != reaches {
-        assert!(
-            started.elapsed() < Duration::from_secs(2),
-            "not {what} after 2 s:\n{}",
-            sb.agent_log("node1")
-        );
+    while echoed(sb, from, to) != reaches {
+        assert!(started.elapsed() < within, "not {what} after {within:?}:\n{}", sb.agent_log("node1"));
         std::thread::sleep(Duration::from_millis(20));
     }
     started.elapsed()
+}
+
+/// Applies a CustomResourceDefinition and waits until the API serves its kind.
+fn install_crd(api: &ApiServer, yaml: &str, name: &str) {
+    api.apply(yaml).unwrap();
+    let crd = format!("crd/{name}");
+    let (code, _, err) =
+        api.kubectl(&["wait", "--for=condition=established", &crd, "--timeout=30s"], None).unwrap();
+    assert_eq!(code, 0, "{err}");
+}
+
+/// Ferry's AuthorizationPolicy CRD, as `ferry crd` prints it.
+fn install_ferry_crd(api: &ApiServer) {
+    let crd = Command::new(ferry_sandbox::ferry_bin().unwrap()).arg("crd").output().unwrap();
+    install_crd(api, &String::from_utf8(crd.stdout).unwrap(), "authorizationpolicies.ferry.dev");
+}
+
+/// A Ferry policy `deny-<from>` denying pod `from` (by its service account) the pods labelled
+/// app=b; `source` adds fields to the rule's source.
+fn deny_to_b(from: &str, source: &str) -> String {
+    format!(
+        "apiVersion: ferry.dev/v1\nkind: AuthorizationPolicy\nmetadata: {{name: deny-{from}, namespace: {NAMESPACE}}}\n\
+         spec:\n  selector: {{matchLabels: {{app: b}}}}\n  action: DENY\n  rules:\n  - from:\n    \
+         - source: {{principals: [\"cluster.local/ns/{NAMESPACE}/sa/sa-{from}\"]{source}}}\n"
+    )
 }
 
 #[test]
@@ -233,20 +264,14 @@ fn losing_the_api_server_keeps_the_last_state_and_resyncs_after() {
 #[test]
 fn policies_applied_with_kubectl_are_enforced_and_invalid_ones_refused() {
     let Some((mut sb, api)) = cluster("kubepolicy") else { return };
-    let crd = Command::new(ferry_sandbox::ferry_bin().unwrap()).arg("crd").output().unwrap();
-    api.apply(&String::from_utf8(crd.stdout).unwrap()).unwrap();
+    install_ferry_crd(&api);
     let _pause = pause(&sb, "a");
     let _server = sb.pod("b").serve(PORT).unwrap();
     api.kubectl(&["label", "namespace", NAMESPACE, "ferry.dev/mesh=enabled"], None).unwrap();
     start_agent(&mut sb, &api);
     assert!(echoed(&sb, "a", "b"));
 
-    let deny = format!(
-        "apiVersion: ferry.dev/v1\nkind: AuthorizationPolicy\nmetadata: {{name: deny-a, namespace: {NAMESPACE}}}\n\
-         spec:\n  selector: {{matchLabels: {{app: b}}}}\n  action: DENY\n  rules:\n  - from:\n    \
-         - source: {{principals: [\"cluster.local/ns/{NAMESPACE}/sa/sa-a\"]}}\n"
-    );
-    api.apply(&deny).unwrap();
+    api.apply(&deny_to_b("a", "")).unwrap();
     let took = wait_until_a_reaches_b(&sb, false, "policy enforced");
     eprintln!("policy enforced {took:?} after kubectl apply returned");
     sb.wait_for_log("node1", "shop/deny-a", 1).unwrap();
@@ -264,8 +289,96 @@ fn policies_applied_with_kubectl_are_enforced_and_invalid_ones_refused() {
         assert!(stderr.contains(field), "{bad}: {stderr}");
     }
 
+    // What the schema lets through but the agent cannot use (an IP block of /33) is refused by
+    // the agent, alone: the policy's last valid version stays in force, and others still arrive.
+    api.apply(&deny_to_b("a", ", ipBlocks: [10.0.0.0/33]")).unwrap();
+    sb.wait_for_log("node1", "its last valid version stays in force", 1).unwrap();
+    assert!(sb.agent_log("node1").contains("10.0.0.0/33"), "the refusal says what is wrong");
+    assert_eq!(sb.metric("node1", "ferry_policies_refused").unwrap(), 1.0);
+    assert!(!echoed(&sb, "a", "b"), "an invalid edit lifted the policy");
+    let _pause_c = pause(&sb, "c");
+    wait_captured(&sb, 3, "c meshed");
+    assert!(echoed(&sb, "c", "b"));
+    api.apply(&deny_to_b("c", "")).unwrap();
+    wait_until_reaches(
+        &sb,
+        ("c", "b"),
+        false,
+        "a policy after an invalid one enforced",
+        Duration::from_secs(2),
+    );
+
     api.kubectl(&["delete", "authorizationpolicies.ferry.dev", "deny-a", "-n", NAMESPACE], None).unwrap();
     wait_until_a_reaches_b(&sb, true, "policy lifted after deletion");
+}
+
+/// Ferry's CRD installed after the agent started (applied in another step, or still being
+/// established when the agent came up): its policies are enforced once it is there.
+#[test]
+fn policies_are_enforced_once_their_crd_is_installed_after_the_agent_started() {
+    let Some((mut sb, api)) = cluster("kubelatecrd") else { return };
+    let _pause = pause(&sb, "a");
+    let _server = sb.pod("b").serve(PORT).unwrap();
+    api.kubectl(&["label", "namespace", NAMESPACE, "ferry.dev/mesh=enabled"], None).unwrap();
+    start_agent(&mut sb, &api);
+    assert!(echoed(&sb, "a", "b"));
+
+    install_ferry_crd(&api);
+    api.apply(&deny_to_b("a", "")).unwrap();
+    // The agent looks for a missing CRD every 10 s.
+    wait_until_reaches(&sb, ("a", "b"), false, "policy enforced", Duration::from_secs(15));
+    sb.wait_for_log("node1", "shop/deny-a", 1).unwrap();
+}
+
+/// An agent that may not list Ferry's policies (a ClusterRole left from an older release, say)
+/// cannot know whether any exist: it waits, not ready, until it may, rather than meshing pods
+/// without the policies that protect them.
+#[test]
+fn an_agent_that_may_not_read_policies_waits_until_it_may() {
+    let Some((mut sb, api)) = cluster("kubeforbid") else { return };
+    install_ferry_crd(&api);
+    api.apply(&deny_to_b("a", "")).unwrap();
+    let _pause = pause(&sb, "a");
+    let _server = sb.pod("b").serve(PORT).unwrap();
+    api.kubectl(&["label", "namespace", NAMESPACE, "ferry.dev/mesh=enabled"], None).unwrap();
+    let role = |policy_groups: &str| {
+        format!(
+            "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata: {{name: test-agent}}\nrules:\n\
+             - {{apiGroups: [\"\"], resources: [namespaces, pods, services], verbs: [get, list, watch]}}\n\
+             - {{apiGroups: [{policy_groups}], resources: [authorizationpolicies], verbs: [get, list, watch]}}\n"
+        )
+    };
+    api.apply(&role("security.istio.io")).unwrap();
+    for args in [
+        &["create", "serviceaccount", "test-agent", "-n", NAMESPACE][..],
+        &[
+            "create",
+            "clusterrolebinding",
+            "test-agent",
+            "--clusterrole=test-agent",
+            "--serviceaccount=shop:test-agent",
+        ],
+    ] {
+        let (code, _, err) = api.kubectl(args, None).unwrap();
+        assert_eq!(code, 0, "{err}");
+    }
+    let (code, token, err) = api.kubectl(&["create", "token", "test-agent", "-n", NAMESPACE], None).unwrap();
+    assert_eq!(code, 0, "{err}");
+    let kubeconfig = api.kubeconfig_with_token("test-agent", token.trim()).unwrap();
+
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            std::thread::sleep(Duration::from_secs(3));
+            api.apply(&role("ferry.dev, security.istio.io")).unwrap();
+        });
+        start_agent_as(&mut sb, &kubeconfig);
+    });
+    assert!(started.elapsed() > Duration::from_secs(3), "the agent was ready before it could read policies");
+    // Ready means with the policies: a is denied from the first connection on.
+    assert!(!echoed(&sb, "a", "b"), "meshed without the policy in force:\n{}", sb.agent_log("node1"));
+    let log = sb.agent_log("node1");
+    assert!(log.contains("cannot tell whether Ferry authorization policies"), "{log}");
 }
 
 /// Istio's AuthorizationPolicy CRD, cut down to what the API server needs to serve it (Istio's
@@ -280,19 +393,7 @@ type: object\n        properties:\n          spec: {type: object, x-kubernetes-p
 #[test]
 fn istio_authorization_policies_are_honoured() {
     let Some((mut sb, api)) = cluster("kubeistio") else { return };
-    api.apply(ISTIO_CRD).unwrap();
-    let (code, _, err) = api
-        .kubectl(
-            &[
-                "wait",
-                "--for=condition=established",
-                "crd/authorizationpolicies.security.istio.io",
-                "--timeout=30s",
-            ],
-            None,
-        )
-        .unwrap();
-    assert_eq!(code, 0, "{err}");
+    install_crd(&api, ISTIO_CRD, "authorizationpolicies.security.istio.io");
     let _pause = pause(&sb, "a");
     let _server = sb.pod("b").serve(PORT).unwrap();
     api.kubectl(&["label", "namespace", NAMESPACE, "ferry.dev/mesh=enabled"], None).unwrap();
@@ -397,8 +498,7 @@ fn an_ipv6_first_dual_stack_cluster_is_meshed_in_both_families() {
     let Some((mut sb, api)) = cluster_reporting("kubev6", |pod| vec![pod.ip6.into(), pod.ip.into()]) else {
         return;
     };
-    let crd = Command::new(ferry_sandbox::ferry_bin().unwrap()).arg("crd").output().unwrap();
-    api.apply(&String::from_utf8(crd.stdout).unwrap()).unwrap();
+    install_ferry_crd(&api);
     let service = format!(
         "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: {NAMESPACE}}}\n\
          spec:\n  ipFamilyPolicy: RequireDualStack\n  ipFamilies: [IPv6, IPv4]\n  selector: {{app: b}}\n  \
@@ -467,14 +567,7 @@ fn the_deploy_manifest_validates_and_the_agent_needs_no_more_than_its_rbac() {
     api.kubectl(&["create", "namespace", "ferry-system"], None).unwrap();
     let (code, _, err) = api.kubectl(&["apply", "--dry-run=server", "-f", "-"], Some(&manifest)).unwrap();
     assert_eq!(code, 0, "{err}");
-    api.apply(&manifest).unwrap();
-    let (code, _, err) = api
-        .kubectl(
-            &["wait", "--for=condition=established", "crd/authorizationpolicies.ferry.dev", "--timeout=30s"],
-            None,
-        )
-        .unwrap();
-    assert_eq!(code, 0, "{err}");
+    install_crd(&api, &manifest, "authorizationpolicies.ferry.dev");
 
     // The agent runs with nothing but its ServiceAccount's token.
     let (code, token, err) =

@@ -40,8 +40,11 @@ use crate::{
 pub const MESH_LABEL: &str = "ferry.dev/mesh";
 /// How often local pods whose netns is not there yet are looked for again.
 const RETRY: Duration = Duration::from_secs(1);
-/// How often the agent looks whether Istio's AuthorizationPolicy CRD has been installed.
-const ISTIO_CRD_POLL: Duration = Duration::from_secs(10);
+/// How often the agent looks whether a policy CRD it did not find has been installed.
+const CRD_POLL: Duration = Duration::from_secs(10);
+const FERRY_POLICIES: &str =
+    "Ferry authorization policies (authorizationpolicies.ferry.dev, from `ferry crd`)";
+const ISTIO_POLICIES: &str = "Istio authorization policies (authorizationpolicies.security.istio.io)";
 
 /// What the API says, as the agent uses it.
 #[derive(Debug, Clone, Default)]
@@ -49,40 +52,27 @@ pub struct Discovered {
     pub workloads: Vec<config::Workload>,
     pub services: Vec<config::Service>,
     pub policies: Vec<Policy>,
+    /// Policy objects whose current version was refused as invalid.
+    pub refused_policies: usize,
 }
 
-/// Watches the API server and sends what it holds whenever that changes. Ferry's policies are
-/// watched if its CRD is installed when the agent starts; Istio's as soon as their CRD is.
+/// Watches the API server and sends what it holds whenever that changes. Policies are watched
+/// as soon as their CRD (Ferry's, Istio's) is installed.
 pub async fn spawn(client: Client, node: String, cgroup_root: PathBuf) -> mpsc::Receiver<Discovered> {
     let (namespaces, namespace_writer) = reflector::store::<Namespace>();
     let (pods, pod_writer) = reflector::store::<Pod>();
     let (services, service_writer) = reflector::store::<Service>();
-    let (policies, policy_writer) = reflector::store::<AuthorizationPolicyResource>();
-    let istio_writer = reflector::store::Writer::new(istio_policy_resource());
-    let istio_policies = istio_writer.as_reader();
     let changed = Arc::new(Notify::new());
-    let policy_api: Api<AuthorizationPolicyResource> = Api::all(client.clone());
-    let with_policies = match installed(&policy_api).await {
-        Ok(()) => {
-            watch(policy_api, policy_writer, changed.clone(), "authorization policies");
-            true
-        }
-        Err(e) => {
-            tracing::warn!("no AuthorizationPolicy from the API (is `ferry crd` applied?): {e}");
-            false
-        }
-    };
-    let istio_api: Api<DynamicObject> = Api::all_with(client.clone(), &istio_policy_resource());
-    let with_istio = match installed(&istio_api).await {
-        Ok(()) => {
-            watch(istio_api, istio_writer, changed.clone(), "Istio authorization policies");
-            true
-        }
-        Err(_) => {
-            tokio::spawn(watch_once_installed(istio_api, istio_writer, changed.clone()));
-            false
-        }
-    };
+    // Policies are read as dynamic objects and converted one by one: an object the agent cannot
+    // read (which the CRD's schema let through) is refused alone instead of failing the watch.
+    let ferry_resource = ApiResource::erase::<AuthorizationPolicyResource>(&());
+    let ferry_writer = reflector::store::Writer::<DynamicObject>::new(ferry_resource.clone());
+    let istio_writer = reflector::store::Writer::<DynamicObject>::new(istio_policy_resource());
+    let (ferry_policies, istio_policies) = (ferry_writer.as_reader(), istio_writer.as_reader());
+    let ferry_api = Api::all_with(client.clone(), &ferry_resource);
+    let with_policies = watch_once_installed(ferry_api, ferry_writer, &changed, FERRY_POLICIES).await;
+    let istio_api = Api::all_with(client.clone(), &istio_policy_resource());
+    let with_istio = watch_once_installed(istio_api, istio_writer, &changed, ISTIO_POLICIES).await;
     watch(Api::all(client.clone()), namespace_writer, changed.clone(), "namespaces");
     watch(Api::all(client.clone()), pod_writer, changed.clone(), "pods");
     watch(Api::all(client), service_writer, changed.clone(), "services");
@@ -93,7 +83,7 @@ pub async fn spawn(client: Client, node: String, cgroup_root: PathBuf) -> mpsc::
             return;
         };
         // Policies in force from the first update on: no moment without them.
-        if with_policies && policies.wait_until_ready().await.is_err() {
+        if with_policies && ferry_policies.wait_until_ready().await.is_err() {
             return;
         }
         if with_istio && istio_policies.wait_until_ready().await.is_err() {
@@ -101,12 +91,13 @@ pub async fn spawn(client: Client, node: String, cgroup_root: PathBuf) -> mpsc::
         }
         let mut last = None;
         let mut cgroups = PodCgroups::new(cgroup_root);
+        let mut policies = PolicyObjects::default();
         loop {
             let namespaces = namespaces.state();
             let meshed = meshed_namespaces(&namespaces);
             let (workloads, waiting) = workloads(&meshed, &pods.state(), &node, &mut cgroups);
             let services = meshed_services(&meshed, &services.state());
-            let (ferry, istio) = (policies.state(), istio_policies.state());
+            let (ferry, istio) = (ferry_policies.state(), istio_policies.state());
             let versions: Vec<Option<String>> = ferry
                 .iter()
                 .map(|p| &p.metadata)
@@ -117,7 +108,12 @@ pub async fn spawn(client: Client, node: String, cgroup_root: PathBuf) -> mpsc::
             if last.as_ref() != Some(&now) {
                 last = Some(now.clone());
                 let (workloads, services, _) = now;
-                let discovered = Discovered { workloads, services, policies: compile(&ferry, &istio) };
+                let discovered = Discovered {
+                    workloads,
+                    services,
+                    policies: policies.update(&ferry, &istio),
+                    refused_policies: policies.refused(),
+                };
                 if tx.send(discovered).await.is_err() {
                     return;
                 }
@@ -134,8 +130,8 @@ pub async fn spawn(client: Client, node: String, cgroup_root: PathBuf) -> mpsc::
     rx
 }
 
-/// Istio's `security.istio.io/v1` AuthorizationPolicy, read as a dynamic object: its spec is
-/// converted leniently (see [`istio_spec`]) rather than failing the whole watch.
+/// Istio's `security.istio.io/v1` AuthorizationPolicy, read as a dynamic object like Ferry's
+/// (see [`PolicyObjects`]).
 fn istio_policy_resource() -> ApiResource {
     ApiResource::from_gvk_with_plural(
         &GroupVersionKind::gvk("security.istio.io", "v1", "AuthorizationPolicy"),
@@ -143,12 +139,26 @@ fn istio_policy_resource() -> ApiResource {
     )
 }
 
-/// Whether the API serves this kind (its CRD is installed and readable).
-async fn installed<K>(api: &Api<K>) -> kube::Result<()>
+/// Whether the API serves this kind: `false` when it answers 404, its CRD not installed. Any other
+/// failure (API server unreachable, access denied) is retried until the API answers: taking it
+/// for "not installed" would leave the agent ignoring policies that exist.
+async fn installed<K>(api: &Api<K>, what: &str) -> bool
 where
     K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
-    api.list_metadata(&kube::api::ListParams::default().limit(1)).await.map(|_| ())
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match api.list_metadata(&kube::api::ListParams::default().limit(1)).await {
+            Ok(_) => return true,
+            // An API group that does not exist answers 404 without a Status body (no "NotFound" reason).
+            Err(kube::Error::Api(status)) if status.code == 404 => return false,
+            Err(e) => {
+                tracing::warn!("cannot tell whether {what} are served; asking again in {delay:?}: {e}");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(CRD_POLL);
+            }
+        }
+    }
 }
 
 fn watch<K>(api: Api<K>, writer: reflector::store::Writer<K>, changed: Arc<Notify>, what: &'static str)
@@ -160,23 +170,34 @@ where
     tokio::spawn(drive(stream.default_backoff(), changed, what));
 }
 
-/// Istio may be installed after Ferry: look for its CRD now and then.
-async fn watch_once_installed(
-    api: Api<DynamicObject>,
-    writer: reflector::store::Writer<DynamicObject>,
-    changed: Arc<Notify>,
-) {
-    tracing::info!(
-        "Istio's AuthorizationPolicy CRD is not installed; looking again every {ISTIO_CRD_POLL:?}"
-    );
-    loop {
-        tokio::time::sleep(ISTIO_CRD_POLL).await;
-        if installed(&api).await.is_ok() {
-            tracing::info!("Istio's AuthorizationPolicy CRD appeared: honouring its policies");
-            watch(api, writer, changed, "Istio authorization policies");
-            return;
-        }
+/// Watches a policy kind if its CRD is installed (`true`). If not, looks for the CRD now and then
+/// and watches it once it appears: Istio, or Ferry's own CRD, may be installed after the agent.
+async fn watch_once_installed<K>(
+    api: Api<K>,
+    writer: reflector::store::Writer<K>,
+    changed: &Arc<Notify>,
+    what: &'static str,
+) -> bool
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
+{
+    if installed(&api, what).await {
+        watch(api, writer, changed.clone(), what);
+        return true;
     }
+    tracing::info!("no CRD for {what} is installed; looking again every {CRD_POLL:?}");
+    let changed = changed.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(CRD_POLL).await;
+            if installed(&api, what).await {
+                tracing::info!("the CRD for {what} appeared: honouring them");
+                return watch(api, writer, changed, what);
+            }
+        }
+    });
+    false
 }
 
 async fn drive<S, T>(stream: S, changed: Arc<Notify>, what: &'static str)
@@ -262,46 +283,91 @@ fn workloads(
     (list, waiting)
 }
 
-/// The policy objects (Ferry's and Istio's), compiled; one that does not compile is left out with
-/// an error naming it (the CRD's schema already refuses most mistakes at the API server).
-fn compile(ferry: &[Arc<AuthorizationPolicyResource>], istio: &[Arc<DynamicObject>]) -> Vec<Policy> {
-    let ferry = ferry.iter().map(|o| (&o.metadata, Ok(o.spec.clone())));
-    let istio = istio.iter().map(|o| (&o.metadata, istio_spec(o)));
-    let mut compiled: Vec<Policy> = ferry
-        .chain(istio)
-        .filter_map(|(metadata, spec)| {
-            let (name, namespace) = (metadata.name.clone()?, metadata.namespace.clone()?);
-            let key = format!("{namespace}/{name}");
-            let spec = spec.inspect_err(|e| tracing::error!(policy = %key, "policy ignored: {e}")).ok()?;
-            let policy = AuthorizationPolicy {
-                api_version: None,
-                kind: None,
-                metadata: crate::policy::Metadata {
-                    name,
-                    namespace,
-                    annotations: metadata.annotations.clone().unwrap_or_default(),
-                },
-                spec,
-            };
-            policy.compile().inspect_err(|e| tracing::error!(policy = %key, "policy rejected: {e}")).ok()
-        })
-        .collect();
-    compiled.sort_by_key(Policy::key);
-    compiled
+/// The policy objects (Ferry's and Istio's) and what is in force for each.
+#[derive(Default)]
+struct PolicyObjects {
+    /// By namespace/name, then kind.
+    known: BTreeMap<(String, &'static str), KnownPolicy>,
 }
 
-/// The spec of an Istio policy in Ferry's terms. Policies bound with `targetRef(s)` apply to
-/// waypoints and gateways, not to workloads, so (as in Istio's ambient node proxy) they are not
-/// enforced here; any other field Ferry does not know is an error naming it.
-fn istio_spec(object: &DynamicObject) -> Result<Spec, String> {
+struct KnownPolicy {
+    version: Option<String>,
+    /// This version's policy; when this version is invalid, the last valid version's.
+    in_force: Option<Policy>,
+    refused: bool,
+}
+
+impl PolicyObjects {
+    /// The policies in force for these objects. Each version of an object is compiled, and its
+    /// problems logged, once. An invalid version is refused with an error naming it, and the
+    /// object's last valid version stays in force: a mistake in an edit does not lift the policy
+    /// it edits. (The CRD's schema refuses most mistakes at the API server, not all: an IP block
+    /// of /33, say.)
+    fn update(&mut self, ferry: &[Arc<DynamicObject>], istio: &[Arc<DynamicObject>]) -> Vec<Policy> {
+        let objects = ferry.iter().map(|o| ("ferry", o)).chain(istio.iter().map(|o| ("istio", o)));
+        let mut known = BTreeMap::new();
+        for (kind, object) in objects {
+            let metadata = &object.metadata;
+            let (Some(name), Some(namespace)) = (&metadata.name, &metadata.namespace) else { continue };
+            let id = (format!("{namespace}/{name}"), kind);
+            let entry = match self.known.remove(&id) {
+                Some(entry) if entry.version == metadata.resource_version => entry,
+                previous => {
+                    let version = metadata.resource_version.clone();
+                    match compile(object) {
+                        Ok(in_force) => KnownPolicy { version, in_force, refused: false },
+                        Err(e) => {
+                            let in_force = previous.and_then(|p| p.in_force);
+                            let outcome = if in_force.is_some() {
+                                "; its last valid version stays in force"
+                            } else {
+                                ""
+                            };
+                            tracing::error!(policy = %id.0, "policy refused: {e}{outcome}");
+                            KnownPolicy { version, in_force, refused: true }
+                        }
+                    }
+                }
+            };
+            known.insert(id, entry);
+        }
+        self.known = known;
+        self.known.values().filter_map(|p| p.in_force.clone()).collect()
+    }
+
+    /// Objects whose current version was refused.
+    fn refused(&self) -> usize {
+        self.known.values().filter(|p| p.refused).count()
+    }
+}
+
+/// One policy object compiled: `None` when it is not for a node proxy to enforce.
+fn compile(object: &DynamicObject) -> Result<Option<Policy>, String> {
+    let (Some(name), Some(namespace)) = (&object.metadata.name, &object.metadata.namespace) else {
+        return Ok(None);
+    };
     let spec = object.data.get("spec").cloned().unwrap_or_default();
+    // Bound to waypoints and gateways, as in Istio's ambient node proxy.
     if let Some(field) = ["targetRef", "targetRefs"].into_iter().find(|f| spec.get(f).is_some()) {
-        return Err(format!("bound with {field} to a waypoint or gateway, not enforced by a node proxy"));
+        tracing::info!(policy = %format!("{namespace}/{name}"), "not enforced here: bound with {field} to a waypoint or gateway");
+        return Ok(None);
     }
-    if spec.is_null() {
-        return Ok(Spec::default());
-    }
-    serde_json::from_value(spec).map_err(|e| format!("Istio AuthorizationPolicy spec: {e}"))
+    let spec: Spec = if spec.is_null() {
+        Spec::default()
+    } else {
+        serde_json::from_value(spec).map_err(|e| format!("spec: {e}"))?
+    };
+    let policy = AuthorizationPolicy {
+        api_version: None,
+        kind: None,
+        metadata: crate::policy::Metadata {
+            name: name.clone(),
+            namespace: namespace.clone(),
+            annotations: object.metadata.annotations.clone().unwrap_or_default(),
+        },
+        spec,
+    };
+    policy.compile().map(Some)
 }
 
 fn workload(pod: &Pod, node: &str, cgroups: &mut PodCgroups) -> Option<config::Workload> {
@@ -437,20 +503,48 @@ mod tests {
 
     #[test]
     fn istio_policies_convert_or_say_why_not() {
-        let spec = istio_spec(&istio(serde_json::json!({
+        let policy = compile(&istio(serde_json::json!({
             "action": "DENY",
             "rules": [{"from": [{"source": {"namespaces": ["evil"]}}], "to": [{"operation": {"ports": ["8080"]}}]}],
         })))
-        .unwrap();
-        assert_eq!(spec.rules.len(), 1);
-        assert_eq!(spec.rules[0].to[0].operation.ports, [8080]);
-        assert!(istio_spec(&istio(serde_json::Value::Null)).unwrap().rules.is_empty());
-        let waypoint =
-            istio_spec(&istio(serde_json::json!({"targetRefs": [{"kind": "Service", "name": "s"}]})));
-        assert!(waypoint.unwrap_err().contains("targetRefs"));
+        .unwrap()
+        .expect("enforced");
+        assert_eq!(policy.rules.len(), 1);
+        assert_eq!(policy.rules[0].to[0].ports, [8080]);
+        assert!(compile(&istio(serde_json::Value::Null)).unwrap().expect("enforced").rules.is_empty());
+        let waypoint = compile(&istio(serde_json::json!({"targetRefs": [{"kind": "Service", "name": "s"}]})));
+        assert!(waypoint.unwrap().is_none(), "a waypoint's policy is not the node's to enforce");
         let unknown =
-            istio_spec(&istio(serde_json::json!({"rules": [{"from": [{"source": {"nodes": ["x"]}}]}]})));
+            compile(&istio(serde_json::json!({"rules": [{"from": [{"source": {"nodes": ["x"]}}]}]})));
         assert!(unknown.unwrap_err().contains("nodes"), "the unknown field is named");
+    }
+
+    #[test]
+    fn an_invalid_edit_leaves_the_last_valid_version_in_force() {
+        let ferry = |name: &str, version: &str, ip_block: &str| {
+            let resource = ApiResource::erase::<AuthorizationPolicyResource>(&());
+            let mut object = DynamicObject::new(name, &resource).within("ns").data(serde_json::json!({
+                "spec": {"action": "DENY", "rules": [{"from": [{"source": {"ipBlocks": [ip_block]}}]}]},
+            }));
+            object.metadata.resource_version = Some(version.to_owned());
+            Arc::new(object)
+        };
+        let blocks = |policies: &[Policy]| -> Vec<String> {
+            policies.iter().map(|p| format!("{} {}", p.key(), p.rules[0].from[0].ip_blocks[0])).collect()
+        };
+        let mut objects = PolicyObjects::default();
+        let first = objects.update(&[ferry("a", "1", "10.0.0.0/8")], &[]);
+        assert_eq!(blocks(&first), ["ns/a 10.0.0.0/8"]);
+        // Refused, alone: the previous version of a stays, b is in force, c never was.
+        let edited = [ferry("a", "2", "10.0.0.0/33"), ferry("b", "1", "10.1.0.0/16"), ferry("c", "1", "x")];
+        assert_eq!(blocks(&objects.update(&edited, &[])), ["ns/a 10.0.0.0/8", "ns/b 10.1.0.0/16"]);
+        assert_eq!(objects.refused(), 2);
+        let fixed = [ferry("a", "3", "10.2.0.0/16"), ferry("b", "1", "10.1.0.0/16")];
+        assert_eq!(blocks(&objects.update(&fixed, &[])), ["ns/a 10.2.0.0/16", "ns/b 10.1.0.0/16"]);
+        assert_eq!(objects.refused(), 0);
+        // A deleted object takes its policy along, valid version or not.
+        assert!(objects.update(&[], &[]).is_empty());
+        assert!(objects.known.is_empty());
     }
 
     #[test]

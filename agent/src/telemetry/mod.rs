@@ -87,6 +87,7 @@ pub struct Telemetry {
     pub proxy: Arc<ProxyMetrics>,
     pub flows: Arc<FlowLog>,
     pub meshed_workloads: Gauge<i64, AtomicI64>,
+    pub policies_refused: Gauge<i64, AtomicI64>,
     ready: AtomicBool,
     live_bytes: Mutex<Vec<Weak<dyn LiveBytes>>>,
 }
@@ -101,6 +102,12 @@ impl Telemetry {
             "ferry_meshed_workloads",
             "Workloads captured on this node",
             meshed_workloads.clone(),
+        );
+        let policies_refused = Gauge::default();
+        registry.register(
+            "ferry_policies_refused",
+            "Policy objects from the Kubernetes API whose current version the agent refused as invalid (logged with the reason; the object's last valid version, if any, stays in force)",
+            policies_refused.clone(),
         );
         registry.register(
             "ferry_log_lines_dropped",
@@ -118,6 +125,7 @@ impl Telemetry {
             proxy,
             flows: Arc::new(FlowLog::default()),
             meshed_workloads,
+            policies_refused,
             ready: AtomicBool::new(false),
             live_bytes: Mutex::default(),
         })
