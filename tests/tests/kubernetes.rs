@@ -295,6 +295,8 @@ fn policies_applied_with_kubectl_are_enforced_and_invalid_ones_refused() {
     sb.wait_for_log("node1", "its last valid version stays in force", 1).unwrap();
     assert!(sb.agent_log("node1").contains("10.0.0.0/33"), "the refusal says what is wrong");
     assert_eq!(sb.metric("node1", "ferry_policies_refused").unwrap(), 1.0);
+    let (_, policies) = sb.node("node1").http_get(15000, "/policies").unwrap();
+    assert!(policies.contains("its current version is refused"), "`ferry policies` says so: {policies}");
     assert!(!echoed(&sb, "a", "b"), "an invalid edit lifted the policy");
     let _pause_c = pause(&sb, "c");
     wait_captured(&sb, 3, "c meshed");

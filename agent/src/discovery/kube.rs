@@ -292,17 +292,18 @@ struct PolicyObjects {
 
 struct KnownPolicy {
     version: Option<String>,
-    /// This version's policy; when this version is invalid, the last valid version's.
-    in_force: Option<Policy>,
-    refused: bool,
+    /// This version's policy, or when this version is refused, the last valid version's.
+    valid: Option<Policy>,
+    /// Why this version is refused.
+    refused: Option<String>,
 }
 
 impl PolicyObjects {
     /// The policies in force for these objects. Each version of an object is compiled, and its
     /// problems logged, once. An invalid version is refused with an error naming it, and the
-    /// object's last valid version stays in force: a mistake in an edit does not lift the policy
-    /// it edits. (The CRD's schema refuses most mistakes at the API server, not all: an IP block
-    /// of /33, say.)
+    /// object's last valid version stays in force, saying so in its warnings: a mistake in an
+    /// edit does not lift the policy it edits. (The CRD's schema refuses most mistakes at the API
+    /// server, not all: an IP block of /33, say.)
     fn update(&mut self, ferry: &[Arc<DynamicObject>], istio: &[Arc<DynamicObject>]) -> Vec<Policy> {
         let objects = ferry.iter().map(|o| ("ferry", o)).chain(istio.iter().map(|o| ("istio", o)));
         let mut known = BTreeMap::new();
@@ -315,16 +316,13 @@ impl PolicyObjects {
                 previous => {
                     let version = metadata.resource_version.clone();
                     match compile(object) {
-                        Ok(in_force) => KnownPolicy { version, in_force, refused: false },
+                        Ok(valid) => KnownPolicy { version, valid, refused: None },
                         Err(e) => {
-                            let in_force = previous.and_then(|p| p.in_force);
-                            let outcome = if in_force.is_some() {
-                                "; its last valid version stays in force"
-                            } else {
-                                ""
-                            };
-                            tracing::error!(policy = %id.0, "policy refused: {e}{outcome}");
-                            KnownPolicy { version, in_force, refused: true }
+                            let valid = previous.and_then(|p| p.valid);
+                            let kept =
+                                if valid.is_some() { "; its last valid version stays in force" } else { "" };
+                            tracing::error!(policy = %id.0, "policy refused: {e}{kept}");
+                            KnownPolicy { version, valid, refused: Some(e) }
                         }
                     }
                 }
@@ -332,12 +330,21 @@ impl PolicyObjects {
             known.insert(id, entry);
         }
         self.known = known;
-        self.known.values().filter_map(|p| p.in_force.clone()).collect()
+        let in_force = self.known.values().filter_map(|known| {
+            let mut policy = known.valid.clone()?;
+            if let Some(reason) = &known.refused {
+                policy
+                    .warnings
+                    .push(format!("its current version is refused ({reason}); this is its last valid one"));
+            }
+            Some(policy)
+        });
+        in_force.collect()
     }
 
     /// Objects whose current version was refused.
     fn refused(&self) -> usize {
-        self.known.values().filter(|p| p.refused).count()
+        self.known.values().filter(|p| p.refused.is_some()).count()
     }
 }
 
@@ -537,9 +544,14 @@ mod tests {
         assert_eq!(blocks(&first), ["ns/a 10.0.0.0/8"]);
         // Refused, alone: the previous version of a stays, b is in force, c never was.
         let edited = [ferry("a", "2", "10.0.0.0/33"), ferry("b", "1", "10.1.0.0/16"), ferry("c", "1", "x")];
-        assert_eq!(blocks(&objects.update(&edited, &[])), ["ns/a 10.0.0.0/8", "ns/b 10.1.0.0/16"]);
+        let kept = objects.update(&edited, &[]);
+        assert_eq!(blocks(&kept), ["ns/a 10.0.0.0/8", "ns/b 10.1.0.0/16"]);
         assert_eq!(objects.refused(), 2);
-        let fixed = [ferry("a", "3", "10.2.0.0/16"), ferry("b", "1", "10.1.0.0/16")];
+        assert!(kept[0].warnings[0].contains("10.0.0.0/33"), "{:?}", kept[0].warnings);
+        assert!(kept[1].warnings.is_empty());
+        // Refused again: still the last valid version, with one warning.
+        assert_eq!(objects.update(&[ferry("a", "3", "10.0.0.0/34")], &[])[0].warnings.len(), 1);
+        let fixed = [ferry("a", "4", "10.2.0.0/16"), ferry("b", "1", "10.1.0.0/16")];
         assert_eq!(blocks(&objects.update(&fixed, &[])), ["ns/a 10.2.0.0/16", "ns/b 10.1.0.0/16"]);
         assert_eq!(objects.refused(), 0);
         // A deleted object takes its policy along, valid version or not.
