@@ -93,6 +93,10 @@ pub struct Limits {
     /// A relayed connection with no byte either way for this long is closed.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// A TCP connect the agent makes for an app (to a peer's 15008, a destination outside the
+    /// mesh, the app in its pod) that gets no answer for this long is given up.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
     /// A TLS handshake on 15008 (or to a peer's) that takes longer is cut off: silent or slow
     /// peers cannot hold connections open.
     #[serde(with = "humantime_serde")]
@@ -109,6 +113,7 @@ impl Default for Limits {
             max_connections_per_pod: 10_000,
             max_connections_per_node: 100_000,
             idle_timeout: Duration::from_secs(3600),
+            connect_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(5),
         }

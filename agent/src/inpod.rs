@@ -12,6 +12,7 @@ use std::{
     os::fd::{AsFd, AsRawFd, BorrowedFd},
     path::Path,
     sync::OnceLock,
+    time::Duration,
 };
 
 use ferry_common::AGENT_MARK;
@@ -59,13 +60,17 @@ impl PodNetns {
         tokio::net::TcpListener::from_std(listen_on(socket, addr)?)
     }
 
-    /// Connects from inside this netns, with the agent's mark so capture ignores it.
-    pub async fn connect(&self, dst: SocketAddr) -> io::Result<tokio::net::TcpStream> {
+    /// Connects from inside this netns, with the agent's mark so capture ignores it. Gives up
+    /// after `timeout`: a destination that drops SYNs would otherwise hold the app, whose own
+    /// connect already succeeded (to the agent), for the kernel's SYN retries, about two minutes.
+    pub async fn connect(&self, dst: SocketAddr, timeout: Duration) -> io::Result<tokio::net::TcpStream> {
         let socket = in_netns(self.as_fd(), || new_tcp_socket(dst))?;
         socket.set_mark(AGENT_MARK)?;
         socket.set_tcp_nodelay(true)?;
         let stream = tokio::net::TcpSocket::from_std_stream(socket.into());
-        stream.connect(dst).await
+        tokio::time::timeout(timeout, stream.connect(dst)).await.unwrap_or_else(|_| {
+            Err(io::Error::new(io::ErrorKind::TimedOut, format!("no answer from {dst} within {timeout:?}")))
+        })
     }
 }
 

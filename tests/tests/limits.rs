@@ -89,3 +89,31 @@ fn a_silent_peer_on_15008_is_cut_off_after_the_handshake_timeout() {
     assert_eq!(sb.metric("node2", series).unwrap(), 1.0);
     sb.wait_for_log("node2", "no HBONE request within 1s of the TLS handshake", 1).unwrap();
 }
+
+#[test]
+fn a_destination_that_never_answers_is_given_up_after_the_connect_timeout() {
+    let mut sb = Sandbox::two_nodes("blackhole").unwrap();
+    let config = sb.config_for("node1").replacen('\n', "\nlimits: {connectTimeout: 1s}\n", 1);
+    sb.start_agent("node1", Some(&config)).unwrap();
+    // From a, c's address leads into a veth pair that loses everything: frames leave void0
+    // (ARP off) addressed to void0's own MAC, so void1 drops them as meant for another host. SYNs
+    // vanish without an answer, as to a node that went down.
+    let (a, c) = (sb.pod("a"), SocketAddr::from((sb.pod("c").ip, PORT)));
+    for args in [
+        &["link", "add", "void0", "type", "veth", "peer", "name", "void1"][..],
+        &["link", "set", "void0", "arp", "off", "up"],
+        &["link", "set", "void1", "up"],
+        &["route", "add", &format!("{}/32", c.ip()), "dev", "void0"],
+    ] {
+        a.netns.ip(args).unwrap();
+    }
+
+    // The app's connect succeeds (to the agent), so only the agent can give up on the dial: the
+    // app sees a reset, not its own 10 s read timeout.
+    let started = Instant::now();
+    let outcome = a.connect(c, 10).unwrap();
+    assert!(matches!(outcome, ConnectOutcome::Reset { .. }), "{outcome:?} after {:?}", started.elapsed());
+    let series = "ferry_proxy_connection_failures_total{direction=\"outbound\",reason=\"connect\"}";
+    assert_eq!(sb.metric("node1", series).unwrap(), 1.0);
+    sb.wait_for_log("node1", &format!("no answer from {}:15008 within 1s", c.ip()), 1).unwrap();
+}

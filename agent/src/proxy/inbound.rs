@@ -37,7 +37,7 @@ pub(super) async fn handle_plaintext(proxy: Proxy, pod: Arc<LocalPod>, client: T
         client.abort();
         return flow.deny(telemetry, &decision);
     }
-    match deliver(&pod, dst).await {
+    match deliver(&pod, dst, proxy.inner.limits.connect_timeout).await {
         Ok(app) => flow.relay_tcp(client, app, &proxy).await,
         Err(e) => flow.reset(&client, telemetry, FailureReason::Connect, &e),
     }
@@ -45,8 +45,8 @@ pub(super) async fn handle_plaintext(proxy: Proxy, pod: Arc<LocalPod>, client: T
 
 /// Connects to the app from inside its pod, marked so capture leaves it alone. The destination
 /// is the pod's own address, which sk_lookup treats as local and does not steer again.
-pub(super) async fn deliver(pod: &LocalPod, dst: SocketAddr) -> io::Result<TcpStream> {
-    pod.netns.connect(dst).await
+pub(super) async fn deliver(pod: &LocalPod, dst: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    pod.netns.connect(dst, timeout).await
 }
 
 /// This node's own addresses, those of the agent's netns (the host's), where the kubelet's

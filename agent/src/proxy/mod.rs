@@ -260,7 +260,7 @@ impl Proxy {
         limits: Limits,
     ) -> Proxy {
         let (drain, draining) = watch::channel(false);
-        let pool = Arc::new(hbone::client::Pool::new(limits.handshake_timeout));
+        let pool = Arc::new(hbone::client::Pool::new(limits.connect_timeout, limits.handshake_timeout));
         tokio::spawn(pool.clone().release_idle());
         let tracker = Arc::new(Tracker::default());
         let live: Arc<dyn LiveBytes> = tracker.clone();

@@ -52,6 +52,7 @@ pub(super) async fn handle(proxy: Proxy, pod: Arc<LocalPod>, client: TcpStream, 
     let flow = source(Flow::new(Direction::Outbound, route.as_str(), app, dst)).service(service.as_ref());
     let flow = flow.destination(state.workload_by_ip(dst.ip()).cloned(), None);
     let trust_domain = &pod.identity.trust_domain;
+    let connect_timeout = proxy.inner.limits.connect_timeout;
     let upstream = match route {
         Route::Tunnel(destination) => {
             let flow = flow
@@ -82,7 +83,7 @@ pub(super) async fn handle(proxy: Proxy, pod: Arc<LocalPod>, client: TcpStream, 
                     client.abort();
                     return flow.deny(telemetry, &decision);
                 }
-                return match inbound::deliver(&dst_pod, dst).await {
+                return match inbound::deliver(&dst_pod, dst, connect_timeout).await {
                     Ok(upstream) => flow.relay_tcp(client, upstream, &proxy).await,
                     Err(e) => {
                         refused();
@@ -91,9 +92,9 @@ pub(super) async fn handle(proxy: Proxy, pod: Arc<LocalPod>, client: TcpStream, 
                 };
             }
             // Known as local but not (yet) captured here: reach it as an uncaptured client would.
-            None => pod.netns.connect(dst).await,
+            None => pod.netns.connect(dst, connect_timeout).await,
         },
-        Route::Passthrough => pod.netns.connect(dst).await,
+        Route::Passthrough => pod.netns.connect(dst, connect_timeout).await,
     };
     match upstream {
         Ok(upstream) => flow.relay_tcp(client, upstream, &proxy).await,

@@ -112,12 +112,13 @@ pub(crate) struct HboneStream {
 pub(crate) struct Pool {
     connections: Mutex<HashMap<PoolKey, Vec<Arc<PooledConnection>>>>,
     dialing: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>,
+    connect_timeout: Duration,
     handshake_timeout: Duration,
 }
 
 impl Pool {
-    pub(crate) fn new(handshake_timeout: Duration) -> Pool {
-        Pool { connections: Mutex::default(), dialing: Mutex::default(), handshake_timeout }
+    pub(crate) fn new(connect_timeout: Duration, handshake_timeout: Duration) -> Pool {
+        Pool { connections: Mutex::default(), dialing: Mutex::default(), connect_timeout, handshake_timeout }
     }
 
     /// Opens a CONNECT stream for `request` to the key's destination, dialing if no pooled
@@ -169,7 +170,7 @@ impl Pool {
         if let Some(slot) = self.reuse(key) {
             return Ok(slot);
         }
-        let (sender, closed) = dial(key, netns, certs, self.handshake_timeout).await?;
+        let (sender, closed) = dial(key, netns, certs, self.connect_timeout, self.handshake_timeout).await?;
         metrics.hbone_connection(Side::Client);
         let connection = Arc::new(PooledConnection {
             sender,
@@ -298,10 +299,11 @@ async fn dial(
     key: &PoolKey,
     netns: &PodNetns,
     certs: &Arc<CertManager>,
+    connect_timeout: Duration,
     handshake_timeout: Duration,
 ) -> Result<(SendRequest<Bytes>, Arc<AtomicBool>), TunnelError> {
     let addr = key.hbone_addr;
-    let tcp = netns.connect(addr).await.map_err(|e| TunnelError::Dial(addr, e))?;
+    let tcp = netns.connect(addr, connect_timeout).await.map_err(|e| TunnelError::Dial(addr, e))?;
     let _ = socket2::SockRef::from(&tcp).set_keepalive(true);
     let config = tls::client_config(certs, &key.source, key.destination.clone())?;
     let handshake = TlsConnector::from(config).connect(tls::server_name(addr.ip()), super::buffered(tcp));

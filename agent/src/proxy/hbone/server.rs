@@ -137,7 +137,7 @@ async fn connect(
         flow.deny(&telemetry, &decision);
         return answer(&mut respond, StatusCode::UNAUTHORIZED);
     }
-    let app = match inbound::deliver(&pod, target).await {
+    let app = match inbound::deliver(&pod, target, proxy.inner.limits.connect_timeout).await {
         Ok(app) => app,
         Err(e) => {
             flow.fail(&telemetry, FailureReason::Unavailable, &format!("503: app at {target}: {e}"));
