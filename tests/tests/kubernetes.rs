@@ -328,7 +328,7 @@ fn policies_are_enforced_once_their_crd_is_installed_after_the_agent_started() {
     install_ferry_crd(&api);
     api.apply(&deny_to_b("a", "")).unwrap();
     // The agent looks for a missing CRD every 10 s.
-    wait_until_reaches(&sb, ("a", "b"), false, "policy enforced", Duration::from_secs(15));
+    wait_until_reaches(&sb, ("a", "b"), false, "policy enforced", Duration::from_secs(25));
     sb.wait_for_log("node1", "shop/deny-a", 1).unwrap();
 }
 
