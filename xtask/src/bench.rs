@@ -532,7 +532,7 @@ fn find<'a>(summary: &'a [Summary], path: &str, metric: &str) -> Option<&'a Summ
 }
 
 fn targets(summary: &[Summary], scale: &[ScaleRow]) -> Vec<Target> {
-    let ratio = |path, metric| find(summary, path, metric).and_then(|s| s.ratio);
+    let ratio = |path: &str, metric: &str| find(summary, path, metric).and_then(|s| s.ratio);
     let target = |what: &str, bar: Bar, measured: Option<f64>| Target {
         what: what.to_owned(),
         bar: bar.to_string(),
@@ -549,41 +549,23 @@ fn targets(summary: &[Summary], scale: &[ScaleRow]) -> Vec<Target> {
     };
     let mtls = "ferry cross-node mTLS";
     let same = "ferry same-node";
-    vec![
+    let mut targets = vec![
         target("cross-node mTLS bulk, 1 stream (x direct)", Bar::AtLeast(0.5), ratio(mtls, "bulk 1 stream")),
         target("same-node bulk, 1 stream (x direct)", Bar::AtLeast(0.7), ratio(same, "bulk 1 stream")),
-        // Round trips at a fixed rate, the machine mostly idle (every wake-up a halted vCPU's), and
-        // saturated (back to back, the CPUs awake): the bar names neither.
-        target(
-            "cross-node mTLS rr 1B p50, fixed rate (x direct)",
-            Bar::AtMost(1.8),
-            ratio(mtls, "rr 1B fixed-rate p50"),
-        ),
-        target(
-            "cross-node mTLS rr 1B p99, fixed rate (x direct)",
-            Bar::AtMost(2.0),
-            ratio(mtls, "rr 1B fixed-rate p99"),
-        ),
-        target(
-            "same-node rr 1B p50, fixed rate (x direct)",
-            Bar::AtMost(1.5),
-            ratio(same, "rr 1B fixed-rate p50"),
-        ),
-        target(
-            "cross-node mTLS rr 1B p50, saturated (x direct)",
-            Bar::AtMost(1.8),
-            ratio(mtls, "rr 1B saturated p50"),
-        ),
-        target(
-            "cross-node mTLS rr 1B p99, saturated (x direct)",
-            Bar::AtMost(2.0),
-            ratio(mtls, "rr 1B saturated p99"),
-        ),
-        target(
-            "same-node rr 1B p50, saturated (x direct)",
-            Bar::AtMost(1.5),
-            ratio(same, "rr 1B saturated p50"),
-        ),
+    ];
+    // Round trips at a fixed rate, the machine mostly idle (every wake-up a halted vCPU's), and
+    // saturated (back to back, the CPUs awake): the bar names neither.
+    for (mode, metric) in [("fixed rate", "fixed-rate"), ("saturated", "saturated")] {
+        for (path, name, quantile, bar) in [
+            (mtls, "cross-node mTLS", "p50", 1.8),
+            (mtls, "cross-node mTLS", "p99", 2.0),
+            (same, "same-node", "p50", 1.5),
+        ] {
+            let what = format!("{name} rr 1B {quantile}, {mode} (x direct)");
+            targets.push(target(&what, Bar::AtMost(bar), ratio(path, &format!("rr 1B {metric} {quantile}"))));
+        }
+    }
+    targets.extend([
         target("cross-node new connections/s (x direct)", Bar::AtLeast(0.4), ratio(mtls, "new connections")),
         target(
             &format!("agent RSS with {} pods (MiB)", biggest.map_or(0, |r| r.pods)),
@@ -591,7 +573,8 @@ fn targets(summary: &[Summary], scale: &[ScaleRow]) -> Vec<Target> {
             biggest.map(|r| r.idle_rss_kib as f64 / 1024.0),
         ),
         target("agent RSS growth per idle pod (KiB)", Bar::Below(64.0), growth),
-    ]
+    ]);
+    targets
 }
 
 fn machine() -> BTreeMap<&'static str, String> {
