@@ -14,7 +14,7 @@ use crate::{Pod, Process, app_bin};
 
 /// An echo server running in a pod; records the peer of every connection it accepts.
 pub struct Server {
-    child: Child,
+    _process: Process,
     accepted: Arc<Mutex<Vec<SocketAddr>>>,
 }
 
@@ -39,13 +39,6 @@ impl Server {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -90,13 +83,7 @@ impl Pod {
     }
 
     fn serve_mode(&self, mode: &str, port: u16) -> Result<Server> {
-        let mut child = self.app(&[mode, &port.to_string()])?;
-        let stdout = child.stdout.take().context("server stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
-        match lines.next() {
-            Some(Ok(line)) if line == "listening" => {}
-            other => bail!("server in {} did not start: {other:?}", self.spec.name),
-        }
+        let (process, lines) = self.start(&[mode, &port.to_string()], "listening")?;
         let accepted = Arc::new(Mutex::new(Vec::new()));
         let sink = accepted.clone();
         std::thread::spawn(move || {
@@ -106,7 +93,19 @@ impl Pod {
                 }
             }
         });
-        Ok(Server { child, accepted })
+        Ok(Server { _process: process, accepted })
+    }
+
+    /// Runs `sandbox-app ARGS` in this pod until it prints `first`: its process (killed when
+    /// dropped, also when it printed something else) and the lines that follow.
+    fn start(&self, args: &[&str], first: &str) -> Result<(Process, Lines<BufReader<ChildStdout>>)> {
+        let mut process = Process::new(self.app(args)?);
+        let stdout = process.child().stdout.take().context("sandbox-app stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        match lines.next() {
+            Some(Ok(line)) if line == first => Ok((process, lines)),
+            other => bail!("sandbox-app {args:?} in {} printed {other:?}, not {first:?}", self.spec.name),
+        }
     }
 
     /// Connects from this pod to `to`, sends `bytes` bytes and checks they are echoed back.
@@ -202,13 +201,8 @@ impl Probe {
 impl Pod {
     /// Starts probing `to` for up to `seconds`; returns once a first connection succeeded.
     pub fn probe(&self, to: SocketAddr, seconds: u64) -> Result<Probe> {
-        let mut process = Process::new(self.app(&["probe", &to.to_string(), &seconds.to_string()])?);
-        let stdout = process.child().stdout.take().context("probe stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
-        match lines.next() {
-            Some(Ok(line)) if line == "ok" => Ok(Probe { _process: process, lines }),
-            other => bail!("probe from {} to {to} did not get through: {other:?}", self.spec.name),
-        }
+        let (process, lines) = self.start(&["probe", &to.to_string(), &seconds.to_string()], "ok")?;
+        Ok(Probe { _process: process, lines })
     }
 }
 
