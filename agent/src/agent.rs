@@ -101,6 +101,7 @@ pub async fn run(options: Options, log: LogControl) -> anyhow::Result<()> {
     let certs = Arc::new(cert_manager(client, &config)?);
     tracing::info!(signer = %certs.signer_name(), "workload certificates");
     tokio::spawn(certs.clone().rotate());
+    tokio::spawn(certs.clone().follow_ca_dir(config.ca_dir.clone()));
     let telemetry = Telemetry::new(counters.clone(), certs.clone(), &log);
     if let Some(api) = &api {
         telemetry.policies_refused.set(api.refused_policies as i64);
@@ -171,13 +172,17 @@ pub async fn run(options: Options, log: LogControl) -> anyhow::Result<()> {
     let mut successor: Option<JoinHandle<std::io::Result<()>>> = None;
     loop {
         tokio::select! {
-            _ = hangup.recv() => match source.read() {
-                Ok(reloaded) => {
-                    file = reloaded;
-                    agent.apply(&effective(&file, api.as_ref()), "config reloaded");
+            _ = hangup.recv() => {
+                // The CA directory given at start (a changed `caDir` takes a restart).
+                agent.certs.check_ca_dir(&config.ca_dir);
+                match source.read() {
+                    Ok(reloaded) => {
+                        file = reloaded;
+                        agent.apply(&effective(&file, api.as_ref()), "config reloaded");
+                    }
+                    Err(e) => tracing::error!("config reload rejected, the previous config stays in force: {e}"),
                 }
-                Err(e) => tracing::error!("config reload rejected, the previous config stays in force: {e}"),
-            },
+            }
             Some(update) = async { updates.as_mut().expect("guarded").recv().await }, if updates.is_some() => {
                 agent.telemetry.policies_refused.set(update.refused_policies as i64);
                 api = Some(update);

@@ -286,3 +286,90 @@ fn shutdown_drains_open_hbone_streams_with_goaway() {
     assert!(status.success(), "{}", sb.agent_log("node2"));
     assert!(sb.agent_log("node2").contains("stopped"));
 }
+
+/// The root rotation of security.md, each step read by the running agents (SIGHUP on one node,
+/// the CA directory's poll on the other), while a connection opened before lives through it.
+#[test]
+fn a_new_root_is_rolled_out_without_restarting_agents_or_cutting_connections() {
+    let mut sb = sandbox("roots");
+    let shared = sb.ca_dir_created().unwrap();
+    let new_ca = sb.other_ca("new-root").unwrap();
+    let read = |path: std::path::PathBuf| std::fs::read_to_string(path).unwrap();
+    let (old_root, new_root, new_key) = (
+        read(shared.join("root-cert.pem")),
+        read(new_ca.join("root-cert.pem")),
+        read(new_ca.join("root-key.pem")),
+    );
+    // Each node its own copy of the CA directory, as each has its own disk.
+    let mut configs = Vec::new();
+    for node in ["node1", "node2"] {
+        let dir = sb.other_ca(&format!("ca-{node}")).unwrap();
+        for file in ["root-cert.pem", "root-key.pem"] {
+            std::fs::copy(shared.join(file), dir.join(file)).unwrap();
+        }
+        let config = sb
+            .config_for(node)
+            .replace(&format!("caDir: {}\n", shared.display()), &format!("caDir: {}\n", dir.display()));
+        assert!(config.contains(&dir.display().to_string()), "{config}");
+        sb.start_agent(node, Some(&config)).unwrap();
+        configs.push((dir, config));
+    }
+    let _servers = [sb.pod("a").serve(PORT).unwrap(), sb.pod("c").serve(PORT).unwrap()];
+    let reaches = |from: &str, to: &str| {
+        matches!(sb.pod(from).connect(addr(&sb, to, PORT), 10).unwrap(), ConnectOutcome::Echoed { .. })
+    };
+    let wait_until = |what: &str, within: Duration, done: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + within;
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "{what} within {within:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    assert!(reaches("a", "c") && reaches("c", "a"));
+    let roots = |node: &str| metric(&sb, node, "ferry_trusted_roots");
+    // The root each node's certificate chains to (`ferry certs`).
+    let root_of =
+        |node: &str| sb.ferry_json(node, &["certs"]).unwrap()[0]["root"].as_str().unwrap().to_owned();
+    assert_eq!(root_of("node1"), root_of("node2"));
+
+    std::thread::scope(|s| {
+        let stream = s.spawn(|| sb.pod("a").measure_stream(addr(&sb, "c", PORT), 20));
+        std::thread::sleep(Duration::from_millis(500));
+
+        // Node 1 signs with the new root before node 2 trusts it: node 2 must refuse its new
+        // handshakes, which only happens if node 1 took the new root (and renewed) on SIGHUP.
+        let (node1_dir, node1_config) = &configs[0];
+        std::fs::write(node1_dir.join("root-cert.pem"), &new_root).unwrap();
+        std::fs::write(node1_dir.join("root-key.pem"), &new_key).unwrap();
+        std::fs::write(node1_dir.join("trust-bundle.pem"), &old_root).unwrap();
+        sb.reload_agent("node1", node1_config).unwrap();
+        wait_until("node 2 refuses node 1's certificates from the new root", Duration::from_secs(5), &|| {
+            !reaches("a", "c")
+        });
+        assert_eq!(roots("node1"), 2.0);
+        assert_ne!(root_of("node1"), root_of("node2"));
+        assert!(
+            !reaches("c", "a"),
+            "node 2 accepted node 1's server certificate from a root it does not trust"
+        );
+
+        // Node 2 trusts the new root too, without a signal: its CA directory is polled.
+        let (node2_dir, node2_config) = &configs[1];
+        std::fs::write(node2_dir.join("trust-bundle.pem"), &new_root).unwrap();
+        wait_until("node 2 picks up its new trust bundle", Duration::from_secs(15), &|| reaches("a", "c"));
+        assert!(reaches("c", "a"));
+        assert_eq!(roots("node2"), 2.0);
+
+        // A key that is not its root's is refused; the roots in force stay.
+        std::fs::write(node2_dir.join("root-key.pem"), &new_key).unwrap();
+        sb.reload_agent("node2", node2_config).unwrap();
+        sb.wait_for_log("node2", "CA directory not reloaded", 1).unwrap();
+        assert_eq!(metric(&sb, "node2", "ferry_ca_reloads_total{result=\"rejected\"}"), 1.0);
+        assert!(reaches("a", "c") && reaches("c", "a"));
+        assert_eq!(metric(&sb, "node2", "ferry_ca_reloads_total{result=\"applied\"}"), 1.0);
+
+        assert!(!stream.is_finished(), "the stream ended before the rotation did");
+        let streamed = stream.join().unwrap();
+        assert!(streamed.starts_with("streamed"), "the open connection was cut: {streamed}");
+    });
+}

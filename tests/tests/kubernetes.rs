@@ -6,7 +6,7 @@
 
 use std::{
     net::{IpAddr, SocketAddr},
-    path::Path,
+    path::{Path, PathBuf},
     process::Command,
     time::{Duration, Instant},
 };
@@ -779,4 +779,59 @@ fn the_signer_certifies_local_workloads_and_refuses_the_rest() {
             api.kubectl(&["get", "csr", name, "-o", "jsonpath={.status.certificate}"], None).unwrap();
         assert!(cert.is_empty(), "{name} got a certificate");
     }
+
+    // A new root, rolled out by editing the Secret: the signer publishes it beside the old one
+    // and signs with it; the agent, its caDir refreshed as the kubelet refreshes a mounted
+    // ConfigMap, trusts both and renews its certificates under the new root.
+    let root_of = || sb.ferry_json("node1", &["certs"]).unwrap()[0]["root"].as_str().unwrap().to_owned();
+    let old_root_name = root_of();
+    let new_ca = sb.other_ca("new-root").unwrap();
+    let encoded = |path: PathBuf| {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(std::fs::read(path).unwrap())
+    };
+    let patch = serde_json::json!({"data": {
+        "root-cert.pem": encoded(new_ca.join("root-cert.pem")),
+        "root-key.pem": encoded(new_ca.join("root-key.pem")),
+        "trust-bundle.pem": encoded(ca_dir.join("root-cert.pem")),
+    }});
+    let patch = patch.to_string();
+    let (code, _, err) =
+        api.kubectl(&["patch", "secret", "ferry-ca", "-n", "ferry-system", "-p", &patch], None).unwrap();
+    assert_eq!(code, 0, "{err}");
+    let bundle = wait_for_field(
+        &api,
+        &["configmap", "ferry-ca-root", "-n", "ferry-system"],
+        "{.data.trust-bundle\\.pem}",
+        &format!("the new root published\n{}", signer_log()),
+    );
+    let (_, published, _) = api
+        .kubectl(
+            &[
+                "get",
+                "configmap",
+                "ferry-ca-root",
+                "-n",
+                "ferry-system",
+                "-o",
+                "jsonpath={.data.root-cert\\.pem}",
+            ],
+            None,
+        )
+        .unwrap();
+    let new_root = std::fs::read_to_string(new_ca.join("root-cert.pem")).unwrap();
+    assert_eq!(published.replace("\r\n", "\n").trim(), new_root.trim());
+    std::fs::write(ca_dir.join("trust-bundle.pem"), bundle).unwrap();
+    std::fs::write(ca_dir.join("root-cert.pem"), published).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while root_of() == old_root_name {
+        assert!(
+            Instant::now() < deadline,
+            "certificates not renewed under the new root\n{}",
+            sb.agent_log("node1")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(sb.metric("node1", "ferry_trusted_roots").unwrap(), 2.0);
+    assert!(echoed(&sb, "a", "b"));
 }

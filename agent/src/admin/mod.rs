@@ -31,7 +31,7 @@ use tokio::{
 
 use crate::{
     datapath::{Counters, DatapathView},
-    identity::CertManager,
+    identity::{CertManager, Issued},
     policy::Action,
     proxy::Proxy,
     state::StateHandle,
@@ -269,12 +269,14 @@ impl Admin {
     }
 
     fn certificates(&self) -> Vec<Value> {
-        let root = self
-            .certs
-            .root()
-            .and_then(|root| x509_parser::parse_x509_certificate(root).ok())
-            .map(|(_, c)| c.subject().to_string())
-            .unwrap_or_default();
+        // Leaves are signed by the root itself: the issuer names it (during a change of root,
+        // certificates of both may be in use).
+        let root = |issued: &Issued| {
+            (issued.cert.chain.first())
+                .and_then(|leaf| x509_parser::parse_x509_certificate(leaf).ok())
+                .map(|(_, c)| c.issuer().to_string())
+                .unwrap_or_default()
+        };
         let now = SystemTime::now();
         let mut certs: Vec<Value> = self
             .certs
@@ -289,7 +291,7 @@ impl Admin {
                     "not_before": rfc3339(cert.not_before),
                     "not_after": rfc3339(cert.not_after),
                     "expires_in_seconds": left,
-                    "root": root,
+                    "root": root(issued),
                 })
             })
             .collect();

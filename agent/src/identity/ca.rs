@@ -11,6 +11,7 @@ use rcgen::{
     KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, PublicKeyData, SanType, SerialNumber,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, pem::PemObject};
+use x509_parser::prelude::FromDer;
 
 use super::{IdentityError, SpiffeId};
 
@@ -104,6 +105,13 @@ impl FileCa {
         let key = KeyPair::from_pem(key_pem).map_err(|e| {
             file_err(ROOT_KEY_FILE, format!("unusable key, want PKCS#8 EC P-256 or RSA ({e})"))
         })?;
+        // A key that is not the certificate's would sign leaves no peer can verify: say so here
+        // (e.g. a root replaced file by file, the key not yet written).
+        let (_, parsed) = x509_parser::certificate::X509Certificate::from_der(&root)
+            .map_err(|e| file_err(ROOT_CERT_FILE, format!("cannot be parsed ({e})")))?;
+        if parsed.public_key().subject_public_key.data.as_ref() != key.der_bytes() {
+            return Err(file_err(ROOT_KEY_FILE, format!("is not the key of {ROOT_CERT_FILE}")));
+        }
         let issuer = Issuer::from_ca_cert_der(&root, key)
             .map_err(|e| file_err(ROOT_CERT_FILE, format!("not a usable CA certificate ({e})")))?;
         let mut trust_bundle = vec![root.clone()];
@@ -344,6 +352,13 @@ mod tests {
         std::fs::write(dir.join(ROOT_KEY_FILE), "garbage").unwrap();
         let err = FileCa::load(&dir).unwrap_err().to_string();
         assert!(err.contains("root-cert.pem: no PEM certificate"), "{err}");
+        // Each file valid on its own, but the key is another root's.
+        let (cert, _) = new_root().unwrap();
+        let (_, other_key) = new_root().unwrap();
+        std::fs::write(dir.join(ROOT_CERT_FILE), cert).unwrap();
+        std::fs::write(dir.join(ROOT_KEY_FILE), other_key).unwrap();
+        let err = FileCa::load(&dir).unwrap_err().to_string();
+        assert!(err.contains("root-key.pem: is not the key of root-cert.pem"), "{err}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

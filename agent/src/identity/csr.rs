@@ -28,6 +28,7 @@ pub const IDENTITY_ANNOTATION: &str = "ferry.dev/identity";
 /// How long a request may wait for the signer.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
+#[derive(Clone)]
 pub struct CsrClient {
     api: Api<CertificateSigningRequest>,
     node: String,

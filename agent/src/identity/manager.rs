@@ -1,9 +1,15 @@
 //! Certificates of the workloads on this node: obtained on demand, kept in memory, renewed at
 //! half-life. Open connections keep the certificate they were made with; new handshakes pick up
 //! the current one.
+//!
+//! The CA directory is read again on SIGHUP and every [`CA_DIR_POLL`] (a mounted ConfigMap changes
+//! under a running agent): roots added or removed apply to new handshakes, connections verified
+//! under the previous roots are retired (see [`CertManager::trust_changes`]), and a new signing
+//! root renews every certificate at once. A directory that does not parse changes nothing.
 
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
+    path::{Path, PathBuf},
     sync::{
         Arc, Mutex, RwLock,
         atomic::{AtomicU64, Ordering},
@@ -11,10 +17,16 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use rustls::{RootCertStore, crypto::CryptoProvider, pki_types::CertificateDer, sign::CertifiedKey};
-use tokio::sync::Notify;
+use rustls::{
+    RootCertStore, crypto::CryptoProvider, pki_types::CertificateDer, server::danger::ClientCertVerifier,
+    sign::CertifiedKey,
+};
+use tokio::sync::{Notify, watch};
 
-use super::{FileCa, IdentityError, SpiffeId, WorkloadCert, csr::CsrClient};
+use super::{FileCa, IdentityError, SpiffeId, WorkloadCert, csr::CsrClient, load_roots};
+
+/// How often the CA directory is read again for changes.
+const CA_DIR_POLL: Duration = Duration::from_secs(10);
 
 /// Who signs the local workloads' certificates.
 pub enum Signer {
@@ -29,6 +41,8 @@ pub enum Signer {
 pub struct Issued {
     pub cert: WorkloadCert,
     pub certified_key: Arc<CertifiedKey>,
+    /// The signing root it was asked of ([`Authority::signing_root`]): an older one is renewed.
+    signing_root: u64,
 }
 
 impl Issued {
@@ -39,27 +53,90 @@ impl Issued {
     }
 }
 
-/// Outcomes of certificate requests, for `ferry_certificate_requests_total{result}`.
+/// Outcomes, for `ferry_certificate_requests_total{result}` and `ferry_ca_reloads_total{result}`.
 #[derive(Debug, Default)]
-struct RequestCounts {
-    issued: AtomicU64,
+struct Outcomes {
+    succeeded: AtomicU64,
     failed: AtomicU64,
 }
 
-pub struct CertManager {
+impl Outcomes {
+    fn count<T, E>(&self, result: &Result<T, E>) {
+        self.add(result.is_ok());
+    }
+
+    fn add(&self, succeeded: bool) {
+        let counter = if succeeded { &self.succeeded } else { &self.failed };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn read(&self, succeeded: &'static str, failed: &'static str) -> [(&'static str, u64); 2] {
+        [(succeeded, self.succeeded.load(Ordering::Relaxed)), (failed, self.failed.load(Ordering::Relaxed))]
+    }
+}
+
+/// Who signs, and the roots peers must chain to, as the CA directory held them when last read.
+/// Replaced whole when it changes.
+struct Authority {
     signer: Signer,
-    ttl: Duration,
-    provider: Arc<CryptoProvider>,
     /// DER of the roots trusted, the signer's own first.
     trusted: Vec<CertificateDer<'static>>,
     roots: Arc<RootCertStore>,
+    /// Verifies HBONE clients against `roots`; built once per set of roots, not per handshake.
+    client_verifier: Arc<dyn ClientCertVerifier>,
+    /// Counts the signing roots (the first trusted) seen since start.
+    signing_root: u64,
+}
+
+impl Authority {
+    fn new(
+        signer: Signer,
+        trusted: Vec<CertificateDer<'static>>,
+        provider: &Arc<CryptoProvider>,
+        signing_root: u64,
+    ) -> Result<Authority, IdentityError> {
+        let mut roots = RootCertStore::empty();
+        for root in &trusted {
+            roots.add(root.clone())?;
+        }
+        let roots = Arc::new(roots);
+        let client_verifier = super::tls::client_verifier(&roots, provider)?;
+        Ok(Authority { signer, trusted, roots, client_verifier, signing_root })
+    }
+
+    /// The same signer reading `dir` again: the file CA's root and bundle, or in Kubernetes
+    /// mode the roots the signer published.
+    fn read_again(&self, dir: &Path) -> Result<(Signer, Vec<CertificateDer<'static>>), IdentityError> {
+        Ok(match &self.signer {
+            Signer::File(_) => {
+                let ca = FileCa::load(dir)?;
+                let trusted = ca.trust_bundle().to_vec();
+                (Signer::File(ca), trusted)
+            }
+            Signer::Kubernetes(csr) => (Signer::Kubernetes(csr.clone()), load_roots(dir)?),
+        })
+    }
+}
+
+pub struct CertManager {
+    authority: RwLock<Arc<Authority>>,
+    ttl: Duration,
+    provider: Arc<CryptoProvider>,
     certs: RwLock<HashMap<SpiffeId, Arc<Issued>>>,
     wanted: RwLock<BTreeSet<SpiffeId>>,
     /// Identities whose first certificate is being requested.
     pending: Mutex<HashSet<SpiffeId>>,
     /// Woken when a first certificate arrives, so workloads waiting for it get captured.
     first_issued: Notify,
-    requests: RequestCounts,
+    /// Wakes rotation before half-life: the signing root changed.
+    renew: Notify,
+    /// Counts the changes of the roots trusted.
+    trust_changes: watch::Sender<u64>,
+    requests: Outcomes,
+    reloads: Outcomes,
+    /// Why the CA directory was last refused, until it is read well again: each problem is
+    /// logged and counted once, not at every poll.
+    refused: Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for CertManager {
@@ -76,21 +153,21 @@ impl CertManager {
         trusted: Vec<CertificateDer<'static>>,
         ttl: Duration,
     ) -> Result<CertManager, IdentityError> {
-        let mut roots = RootCertStore::empty();
-        for root in &trusted {
-            roots.add(root.clone())?;
-        }
+        let provider = Arc::new(super::tls::provider());
+        let authority = Authority::new(signer, trusted, &provider, 0)?;
         Ok(CertManager {
-            signer,
+            authority: RwLock::new(Arc::new(authority)),
             ttl,
-            provider: Arc::new(super::tls::provider()),
-            trusted,
-            roots: Arc::new(roots),
+            provider,
             certs: RwLock::default(),
             wanted: RwLock::default(),
             pending: Mutex::default(),
             first_issued: Notify::new(),
-            requests: RequestCounts::default(),
+            renew: Notify::new(),
+            trust_changes: watch::Sender::new(0),
+            requests: Outcomes::default(),
+            reloads: Outcomes::default(),
+            refused: Mutex::default(),
         })
     }
 
@@ -100,13 +177,35 @@ impl CertManager {
         CertManager::new(Signer::File(ca), trusted, ttl)
     }
 
-    pub fn roots(&self) -> Arc<RootCertStore> {
-        self.roots.clone()
+    fn authority(&self) -> Arc<Authority> {
+        self.authority.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// The first root trusted: the one this node's certificates chain to.
-    pub fn root(&self) -> Option<&CertificateDer<'static>> {
-        self.trusted.first()
+    /// The roots peers' certificates must chain to now.
+    pub fn roots(&self) -> Arc<RootCertStore> {
+        self.authority().roots.clone()
+    }
+
+    /// Verifies an HBONE client's certificate chain against the roots trusted now.
+    pub fn client_verifier(&self) -> Arc<dyn ClientCertVerifier> {
+        self.authority().client_verifier.clone()
+    }
+
+    /// How many roots are trusted now.
+    pub fn trusted_roots(&self) -> usize {
+        self.authority().trusted.len()
+    }
+
+    /// Changes whenever the roots trusted change. A connection whose peer was verified before
+    /// takes no new streams: they go to a new connection, verified against the new roots (a
+    /// root removed from the bundle stops being trusted on open connections too).
+    pub fn trust_changes(&self) -> watch::Receiver<u64> {
+        self.trust_changes.subscribe()
+    }
+
+    /// How many times the roots trusted have changed (what [`CertManager::trust_changes`] says).
+    pub fn trust_generation(&self) -> u64 {
+        *self.trust_changes.borrow()
     }
 
     pub fn provider(&self) -> Arc<CryptoProvider> {
@@ -115,7 +214,7 @@ impl CertManager {
 
     /// Where certificates come from, for logs and the admin API.
     pub fn signer_name(&self) -> String {
-        match &self.signer {
+        match &self.authority().signer {
             Signer::File(ca) => format!("file CA {}", ca.origin()),
             Signer::Kubernetes(_) => format!("CertificateSigningRequests to {}", super::csr::SIGNER_NAME),
         }
@@ -123,10 +222,68 @@ impl CertManager {
 
     /// (result, count) of the certificate requests so far.
     pub fn request_counts(&self) -> [(&'static str, u64); 2] {
-        [
-            ("issued", self.requests.issued.load(Ordering::Relaxed)),
-            ("failed", self.requests.failed.load(Ordering::Relaxed)),
-        ]
+        self.requests.read("issued", "failed")
+    }
+
+    /// (result, count) of the changed CA directories read since start: applied, or refused.
+    pub fn reload_counts(&self) -> [(&'static str, u64); 2] {
+        self.reloads.read("applied", "rejected")
+    }
+
+    /// Reads the CA directory every [`CA_DIR_POLL`], forever.
+    pub async fn follow_ca_dir(self: Arc<Self>, dir: PathBuf) {
+        loop {
+            tokio::time::sleep(CA_DIR_POLL).await;
+            self.check_ca_dir(&dir);
+        }
+    }
+
+    /// Reads the CA directory again and applies what changed; a directory that cannot be used
+    /// is logged and counted (once per problem) and changes nothing.
+    pub fn check_ca_dir(&self, dir: &Path) {
+        let result = self.reload(dir);
+        let mut refused = self.refused.lock().unwrap_or_else(|e| e.into_inner());
+        match result {
+            Ok(None) => *refused = None,
+            Ok(Some(change)) => {
+                *refused = None;
+                self.reloads.add(true);
+                tracing::info!(
+                    dir = %dir.display(),
+                    roots = change.roots,
+                    "CA directory changed: {} roots trusted{}",
+                    change.roots,
+                    if change.new_signing_root { "; certificates are renewed under the new signing root" } else { "" }
+                );
+            }
+            Err(e) => {
+                let problem = e.to_string();
+                if refused.as_deref() != Some(problem.as_str()) {
+                    self.reloads.add(false);
+                    tracing::error!("CA directory not reloaded, the roots in force stay: {problem}");
+                    *refused = Some(problem);
+                }
+            }
+        }
+    }
+
+    /// Reads `dir` again with the same kind of signer; `Some` when the roots changed.
+    fn reload(&self, dir: &Path) -> Result<Option<TrustChange>, IdentityError> {
+        let current = self.authority();
+        let (signer, trusted) = current.read_again(dir)?;
+        if trusted == current.trusted {
+            return Ok(None);
+        }
+        let new_signing_root = trusted.first() != current.trusted.first();
+        let signing_root = current.signing_root + u64::from(new_signing_root);
+        let authority = Authority::new(signer, trusted, &self.provider, signing_root)?;
+        let change = TrustChange { roots: authority.trusted.len(), new_signing_root };
+        *self.authority.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(authority);
+        self.trust_changes.send_modify(|changes| *changes += 1);
+        if new_signing_root {
+            self.renew.notify_one();
+        }
+        Ok(Some(change))
     }
 
     /// Resolves once a certificate some workload was waiting for has arrived.
@@ -140,11 +297,13 @@ impl CertManager {
     pub fn set_wanted(self: &Arc<Self>, ids: BTreeSet<SpiffeId>) -> Result<(), IdentityError> {
         self.certs.write().unwrap_or_else(|e| e.into_inner()).retain(|id, _| ids.contains(id));
         *self.wanted.write().unwrap_or_else(|e| e.into_inner()) = ids.clone();
+        let authority = self.authority();
         for id in ids.into_iter().filter(|id| self.current(id).is_none()) {
-            match &self.signer {
+            match &authority.signer {
                 Signer::File(ca) => {
                     let cert = ca.issue(&id, self.ttl);
-                    self.install(self.count(cert)?)?;
+                    self.requests.count(&cert);
+                    self.install(cert?, authority.signing_root)?;
                 }
                 Signer::Kubernetes(_) => {
                     if self.pending.lock().unwrap_or_else(|e| e.into_inner()).insert(id.clone()) {
@@ -170,24 +329,21 @@ impl CertManager {
         self.wanted.read().unwrap_or_else(|e| e.into_inner()).contains(id)
     }
 
-    async fn issue(&self, id: &SpiffeId) -> Result<WorkloadCert, IdentityError> {
-        let cert = match &self.signer {
+    /// Obtains and installs a certificate for `id` from the signer in force now.
+    async fn issue(&self, id: &SpiffeId) -> Result<Arc<Issued>, IdentityError> {
+        let authority = self.authority();
+        let cert = match &authority.signer {
             Signer::File(ca) => ca.issue(id, self.ttl),
             Signer::Kubernetes(csr) => csr.request(id).await,
         };
-        self.count(cert)
+        self.requests.count(&cert);
+        self.install(cert?, authority.signing_root)
     }
 
-    fn count(&self, cert: Result<WorkloadCert, IdentityError>) -> Result<WorkloadCert, IdentityError> {
-        let counter = if cert.is_ok() { &self.requests.issued } else { &self.requests.failed };
-        counter.fetch_add(1, Ordering::Relaxed);
-        cert
-    }
-
-    fn install(&self, cert: WorkloadCert) -> Result<Arc<Issued>, IdentityError> {
+    fn install(&self, cert: WorkloadCert, signing_root: u64) -> Result<Arc<Issued>, IdentityError> {
         let key = self.provider.key_provider.load_private_key(cert.key.clone_key())?;
         let certified_key = Arc::new(CertifiedKey::new(cert.chain.clone(), key));
-        let issued = Arc::new(Issued { cert, certified_key });
+        let issued = Arc::new(Issued { cert, certified_key, signing_root });
         tracing::info!(identity = %issued.cert.identity, serial = %issued.cert.serial, "certificate issued");
         if self.is_wanted(&issued.cert.identity) {
             self.certs
@@ -203,7 +359,7 @@ impl CertManager {
     async fn request_first(self: Arc<Self>, id: SpiffeId) {
         let mut backoff = Duration::from_secs(1);
         while self.is_wanted(&id) {
-            match self.issue(&id).await.and_then(|cert| self.install(cert)) {
+            match self.issue(&id).await {
                 Ok(_) => {
                     self.first_issued.notify_one();
                     break;
@@ -218,20 +374,22 @@ impl CertManager {
         self.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
     }
 
-    /// Renews every certificate past its half-life, forever. Failures are retried.
+    /// Renews every certificate past its half-life, or from an earlier signing root, forever.
+    /// Failures are retried.
     pub async fn rotate(self: Arc<Self>) {
         loop {
             let now = SystemTime::now();
+            let signing_root = self.authority().signing_root;
             let due: Vec<SpiffeId> = self
                 .all()
                 .iter()
-                .filter(|issued| issued.refresh_at() <= now)
+                .filter(|issued| issued.refresh_at() <= now || issued.signing_root < signing_root)
                 .map(|issued| issued.cert.identity.clone())
                 .filter(|id| self.is_wanted(id))
                 .collect();
             let mut failed = false;
             for id in due {
-                if let Err(e) = self.issue(&id).await.and_then(|cert| self.install(cert)) {
+                if let Err(e) = self.issue(&id).await {
                     tracing::error!(identity = %id, "certificate rotation failed, retrying: {e}");
                     failed = true;
                 }
@@ -243,7 +401,87 @@ impl CertManager {
                 .and_then(|t| t.duration_since(SystemTime::now()).ok())
                 .unwrap_or(Duration::from_secs(1))
                 .clamp(floor, Duration::from_secs(60));
-            tokio::time::sleep(wait).await;
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = self.renew.notified() => {}
+            }
         }
+    }
+}
+
+/// What a reload of the CA directory changed.
+struct TrustChange {
+    roots: usize,
+    new_signing_root: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::pki_types::pem::PemObject;
+
+    use crate::identity::{ROOT_CERT_FILE, ROOT_KEY_FILE, TRUST_BUNDLE_FILE, new_root, write_private};
+
+    fn issuer(issued: &Issued) -> String {
+        let (_, leaf) = x509_parser::parse_x509_certificate(&issued.cert.chain[0]).unwrap();
+        leaf.issuer().to_string()
+    }
+
+    fn subject(pem: &str) -> String {
+        let der = CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+        cert.subject().to_string()
+    }
+
+    #[tokio::test]
+    async fn a_changed_ca_directory_applies_and_a_broken_one_changes_nothing() {
+        let dir = std::env::temp_dir().join(format!("ferry-ca-reload-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let certs = Arc::new(
+            CertManager::with_file_ca(FileCa::init(&dir).unwrap(), Duration::from_secs(3600)).unwrap(),
+        );
+        let old_root = std::fs::read_to_string(dir.join(ROOT_CERT_FILE)).unwrap();
+        let id = SpiffeId::new("cluster.local", "ns", "sa");
+        certs.set_wanted([id.clone()].into()).unwrap();
+        let first = certs.current(&id).unwrap();
+        assert_eq!(issuer(&first), subject(&old_root));
+        tokio::spawn(certs.clone().rotate());
+        let mut trust = certs.trust_changes();
+
+        certs.check_ca_dir(&dir);
+        assert!(!trust.has_changed().unwrap(), "nothing changed, yet the trust did");
+        assert_eq!(certs.reload_counts(), [("applied", 0), ("rejected", 0)]);
+
+        // Step 1 of a rotation: a new root trusted beside the old one; certificates stay.
+        let (new_cert, new_key) = new_root().unwrap();
+        std::fs::write(dir.join(TRUST_BUNDLE_FILE), &new_cert).unwrap();
+        certs.check_ca_dir(&dir);
+        assert!(trust.has_changed().unwrap());
+        trust.mark_unchanged();
+        assert_eq!((certs.trusted_roots(), certs.reload_counts()[0]), (2, ("applied", 1)));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(Arc::ptr_eq(&certs.current(&id).unwrap(), &first), "renewed without a new signing root");
+
+        // Half a root change (the key of another root): refused once, however often it is read.
+        std::fs::write(dir.join(ROOT_CERT_FILE), &new_cert).unwrap();
+        for _ in 0..3 {
+            certs.check_ca_dir(&dir);
+        }
+        assert_eq!(certs.reload_counts(), [("applied", 1), ("rejected", 1)]);
+        assert!(!trust.has_changed().unwrap());
+        assert_eq!(certs.trusted_roots(), 2);
+
+        // Step 2: the new root signs, the old one is still trusted; certificates are renewed now.
+        write_private(&dir.join(ROOT_KEY_FILE), &new_key).unwrap();
+        std::fs::write(dir.join(TRUST_BUNDLE_FILE), &old_root).unwrap();
+        certs.check_ca_dir(&dir);
+        assert!(trust.has_changed().unwrap());
+        assert_eq!(certs.reload_counts(), [("applied", 2), ("rejected", 1)]);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while issuer(&certs.current(&id).unwrap()) != subject(&new_cert) {
+            assert!(std::time::Instant::now() < deadline, "not renewed under the new root");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -16,7 +16,7 @@ pub use ca::{
     FileCa, ROOT_CERT_FILE, ROOT_KEY_FILE, SignedLeaf, TRUST_BUNDLE_FILE, WorkloadCert, certs_to_pem,
     load_roots, new_root, write_private,
 };
-pub use manager::{CertManager, Signer};
+pub use manager::{CertManager, Issued, Signer};
 
 /// `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -38,6 +38,8 @@ pub enum IdentityError {
     Ca { dir: String, problem: String },
     #[error("issuing a certificate for {id}: {problem}")]
     Issue { id: String, problem: String },
+    #[error("no certificate for {0} yet")]
+    NoCertificate(SpiffeId),
     #[error("TLS setup: {0}")]
     Tls(#[from] rustls::Error),
 }

@@ -7,8 +7,8 @@
 use std::sync::Arc;
 
 use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, Error, ServerConfig,
-    SignatureScheme,
+    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, Error, RootCertStore,
+    ServerConfig, SignatureScheme,
     client::{
         ResolvesClientCert,
         danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
@@ -22,7 +22,7 @@ use rustls::{
     sign::CertifiedKey,
 };
 
-use super::{CertManager, IdentityError, SpiffeId};
+use super::{CertManager, IdentityError, SpiffeId, manager::Issued};
 
 pub const ALPN_H2: &[u8] = b"h2";
 
@@ -41,10 +41,8 @@ pub fn server_config(
     identity: SpiffeId,
 ) -> Result<Arc<ServerConfig>, IdentityError> {
     let provider = certs.provider();
-    let inner = WebPkiClientVerifier::builder_with_provider(certs.roots(), provider.clone())
-        .build()
-        .map_err(|e| IdentityError::Tls(Error::General(e.to_string())))?;
-    let verifier = Arc::new(SameTrustDomainClient { inner, trust_domain: identity.trust_domain.clone() });
+    let verifier =
+        Arc::new(SameTrustDomainClient { certs: certs.clone(), trust_domain: identity.trust_domain.clone() });
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -55,15 +53,23 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
-/// The HBONE client side: `source`'s current certificate, and a server that must be `expected`.
+/// Checks client certificate chains against `roots` (EKU clientAuth).
+pub(super) fn client_verifier(
+    roots: &Arc<RootCertStore>,
+    provider: &Arc<CryptoProvider>,
+) -> Result<Arc<dyn ClientCertVerifier>, IdentityError> {
+    WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+        .build()
+        .map_err(|e| IdentityError::Tls(Error::General(e.to_string())))
+}
+
+/// The HBONE client side: the source's certificate `issued`, and a server that must be
+/// `expected`, verified against the roots trusted now.
 pub fn client_config(
-    certs: &Arc<CertManager>,
-    source: &SpiffeId,
+    certs: &CertManager,
+    issued: &Issued,
     expected: SpiffeId,
 ) -> Result<Arc<ClientConfig>, IdentityError> {
-    let issued = certs
-        .current(source)
-        .ok_or_else(|| IdentityError::Tls(Error::General(format!("no certificate for {source}"))))?;
     let provider = certs.provider();
     let verifier =
         Arc::new(ExactServerIdentity { roots: certs.roots(), provider: provider.clone(), expected });
@@ -112,10 +118,10 @@ impl ResolvesClientCert for FixedClientCert {
     }
 }
 
-/// Chain to the trust bundle (EKU clientAuth, via webpki), then the same trust domain.
+/// Chain to the trust bundle in force (EKU clientAuth, via webpki), then the same trust domain.
 #[derive(Debug)]
 struct SameTrustDomainClient {
-    inner: Arc<dyn ClientCertVerifier>,
+    certs: Arc<CertManager>,
     trust_domain: String,
 }
 
@@ -131,7 +137,7 @@ impl ClientCertVerifier for SameTrustDomainClient {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
-        let verified = self.inner.verify_client_cert(end_entity, intermediates, now)?;
+        let verified = self.certs.client_verifier().verify_client_cert(end_entity, intermediates, now)?;
         let id = SpiffeId::from_cert(end_entity).map_err(|e| {
             Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(e))))
         })?;
@@ -150,7 +156,7 @@ impl ClientCertVerifier for SameTrustDomainClient {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
+        self.certs.client_verifier().verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -159,11 +165,11 @@ impl ClientCertVerifier for SameTrustDomainClient {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
+        self.certs.client_verifier().verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
+        self.certs.client_verifier().supported_verify_schemes()
     }
 }
 

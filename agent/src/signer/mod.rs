@@ -46,26 +46,35 @@ struct Signer {
     ca: FileCa,
     authority: Authority,
     cert_ttl: Duration,
+    /// Why the CA Secret was last unusable, until it is read well again: logged once, not at
+    /// every poll.
+    secret_refused: Option<String>,
 }
+
+/// How often the CA Secret is read again: an operator rotating the root edits it.
+const CA_SECRET_POLL: Duration = Duration::from_secs(10);
 
 pub async fn run(options: Options) -> anyhow::Result<()> {
     let client = Client::try_default().await.context("connecting to the Kubernetes API")?;
     let ca = load_or_create_ca(&client, &options).await?;
     publish_root(&client, &options, &ca).await?;
-    let signer = Signer {
+    let mut signer = Signer {
         csrs: Api::all(client.clone()),
         client,
         ca,
-        authority: options.authority,
+        authority: options.authority.clone(),
         cert_ttl: options.cert_ttl,
+        secret_refused: None,
     };
     let requests = watcher::Config::default().fields(&format!("spec.signerName={SIGNER_NAME}"));
     let mut requests = pin!(watcher(signer.csrs.clone(), requests).default_backoff().applied_objects());
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     tracing::info!(signer = SIGNER_NAME, trust_domain = %signer.authority.trust_domain, "signing workload certificates");
+    let mut poll = tokio::time::interval_at(tokio::time::Instant::now() + CA_SECRET_POLL, CA_SECRET_POLL);
     loop {
         tokio::select! {
+            _ = poll.tick() => signer.follow_secret(&options).await,
             next = requests.try_next() => match next {
                 Ok(Some(csr)) => {
                     let name = csr.metadata.name.unwrap_or_default();
@@ -84,6 +93,36 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
 }
 
 impl Signer {
+    /// Takes up the CA Secret's root if it changed. It is published first, so agents learn of
+    /// a new root before anything is signed with it; until both succeed the previous root signs.
+    async fn follow_secret(&mut self, options: &Options) {
+        let changed = async {
+            let ca = read_ca(&self.client, options).await?;
+            if ca.trust_bundle() == self.ca.trust_bundle() {
+                return Ok(None);
+            }
+            publish_root(&self.client, options, &ca).await?;
+            anyhow::Ok(Some(ca))
+        };
+        match changed.await {
+            Ok(changed) => {
+                self.secret_refused = None;
+                if let Some(ca) = changed {
+                    let roots = ca.trust_bundle().len();
+                    tracing::info!(roots, "the CA Secret changed: signing with its root from now on");
+                    self.ca = ca;
+                }
+            }
+            Err(e) => {
+                let problem = format!("{e:#}");
+                if self.secret_refused.as_ref() != Some(&problem) {
+                    tracing::error!("the CA Secret cannot be used, the previous root signs: {problem}");
+                    self.secret_refused = Some(problem);
+                }
+            }
+        }
+    }
+
     /// Answers one request, unless it already has an answer.
     async fn handle(&self, name: &str) -> anyhow::Result<()> {
         // The event may be stale (e.g. our own approval): decide on the current object.
@@ -202,10 +241,22 @@ async fn load_or_create_ca(client: &Client, options: &Options) -> anyhow::Result
                 }
             }
         };
+    ca_from_secret(&secret, options)
+}
+
+/// The root as the CA Secret holds it now.
+async fn read_ca(client: &Client, options: &Options) -> anyhow::Result<FileCa> {
+    let (namespace, name) = (&options.namespace, &options.ca_secret);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let secret = secrets.get(name).await.with_context(|| format!("reading Secret {namespace}/{name}"))?;
+    ca_from_secret(&secret, options)
+}
+
+fn ca_from_secret(secret: &Secret, options: &Options) -> anyhow::Result<FileCa> {
     let field = |key: &str| {
         secret.data.as_ref().and_then(|d| d.get(key)).map(|v| String::from_utf8_lossy(&v.0).into_owned())
     };
-    let origin = format!("Secret {namespace}/{name}");
+    let origin = format!("Secret {}/{}", options.namespace, options.ca_secret);
     let missing = |key: &str| anyhow::anyhow!("{origin} has no {key}");
     let cert = field(ROOT_CERT_FILE).ok_or_else(|| missing(ROOT_CERT_FILE))?;
     let key = field(ROOT_KEY_FILE).ok_or_else(|| missing(ROOT_KEY_FILE))?;

@@ -30,7 +30,7 @@ pub use metrics::{ConnectionLabels, Direction, FailureReason, LiveBytes, ProxyMe
 
 use crate::{datapath::Counters, identity::CertManager};
 
-/// Reads the eBPF per-CPU counters and the certificates' expiry at scrape time.
+/// Reads the eBPF per-CPU counters, the certificates' expiry and the roots trusted at scrape time.
 struct ScrapeCollector {
     datapath: Counters,
     certs: Arc<CertManager>,
@@ -77,6 +77,23 @@ impl Collector for ScrapeCollector {
         for (result, count) in self.certs.request_counts() {
             ConstCounter::new(count).encode(family.encode_family(&[("result", result)])?)?;
         }
+        let mut family = encoder.encode_descriptor(
+            "ferry_ca_reloads",
+            "Changes of the CA directory read by the running agent: applied, or rejected (logged with the reason; the roots in force stay)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (result, count) in self.certs.reload_counts() {
+            ConstCounter::new(count).encode(family.encode_family(&[("result", result)])?)?;
+        }
+        let trusted = self.certs.trusted_roots() as i64;
+        let gauge = encoder.encode_descriptor(
+            "ferry_trusted_roots",
+            "Root certificates peers may chain to: the CA's own and those of its trust bundle",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(trusted).encode(gauge)?;
         Ok(())
     }
 }

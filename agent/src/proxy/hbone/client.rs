@@ -24,7 +24,7 @@ use tokio_rustls::TlsConnector;
 
 use super::stream::{H2Stream, keep_alive, read_buf};
 use crate::{
-    identity::{CertManager, IdentityError, SpiffeId, tls},
+    identity::{CertManager, IdentityError, Issued, SpiffeId, tls},
     inpod::PodNetns,
     telemetry::{FailureReason, ProxyMetrics, Side},
 };
@@ -89,6 +89,17 @@ struct PooledConnection {
     /// The peer sent GOAWAY (it drains, e.g. its agent is being upgraded): open streams go on,
     /// new ones go to a new connection.
     going_away: AtomicBool,
+    /// The source's certificate it was made with and the roots its peer was verified against
+    /// ([`CertManager::trust_changes`]): once either is replaced, new streams go to a new
+    /// connection and this one closes when its last stream ends.
+    issued: Arc<Issued>,
+    trust: u64,
+}
+
+impl PooledConnection {
+    fn current(&self, issued: Option<&Arc<Issued>>, trust: u64) -> bool {
+        self.trust == trust && issued.is_some_and(|issued| Arc::ptr_eq(issued, &self.issued))
+    }
 }
 
 /// Holds one stream's place on its connection until dropped.
@@ -160,17 +171,22 @@ impl Pool {
         certs: &Arc<CertManager>,
         metrics: &ProxyMetrics,
     ) -> Result<StreamSlot, TunnelError> {
-        if let Some(slot) = self.reuse(key) {
+        if let Some(slot) = self.reuse(key, certs) {
             return Ok(slot);
         }
         let dial_lock =
             self.dialing.lock().unwrap_or_else(|e| e.into_inner()).entry(key.clone()).or_default().clone();
         let _dialing = dial_lock.lock().await;
         // Whoever held the lock before may have dialed a connection with room for us.
-        if let Some(slot) = self.reuse(key) {
+        if let Some(slot) = self.reuse(key, certs) {
             return Ok(slot);
         }
-        let (sender, closed) = dial(key, netns, certs, self.connect_timeout, self.handshake_timeout).await?;
+        // Read before the handshake: a change during it retires this connection at once.
+        let trust = certs.trust_generation();
+        let issued =
+            certs.current(&key.source).ok_or_else(|| IdentityError::NoCertificate(key.source.clone()))?;
+        let (sender, closed) =
+            dial(key, netns, certs, &issued, self.connect_timeout, self.handshake_timeout).await?;
         metrics.hbone_connection(Side::Client);
         let connection = Arc::new(PooledConnection {
             sender,
@@ -178,6 +194,8 @@ impl Pool {
             active: AtomicUsize::new(1),
             idle_since: Mutex::new(Instant::now()),
             going_away: AtomicBool::new(false),
+            issued,
+            trust,
         });
         self.connections
             .lock()
@@ -188,13 +206,19 @@ impl Pool {
         Ok(StreamSlot(connection))
     }
 
-    fn reuse(&self, key: &PoolKey) -> Option<StreamSlot> {
+    fn reuse(&self, key: &PoolKey, certs: &CertManager) -> Option<StreamSlot> {
+        let (issued, trust) = (certs.current(&key.source), certs.trust_generation());
         let mut connections = self.connections.lock().unwrap_or_else(|e| e.into_inner());
         let list = connections.get_mut(key)?;
-        list.retain(|c| !c.closed.load(Ordering::Acquire));
+        // A retired connection leaves the pool once no stream uses it.
+        list.retain(|c| {
+            !c.closed.load(Ordering::Acquire)
+                && (c.current(issued.as_ref(), trust) || c.active.load(Ordering::Acquire) > 0)
+        });
         // Increments happen only under the pool lock, so the limit holds.
         let connection = list.iter().find(|c| {
-            !c.going_away.load(Ordering::Acquire)
+            c.current(issued.as_ref(), trust)
+                && !c.going_away.load(Ordering::Acquire)
                 && c.active.load(Ordering::Acquire) < MAX_STREAMS_PER_CONNECTION
         })?;
         connection.active.fetch_add(1, Ordering::AcqRel);
@@ -293,19 +317,20 @@ fn unprocessed(error: &h2::Error) -> bool {
     error.is_go_away() || error.reason() == Some(h2::Reason::REFUSED_STREAM)
 }
 
-/// TCP from inside the source pod (marked), mTLS as the source identity, HTTP/2 handshake. The
+/// TCP from inside the source pod (marked), mTLS with `issued`, HTTP/2 handshake. The
 /// connection runs on its own task, which sets the returned flag when it ends.
 async fn dial(
     key: &PoolKey,
     netns: &PodNetns,
-    certs: &Arc<CertManager>,
+    certs: &CertManager,
+    issued: &Issued,
     connect_timeout: Duration,
     handshake_timeout: Duration,
 ) -> Result<(SendRequest<Bytes>, Arc<AtomicBool>), TunnelError> {
     let addr = key.hbone_addr;
     let tcp = netns.connect(addr, connect_timeout).await.map_err(|e| TunnelError::Dial(addr, e))?;
     let _ = socket2::SockRef::from(&tcp).set_keepalive(true);
-    let config = tls::client_config(certs, &key.source, key.destination.clone())?;
+    let config = tls::client_config(certs, issued, key.destination.clone())?;
     let handshake = TlsConnector::from(config).connect(tls::server_name(addr.ip()), super::buffered(tcp));
     let tls = tokio::time::timeout(handshake_timeout, handshake)
         .await

@@ -6,7 +6,7 @@ use std::{net::SocketAddr, sync::Arc};
 use bytes::Bytes;
 use h2::{RecvStream, server::SendResponse};
 use http::{Request, Response, StatusCode, header::HeaderValue};
-use tokio::net::TcpStream;
+use tokio::{net::TcpStream, sync::watch};
 use tokio_rustls::TlsAcceptor;
 
 use super::{
@@ -31,6 +31,9 @@ pub(in crate::proxy) async fn handle(proxy: Proxy, pod: Arc<LocalPod>, tcp: TcpS
         Ok(local) => local,
         Err(_) => return,
     };
+    // Taken before the handshake verifies the peer: a change of the roots trusted from then on
+    // retires this connection.
+    let mut trust = proxy.inner.certs.trust_changes();
     let flow = || {
         Flow::new(Direction::Inbound, ROUTE, peer, local)
             .destination(Some(pod.workload.clone()), Some(pod.identity.clone()))
@@ -90,13 +93,23 @@ pub(in crate::proxy) async fn handle(proxy: Proxy, pod: Arc<LocalPod>, tcp: TcpS
         next = tokio::select! {
             next = connection.accept() => next,
             () = &mut pinged => return tracing::debug!(%peer, "HBONE connection: pings unanswered, closing"),
-            () = async { let _ = draining.wait_for(|d| *d).await; }, if !draining_now => {
-                // GOAWAY: no new streams, open ones finish.
+            () = retired(&mut draining, &mut trust), if !draining_now => {
+                // GOAWAY: no new streams, open ones finish; the peer opens a new connection
+                // for more, verified against the roots trusted now.
                 draining_now = true;
                 connection.graceful_shutdown();
                 connection.accept().await
             }
         };
+    }
+}
+
+/// Resolves when the connection should take no new streams: the agent drains, or the roots
+/// its peer was verified against changed.
+async fn retired(draining: &mut watch::Receiver<bool>, trust: &mut watch::Receiver<u64>) {
+    tokio::select! {
+        _ = draining.wait_for(|d| *d) => {}
+        Ok(()) = trust.changed() => {}
     }
 }
 
