@@ -177,6 +177,13 @@ pub async fn run(options: Options, log: LogControl) -> anyhow::Result<()> {
                 agent.certs.check_ca_dir(&config.ca_dir);
                 match source.read() {
                     Ok(reloaded) => {
+                        let ignored = config.changed_at_start_only(&reloaded);
+                        if !ignored.is_empty() {
+                            tracing::warn!(
+                                "config reloaded, except {}: read only at start, they change when the agent restarts or is upgraded",
+                                ignored.join(", ")
+                            );
+                        }
                         file = reloaded;
                         agent.apply(&effective(&file, api.as_ref()), "config reloaded");
                     }

@@ -247,6 +247,27 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// The settings read only at start whose value in `reloaded` differs from this config's:
+    /// a reload cannot apply them (workloads, services, policies and `nodeTraffic` it can).
+    pub fn changed_at_start_only(&self, reloaded: &Config) -> Vec<&'static str> {
+        let fields = [
+            ("node", self.node != reloaded.node),
+            ("trustDomain", self.trust_domain != reloaded.trust_domain),
+            ("caDir", self.ca_dir != reloaded.ca_dir),
+            ("certTtl", self.cert_ttl != reloaded.cert_ttl),
+            ("metricsAddr", self.metrics_addr != reloaded.metrics_addr),
+            ("readinessAddr", self.readiness_addr != reloaded.readiness_addr),
+            ("adminSocket", self.admin_socket != reloaded.admin_socket),
+            ("adminAddr", self.admin_addr != reloaded.admin_addr),
+            ("upgradeSocket", self.upgrade_socket != reloaded.upgrade_socket),
+            ("failMode", self.fail_mode != reloaded.fail_mode),
+            ("bpfPinDir", self.bpf_pin_dir != reloaded.bpf_pin_dir),
+            ("limits", self.limits != reloaded.limits),
+            ("podCgroupRoot", self.pod_cgroup_root != reloaded.pod_cgroup_root),
+        ];
+        fields.into_iter().filter(|(_, changed)| *changed).map(|(name, _)| name).collect()
+    }
+
     /// Reads, parses and validates a config file; `node`, if given, overrides the file's.
     pub fn load(path: &Path, node: Option<&str>) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
@@ -363,6 +384,17 @@ workloads:
         assert_eq!(c.metrics_addr.port(), 15020);
         assert!(c.workloads[0].meshed);
         assert_eq!(c.local_meshed_workloads().count(), 0);
+    }
+
+    #[test]
+    fn a_reload_names_the_settings_it_cannot_apply() {
+        let running = parse(REMOTE_ONLY).unwrap();
+        let same_settings = parse(&format!("{REMOTE_ONLY}nodeTraffic: policy\npolicies: []\n")).unwrap();
+        assert_eq!(running.changed_at_start_only(&same_settings), Vec::<&str>::new());
+        let changed =
+            parse(&format!("{REMOTE_ONLY}limits: {{idleTimeout: 5m}}\ncertTtl: 1h\nfailMode: open\n"))
+                .unwrap();
+        assert_eq!(running.changed_at_start_only(&changed), ["certTtl", "failMode", "limits"]);
     }
 
     #[test]

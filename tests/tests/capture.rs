@@ -237,15 +237,17 @@ fn reload_releases_removed_workloads_and_rejects_bad_config() {
     sb.wait_for_log("node1", "config reload rejected", 1).unwrap();
     assert_eq!(metric(&sb, "node1", "ferry_meshed_workloads"), 2.0);
 
-    // Without b: b is detached and its listeners are closed.
+    // Without b: b is detached and its listeners are closed. The limits, read only at start,
+    // are named as not applied.
     let without_b: String = {
         let full = sb.config_for("node1");
         let start = full.find("  - name: b\n").unwrap();
         let end = full[start + 1..].find("  - name:").map_or(full.len(), |i| start + 1 + i);
-        format!("{}{}", &full[..start], &full[end..])
+        format!("{}{}limits: {{idleTimeout: 5m}}\n", &full[..start], &full[end..])
     };
     sb.reload_agent("node1", &without_b).unwrap();
     sb.wait_for_log("node1", "workload released", 1).unwrap();
+    sb.wait_for_log("node1", "config reloaded, except limits: read only at start", 1).unwrap();
     assert_eq!(metric(&sb, "node1", "ferry_meshed_workloads"), 1.0);
     let outcome = sb.pod("b").connect(addr(&sb, "u", 8080), 10).unwrap();
     assert_eq!(outcome, ConnectOutcome::Echoed { peer: addr(&sb, "u", 8080), bytes: 10 });
