@@ -43,6 +43,8 @@ fn inspection_commands_report_config_and_traffic() {
     assert_eq!(status["workloads_captured"], 1);
     assert_eq!(status["policies"], 2);
     assert_eq!(status["node_traffic"], "allowed");
+    assert_eq!(status["trusted_roots"], 1);
+    assert!(status["signer"].as_str().unwrap().starts_with("file CA "), "{status}");
 
     let workloads = sb.ferry_json("node2", &["workloads"]).unwrap();
     let c = workloads.as_array().unwrap().iter().find(|w| w["name"] == "c").unwrap();

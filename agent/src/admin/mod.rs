@@ -184,6 +184,8 @@ impl Admin {
             "node_traffic": state.node_traffic,
             "connections": self.proxy.connections().len(),
             "certificates": self.certs.all().len(),
+            "signer": self.certs.signer_name(),
+            "trusted_roots": self.certs.trusted_roots(),
         })
     }
 

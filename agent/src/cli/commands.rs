@@ -97,6 +97,8 @@ fn status(v: &Value) -> String {
         "node_traffic",
         "connections",
         "certificates",
+        "signer",
+        "trusted_roots",
         "config",
     ];
     table(&["field", "value"], keys.iter().map(|k| vec![k.replace('_', " "), cell(&v[*k])]))
