@@ -274,6 +274,12 @@ impl CertManager {
         if trusted == current.trusted {
             return Ok(None);
         }
+        // A directory being rewritten (the kubelet swapping a ConfigMap's files) may have been
+        // read half old, half new: only what a second read confirms applies, else the next poll
+        // tries again.
+        if current.read_again(dir)?.1 != trusted {
+            return Ok(None);
+        }
         let new_signing_root = trusted.first() != current.trusted.first();
         let signing_root = current.signing_root + u64::from(new_signing_root);
         let authority = Authority::new(signer, trusted, &self.provider, signing_root)?;
