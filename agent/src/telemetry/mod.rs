@@ -68,23 +68,23 @@ impl Collector for ScrapeCollector {
             let identity = issued.cert.identity.to_string();
             ConstGauge::new(left).encode(family.encode_family(&[("identity", identity.as_str())])?)?;
         }
-        let mut family = encoder.encode_descriptor(
-            "ferry_certificate_requests",
-            "Workload certificates obtained (issued) or not (failed: refused, malformed, timed out)",
-            None,
-            MetricType::Counter,
-        )?;
-        for (result, count) in self.certs.request_counts() {
-            ConstCounter::new(count).encode(family.encode_family(&[("result", result)])?)?;
-        }
-        let mut family = encoder.encode_descriptor(
-            "ferry_ca_reloads",
-            "Changes of the CA directory read by the running agent: applied, or rejected (logged with the reason; the roots in force stay)",
-            None,
-            MetricType::Counter,
-        )?;
-        for (result, count) in self.certs.reload_counts() {
-            ConstCounter::new(count).encode(family.encode_family(&[("result", result)])?)?;
+        let results = [
+            (
+                "ferry_certificate_requests",
+                "Workload certificates obtained (issued) or not (failed: refused, malformed, timed out)",
+                self.certs.request_counts(),
+            ),
+            (
+                "ferry_ca_reloads",
+                "Changes of the CA directory read by the running agent: applied, or rejected (logged with the reason; the roots in force stay)",
+                self.certs.reload_counts(),
+            ),
+        ];
+        for (name, help, counts) in results {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (result, count) in counts {
+                ConstCounter::new(count).encode(family.encode_family(&[("result", result)])?)?;
+            }
         }
         let trusted = self.certs.trusted_roots() as i64;
         let gauge = encoder.encode_descriptor(
