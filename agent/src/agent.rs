@@ -22,7 +22,10 @@ use crate::{
     admin::{Admin, LocalPodView, LocalView},
     config::{self, Config},
     datapath::Datapath,
-    discovery::{self, StaticFile, kube::Discovered},
+    discovery::{
+        self, StaticFile,
+        kube::{Discovered, RefusedPolicy},
+    },
     identity::{CertManager, FileCa, ROOT_KEY_FILE, Signer, csr::CsrClient, load_roots},
     inpod::PodNetns,
     proxy::{PodHandle, PodListeners, Proxy},
@@ -103,9 +106,6 @@ pub async fn run(options: Options, log: LogControl) -> anyhow::Result<()> {
     tokio::spawn(certs.clone().rotate());
     tokio::spawn(certs.clone().follow_ca_dir(config.ca_dir.clone()));
     let telemetry = Telemetry::new(counters.clone(), certs.clone(), &log);
-    if let Some(api) = &api {
-        telemetry.policies_refused.set(api.refused_policies as i64);
-    }
     let mut node_loops = JoinSet::new();
     let mut node_listeners = Vec::new();
     for (name, addr) in [(upgrade::METRICS, config.metrics_addr), (upgrade::READINESS, config.readiness_addr)]
@@ -127,6 +127,7 @@ pub async fn run(options: Options, log: LogControl) -> anyhow::Result<()> {
         counters,
         log,
         local: Default::default(),
+        refused_policies: Default::default(),
     });
     let admin_tcp = node_listener(&mut inherited, upgrade::ADMIN, config.admin_addr).await?;
     node_listeners.push((upgrade::ADMIN, admin_tcp.clone()));
@@ -151,6 +152,9 @@ pub async fn run(options: Options, log: LogControl) -> anyhow::Result<()> {
         node_listeners,
         node_loops,
     };
+    if let Some(api) = &api {
+        agent.show_refused_policies(&api.refused_policies);
+    }
     agent.reconcile(&config);
     // Links and map entries a crashed or previous agent left for pods that are gone now.
     agent.datapath.remove_orphans();
@@ -191,7 +195,7 @@ pub async fn run(options: Options, log: LogControl) -> anyhow::Result<()> {
                 }
             }
             Some(update) = async { updates.as_mut().expect("guarded").recv().await }, if updates.is_some() => {
-                agent.telemetry.policies_refused.set(update.refused_policies as i64);
+                agent.show_refused_policies(&update.refused_policies);
                 api = Some(update);
                 agent.apply(&effective(&file, api.as_ref()), "the Kubernetes API changed");
             }
@@ -309,6 +313,12 @@ async fn node_listener(
 }
 
 impl Agent {
+    /// Counts the policy objects refused as invalid, and lists them in `ferry policies`.
+    fn show_refused_policies(&self, refused: &[RefusedPolicy]) {
+        self.telemetry.policies_refused.set(refused.len() as i64);
+        *self.admin.refused_policies.write().unwrap_or_else(|e| e.into_inner()) = refused.to_vec();
+    }
+
     /// Makes state, capture and open connections follow a new config.
     fn apply(&mut self, config: &Config, why: &str) {
         self.state.store(State::from_config(config));

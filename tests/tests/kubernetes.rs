@@ -298,6 +298,16 @@ fn policies_applied_with_kubectl_are_enforced_and_invalid_ones_refused() {
     let (_, policies) = sb.node("node1").http_get(15000, "/policies").unwrap();
     assert!(policies.contains("its current version is refused"), "`ferry policies` says so: {policies}");
     assert!(!echoed(&sb, "a", "b"), "an invalid edit lifted the policy");
+    // A new object refused has nothing in force: `ferry policies` lists it as refused, with why.
+    api.apply(&deny_to_b("d", ", ipBlocks: [10.0.0.0/33]")).unwrap();
+    sb.wait_for_log("node1", "policy refused", 2).unwrap();
+    assert_eq!(sb.metric("node1", "ferry_policies_refused").unwrap(), 2.0);
+    let policies = sb.ferry_json("node1", &["policies"]).unwrap();
+    let refused = policies.as_array().unwrap().iter().find(|p| p["name"] == "deny-d").expect("deny-d listed");
+    assert_eq!(refused["action"], "REFUSED", "{policies}");
+    assert!(refused["warnings"][0].as_str().unwrap().contains("10.0.0.0/33"), "{policies}");
+    let (_, table, _) = sb.ferry("node1", &["policies"]).unwrap();
+    assert!(table.lines().any(|l| l.contains("shop/deny-d") && l.contains("REFUSED")), "{table}");
     let _pause_c = pause(&sb, "c");
     wait_captured(&sb, 3, "c meshed");
     assert!(echoed(&sb, "c", "b"));

@@ -31,6 +31,7 @@ use tokio::{
 
 use crate::{
     datapath::{Counters, DatapathView},
+    discovery::kube::RefusedPolicy,
     identity::{CertManager, Issued},
     policy::Action,
     proxy::Proxy,
@@ -39,6 +40,9 @@ use crate::{
 };
 
 type Body = BoxBody<Bytes, Infallible>;
+
+/// The action `ferry policies` shows for a policy object that is not in force: refused as invalid.
+pub const REFUSED: &str = "REFUSED";
 
 /// A captured pod as the agent runs it.
 #[derive(Debug, Clone, Serialize)]
@@ -68,6 +72,8 @@ pub struct Admin {
     pub counters: Counters,
     pub log: LogControl,
     pub local: RwLock<LocalView>,
+    /// Kubernetes mode: policy objects whose current version was refused.
+    pub refused_policies: RwLock<Vec<RefusedPolicy>>,
 }
 
 fn rfc3339(time: SystemTime) -> String {
@@ -246,7 +252,8 @@ impl Admin {
     }
 
     fn policies(&self) -> Vec<Value> {
-        self.state
+        let in_force: Vec<Value> = self
+            .state
             .load()
             .policies
             .policies()
@@ -267,7 +274,22 @@ impl Admin {
                     "warnings": p.warnings,
                 })
             })
-            .collect()
+            .collect();
+        // An object refused with no earlier version in force is in no policy set: listed here,
+        // so that whoever looks for it learns why nothing enforces it.
+        let refused = self.refused_policies.read().unwrap_or_else(|e| e.into_inner());
+        let refused = refused.iter().filter(|r| !r.earlier_version_in_force).map(|r| {
+            json!({
+                "name": r.name,
+                "namespace": r.namespace,
+                "action": REFUSED,
+                "dry_run": false,
+                "selector": null,
+                "rules": 0,
+                "warnings": [format!("refused, not enforced: {}", r.reason)],
+            })
+        });
+        in_force.into_iter().chain(refused).collect()
     }
 
     fn certificates(&self) -> Vec<Value> {

@@ -11,6 +11,7 @@ use super::{
     client::{AdminClient, ClientError},
     render::{age_ms, bytes, cell, short_identity, table},
 };
+use crate::admin::REFUSED;
 
 /// Runs an inspection command against the agent; the exit code says how it went.
 pub fn run(cli: Cli) -> ExitCode {
@@ -137,10 +138,13 @@ fn policies(v: &Value) -> String {
     table(
         &["policy", "action", "dry-run", "selector", "rules", "warnings"],
         rows(v).iter().map(|p| {
-            let selector = p["selector"]
-                .as_object()
-                .map(|m| m.iter().map(|(k, v)| format!("{k}={}", cell(v))).collect::<Vec<_>>().join(","))
-                .unwrap_or_else(|| "(namespace)".into());
+            let selector = match p["selector"].as_object() {
+                Some(labels) => {
+                    labels.iter().map(|(k, v)| format!("{k}={}", cell(v))).collect::<Vec<_>>().join(",")
+                }
+                None if p["action"] == REFUSED => "-".into(),
+                None => "(namespace)".into(),
+            };
             vec![
                 format!("{}/{}", cell(&p["namespace"]), cell(&p["name"])),
                 cell(&p["action"]),

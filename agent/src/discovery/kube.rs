@@ -53,7 +53,17 @@ pub struct Discovered {
     pub services: Vec<config::Service>,
     pub policies: Vec<Policy>,
     /// Policy objects whose current version was refused as invalid.
-    pub refused_policies: usize,
+    pub refused_policies: Vec<RefusedPolicy>,
+}
+
+/// A policy object whose current version the agent refused, for `ferry policies`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefusedPolicy {
+    pub namespace: String,
+    pub name: String,
+    pub reason: String,
+    /// An earlier version of it is in force instead (its entry in `ferry policies` says so).
+    pub earlier_version_in_force: bool,
 }
 
 /// Watches the API server and sends what it holds whenever that changes. Policies are watched
@@ -343,8 +353,17 @@ impl PolicyObjects {
     }
 
     /// Objects whose current version was refused.
-    fn refused(&self) -> usize {
-        self.known.values().filter(|p| p.refused.is_some()).count()
+    fn refused(&self) -> Vec<RefusedPolicy> {
+        let refused = self.known.iter().filter_map(|((id, _), known)| {
+            let (namespace, name) = id.split_once('/')?;
+            Some(RefusedPolicy {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+                reason: known.refused.clone()?,
+                earlier_version_in_force: known.valid.is_some(),
+            })
+        });
+        refused.collect()
     }
 }
 
@@ -546,14 +565,16 @@ mod tests {
         let edited = [ferry("a", "2", "10.0.0.0/33"), ferry("b", "1", "10.1.0.0/16"), ferry("c", "1", "x")];
         let kept = objects.update(&edited, &[]);
         assert_eq!(blocks(&kept), ["ns/a 10.0.0.0/8", "ns/b 10.1.0.0/16"]);
-        assert_eq!(objects.refused(), 2);
+        let refused: Vec<_> =
+            objects.refused().into_iter().map(|r| (r.name, r.earlier_version_in_force)).collect();
+        assert_eq!(refused, [("a".to_owned(), true), ("c".to_owned(), false)]);
         assert!(kept[0].warnings[0].contains("10.0.0.0/33"), "{:?}", kept[0].warnings);
         assert!(kept[1].warnings.is_empty());
         // Refused again: still the last valid version, with one warning.
         assert_eq!(objects.update(&[ferry("a", "3", "10.0.0.0/34")], &[])[0].warnings.len(), 1);
         let fixed = [ferry("a", "4", "10.2.0.0/16"), ferry("b", "1", "10.1.0.0/16")];
         assert_eq!(blocks(&objects.update(&fixed, &[])), ["ns/a 10.2.0.0/16", "ns/b 10.1.0.0/16"]);
-        assert_eq!(objects.refused(), 0);
+        assert!(objects.refused().is_empty());
         // A deleted object takes its policy along, valid version or not.
         assert!(objects.update(&[], &[]).is_empty());
         assert!(objects.known.is_empty());
