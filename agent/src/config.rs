@@ -141,6 +141,10 @@ pub struct Workload {
     pub netns: Option<PathBuf>,
     /// Local workloads only: the pod's cgroup v2 directory.
     pub cgroup: Option<PathBuf>,
+    /// Its named ports (in Kubernetes: named TCP container ports), for services whose
+    /// `targetPort` is a name.
+    #[serde(default)]
+    pub ports: BTreeMap<String, u16>,
 }
 
 /// A service: connections to one of its virtual IPs and ports go to one of its endpoints (the
@@ -157,11 +161,40 @@ pub struct Service {
     pub selector: BTreeMap<String, String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ServicePort {
     pub port: u16,
-    pub target_port: u16,
+    pub target_port: TargetPort,
+}
+
+/// Where a service port's connections go on an endpoint: a port number, or the name of one of
+/// the endpoint's ports, resolved per endpoint (pods may number a named port differently).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged, expecting = "a port number or the name of a port of the endpoints")]
+pub enum TargetPort {
+    Number(u16),
+    Name(String),
+}
+
+impl TargetPort {
+    /// The port on an endpoint with these named ports; `None` if it has no port of that name
+    /// (it is then no endpoint of this service port, as in Kubernetes).
+    pub fn on(&self, named: &BTreeMap<String, u16>) -> Option<u16> {
+        match self {
+            TargetPort::Number(port) => Some(*port),
+            TargetPort::Name(name) => named.get(name).copied(),
+        }
+    }
+}
+
+impl std::fmt::Display for TargetPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TargetPort::Number(port) => write!(f, "{port}"),
+            TargetPort::Name(name) => f.write_str(name),
+        }
+    }
 }
 
 fn default_trust_domain() -> String {

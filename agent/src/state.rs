@@ -24,6 +24,8 @@ pub struct Workload {
     pub meshed: bool,
     /// Takes service connections.
     pub ready: bool,
+    /// Named ports, for services whose target port is a name.
+    pub ports: BTreeMap<String, u16>,
 }
 
 impl Workload {
@@ -59,6 +61,7 @@ impl From<&config::Workload> for Workload {
             node: w.node.clone(),
             meshed: w.meshed,
             ready: w.ready,
+            ports: w.ports.clone(),
         }
     }
 }
@@ -140,10 +143,10 @@ impl State {
     }
 
     /// The service behind a virtual `ip:port`, and the endpoints' port for it.
-    pub fn service_for(&self, dst: SocketAddr) -> Option<(Arc<Service>, u16)> {
+    pub fn service_for(&self, dst: SocketAddr) -> Option<(Arc<Service>, config::TargetPort)> {
         let service = self.by_vip.get(&dst.ip())?;
         let port = service.ports.iter().find(|p| p.port == dst.port())?;
-        Some((service.clone(), port.target_port))
+        Some((service.clone(), port.target_port.clone()))
     }
 
     /// Every known workload, in discovery order.
@@ -189,6 +192,7 @@ mod tests {
     use std::path::Path;
 
     use super::*;
+    use crate::config::TargetPort;
 
     #[test]
     fn services_select_their_namespace_workloads_by_label() {
@@ -202,7 +206,11 @@ workloads:
   - {name: db, namespace: shop, labels: {app: db}, ips: [10.0.2.5], node: n2}
   - {name: web-3, namespace: shop, labels: {app: web}, ips: [10.0.2.6], node: n2, ready: false}
 services:
-  - {name: web, namespace: shop, vips: [10.96.0.10], ports: [{port: 80, targetPort: 8080}], selector: {app: web}}
+  - name: web
+    namespace: shop
+    vips: [10.96.0.10]
+    ports: [{port: 80, targetPort: 8080}, {port: 81, targetPort: http}]
+    selector: {app: web}
   - {name: manual, namespace: shop, vips: [10.96.0.11], ports: [{port: 80, targetPort: 80}]}
 ",
             Path::new("t.yaml"),
@@ -210,11 +218,13 @@ services:
         .unwrap();
         let state = State::from_config(&config);
         let (web, target) = state.service_for("10.96.0.10:80".parse().unwrap()).unwrap();
-        assert_eq!(target, 8080);
+        assert_eq!(target, TargetPort::Number(8080));
+        let (_, named) = state.service_for("10.96.0.10:81".parse().unwrap()).unwrap();
+        assert_eq!(named, TargetPort::Name("http".into()));
         assert_eq!(web.hostname(), "web.shop.svc.cluster.local");
         let endpoints: Vec<String> = web.endpoints.iter().map(|w| w.key()).collect();
         assert_eq!(endpoints, ["shop/web-1", "shop/web-2"], "same namespace, labels match, ready");
-        assert!(state.service_for("10.96.0.10:81".parse().unwrap()).is_none(), "not a service port");
+        assert!(state.service_for("10.96.0.10:82".parse().unwrap()).is_none(), "not a service port");
         let (manual, _) = state.service_for("10.96.0.11:80".parse().unwrap()).unwrap();
         assert!(manual.endpoints.is_empty(), "no selector, no endpoints");
     }

@@ -34,7 +34,7 @@ fn pod_yaml(name: &str) -> String {
          automountServiceAccountToken: false\n---\n\
          apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {NAMESPACE}, labels: {{app: {name}}}}}\n\
          spec:\n  nodeName: node1\n  serviceAccountName: sa-{name}\n  automountServiceAccountToken: false\n  \
-         containers: [{{name: app, image: localhost/app:1}}]\n"
+         containers: [{{name: app, image: localhost/app:1, ports: [{{name: http, containerPort: {PORT}}}]}}]\n"
     )
 }
 
@@ -439,7 +439,8 @@ fn service_connections_are_balanced_over_its_pods() {
     api.kubectl(&["label", "pod", "b", "c", "-n", NAMESPACE, "role=web"], None).unwrap();
     let service = format!(
         "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: {NAMESPACE}}}\n\
-         spec:\n  selector: {{role: web}}\n  ports: [{{port: 80, targetPort: {PORT}}}]\n"
+         spec:\n  selector: {{role: web}}\n  \
+         ports: [{{name: by-number, port: 80, targetPort: {PORT}}}, {{name: by-name, port: 81, targetPort: http}}]\n"
     );
     api.apply(&service).unwrap();
     let (_, vip, _) = api
@@ -500,6 +501,13 @@ fn service_connections_are_balanced_over_its_pods() {
     assert_eq!(servers[1].accepted().len(), accepted[1], "c got connections while not ready");
     // Readiness only steers service traffic: c's capture was not redone.
     assert_eq!(sb.agent_log("node1").matches("workload captured workload=shop/c").count(), 1);
+
+    // A target port given by name is the port of that name on the endpoint's pod. (No
+    // kube-proxy here: only the agent can take a connection to the virtual IP anywhere.)
+    let by_name = SocketAddr::new(vip.ip(), 81);
+    let outcome = sb.pod("a").connect(by_name, 10).unwrap();
+    assert_eq!(outcome, ConnectOutcome::Echoed { peer: by_name, bytes: 10 }, "{}", sb.agent_log("node1"));
+    assert_eq!(servers[0].wait_accepted(accepted[0] + 11, Duration::from_secs(2)).len(), accepted[0] + 11);
 }
 
 /// An IPv6-first dual-stack cluster: Pods list their IPv6 address first and a dual-stack Service's

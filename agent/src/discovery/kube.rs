@@ -21,7 +21,7 @@ use std::{
 
 use futures_util::StreamExt;
 use k8s_openapi::{
-    api::core::v1::{Namespace, Pod, Service},
+    api::core::v1::{Namespace, Pod, PodSpec, Service},
     apimachinery::pkg::util::intstr::IntOrString,
 };
 use kube::{
@@ -32,7 +32,7 @@ use kube::{
 use tokio::sync::{Notify, mpsc};
 
 use crate::{
-    config,
+    config::{self, TargetPort},
     policy::{AuthorizationPolicy, AuthorizationPolicyResource, Policy, Spec},
 };
 
@@ -233,8 +233,8 @@ fn meshed_namespaces(namespaces: &[Arc<Namespace>]) -> Vec<&str> {
         .collect()
 }
 
-/// ClusterIP services with a selector in meshed namespaces. Named target ports are not resolved
-/// (those ports are left out: their connections go to the virtual IP unproxied).
+/// ClusterIP services with a selector in meshed namespaces. A named target port is resolved per
+/// endpoint, from the container ports its pod names (see [`workload`]).
 fn meshed_services(meshed: &[&str], services: &[Arc<Service>]) -> Vec<config::Service> {
     let mut list: Vec<config::Service> = services
         .iter()
@@ -247,9 +247,9 @@ fn meshed_services(meshed: &[&str], services: &[Arc<Service>]) -> Vec<config::Se
             let ports = spec.ports.iter().flatten().filter_map(|p| {
                 let port = u16::try_from(p.port).ok()?;
                 let target_port = match &p.target_port {
-                    None => port,
-                    Some(IntOrString::Int(n)) => u16::try_from(*n).ok()?,
-                    Some(IntOrString::String(_)) => return None,
+                    None => TargetPort::Number(port),
+                    Some(IntOrString::Int(n)) => TargetPort::Number(u16::try_from(*n).ok()?),
+                    Some(IntOrString::String(name)) => TargetPort::Name(name.clone()),
                 };
                 (p.protocol.as_deref().unwrap_or("TCP") == "TCP")
                     .then_some(config::ServicePort { port, target_port })
@@ -436,7 +436,17 @@ fn workload(pod: &Pod, node: &str, cgroups: &mut PodCgroups) -> Option<config::W
         ready: status.conditions.iter().flatten().any(|c| c.type_ == "Ready" && c.status == "True"),
         netns,
         cgroup,
+        ports: named_ports(spec),
     })
+}
+
+/// The pod's named TCP container ports, which services may name as their target port.
+fn named_ports(spec: &PodSpec) -> BTreeMap<String, u16> {
+    let ports = spec.containers.iter().flat_map(|c| c.ports.iter().flatten());
+    ports
+        .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+        .filter_map(|p| Some((p.name.clone()?, u16::try_from(p.container_port).ok()?)))
+        .collect()
 }
 
 fn is_local_and_running(pod: &Pod, node: &str) -> bool {

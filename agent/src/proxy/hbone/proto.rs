@@ -139,6 +139,7 @@ mod tests {
             node: "n1".into(),
             meshed: true,
             ready: true,
+            ports: Default::default(),
         };
         let req = connect_request(
             "10.2.0.2:8080".parse().unwrap(),
