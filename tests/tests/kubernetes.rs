@@ -508,6 +508,28 @@ fn service_connections_are_balanced_over_its_pods() {
     let outcome = sb.pod("a").connect(by_name, 10).unwrap();
     assert_eq!(outcome, ConnectOutcome::Echoed { peer: by_name, bytes: 10 }, "{}", sb.agent_log("node1"));
     assert_eq!(servers[0].wait_accepted(accepted[0] + 11, Duration::from_secs(2)).len(), accepted[0] + 11);
+
+    // A terminating pod (deleted; with no kubelet here it stays so) is no endpoint, Ready or not.
+    let ready = pod_status(&[sb.pod("c").ip.into()], true);
+    let patch = ["patch", "pod", "c", "-n", NAMESPACE, "--subresource=status", "--type=merge", "-p", &ready];
+    assert_eq!(api.kubectl(&patch, None).unwrap().0, 0);
+    let endpoints =
+        || sb.ferry_json("node1", &["services"]).unwrap()[0]["endpoints"].as_array().unwrap().len();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while endpoints() != 2 {
+        assert!(Instant::now() < deadline, "c not an endpoint again once ready\n{}", sb.agent_log("node1"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    api.kubectl(&["delete", "pod", "c", "-n", NAMESPACE, "--wait=false"], None).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while endpoints() != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "c still an endpoint while terminating\n{}",
+            sb.agent_log("node1")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// An IPv6-first dual-stack cluster: Pods list their IPv6 address first and a dual-stack Service's

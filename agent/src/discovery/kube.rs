@@ -433,7 +433,10 @@ fn workload(pod: &Pod, node: &str, cgroups: &mut PodCgroups) -> Option<config::W
         ips,
         node: pod_node,
         meshed: true,
-        ready: status.conditions.iter().flatten().any(|c| c.type_ == "Ready" && c.status == "True"),
+        // A terminating pod takes no new service connections (as kube-proxy leaves it out while
+        // others serve): it is shutting down, and may refuse them.
+        ready: pod.metadata.deletion_timestamp.is_none()
+            && status.conditions.iter().flatten().any(|c| c.type_ == "Ready" && c.status == "True"),
         netns,
         cgroup,
         ports: named_ports(spec),
