@@ -431,6 +431,16 @@ fn istio_authorization_policies_are_honoured() {
     api.kubectl(&["delete", "authorizationpolicies.security.istio.io", "deny-a", "-n", NAMESPACE], None)
         .unwrap();
     wait_until_a_reaches_b(&sb, true, "Istio policy lifted after deletion");
+
+    // In Istio's root namespace, without a selector: mesh-wide, as in Istio.
+    api.kubectl(&["create", "namespace", "istio-system"], None).unwrap();
+    let mesh_wide = istio_policy("deny-a-everywhere", "").replace(
+        &format!("namespace: {NAMESPACE}}}\nspec:\n  selector: {{matchLabels: {{app: b}}}}\n"),
+        "namespace: istio-system}\nspec:\n",
+    );
+    assert!(mesh_wide.contains("namespace: istio-system") && !mesh_wide.contains("selector"), "{mesh_wide}");
+    api.apply(&mesh_wide).unwrap();
+    wait_until_a_reaches_b(&sb, false, "Istio's mesh-wide policy enforced");
 }
 
 #[test]

@@ -33,7 +33,9 @@ use tokio::sync::{Notify, mpsc};
 
 use crate::{
     config::{self, TargetPort},
-    policy::{AuthorizationPolicy, AuthorizationPolicyResource, Policy, Spec},
+    policy::{
+        AuthorizationPolicy, AuthorizationPolicyResource, ISTIO_ROOT_NAMESPACE, Policy, ROOT_NAMESPACE, Spec,
+    },
 };
 
 /// The label that enrols a namespace (`enabled`) or opts a pod out (`disabled`).
@@ -45,6 +47,9 @@ const CRD_POLL: Duration = Duration::from_secs(10);
 const FERRY_POLICIES: &str =
     "Ferry authorization policies (authorizationpolicies.ferry.dev, from `ferry crd`)";
 const ISTIO_POLICIES: &str = "Istio authorization policies (authorizationpolicies.security.istio.io)";
+/// Which CRD a policy object comes from.
+const FERRY: &str = "ferry";
+const ISTIO: &str = "istio";
 
 /// What the API says, as the agent uses it.
 #[derive(Debug, Clone, Default)]
@@ -315,7 +320,7 @@ impl PolicyObjects {
     /// edit does not lift the policy it edits. (The CRD's schema refuses most mistakes at the API
     /// server, not all: an IP block of /33, say.)
     fn update(&mut self, ferry: &[Arc<DynamicObject>], istio: &[Arc<DynamicObject>]) -> Vec<Policy> {
-        let objects = ferry.iter().map(|o| ("ferry", o)).chain(istio.iter().map(|o| ("istio", o)));
+        let objects = ferry.iter().map(|o| (FERRY, o)).chain(istio.iter().map(|o| (ISTIO, o)));
         let mut known = BTreeMap::new();
         for (kind, object) in objects {
             let metadata = &object.metadata;
@@ -325,7 +330,7 @@ impl PolicyObjects {
                 Some(entry) if entry.version == metadata.resource_version => entry,
                 previous => {
                     let version = metadata.resource_version.clone();
-                    match compile(object) {
+                    match compile(object, kind) {
                         Ok(valid) => KnownPolicy { version, valid, refused: None },
                         Err(e) => {
                             let valid = previous.and_then(|p| p.valid);
@@ -367,8 +372,9 @@ impl PolicyObjects {
     }
 }
 
-/// One policy object compiled: `None` when it is not for a node proxy to enforce.
-fn compile(object: &DynamicObject) -> Result<Option<Policy>, String> {
+/// One policy object of Ferry's or Istio's CRD (`kind`) compiled: `None` when it is not for a
+/// node proxy to enforce.
+fn compile(object: &DynamicObject, kind: &str) -> Result<Option<Policy>, String> {
     let (Some(name), Some(namespace)) = (&object.metadata.name, &object.metadata.namespace) else {
         return Ok(None);
     };
@@ -393,7 +399,8 @@ fn compile(object: &DynamicObject) -> Result<Option<Policy>, String> {
         },
         spec,
     };
-    policy.compile().map(Some)
+    let root = if kind == ISTIO { ISTIO_ROOT_NAMESPACE } else { ROOT_NAMESPACE };
+    policy.compile_with_root(root).map(Some)
 }
 
 fn workload(pod: &Pod, node: &str, cgroups: &mut PodCgroups) -> Option<config::Workload> {
@@ -545,17 +552,31 @@ mod tests {
         let policy = compile(&istio(serde_json::json!({
             "action": "DENY",
             "rules": [{"from": [{"source": {"namespaces": ["evil"]}}], "to": [{"operation": {"ports": ["8080"]}}]}],
-        })))
+        })), ISTIO)
         .unwrap()
         .expect("enforced");
         assert_eq!(policy.rules.len(), 1);
         assert_eq!(policy.rules[0].to[0].ports, [8080]);
-        assert!(compile(&istio(serde_json::Value::Null)).unwrap().expect("enforced").rules.is_empty());
-        let waypoint = compile(&istio(serde_json::json!({"targetRefs": [{"kind": "Service", "name": "s"}]})));
+        assert!(compile(&istio(serde_json::Value::Null), ISTIO).unwrap().expect("enforced").rules.is_empty());
+        let waypoint =
+            compile(&istio(serde_json::json!({"targetRefs": [{"kind": "Service", "name": "s"}]})), ISTIO);
         assert!(waypoint.unwrap().is_none(), "a waypoint's policy is not the node's to enforce");
         let unknown =
-            compile(&istio(serde_json::json!({"rules": [{"from": [{"source": {"nodes": ["x"]}}]}]})));
+            compile(&istio(serde_json::json!({"rules": [{"from": [{"source": {"nodes": ["x"]}}]}]})), ISTIO);
         assert!(unknown.unwrap_err().contains("nodes"), "the unknown field is named");
+    }
+
+    #[test]
+    fn each_crds_root_namespace_makes_its_policies_mesh_wide() {
+        let mesh_wide = |namespace: &str, kind: &str| {
+            let object = istio(serde_json::Value::Null).within(namespace);
+            compile(&object, kind).unwrap().expect("enforced").mesh_wide
+        };
+        assert!(mesh_wide("istio-system", ISTIO), "Istio's mesh-wide policies stay mesh-wide");
+        assert!(!mesh_wide("ferry-system", ISTIO));
+        assert!(mesh_wide("ferry-system", FERRY));
+        assert!(!mesh_wide("istio-system", FERRY));
+        assert!(!mesh_wide("ns", ISTIO));
     }
 
     #[test]

@@ -17,6 +17,9 @@ use crate::identity::SpiffeId;
 
 /// Policies here apply to every workload of the mesh.
 pub const ROOT_NAMESPACE: &str = "ferry-system";
+/// The same for Istio's AuthorizationPolicy objects: Istio's root namespace (its default), so
+/// Istio's mesh-wide policies stay mesh-wide.
+pub const ISTIO_ROOT_NAMESPACE: &str = "istio-system";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
@@ -30,7 +33,9 @@ pub enum Action {
 pub struct Policy {
     pub name: String,
     pub namespace: String,
-    /// `None`: every workload of the namespace (or of the mesh, in the root namespace).
+    /// In the root namespace: applies to the workloads of every namespace.
+    pub mesh_wide: bool,
+    /// `None`: every workload of the namespace (or of the mesh, when mesh-wide).
     pub selector: Option<BTreeMap<String, String>>,
     pub action: Action,
     pub dry_run: bool,
@@ -241,7 +246,7 @@ impl Policy {
     }
 
     fn applies_to(&self, request: &Request<'_>) -> bool {
-        let in_scope = self.namespace == ROOT_NAMESPACE || self.namespace == request.dst_namespace;
+        let in_scope = self.mesh_wide || self.namespace == request.dst_namespace;
         in_scope
             && self
                 .selector

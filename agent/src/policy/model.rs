@@ -8,7 +8,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, Serialize};
 
-use super::{Action, Policy, Rule, StringMatch};
+use super::{Action, Policy, ROOT_NAMESPACE, Rule, StringMatch};
 
 /// A whole policy object: the static config's `policies[]` entries and the CRD objects.
 #[derive(Debug, Clone, Deserialize)]
@@ -202,8 +202,15 @@ const L4_KEYS: &[&str] =
     &["source.ip", "source.namespace", "source.principal", "destination.ip", "destination.port"];
 
 impl AuthorizationPolicy {
-    /// Checks and compiles the policy. Errors name the field.
+    /// Checks and compiles the policy, mesh-wide if in Ferry's root namespace. Errors name the
+    /// field.
     pub fn compile(&self) -> Result<Policy, String> {
+        self.compile_with_root(ROOT_NAMESPACE)
+    }
+
+    /// Like [`AuthorizationPolicy::compile`], mesh-wide if in `root_namespace` (Istio's, for
+    /// objects of Istio's CRD).
+    pub fn compile_with_root(&self, root_namespace: &str) -> Result<Policy, String> {
         let action = match self.spec.action {
             ActionSpec::Allow => Action::Allow,
             ActionSpec::Deny => Action::Deny,
@@ -237,6 +244,7 @@ impl AuthorizationPolicy {
         Ok(Policy {
             name: self.metadata.name.clone(),
             namespace: self.metadata.namespace.clone(),
+            mesh_wide: self.metadata.namespace == root_namespace,
             selector: self.spec.selector.as_ref().map(|s| s.match_labels.clone()),
             action,
             dry_run,
