@@ -24,7 +24,7 @@ use crate::{
     datapath::Datapath,
     discovery::{
         self, StaticFile,
-        kube::{Discovered, RefusedPolicy},
+        kube::{CaptureMarks, Discovered, RefusedPolicy},
     },
     identity::{CertManager, FileCa, ROOT_KEY_FILE, Signer, csr::CsrClient, load_roots},
     inpod::PodNetns,
@@ -53,6 +53,8 @@ struct Agent {
     upgrade_socket: PathBuf,
     drain_timeout: Duration,
     pods: HashMap<String, RunningPod>,
+    /// Kubernetes mode: the pods captured, told to agents on other nodes.
+    marks: Option<CaptureMarks>,
     /// Listeners received from the agent this one upgrades, adopted by the first reconcile.
     inherited: Inherited,
     /// Metrics, readiness and admin TCP, by handover name.
@@ -63,6 +65,8 @@ struct Agent {
 
 /// How long a new agent may take, from receiving the listeners, to be ready.
 const SUCCESSOR_READY_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a stopping agent waits for its pods' capture marks to be removed.
+const MARKS_CLEAR_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How the agent was started: `ferry agent --config FILE [--node NAME] [--kube]`.
 pub struct Options {
@@ -101,6 +105,7 @@ pub async fn run(options: Options, log: LogControl) -> anyhow::Result<()> {
     }
     let (datapath, orig_dst, counters) =
         Datapath::load(config.fail_mode, &config.bpf_pin_dir).context("loading the eBPF programs")?;
+    let marks = client.as_ref().map(|client| CaptureMarks::start(client.clone(), &config.node));
     let certs = Arc::new(cert_manager(client, &config)?);
     tracing::info!(signer = %certs.signer_name(), "workload certificates");
     tokio::spawn(certs.clone().rotate());
@@ -148,6 +153,7 @@ pub async fn run(options: Options, log: LogControl) -> anyhow::Result<()> {
         upgrade_socket: config.upgrade_socket.clone(),
         drain_timeout: config.limits.drain_timeout,
         pods: HashMap::new(),
+        marks,
         inherited,
         node_listeners,
         node_loops,
@@ -403,6 +409,11 @@ impl Agent {
             .collect();
         *self.admin.local.write().unwrap_or_else(|e| e.into_inner()) =
             LocalView { pods, datapath: self.datapath.view() };
+        if let Some(marks) = &self.marks {
+            marks.set(
+                self.pods.values().map(|pod| (pod.spec.namespace.clone(), pod.spec.name.clone())).collect(),
+            );
+        }
     }
 
     fn start_pod(&mut self, spec: &config::Workload, trust_domain: &str) -> anyhow::Result<RunningPod> {
@@ -452,6 +463,10 @@ impl Agent {
     /// A clean stop: drains, then detaches capture and removes every pin (pods talk directly).
     async fn shutdown(mut self) {
         self.telemetry.set_ready(false);
+        // Agents elsewhere stop tunnelling to these pods: capture is about to go.
+        if let Some(marks) = &self.marks {
+            marks.clear(MARKS_CLEAR_TIMEOUT).await;
+        }
         let cut = self.proxy.drain(self.drain_timeout).await;
         let keys: Vec<String> = self.pods.keys().cloned().collect();
         for key in keys {

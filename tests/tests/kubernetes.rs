@@ -198,6 +198,9 @@ fn namespace_label_enrols_and_releases_pods_without_restarting_them() {
     wait_captured(&sb, 2, "after labelling");
     assert!(echoed(&sb, "a", "b"));
     assert_eq!(same_node_connections(&sb), 1.0);
+    // Captured pods are marked so for agents on other nodes; c is not captured yet.
+    wait_for_mark(&api, "b", "true");
+    assert_eq!(mark(&api, "c"), "");
 
     // c's app starts only now: the agent finds its netns on a retry.
     let _server_c = sb.pod("c").serve(PORT).unwrap();
@@ -231,11 +234,53 @@ fn namespace_label_enrols_and_releases_pods_without_restarting_them() {
     };
     assert_eq!((entries("MESHED_NETNS"), entries("INBOUND_LISTENERS")), (2, 2), "{datapath}");
 
-    // Removing the label releases the rest: direct again.
+    // Removing the label releases the rest: direct again, and no longer marked captured.
     api.kubectl(&["label", "namespace", NAMESPACE, "ferry.dev/mesh-"], None).unwrap();
     wait_captured(&sb, 0, "after unlabelling");
     assert!(echoed(&sb, "a", "c"));
     assert_eq!(same_node_connections(&sb), 3.0);
+    wait_for_mark(&api, "c", "");
+}
+
+/// The pod's `ferry.dev/captured` annotation, "" without one.
+fn mark(api: &ApiServer, pod: &str) -> String {
+    let path = "jsonpath={.metadata.annotations.ferry\\.dev/captured}";
+    api.kubectl(&["get", "pod", pod, "-n", NAMESPACE, "-o", path], None).unwrap().1
+}
+
+fn wait_for_mark(api: &ApiServer, pod: &str, value: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while mark(api, pod) != value {
+        assert!(Instant::now() < deadline, "{pod} not marked {value:?}: {:?}", mark(api, pod));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A pod on another node is tunnelled to only once that node's agent has marked it captured.
+/// Until then (no agent there, or not captured yet) it is reached with plain TCP, as if
+/// uncaptured, not at an HBONE port nobody listens on.
+#[test]
+fn a_pod_elsewhere_is_tunnelled_to_only_once_marked_captured() {
+    let Some((mut sb, api)) = cluster("kuberemote") else { return };
+    // c's Pod is bound to node2, which has no agent (in the sandbox it stays where it was).
+    api.kubectl(&["delete", "pod", "c", "-n", NAMESPACE, "--grace-period=0", "--force"], None).unwrap();
+    api.apply(&pod_yaml("c").replace("nodeName: node1", "nodeName: node2")).unwrap();
+    let status = pod_status(&[sb.pod("c").ip.into()], true);
+    let patch = ["patch", "pod", "c", "-n", NAMESPACE, "--subresource=status", "--type=merge", "-p", &status];
+    assert_eq!(api.kubectl(&patch, None).unwrap().0, 0);
+    let _pause = pause(&sb, "a");
+    let _server = sb.pod("c").serve(PORT).unwrap();
+    api.kubectl(&["label", "namespace", NAMESPACE, "ferry.dev/mesh=enabled"], None).unwrap();
+    start_agent(&mut sb, &api);
+
+    let passthrough = "ferry_proxy_connections_opened_total{direction=\"outbound\",route=\"passthrough\"}";
+    assert!(echoed(&sb, "a", "c"), "{}", sb.agent_log("node1"));
+    assert_eq!(sb.metric("node1", passthrough).unwrap(), 1.0);
+    // Marked captured (as node2's agent would): tunnelled, and here nobody answers on 15008.
+    api.kubectl(&["annotate", "pod", "c", "-n", NAMESPACE, "ferry.dev/captured=true"], None).unwrap();
+    wait_until_reaches(&sb, ("a", "c"), false, "tunnelled once marked", Duration::from_secs(2));
+    api.kubectl(&["annotate", "pod", "c", "-n", NAMESPACE, "ferry.dev/captured-"], None).unwrap();
+    wait_until_reaches(&sb, ("a", "c"), true, "plain TCP once unmarked", Duration::from_secs(2));
 }
 
 #[test]
@@ -631,6 +676,7 @@ fn the_deploy_manifest_validates_and_the_agent_needs_no_more_than_its_rbac() {
     api.kubectl(&["label", "namespace", NAMESPACE, "ferry.dev/mesh=enabled"], None).unwrap();
     start_agent_as(&mut sb, &kubeconfig);
     assert_eq!(captured(&sb), 2);
+    wait_for_mark(&api, "b", "true");
     let deny = format!(
         "apiVersion: ferry.dev/v1\nkind: AuthorizationPolicy\nmetadata: {{name: deny-all, namespace: {NAMESPACE}}}\n\
          spec: {{action: DENY, rules: [{{}}]}}\n"
