@@ -98,8 +98,12 @@ fn the_manifest_installs_meshes_labelled_namespaces_and_uninstalls_cleanly() {
     let uids = || get(&cluster, &["pods", "-A", "-l", "app in (a,b,c)"], "{.items[*].metadata.uid}");
     let pods_before = uids();
 
-    // The labelled namespace's two pods are meshed, with certificates from the signer.
+    // The labelled namespace's two pods are meshed, with certificates from the signer, and
+    // marked captured for agents on other nodes.
     cluster.wait_for(Duration::from_secs(30), "a and b captured", |c| Ok(captured(c) == 2)).unwrap();
+    let marks =
+        || get(&cluster, &["pods", "-n", MESHED], "{.items[*].metadata.annotations.ferry\\.dev/captured}");
+    cluster.wait_for(Duration::from_secs(5), "a and b marked", |_| Ok(marks() == "true true")).unwrap();
     let certs = ferry(&cluster, &["certs"]).unwrap();
     let identities: Vec<&str> =
         certs.as_array().unwrap().iter().filter_map(|c| c["identity"].as_str()).collect();
@@ -135,6 +139,7 @@ fn the_manifest_installs_meshes_labelled_namespaces_and_uninstalls_cleanly() {
     // Removing the label un-meshes without restarting anything.
     api.kubectl(&["label", "namespace", MESHED, "ferry.dev/mesh-"], None).unwrap();
     cluster.wait_for(Duration::from_secs(10), "a and b released", |c| Ok(captured(c) == 0)).unwrap();
+    cluster.wait_for(Duration::from_secs(5), "a and b unmarked", |_| Ok(marks().is_empty())).unwrap();
     let opened = opened_by_agent(&cluster);
     assert!(echoed(&cluster, (MESHED, "a"), &b_ip));
     assert_eq!(opened_by_agent(&cluster), opened);
