@@ -219,6 +219,10 @@ fn namespace_label_enrols_and_releases_pods_without_restarting_them() {
     wait_captured(&sb, 2, "after c opted out");
     assert!(echoed(&sb, "a", "c"));
     assert_eq!(same_node_connections(&sb), 3.0, "a -> c went through the agent");
+    // Still known (a service endpoint like the others, reached with plain TCP), not meshed.
+    let workloads = sb.ferry_json("node1", &["workloads"]).unwrap();
+    let c = workloads.as_array().unwrap().iter().find(|w| w["name"] == "c").expect("c known");
+    assert_eq!((&c["meshed"], &c["captured"]), (&false.into(), &false.into()), "{workloads}");
     api.kubectl(&["label", "pod", "c", "-n", NAMESPACE, "ferry.dev/mesh-"], None).unwrap();
     wait_captured(&sb, 3, "after c opted back in");
 

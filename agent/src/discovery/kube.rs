@@ -289,10 +289,11 @@ fn workloads(
     let mut list: Vec<config::Workload> = pods
         .iter()
         .filter(|pod| pod.metadata.namespace.as_deref().is_some_and(|ns| meshed.contains(&ns)))
-        .filter(|pod| label(&pod.metadata.labels, MESH_LABEL) != Some("disabled"))
         .filter_map(|pod| {
-            let workload = workload(pod, node, cgroups);
-            if workload.is_none() && is_local_and_running(pod, node) {
+            // Opted out: known (a service endpoint, reached with plain TCP), never captured.
+            let opted_out = label(&pod.metadata.labels, MESH_LABEL) == Some("disabled");
+            let workload = workload(pod, node, cgroups, !opted_out);
+            if workload.is_none() && !opted_out && is_local_and_running(pod, node) {
                 waiting = true;
             }
             workload
@@ -407,7 +408,9 @@ fn compile(object: &DynamicObject, kind: &str) -> Result<Option<Policy>, String>
     policy.compile_with_root(root).map(Some)
 }
 
-fn workload(pod: &Pod, node: &str, cgroups: &mut PodCgroups) -> Option<config::Workload> {
+/// The pod as a workload. One on this node is to be captured if `capture` (it has not opted out),
+/// and is a workload only once its netns is found.
+fn workload(pod: &Pod, node: &str, cgroups: &mut PodCgroups, capture: bool) -> Option<config::Workload> {
     let spec = pod.spec.as_ref()?;
     // A hostNetwork pod has the node's netns and address: not a workload (as in Istio ambient).
     // Traffic to it is traffic to the node.
@@ -429,7 +432,7 @@ fn workload(pod: &Pod, node: &str, cgroups: &mut PodCgroups) -> Option<config::W
     }
     let pod_node = spec.node_name.clone()?;
     let local = pod_node == node;
-    let (netns, cgroup) = if local {
+    let (netns, cgroup) = if local && capture {
         let uid = pod.metadata.uid.as_deref()?;
         let cgroup = cgroups.find(uid)?;
         let netns = netns_of(&cgroup)?;
@@ -445,7 +448,11 @@ fn workload(pod: &Pod, node: &str, cgroups: &mut PodCgroups) -> Option<config::W
         ips,
         node: pod_node,
         // This agent captures its own pods; another node's are captured once its agent says so.
-        meshed: local || label(&pod.metadata.annotations, CAPTURED_ANNOTATION) == Some("true"),
+        meshed: if local {
+            capture
+        } else {
+            label(&pod.metadata.annotations, CAPTURED_ANNOTATION) == Some("true")
+        },
         // A terminating pod takes no new service connections (as kube-proxy leaves it out while
         // others serve): it is shutting down, and may refuse them.
         ready: pod.metadata.deletion_timestamp.is_none()
@@ -744,9 +751,10 @@ mod tests {
             .unwrap()
         };
         let mut cgroups = PodCgroups::new(PathBuf::from("/nonexistent"));
-        let ordinary = workload(&pod(false), "here", &mut cgroups).expect("an ordinary pod is a workload");
+        let ordinary =
+            workload(&pod(false), "here", &mut cgroups, true).expect("an ordinary pod is a workload");
         assert_eq!(ordinary.ips, ["10.9.0.1".parse::<std::net::IpAddr>().unwrap()]);
-        assert!(workload(&pod(true), "here", &mut cgroups).is_none());
+        assert!(workload(&pod(true), "here", &mut cgroups, true).is_none());
     }
 
     #[test]
@@ -757,7 +765,8 @@ mod tests {
             "status": {"phase": "Running", "podIP": "fd00::5", "podIPs": [{"ip": "fd00::5"}, {"ip": "10.9.0.5"}]},
         }))
         .unwrap();
-        let workload = workload(&pod, "here", &mut PodCgroups::new(PathBuf::from("/nonexistent"))).unwrap();
+        let workload =
+            workload(&pod, "here", &mut PodCgroups::new(PathBuf::from("/nonexistent")), true).unwrap();
         let ips: Vec<IpAddr> = ["fd00::5".parse().unwrap(), "10.9.0.5".parse().unwrap()].into();
         assert_eq!(workload.ips, ips);
         // Reached by name over IPv4, though IPv6 comes first.
