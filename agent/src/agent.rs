@@ -24,7 +24,8 @@ use crate::{
     datapath::Datapath,
     discovery::{
         self, StaticFile,
-        kube::{CaptureMarks, Discovered, RefusedPolicy},
+        kube::{Discovered, RefusedPolicy},
+        marks::CaptureMarks,
     },
     identity::{CertManager, FileCa, ROOT_KEY_FILE, Signer, csr::CsrClient, load_roots},
     inpod::PodNetns,

@@ -1,8 +1,10 @@
 //! Discovery: where the agent learns about workloads. The static file is the embedded default;
 //! each read yields a whole new config, turned into [`State`](crate::state::State) by the agent.
-//! With `--kube`, [`kube`] supplies the workloads instead (the file still gives the settings).
+//! With `--kube`, [`kube`] supplies the workloads instead (the file still gives the settings), and
+//! [`marks`] tells agents on other nodes which of this node's pods are captured.
 
 pub mod kube;
+pub mod marks;
 
 use std::path::PathBuf;
 
