@@ -24,8 +24,9 @@ pub struct CaptureMarks {
 }
 
 impl CaptureMarks {
-    /// How long a failed patch waits before it is tried again.
+    /// How long failed patches wait before they are tried again, doubling up to `MAX_RETRY`.
     const RETRY: Duration = Duration::from_secs(2);
+    const MAX_RETRY: Duration = Duration::from_secs(60);
 
     pub fn start(client: Client, node: &str) -> CaptureMarks {
         let (wanted, wanted_rx) = watch::channel(None);
@@ -57,7 +58,7 @@ impl CaptureMarks {
 }
 
 /// The task behind [`CaptureMarks`]: patches the marks towards what `wanted` says, retrying
-/// failures every [`CaptureMarks::RETRY`], and reports how many pods are marked.
+/// failures with backoff, and reports how many pods are marked.
 async fn keep_capture_marks(
     client: Client,
     node: String,
@@ -82,26 +83,38 @@ async fn keep_capture_marks(
     if wanted.wait_for(Option::is_some).await.is_err() {
         return;
     }
+    let mut retry = CaptureMarks::RETRY;
     loop {
         let target = wanted.borrow_and_update().clone().unwrap_or_default();
         let to_mark = target.difference(&marked).map(|pod| (pod.clone(), true));
         let to_unmark = marked.difference(&target).map(|pod| (pod.clone(), false));
         let changes: Vec<_> = to_mark.chain(to_unmark).collect();
+        let mut failed = Vec::new();
         for (pod, mark) in changes {
             match set_capture_mark(&client, &pod, mark).await {
                 Ok(()) if mark => marked.insert(pod),
                 Ok(()) => marked.remove(&pod),
                 Err(e) => {
-                    tracing::warn!(pod = %format!("{}/{}", pod.0, pod.1), "setting its capture mark: {e}; retrying");
+                    failed.push(format!("{}/{}: {e}", pod.0, pod.1));
                     continue;
                 }
             };
         }
         marked_count.send_replace(marked.len());
-        let next = if marked == target {
+        let next = if failed.is_empty() {
+            retry = CaptureMarks::RETRY;
             wanted.changed().await
         } else {
-            tokio::time::timeout(CaptureMarks::RETRY, wanted.changed()).await.unwrap_or(Ok(()))
+            // One line per attempt, however many pods: an API server refusing every patch
+            // (a ClusterRole without it) must not flood the log.
+            tracing::warn!(
+                "capture marks not set on {} pods, trying again in {retry:?}: {}",
+                failed.len(),
+                failed[0]
+            );
+            let next = tokio::time::timeout(retry, wanted.changed()).await.unwrap_or(Ok(()));
+            retry = (retry * 2).min(CaptureMarks::MAX_RETRY);
+            next
         };
         if next.is_err() {
             return;
