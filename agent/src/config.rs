@@ -159,6 +159,17 @@ pub struct Service {
     /// No selector: no endpoints (as in Kubernetes, where they would be managed by hand).
     #[serde(default)]
     pub selector: BTreeMap<String, String>,
+    /// `Local`: a client is sent only to endpoints on its own node (Kubernetes'
+    /// `internalTrafficPolicy`, e.g. for a node-local cache); `Cluster`: to any.
+    #[serde(default)]
+    pub internal_traffic_policy: TrafficPolicy,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum TrafficPolicy {
+    #[default]
+    Cluster,
+    Local,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -357,13 +368,14 @@ impl Config {
                     return Err((field("ips"), format!("{ip} is also used by workloads[{other}]")));
                 }
             }
-            if w.node != self.node {
+            // Only what this agent captures needs a netns and a cgroup.
+            if w.node != self.node || !w.meshed {
                 continue;
             }
             for (name, path) in [("netns", &w.netns), ("cgroup", &w.cgroup)] {
                 match path {
                     None => {
-                        return Err((field(name), "required for a workload on this node".into()));
+                        return Err((field(name), "required for a meshed workload on this node".into()));
                     }
                     Some(p) if !p.exists() => {
                         return Err((field(name), format!("{} does not exist", p.display())));

@@ -8,7 +8,7 @@ use std::{
 };
 
 use crate::{
-    config::{self, Config, NodeTraffic},
+    config::{self, Config, NodeTraffic, TrafficPolicy},
     identity::SpiffeId,
     policy::PolicySet,
 };
@@ -115,6 +115,7 @@ impl State {
                         && w.ready
                         && w.namespace == s.namespace
                         && s.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
+                        && (s.internal_traffic_policy == TrafficPolicy::Cluster || w.node == config.node)
                 };
                 Arc::new(Service {
                     name: s.name.clone(),
@@ -200,6 +201,7 @@ mod tests {
             "
 node: n1
 workloads:
+  - {name: web-0, namespace: shop, labels: {app: web}, ips: [10.0.1.2], node: n1, meshed: false}
   - {name: web-1, namespace: shop, labels: {app: web}, ips: [10.0.2.2], node: n2}
   - {name: web-2, namespace: shop, labels: {app: web, tier: x}, ips: [10.0.2.3], node: n2}
   - {name: web-other, namespace: other, labels: {app: web}, ips: [10.0.2.4], node: n2}
@@ -211,6 +213,12 @@ services:
     vips: [10.96.0.10]
     ports: [{port: 80, targetPort: 8080}, {port: 81, targetPort: http}]
     selector: {app: web}
+  - name: web-local
+    namespace: shop
+    vips: [10.96.0.12]
+    ports: [{port: 80, targetPort: 8080}]
+    selector: {app: web}
+    internalTrafficPolicy: Local
   - {name: manual, namespace: shop, vips: [10.96.0.11], ports: [{port: 80, targetPort: 80}]}
 ",
             Path::new("t.yaml"),
@@ -223,9 +231,16 @@ services:
         assert_eq!(named, TargetPort::Name("http".into()));
         assert_eq!(web.hostname(), "web.shop.svc.cluster.local");
         let endpoints: Vec<String> = web.endpoints.iter().map(|w| w.key()).collect();
-        assert_eq!(endpoints, ["shop/web-1", "shop/web-2"], "same namespace, labels match, ready");
+        assert_eq!(
+            endpoints,
+            ["shop/web-0", "shop/web-1", "shop/web-2"],
+            "same namespace, labels match, ready"
+        );
         assert!(state.service_for("10.96.0.10:82".parse().unwrap()).is_none(), "not a service port");
         let (manual, _) = state.service_for("10.96.0.11:80".parse().unwrap()).unwrap();
         assert!(manual.endpoints.is_empty(), "no selector, no endpoints");
+        let (local, _) = state.service_for("10.96.0.12:80".parse().unwrap()).unwrap();
+        let endpoints: Vec<String> = local.endpoints.iter().map(|w| w.key()).collect();
+        assert_eq!(endpoints, ["shop/web-0"], "internalTrafficPolicy: Local, only this node's");
     }
 }

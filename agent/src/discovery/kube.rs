@@ -264,12 +264,17 @@ fn meshed_services(meshed: &[&str], services: &[Arc<Service>]) -> Vec<config::Se
                     .then_some(config::ServicePort { port, target_port })
             });
             let ports: Vec<_> = ports.collect();
+            let internal_traffic_policy = match spec.internal_traffic_policy.as_deref() {
+                Some("Local") => config::TrafficPolicy::Local,
+                _ => config::TrafficPolicy::Cluster,
+            };
             (!vips.is_empty() && !ports.is_empty()).then(|| config::Service {
                 name: s.metadata.name.clone().unwrap_or_default(),
                 namespace: s.metadata.namespace.clone().unwrap_or_default(),
                 vips,
                 ports,
                 selector,
+                internal_traffic_policy,
             })
         })
         .collect();
@@ -626,6 +631,26 @@ mod tests {
         // A deleted object takes its policy along, valid version or not.
         assert!(objects.update(&[], &[]).is_empty());
         assert!(objects.known.is_empty());
+    }
+
+    #[test]
+    fn services_keep_their_target_ports_and_internal_traffic_policy() {
+        let service: Service = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "cache", "namespace": "ns"},
+            "spec": {
+                "selector": {"app": "cache"},
+                "clusterIP": "10.96.0.20",
+                "internalTrafficPolicy": "Local",
+                "ports": [{"port": 53, "targetPort": "dns"}, {"port": 54, "targetPort": 5354}, {"port": 55}],
+            },
+        }))
+        .unwrap();
+        let service = [Arc::new(service)];
+        let services = meshed_services(&["ns"], &service);
+        assert_eq!(services[0].internal_traffic_policy, config::TrafficPolicy::Local);
+        let targets: Vec<String> = services[0].ports.iter().map(|p| p.target_port.to_string()).collect();
+        assert_eq!(targets, ["dns", "5354", "55"]);
+        assert!(meshed_services(&["other"], &service).is_empty(), "not in a meshed namespace");
     }
 
     #[test]
