@@ -39,6 +39,16 @@ fn connection_limit_refuses_extra_connections_and_idle_ones_are_closed() {
     let limit = "ferry_proxy_connection_failures_total{direction=\"outbound\",reason=\"limit\"}";
     assert_eq!(sb.metric("node1", limit).unwrap(), 1.0);
     sb.wait_for_log("node1", "connection limit reached", 1).unwrap();
+    // A burst of refusals is counted one by one, and logged at most once a second.
+    let burst = Instant::now();
+    for _ in 0..20 {
+        let outcome = sb.pod("a").connect(b.parse().unwrap(), 10).unwrap();
+        assert!(matches!(outcome, ConnectOutcome::Reset { .. }), "{outcome:?}");
+    }
+    let seconds = burst.elapsed().as_secs() as usize;
+    assert_eq!(sb.metric("node1", limit).unwrap(), 21.0);
+    let lines = sb.agent_log("node1").matches("connection limit reached").count();
+    assert!(lines <= 2 + seconds, "{lines} log lines for 21 refusals in {seconds} s");
 
     // The quiet ones are closed by the idle timeout, which frees the quota.
     wait_until("idle connections to close", Duration::from_secs(5), || live_connections(&sb) == 0);

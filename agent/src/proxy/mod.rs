@@ -23,8 +23,11 @@ use std::{
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::{AsFd, BorrowedFd, OwnedFd},
-    sync::{Arc, RwLock},
-    time::Duration,
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
 };
 
 use ferry_common::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
@@ -210,6 +213,7 @@ struct Inner {
     node_permits: Arc<Semaphore>,
     /// Picks service endpoints.
     balancer: balance::Balancer,
+    limit_warning: LimitWarning,
     node_addresses: inbound::NodeAddresses,
 }
 
@@ -278,6 +282,7 @@ impl Proxy {
                 drain,
                 node_permits: Arc::new(Semaphore::new(limits.max_connections_per_node)),
                 balancer: balance::Balancer::default(),
+                limit_warning: LimitWarning::default(),
                 node_addresses: inbound::NodeAddresses::read(),
                 limits,
             }),
@@ -420,7 +425,7 @@ async fn accept_loop<F, Fut>(
                 let (Ok(pod_permit), Ok(node_permit)) = permits else {
                     relay::Abort::abort(&stream);
                     proxy.inner.telemetry.proxy.failed(direction, FailureReason::Limit, None);
-                    tracing::warn!(pod = %pod.workload.key(), %peer, "connection refused: connection limit reached");
+                    proxy.inner.limit_warning.refused(&pod, peer);
                     continue;
                 };
                 let work = handler(proxy.clone(), pod.clone(), stream, peer);
@@ -434,6 +439,29 @@ async fn accept_loop<F, Fut>(
                 tracing::warn!(pod = %pod.workload.key(), "accept failed: {e}");
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
+        }
+    }
+}
+
+/// Logs connections refused for a connection limit at most once a second, with how many: a
+/// flood of them must not become a flood of log lines (the metric counts each one).
+#[derive(Default)]
+struct LimitWarning {
+    last: Mutex<Option<Instant>>,
+    /// Refused since the last line.
+    refused: AtomicU64,
+}
+
+impl LimitWarning {
+    const EVERY: Duration = Duration::from_secs(1);
+
+    fn refused(&self, pod: &LocalPod, peer: SocketAddr) {
+        let refused = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_none_or(|at| at.elapsed() >= Self::EVERY) {
+            *last = Some(Instant::now());
+            self.refused.store(0, Ordering::Relaxed);
+            tracing::warn!(pod = %pod.workload.key(), %peer, refused, "connection refused: connection limit reached");
         }
     }
 }
