@@ -144,10 +144,10 @@ impl State {
     }
 
     /// The service behind a virtual `ip:port`, and the endpoints' port for it.
-    pub fn service_for(&self, dst: SocketAddr) -> Option<(Arc<Service>, config::TargetPort)> {
+    pub fn service_for(&self, dst: SocketAddr) -> Option<(&Arc<Service>, &config::TargetPort)> {
         let service = self.by_vip.get(&dst.ip())?;
         let port = service.ports.iter().find(|p| p.port == dst.port())?;
-        Some((service.clone(), port.target_port.clone()))
+        Some((service, &port.target_port))
     }
 
     /// Every known workload, in discovery order.
@@ -226,9 +226,9 @@ services:
         .unwrap();
         let state = State::from_config(&config);
         let (web, target) = state.service_for("10.96.0.10:80".parse().unwrap()).unwrap();
-        assert_eq!(target, TargetPort::Number(8080));
+        assert_eq!(*target, TargetPort::Number(8080));
         let (_, named) = state.service_for("10.96.0.10:81".parse().unwrap()).unwrap();
-        assert_eq!(named, TargetPort::Name("http".into()));
+        assert_eq!(*named, TargetPort::Name("http".into()));
         assert_eq!(web.hostname(), "web.shop.svc.cluster.local");
         let endpoints: Vec<String> = web.endpoints.iter().map(|w| w.key()).collect();
         assert_eq!(

@@ -311,8 +311,8 @@ fn workloads(
 /// The policy objects (Ferry's and Istio's) and what is in force for each.
 #[derive(Default)]
 struct PolicyObjects {
-    /// By namespace/name, then kind.
-    known: BTreeMap<(String, &'static str), KnownPolicy>,
+    /// By namespace, name and kind.
+    known: BTreeMap<(String, String, &'static str), KnownPolicy>,
 }
 
 struct KnownPolicy {
@@ -335,7 +335,7 @@ impl PolicyObjects {
         for (kind, object) in objects {
             let metadata = &object.metadata;
             let (Some(name), Some(namespace)) = (&metadata.name, &metadata.namespace) else { continue };
-            let id = (format!("{namespace}/{name}"), kind);
+            let id = (namespace.clone(), name.clone(), kind);
             let entry = match self.known.remove(&id) {
                 Some(entry) if entry.version == metadata.resource_version => entry,
                 previous => {
@@ -346,7 +346,7 @@ impl PolicyObjects {
                             let valid = previous.and_then(|p| p.valid);
                             let kept =
                                 if valid.is_some() { "; its last valid version stays in force" } else { "" };
-                            tracing::error!(policy = %id.0, "policy refused: {e}{kept}");
+                            tracing::error!(policy = %format!("{namespace}/{name}"), "policy refused: {e}{kept}");
                             KnownPolicy { version, valid, refused: Some(e) }
                         }
                     }
@@ -369,11 +369,10 @@ impl PolicyObjects {
 
     /// Objects whose current version was refused.
     fn refused(&self) -> Vec<RefusedPolicy> {
-        let refused = self.known.iter().filter_map(|((id, _), known)| {
-            let (namespace, name) = id.split_once('/')?;
+        let refused = self.known.iter().filter_map(|((namespace, name, _), known)| {
             Some(RefusedPolicy {
-                namespace: namespace.to_owned(),
-                name: name.to_owned(),
+                namespace: namespace.clone(),
+                name: name.clone(),
                 reason: known.refused.clone()?,
                 earlier_version_in_force: known.valid.is_some(),
             })
