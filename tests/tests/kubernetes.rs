@@ -12,7 +12,7 @@ use std::{
 };
 
 use ferry_sandbox::{
-    CGROUP2_ROOT, Cgroup, ConnectOutcome, Pod, PodSpec, Process, Sandbox,
+    CGROUP2_ROOT, Cgroup, ConnectOutcome, Pod, PodSpec, ProcUsage, Process, Sandbox,
     kube::{self, ApiServer},
 };
 
@@ -654,6 +654,105 @@ fn an_ipv6_first_dual_stack_cluster_is_meshed_in_both_families() {
     for to in [targets[1], targets[3]] {
         assert!(matches!(a.connect(to, 10).unwrap(), ConnectOutcome::Echoed { .. }), "{to} denied too");
     }
+}
+
+/// A Pod as a Deployment would make it: two containers with environment, probes, resources and
+/// mounts, three volumes, tolerations (about 13 KB as the API server returns it).
+fn deployment_pod(namespace: &str, i: usize) -> serde_json::Value {
+    let env: Vec<_> = (0..15)
+        .map(
+            |k| serde_json::json!({"name": format!("SETTING_{k}"), "value": format!("value-of-setting-{k}")}),
+        )
+        .collect();
+    let container = |name: &str| {
+        serde_json::json!({
+            "name": name, "image": format!("registry.example.com/team/{name}:v1.2.3"),
+            "args": ["--listen=:8080", "--log-level=info", "--config=/etc/app/config.yaml"], "env": env,
+            "ports": [{"name": "http", "containerPort": PORT}, {"name": "metrics", "containerPort": 9090}],
+            "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"cpu": "1", "memory": "512Mi"}},
+            "livenessProbe": {"httpGet": {"path": "/healthz", "port": PORT}, "periodSeconds": 10},
+            "readinessProbe": {"httpGet": {"path": "/ready", "port": PORT}, "periodSeconds": 5},
+            "volumeMounts": [{"name": "config", "mountPath": "/etc/app"}, {"name": "data", "mountPath": "/data"}],
+            "securityContext": {"runAsNonRoot": true, "runAsUser": 1000, "readOnlyRootFilesystem": true},
+        })
+    };
+    serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {
+            "name": format!("web-7d9f8c6b5-{i:05}"), "namespace": namespace,
+            "labels": {"app": "web", "pod-template-hash": "7d9f8c6b5", "version": "v1", "team": "payments"},
+            "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": "9090"},
+        },
+        "spec": {
+            "nodeName": "node7", "serviceAccountName": "web", "automountServiceAccountToken": false,
+            "containers": [container("app"), container("shipper")],
+            "volumes": [
+                {"name": "config", "configMap": {"name": "web-config"}}, {"name": "data", "emptyDir": {}},
+                {"name": "token", "projected": {"sources": [{"serviceAccountToken": {"path": "token"}}]}},
+            ],
+            "tolerations": [
+                {"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300},
+                {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300},
+            ],
+        },
+    })
+}
+
+#[test]
+fn the_agents_memory_grows_little_with_the_pods_of_the_cluster() {
+    // Every agent caches every pod of the cluster: what it keeps of each decides its memory on
+    // a large cluster, meshed namespaces or not.
+    const PER_NAMESPACE: usize = 600;
+    let Some((mut sb, api)) = cluster("kscale") else { return };
+    api.kubectl(&["label", "namespace", NAMESPACE, "ferry.dev/mesh=enabled"], None).unwrap();
+    api.apply(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: other}\n---\n\
+         apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: web, namespace: other}\n---\n\
+         apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: web, namespace: shop}\n",
+    )
+    .unwrap();
+    start_agent(&mut sb, &api);
+    std::thread::sleep(Duration::from_secs(1));
+    let pid = sb.agent_pid("node1").unwrap();
+    let before = ProcUsage::of(pid);
+
+    // Pods on another node: in a meshed namespace, Running with an address (workloads), and in
+    // one that is not.
+    for namespace in [NAMESPACE, "other"] {
+        let items: Vec<_> = (0..PER_NAMESPACE).map(|i| deployment_pod(namespace, i)).collect();
+        let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items});
+        let (code, _, err) = api.kubectl(&["create", "-f", "-"], Some(&list.to_string())).unwrap();
+        assert_eq!(code, 0, "{}", &err[..err.len().min(500)]);
+    }
+    let (_, created, _) =
+        api.kubectl(&["get", "pods", "-n", NAMESPACE, "-l", "app=web", "-o", "json"], None).unwrap();
+    let mut created: serde_json::Value = serde_json::from_str(&created).unwrap();
+    for (i, pod) in created["items"].as_array_mut().unwrap().iter_mut().enumerate() {
+        let ip = format!("10.200.{}.{}", i / 200, i % 200 + 1);
+        let patch: serde_json::Value =
+            serde_json::from_str(&pod_status(&[ip.parse().unwrap()], true)).unwrap();
+        pod["status"] = patch["status"].clone();
+    }
+    let (code, _, err) =
+        api.kubectl(&["replace", "--subresource=status", "-f", "-"], Some(&created.to_string())).unwrap();
+    assert_eq!(code, 0, "{}", &err[..err.len().min(500)]);
+
+    let known = || sb.ferry_json("node1", &["status"]).unwrap()["workloads_known"].as_u64().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while known() < PER_NAMESPACE as u64 {
+        assert!(Instant::now() < deadline, "{} of {PER_NAMESPACE} workloads known", known());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let workloads = sb.ferry_json("node1", &["workloads"]).unwrap();
+    let web = workloads.as_array().unwrap().iter().find(|w| w["name"] == "web-7d9f8c6b5-00201").unwrap();
+    assert_eq!(web["service_account"], "web", "{web}");
+    assert_eq!(web["ips"][0], "10.200.1.2", "{web}");
+    std::thread::sleep(Duration::from_secs(1));
+    let after = ProcUsage::of(pid);
+    let per_pod = after.rss_kib.saturating_sub(before.rss_kib) / (2 * PER_NAMESPACE) as u64;
+    eprintln!("agent RSS {} KiB -> {} KiB: {per_pod} KiB per pod", before.rss_kib, after.rss_kib);
+    // A whole Pod object cached costs about 100 KiB; what the agent keeps of one, a few.
+    assert!(per_pod < 16, "{per_pod} KiB per pod of the cluster");
 }
 
 #[test]

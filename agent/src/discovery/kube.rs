@@ -20,10 +20,7 @@ use std::{
 };
 
 use futures_util::StreamExt;
-use k8s_openapi::{
-    api::core::v1::{Namespace, Pod, PodSpec, Service},
-    apimachinery::pkg::util::intstr::IntOrString,
-};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{
     Api, Client,
     api::{ApiResource, DynamicObject, GroupVersionKind},
@@ -31,6 +28,7 @@ use kube::{
 };
 use tokio::sync::{Notify, mpsc};
 
+use super::objects::{Namespace, Pod, PodSpec, Service};
 use crate::{
     config::{self, TargetPort},
     policy::{

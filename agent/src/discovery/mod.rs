@@ -1,10 +1,12 @@
 //! Discovery: where the agent learns about workloads. The static file is the embedded default;
 //! each read yields a whole new config, turned into [`State`](crate::state::State) by the agent.
 //! With `--kube`, [`kube`] supplies the workloads instead (the file still gives the settings), and
-//! [`marks`] tells agents on other nodes which of this node's pods are captured.
+//! [`marks`] tells agents on other nodes which of this node's pods are captured; [`objects`] are
+//! the API's objects as the agent reads them.
 
 pub mod kube;
 pub mod marks;
+mod objects;
 
 use std::path::PathBuf;
 
