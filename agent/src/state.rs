@@ -106,23 +106,39 @@ impl State {
                 by_ip.insert(*ip, w.clone());
             }
         }
+        // Ready workloads by namespace and label, so that a service looks only at those with
+        // one of its selector's labels: looking through all of them for each service would cost
+        // services x workloads on every update, and a large cluster updates often.
+        let mut by_label: HashMap<(&str, &str, &str), Vec<&Arc<Workload>>> = HashMap::new();
+        for w in workloads.iter().filter(|w| w.ready) {
+            for (key, value) in &w.labels {
+                by_label.entry((w.namespace.as_str(), key.as_str(), value.as_str())).or_default().push(w);
+            }
+        }
         let services: Vec<Arc<Service>> = config
             .services
             .iter()
             .map(|s| {
-                let selects = |w: &&Arc<Workload>| {
-                    !s.selector.is_empty()
-                        && w.ready
-                        && w.namespace == s.namespace
-                        && s.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
+                let selects = |w: &&&Arc<Workload>| {
+                    s.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
                         && (s.internal_traffic_policy == TrafficPolicy::Cluster || w.node == config.node)
                 };
+                // An empty selector selects nothing (its endpoints are managed by hand).
+                let candidates = s
+                    .selector
+                    .iter()
+                    .next()
+                    .and_then(|(key, value)| {
+                        by_label.get(&(s.namespace.as_str(), key.as_str(), value.as_str()))
+                    })
+                    .map(Vec::as_slice)
+                    .unwrap_or_default();
                 Arc::new(Service {
                     name: s.name.clone(),
                     namespace: s.namespace.clone(),
                     vips: s.vips.clone(),
                     ports: s.ports.clone(),
-                    endpoints: workloads.iter().filter(selects).cloned().collect(),
+                    endpoints: candidates.iter().filter(selects).map(|w| Arc::clone(w)).collect(),
                 })
             })
             .collect();
@@ -220,6 +236,7 @@ services:
     selector: {app: web}
     internalTrafficPolicy: Local
   - {name: manual, namespace: shop, vips: [10.96.0.11], ports: [{port: 80, targetPort: 80}]}
+  - {name: web-x, namespace: shop, vips: [10.96.0.13], ports: [{port: 80, targetPort: 80}], selector: {app: web, tier: x}}
 ",
             Path::new("t.yaml"),
         )
@@ -242,5 +259,8 @@ services:
         let (local, _) = state.service_for("10.96.0.12:80".parse().unwrap()).unwrap();
         let endpoints: Vec<String> = local.endpoints.iter().map(|w| w.key()).collect();
         assert_eq!(endpoints, ["shop/web-0"], "internalTrafficPolicy: Local, only this node's");
+        let (web_x, _) = state.service_for("10.96.0.13:80".parse().unwrap()).unwrap();
+        let endpoints: Vec<String> = web_x.endpoints.iter().map(|w| w.key()).collect();
+        assert_eq!(endpoints, ["shop/web-2"], "every label of the selector matches");
     }
 }

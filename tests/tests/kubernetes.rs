@@ -699,9 +699,10 @@ fn deployment_pod(namespace: &str, i: usize) -> serde_json::Value {
 }
 
 #[test]
-fn the_agents_memory_grows_little_with_the_pods_of_the_cluster() {
+fn a_large_cluster_costs_the_agent_little_memory_and_few_updates() {
     // Every agent caches every pod of the cluster: what it keeps of each decides its memory on
-    // a large cluster, meshed namespaces or not.
+    // a large cluster, meshed namespaces or not. And each update rebuilds the node's state from
+    // all of them, so a stream of changes is coalesced into at most one update per 100 ms.
     const PER_NAMESPACE: usize = 600;
     let Some((mut sb, api)) = cluster("kscale") else { return };
     api.kubectl(&["label", "namespace", NAMESPACE, "ferry.dev/mesh=enabled"], None).unwrap();
@@ -743,6 +744,17 @@ fn the_agents_memory_grows_little_with_the_pods_of_the_cluster() {
         assert!(Instant::now() < deadline, "{} of {PER_NAMESPACE} workloads known", known());
         std::thread::sleep(Duration::from_millis(200));
     }
+    // A rollout's worth of changes: the meshed pods relabelled one by one.
+    let updates = || sb.agent_log("node1").matches("the Kubernetes API changed").count();
+    let (updates_before, changing) = (updates(), Instant::now());
+    let (code, _, err) = api
+        .kubectl(&["label", "pods", "-n", NAMESPACE, "-l", "pod-template-hash", "revision=2"], None)
+        .unwrap();
+    assert_eq!(code, 0, "{}", &err[..err.len().min(500)]);
+    std::thread::sleep(Duration::from_millis(500));
+    let (updated, changed_for) = (updates() - updates_before, changing.elapsed());
+    let most = changed_for.as_millis() as usize / 100 + 2;
+    assert!(updated <= most, "{updated} updates in {changed_for:?} of changes, at most {most} expected");
     let workloads = sb.ferry_json("node1", &["workloads"]).unwrap();
     let web = workloads.as_array().unwrap().iter().find(|w| w["name"] == "web-7d9f8c6b5-00201").unwrap();
     assert_eq!(web["service_account"], "web", "{web}");
@@ -750,7 +762,10 @@ fn the_agents_memory_grows_little_with_the_pods_of_the_cluster() {
     std::thread::sleep(Duration::from_secs(1));
     let after = ProcUsage::of(pid);
     let per_pod = after.rss_kib.saturating_sub(before.rss_kib) / (2 * PER_NAMESPACE) as u64;
-    eprintln!("agent RSS {} KiB -> {} KiB: {per_pod} KiB per pod", before.rss_kib, after.rss_kib);
+    eprintln!(
+        "agent RSS {} KiB -> {} KiB: {per_pod} KiB per pod; {updated} updates in {changed_for:?}",
+        before.rss_kib, after.rss_kib
+    );
     // A whole Pod object cached costs about 100 KiB; what the agent keeps of one, a few.
     assert!(per_pod < 16, "{per_pod} KiB per pod of the cluster");
 }

@@ -44,6 +44,13 @@ pub const MESH_LABEL: &str = "ferry.dev/mesh";
 pub const CAPTURED_ANNOTATION: &str = "ferry.dev/captured";
 /// How often local pods whose netns is not there yet are looked for again.
 const RETRY: Duration = Duration::from_secs(1);
+/// Events are let settle this long into one update...
+const SETTLE: Duration = Duration::from_millis(20);
+/// ...and updates follow each other no closer than this. Each one rebuilds the node's state from
+/// every pod and service of the cluster, so under churn (a rollout, a flapping readiness probe)
+/// they are coalesced, as Istio's control plane debounces its pushes; a lone change still takes
+/// effect after [`SETTLE`].
+const MIN_UPDATE_INTERVAL: Duration = Duration::from_millis(100);
 /// How often the agent looks whether a policy CRD it did not find has been installed.
 const CRD_POLL: Duration = Duration::from_secs(10);
 const FERRY_POLICIES: &str =
@@ -107,6 +114,7 @@ pub async fn spawn(client: Client, node: String, cgroup_root: PathBuf) -> mpsc::
             return;
         }
         let mut last = None;
+        let mut sent = tokio::time::Instant::now();
         let mut cgroups = PodCgroups::new(cgroup_root);
         let mut policies = PolicyObjects::default();
         loop {
@@ -134,6 +142,7 @@ pub async fn spawn(client: Client, node: String, cgroup_root: PathBuf) -> mpsc::
                 if tx.send(discovered).await.is_err() {
                     return;
                 }
+                sent = tokio::time::Instant::now();
             }
             // Settle bursts of events into one update; look again soon for pods still starting.
             if waiting {
@@ -141,7 +150,7 @@ pub async fn spawn(client: Client, node: String, cgroup_root: PathBuf) -> mpsc::
             } else {
                 changed.notified().await;
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(SETTLE.max(MIN_UPDATE_INTERVAL.saturating_sub(sent.elapsed()))).await;
         }
     });
     rx
