@@ -328,9 +328,15 @@ impl Agent {
 
     /// Makes state, capture and open connections follow a new config.
     fn apply(&mut self, config: &Config, why: &str) {
-        self.state.store(State::from_config(config));
+        let state = State::from_config(config);
+        // Open connections keep what they were admitted with (source, destination workload),
+        // so only new policies can close any. Most updates are pods coming and going, and a
+        // re-check holds the connection table while it looks at every open connection.
+        let previous = self.state.load();
+        let recheck = state.policies != previous.policies || state.node_traffic != previous.node_traffic;
+        self.state.store(state);
         self.reconcile(config);
-        let closed = self.proxy.recheck_policies();
+        let closed = if recheck { self.proxy.recheck_policies() } else { 0 };
         tracing::info!(
             workloads = self.pods.len(),
             policies = config.compiled_policies.len(),

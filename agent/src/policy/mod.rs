@@ -178,7 +178,7 @@ impl fmt::Display for Decision {
 }
 
 /// Every policy the agent knows.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PolicySet {
     policies: Vec<Arc<Policy>>,
 }
