@@ -46,10 +46,11 @@ pub const CAPTURED_ANNOTATION: &str = "ferry.dev/captured";
 const RETRY: Duration = Duration::from_secs(1);
 /// Events are let settle this long into one update...
 const SETTLE: Duration = Duration::from_millis(20);
-/// ...and updates follow each other no closer than this. Each one rebuilds the node's state from
-/// every pod and service of the cluster, so under churn (a rollout, a flapping readiness probe)
-/// they are coalesced, as Istio's control plane debounces its pushes; a lone change still takes
-/// effect after [`SETTLE`].
+/// ...and the cluster is looked through again no sooner than this after the last time. Each look
+/// rebuilds the workloads from every pod (even for a change in a namespace that is not meshed),
+/// and each update the node's state, so under churn (a rollout, a flapping readiness probe)
+/// changes are coalesced, as Istio's control plane debounces its pushes; a lone change still
+/// takes effect after [`SETTLE`].
 const MIN_UPDATE_INTERVAL: Duration = Duration::from_millis(100);
 /// How often the agent looks whether a policy CRD it did not find has been installed.
 const CRD_POLL: Duration = Duration::from_secs(10);
@@ -114,10 +115,10 @@ pub async fn spawn(client: Client, node: String, cgroup_root: PathBuf) -> mpsc::
             return;
         }
         let mut last = None;
-        let mut sent = tokio::time::Instant::now();
         let mut cgroups = PodCgroups::new(cgroup_root);
         let mut policies = PolicyObjects::default();
         loop {
+            let looked = tokio::time::Instant::now();
             let namespaces = namespaces.state();
             let meshed = meshed_namespaces(&namespaces);
             let (workloads, waiting) = workloads(&meshed, &pods.state(), &node, &mut cgroups);
@@ -142,7 +143,6 @@ pub async fn spawn(client: Client, node: String, cgroup_root: PathBuf) -> mpsc::
                 if tx.send(discovered).await.is_err() {
                     return;
                 }
-                sent = tokio::time::Instant::now();
             }
             // Settle bursts of events into one update; look again soon for pods still starting.
             if waiting {
@@ -150,7 +150,7 @@ pub async fn spawn(client: Client, node: String, cgroup_root: PathBuf) -> mpsc::
             } else {
                 changed.notified().await;
             }
-            tokio::time::sleep(SETTLE.max(MIN_UPDATE_INTERVAL.saturating_sub(sent.elapsed()))).await;
+            tokio::time::sleep(SETTLE.max(MIN_UPDATE_INTERVAL.saturating_sub(looked.elapsed()))).await;
         }
     });
     rx
