@@ -119,7 +119,7 @@ impl State {
             .services
             .iter()
             .map(|s| {
-                let selects = |w: &&&Arc<Workload>| {
+                let selects = |w: &&Arc<Workload>| {
                     s.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
                         && (s.internal_traffic_policy == TrafficPolicy::Cluster || w.node == config.node)
                 };
@@ -138,7 +138,7 @@ impl State {
                     namespace: s.namespace.clone(),
                     vips: s.vips.clone(),
                     ports: s.ports.clone(),
-                    endpoints: candidates.iter().filter(selects).map(|w| Arc::clone(w)).collect(),
+                    endpoints: candidates.iter().copied().filter(selects).cloned().collect(),
                 })
             })
             .collect();
