@@ -30,14 +30,14 @@ use crate::{
     identity::{CertManager, FileCa, ROOT_KEY_FILE, Signer, csr::CsrClient, load_roots},
     inpod::PodNetns,
     proxy::{PodHandle, PodListeners, Proxy},
-    state::{State, StateHandle, Workload},
+    state::{State, StateHandle},
     telemetry::{LogControl, Telemetry},
     upgrade::{self, Inherited, Offer, Successor, UpgradeListener},
 };
 
 /// A local workload being captured and served.
 struct RunningPod {
-    spec: config::Workload,
+    spec: Arc<config::Workload>,
     netns_cookie: u64,
     handle: PodHandle,
 }
@@ -352,7 +352,7 @@ impl Agent {
                 tracing::warn!(policy = %policy.key(), "{warning}");
             }
         }
-        let desired: HashMap<String, &config::Workload> =
+        let desired: HashMap<String, &Arc<config::Workload>> =
             config.local_meshed_workloads().map(|w| (format!("{}/{}", w.namespace, w.name), w)).collect();
         let stale: Vec<String> = self
             .pods
@@ -371,8 +371,7 @@ impl Agent {
             }
             self.stop_pod(&key);
         }
-        let identities: BTreeSet<_> =
-            desired.values().map(|w| Workload::from(*w).identity(&config.trust_domain)).collect();
+        let identities: BTreeSet<_> = desired.values().map(|w| w.identity(&config.trust_domain)).collect();
         if let Err(e) = self.certs.set_wanted(identities) {
             tracing::error!("issuing workload certificates: {e}");
         }
@@ -380,7 +379,7 @@ impl Agent {
             if self.pods.contains_key(&key) {
                 continue;
             }
-            let identity = Workload::from(spec).identity(&config.trust_domain);
+            let identity = spec.identity(&config.trust_domain);
             if self.certs.current(&identity).is_none() {
                 // Requested by CSR: captured when it arrives (the pod runs unmeshed until then).
                 tracing::debug!(workload = %key, %identity, "waiting for the workload's certificate");
@@ -423,7 +422,7 @@ impl Agent {
         }
     }
 
-    fn start_pod(&mut self, spec: &config::Workload, trust_domain: &str) -> anyhow::Result<RunningPod> {
+    fn start_pod(&mut self, spec: &Arc<config::Workload>, trust_domain: &str) -> anyhow::Result<RunningPod> {
         // Config validation guarantees both paths for local workloads.
         let netns_path = spec.netns.as_deref().context("no netns")?;
         let cgroup = spec.cgroup.as_deref().context("no cgroup")?;
@@ -436,12 +435,11 @@ impl Agent {
             }
             None => PodListeners::bind(&netns, ipv6).context("binding the pod's listeners")?,
         };
-        let workload = Arc::new(Workload::from(spec));
-        let identity = workload.identity(trust_domain);
+        let identity = spec.identity(trust_domain);
         // Listeners are bound: connections captured from here on wait in their backlog.
         self.datapath.attach_pod(&netns, cgroup, &spec.ips, listeners.inbound_plaintext())?;
         let netns_cookie = netns.cookie();
-        match self.proxy.serve_pod(workload, identity, netns, listeners) {
+        match self.proxy.serve_pod(spec.clone(), identity, netns, listeners) {
             Ok(handle) => Ok(RunningPod { spec: spec.clone(), netns_cookie, handle }),
             Err(e) => {
                 self.datapath.detach_pod(netns_cookie);

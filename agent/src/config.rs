@@ -7,6 +7,7 @@ use std::{
     collections::BTreeMap,
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
@@ -52,7 +53,9 @@ pub struct Config {
     #[serde(default = "default_upgrade_socket")]
     pub upgrade_socket: PathBuf,
     #[serde(default)]
-    pub workloads: Vec<Workload>,
+    /// Shared with the state built from it, and in Kubernetes mode kept from one update to the
+    /// next while its pod is unchanged: a large cluster's workloads are not copied per update.
+    pub workloads: Vec<Arc<Workload>>,
     /// Virtual IPs (Kubernetes ClusterIPs) balanced over the workloads their selector picks.
     #[serde(default)]
     pub services: Vec<Service>,
@@ -388,7 +391,7 @@ impl Config {
     }
 
     /// Workloads on this node that are captured.
-    pub fn local_meshed_workloads(&self) -> impl Iterator<Item = &Workload> {
+    pub fn local_meshed_workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
         self.workloads.iter().filter(|w| w.node == self.node && w.meshed)
     }
 }

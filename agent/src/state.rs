@@ -2,7 +2,7 @@
 //! Discovery builds a new [`State`] and swaps it in; the proxy and the datapath only read it.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeSet,
     net::{IpAddr, SocketAddr},
     sync::{Arc, RwLock},
 };
@@ -13,20 +13,12 @@ use crate::{
     policy::PolicySet,
 };
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Workload {
-    pub name: String,
-    pub namespace: String,
-    pub service_account: String,
-    pub labels: BTreeMap<String, String>,
-    pub ips: Vec<IpAddr>,
-    pub node: String,
-    pub meshed: bool,
-    /// Takes service connections.
-    pub ready: bool,
-    /// Named ports, for services whose target port is a name.
-    pub ports: BTreeMap<String, u16>,
-}
+/// Maps rebuilt on every update and read on every connection. Their keys come from discovery, not
+/// from traffic, so they need no SipHash against chosen keys.
+type HashMap<K, V> = std::collections::HashMap<K, V, ahash::RandomState>;
+
+/// A workload as discovery gives it, shared (by `Arc`) with the state, not copied.
+pub use crate::config::Workload;
 
 impl Workload {
     /// `namespace/name`, how logs and the CLI refer to a workload.
@@ -47,22 +39,6 @@ impl Workload {
     /// Its IPv4 address if it has one, else its first: where a connection to it by name goes.
     pub fn preferred_ip(&self) -> Option<IpAddr> {
         self.address(false).or_else(|| self.ips.first().copied())
-    }
-}
-
-impl From<&config::Workload> for Workload {
-    fn from(w: &config::Workload) -> Self {
-        Workload {
-            name: w.name.clone(),
-            namespace: w.namespace.clone(),
-            service_account: w.service_account.clone(),
-            labels: w.labels.clone(),
-            ips: w.ips.clone(),
-            node: w.node.clone(),
-            meshed: w.meshed,
-            ready: w.ready,
-            ports: w.ports.clone(),
-        }
     }
 }
 
@@ -98,20 +74,22 @@ pub struct State {
 
 impl State {
     pub fn from_config(config: &Config) -> State {
-        let workloads: Vec<Arc<Workload>> =
-            config.workloads.iter().map(|w| Arc::new(Workload::from(w))).collect();
-        let mut by_ip = HashMap::new();
+        let workloads = config.workloads.clone();
+        let mut by_ip = HashMap::default();
         for w in &workloads {
             for ip in &w.ips {
                 by_ip.insert(*ip, w.clone());
             }
         }
         // Ready workloads by namespace and label, so that a service looks only at those with
-        // one of its selector's labels: looking through all of them for each service would cost
-        // services x workloads on every update, and a large cluster updates often.
-        let mut by_label: HashMap<(&str, &str, &str), Vec<&Arc<Workload>>> = HashMap::new();
+        // its selector's first label: looking through all of them for each service would cost
+        // services x workloads on every update, and a large cluster updates often. Only the
+        // label keys some selector starts with are indexed.
+        let keys: BTreeSet<&str> =
+            config.services.iter().filter_map(|s| s.selector.keys().next()).map(String::as_str).collect();
+        let mut by_label: HashMap<(&str, &str, &str), Vec<&Arc<Workload>>> = HashMap::default();
         for w in workloads.iter().filter(|w| w.ready) {
-            for (key, value) in &w.labels {
+            for (key, value) in keys.iter().filter_map(|key| w.labels.get_key_value(*key)) {
                 by_label.entry((w.namespace.as_str(), key.as_str(), value.as_str())).or_default().push(w);
             }
         }

@@ -64,7 +64,7 @@ const ISTIO: &str = "istio";
 /// What the API says, as the agent uses it.
 #[derive(Debug, Clone, Default)]
 pub struct Discovered {
-    pub workloads: Vec<config::Workload>,
+    pub workloads: Vec<Arc<config::Workload>>,
     pub services: Vec<config::Service>,
     pub policies: Vec<Policy>,
     /// Policy objects whose current version was refused as invalid.
@@ -115,13 +115,13 @@ pub async fn spawn(client: Client, node: String, cgroup_root: PathBuf) -> mpsc::
             return;
         }
         let mut last = None;
-        let mut cgroups = PodCgroups::new(cgroup_root);
+        let mut workloads = Workloads::new(node, cgroup_root);
         let mut policies = PolicyObjects::default();
         loop {
             let looked = tokio::time::Instant::now();
             let namespaces = namespaces.state();
             let meshed = meshed_namespaces(&namespaces);
-            let (workloads, waiting) = workloads(&meshed, &pods.state(), &node, &mut cgroups);
+            let (workloads, waiting) = workloads.look(&meshed, &pods.state());
             let services = meshed_services(&meshed, &services.state());
             let (ferry, istio) = (ferry_policies.state(), istio_policies.state());
             let versions: Vec<Option<String>> = ferry
@@ -241,7 +241,7 @@ where
 }
 
 /// The names of the namespaces labelled into the mesh.
-fn meshed_namespaces(namespaces: &[Arc<Namespace>]) -> Vec<&str> {
+fn meshed_namespaces(namespaces: &[Arc<Namespace>]) -> HashSet<&str> {
     namespaces
         .iter()
         .filter(|ns| label(&ns.metadata.labels, MESH_LABEL) == Some("enabled"))
@@ -251,10 +251,10 @@ fn meshed_namespaces(namespaces: &[Arc<Namespace>]) -> Vec<&str> {
 
 /// ClusterIP services with a selector in meshed namespaces. A named target port is resolved per
 /// endpoint, from the container ports its pod names (see [`workload`]).
-fn meshed_services(meshed: &[&str], services: &[Arc<Service>]) -> Vec<config::Service> {
+fn meshed_services(meshed: &HashSet<&str>, services: &[Arc<Service>]) -> Vec<config::Service> {
     let mut list: Vec<config::Service> = services
         .iter()
-        .filter(|s| s.metadata.namespace.as_deref().is_some_and(|ns| meshed.contains(&ns)))
+        .filter(|s| s.metadata.namespace.as_deref().is_some_and(|ns| meshed.contains(ns)))
         .filter_map(|s| {
             let spec = s.spec.as_ref()?;
             let selector = spec.selector.clone().filter(|sel| !sel.is_empty())?;
@@ -289,30 +289,83 @@ fn meshed_services(meshed: &[&str], services: &[Arc<Service>]) -> Vec<config::Se
     list
 }
 
-/// The workloads of meshed namespaces, and whether a local pod is still waiting for its netns.
-fn workloads(
-    meshed: &[&str],
-    pods: &[Arc<Pod>],
-    node: &str,
-    cgroups: &mut PodCgroups,
-) -> (Vec<config::Workload>, bool) {
-    cgroups.retain(pods);
-    let mut waiting = false;
-    let mut list: Vec<config::Workload> = pods
-        .iter()
-        .filter(|pod| pod.metadata.namespace.as_deref().is_some_and(|ns| meshed.contains(&ns)))
-        .filter_map(|pod| {
-            // Opted out: known (a service endpoint, reached with plain TCP), never captured.
-            let opted_out = label(&pod.metadata.labels, MESH_LABEL) == Some("disabled");
-            let workload = workload(pod, node, cgroups, !opted_out);
-            if workload.is_none() && !opted_out && is_local_and_running(pod, node) {
-                waiting = true;
+/// The pods of meshed namespaces as workloads, kept from one look through the cluster to the
+/// next: a large cluster's pods mostly stay as they were, and converting (and copying) every one
+/// of them on every update would cost the agent more than the update itself.
+struct Workloads {
+    node: String,
+    cgroups: PodCgroups,
+    /// Other nodes' pods, by the address of the pod object they were made from: the store hands out
+    /// the same `Arc` until the API changes the pod, and keeping it here keeps its address from
+    /// being reused. This node's pods are not kept: their netns may be recreated.
+    remote: HashMap<usize, Converted, ahash::RandomState>,
+    /// This node's workloads and the whole sorted list, as the last look found them.
+    local: Vec<config::Workload>,
+    list: Vec<Arc<config::Workload>>,
+    looks: u64,
+}
+
+struct Converted {
+    _pod: Arc<Pod>,
+    workload: Option<Arc<config::Workload>>,
+    /// The last look that found the pod.
+    seen: u64,
+}
+
+impl Workloads {
+    fn new(node: String, cgroup_root: PathBuf) -> Workloads {
+        Workloads {
+            node,
+            cgroups: PodCgroups::new(cgroup_root),
+            remote: HashMap::default(),
+            local: Vec::new(),
+            list: Vec::new(),
+            looks: 0,
+        }
+    }
+
+    /// The workloads of meshed namespaces, and whether a local pod is still waiting for its netns.
+    fn look(&mut self, meshed: &HashSet<&str>, pods: &[Arc<Pod>]) -> (Vec<Arc<config::Workload>>, bool) {
+        self.looks += 1;
+        let (mut waiting, mut converted, mut found) = (false, false, 0);
+        let mut local = Vec::new();
+        let mut local_uids = HashSet::new();
+        let mut list = Vec::with_capacity(self.list.len());
+        for pod in pods {
+            if !pod.metadata.namespace.as_deref().is_some_and(|ns| meshed.contains(ns)) {
+                continue;
             }
-            workload
-        })
-        .collect();
-    list.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-    (list, waiting)
+            if pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(self.node.as_str()) {
+                local_uids.extend(pod.metadata.uid.as_deref());
+                // Opted out: known (a service endpoint, reached with plain TCP), never captured.
+                let opted_out = label(&pod.metadata.labels, MESH_LABEL) == Some("disabled");
+                match workload(pod, &self.node, &mut self.cgroups, !opted_out) {
+                    Some(workload) => local.push(workload),
+                    None => waiting |= !opted_out && is_local_and_running(pod, &self.node),
+                }
+                continue;
+            }
+            let entry = self.remote.entry(Arc::as_ptr(pod) as usize).or_insert_with(|| {
+                converted = true;
+                let workload = workload(pod, &self.node, &mut self.cgroups, false).map(Arc::new);
+                Converted { _pod: pod.clone(), workload, seen: 0 }
+            });
+            entry.seen = self.looks;
+            found += 1;
+            list.extend(entry.workload.clone());
+        }
+        let gone = found < self.remote.len();
+        if gone {
+            self.remote.retain(|_, c| c.seen == self.looks);
+        }
+        self.cgroups.retain(&local_uids);
+        if converted || gone || local != self.local {
+            list.extend(local.iter().cloned().map(Arc::new));
+            list.sort_unstable_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+            (self.local, self.list) = (local, list);
+        }
+        (self.list.clone(), waiting)
+    }
 }
 
 /// The policy objects (Ferry's and Istio's) and what is in force for each.
@@ -514,9 +567,8 @@ impl PodCgroups {
         Some(dir)
     }
 
-    /// Forgets the pods that are gone.
-    fn retain(&mut self, pods: &[Arc<Pod>]) {
-        let live: HashSet<&str> = pods.iter().filter_map(|p| p.metadata.uid.as_deref()).collect();
+    /// Forgets the pods that are gone (or no longer in a meshed namespace).
+    fn retain(&mut self, live: &HashSet<&str>) {
         self.by_uid.retain(|uid, _| live.contains(uid.as_str()));
     }
 }
@@ -652,11 +704,46 @@ mod tests {
         }))
         .unwrap();
         let service = [Arc::new(service)];
-        let services = meshed_services(&["ns"], &service);
+        let services = meshed_services(&HashSet::from(["ns"]), &service);
         assert_eq!(services[0].internal_traffic_policy, config::TrafficPolicy::Local);
         let targets: Vec<String> = services[0].ports.iter().map(|p| p.target_port.to_string()).collect();
         assert_eq!(targets, ["dns", "5354", "55"]);
-        assert!(meshed_services(&["other"], &service).is_empty(), "not in a meshed namespace");
+        assert!(meshed_services(&HashSet::from(["other"]), &service).is_empty(), "not in a meshed namespace");
+    }
+
+    #[test]
+    fn an_unchanged_pod_keeps_its_workload_from_one_look_to_the_next() {
+        let pod = |name: &str, namespace: &str, ip: &str| -> Arc<Pod> {
+            Arc::new(
+                serde_json::from_value(serde_json::json!({
+                    "metadata": {"name": name, "namespace": namespace, "uid": name},
+                    "spec": {"nodeName": "elsewhere", "containers": []},
+                    "status": {"phase": "Running", "podIP": ip},
+                }))
+                .unwrap(),
+            )
+        };
+        let (a, b, c) =
+            (pod("a", "shop", "10.9.0.1"), pod("b", "shop", "10.9.0.2"), pod("c", "other", "10.9.0.3"));
+        let mut workloads = Workloads::new("here".into(), PathBuf::from("/nonexistent"));
+        let shop = HashSet::from(["shop"]);
+        let (first, waiting) = workloads.look(&shop, &[b.clone(), a.clone(), c.clone()]);
+        assert!(!waiting);
+        let names: Vec<&str> = first.iter().map(|w| w.name.as_str()).collect();
+        assert_eq!(names, ["a", "b"], "sorted, and only meshed namespaces");
+        // b changed (the store holds a new object for it): converted again; a is the same object.
+        let b2 = pod("b", "shop", "10.9.0.22");
+        let (second, _) = workloads.look(&shop, &[a.clone(), b2.clone(), c.clone()]);
+        assert!(Arc::ptr_eq(&first[0], &second[0]), "a is not converted again");
+        assert_eq!(second[1].ips, ["10.9.0.22".parse::<IpAddr>().unwrap()]);
+        assert_eq!(workloads.remote.len(), 2, "b's old object is let go");
+        // Gone from the cluster, or its namespace no longer meshed: forgotten.
+        let (third, _) = workloads.look(&HashSet::from(["shop", "other"]), &[b2.clone(), c.clone()]);
+        let names: Vec<&str> = third.iter().map(|w| w.name.as_str()).collect();
+        assert_eq!(names, ["c", "b"], "by namespace, then name");
+        assert!(Arc::ptr_eq(&second[1], &third[1]));
+        assert!(workloads.look(&HashSet::new(), &[b2, c]).0.is_empty());
+        assert!(workloads.remote.is_empty());
     }
 
     #[test]
@@ -689,7 +776,6 @@ mod tests {
         let ips: Vec<IpAddr> = ["fd00::5".parse().unwrap(), "10.9.0.5".parse().unwrap()].into();
         assert_eq!(workload.ips, ips);
         // Reached by name over IPv4, though IPv6 comes first.
-        let workload = crate::state::Workload::from(&workload);
         assert_eq!(workload.preferred_ip(), Some(ips[1]));
         assert_eq!(workload.address(true), Some(ips[0]));
     }

@@ -74,6 +74,8 @@ mod tests {
                 meshed: true,
                 ready: true,
                 ports,
+                netns: None,
+                cgroup: None,
             })
         };
         Service {

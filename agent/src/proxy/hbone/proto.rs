@@ -140,6 +140,8 @@ mod tests {
             meshed: true,
             ready: true,
             ports: Default::default(),
+            netns: None,
+            cgroup: None,
         };
         let req = connect_request(
             "10.2.0.2:8080".parse().unwrap(),
