@@ -307,26 +307,35 @@ fn byte_counters_follow_a_long_lived_connection_and_end_exact() {
     sb.start_agent("node2", None).unwrap();
     let _server = sb.pod("c").serve(PORT).unwrap();
     // One connection, a 1-byte ping-pong every 10 ms for 3 s.
-    let client = sb.pod("a").spawn_app(&["stream", &addr(&sb, "c").to_string(), "3"]).unwrap();
-    let series = |node: &str, name: &str| {
+    let mut client = sb.pod("a").spawn_app(&["stream", &addr(&sb, "c").to_string(), "3"]).unwrap();
+    // Scraped while it is open, parsed afterwards: the parser (a Python process) takes a good part
+    // of a second, which would otherwise eat into the connection's 3 s.
+    let in_text = |text: &str, node: &str, name: &str| {
         let reporter = if node == "node1" { "source" } else { "destination" };
-        let samples = parse_metrics(&sb.metrics(node).unwrap()).unwrap();
         sum_samples(
-            &samples,
+            &parse_metrics(text).unwrap(),
             name,
             &[("reporter", reporter), ("source_workload", "a"), ("destination_workload", "c")],
         )
     };
+    let series = |node: &str, name: &str| in_text(&sb.metrics(node).unwrap(), node, name);
     // While it is open, each scrape shows the bytes moved so far, growing.
     std::thread::sleep(Duration::from_millis(500));
+    let mut while_open = Vec::new();
     for node in ["node1", "node2"] {
-        let first = series(node, "istio_tcp_received_bytes_total");
-        assert!(first > 0.0, "{node}: no bytes counted for an open connection");
+        let first = sb.metrics(node).unwrap();
         std::thread::sleep(Duration::from_millis(300));
-        let second = series(node, "istio_tcp_received_bytes_total");
-        assert!(second > first, "{node}: byte count stuck at {first} while bytes flow");
-        assert!(series(node, "istio_tcp_sent_bytes_total") > 0.0, "{node}");
-        assert_eq!(series(node, "istio_tcp_connections_closed_total"), 0.0, "{node}: closed early");
+        while_open.push((node, first, sb.metrics(node).unwrap()));
+    }
+    assert!(client.child().try_wait().unwrap().is_none(), "the client finished before the scrapes");
+    for (node, first, second) in while_open {
+        let received = in_text(&first, node, "istio_tcp_received_bytes_total");
+        assert!(received > 0.0, "{node}: no bytes counted for an open connection");
+        let later = in_text(&second, node, "istio_tcp_received_bytes_total");
+        assert!(later > received, "{node}: byte count stuck at {received} while bytes flow");
+        assert!(in_text(&second, node, "istio_tcp_sent_bytes_total") > 0.0, "{node}");
+        let closed = in_text(&second, node, "istio_tcp_connections_closed_total");
+        assert_eq!(closed, 0.0, "{node}: closed early");
     }
     let last = client.finish().unwrap();
     let exchanged: f64 = match last.split_whitespace().collect::<Vec<_>>().as_slice() {
