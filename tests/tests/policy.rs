@@ -2,7 +2,7 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use ferry_sandbox::{ConnectOutcome, Sandbox, parse_metrics, sum_samples};
+use ferry_sandbox::{ConnectOutcome, Sample, Sandbox, parse_metrics, sum_samples};
 use serde_json::Value;
 
 const PORT: u16 = 8080;
@@ -310,15 +310,16 @@ fn byte_counters_follow_a_long_lived_connection_and_end_exact() {
     let mut client = sb.pod("a").spawn_app(&["stream", &addr(&sb, "c").to_string(), "3"]).unwrap();
     // Scraped while it is open, parsed afterwards: the parser (a Python process) takes a good part
     // of a second, which would otherwise eat into the connection's 3 s.
-    let in_text = |text: &str, node: &str, name: &str| {
+    let in_samples = |samples: &[Sample], node: &str, name: &str| {
         let reporter = if node == "node1" { "source" } else { "destination" };
         sum_samples(
-            &parse_metrics(text).unwrap(),
+            samples,
             name,
             &[("reporter", reporter), ("source_workload", "a"), ("destination_workload", "c")],
         )
     };
-    let series = |node: &str, name: &str| in_text(&sb.metrics(node).unwrap(), node, name);
+    let series =
+        |node: &str, name: &str| in_samples(&parse_metrics(&sb.metrics(node).unwrap()).unwrap(), node, name);
     // While it is open, each scrape shows the bytes moved so far, growing.
     std::thread::sleep(Duration::from_millis(500));
     let mut while_open = Vec::new();
@@ -329,12 +330,13 @@ fn byte_counters_follow_a_long_lived_connection_and_end_exact() {
     }
     assert!(client.child().try_wait().unwrap().is_none(), "the client finished before the scrapes");
     for (node, first, second) in while_open {
-        let received = in_text(&first, node, "istio_tcp_received_bytes_total");
+        let (first, second) = (parse_metrics(&first).unwrap(), parse_metrics(&second).unwrap());
+        let received = in_samples(&first, node, "istio_tcp_received_bytes_total");
         assert!(received > 0.0, "{node}: no bytes counted for an open connection");
-        let later = in_text(&second, node, "istio_tcp_received_bytes_total");
+        let later = in_samples(&second, node, "istio_tcp_received_bytes_total");
         assert!(later > received, "{node}: byte count stuck at {received} while bytes flow");
-        assert!(in_text(&second, node, "istio_tcp_sent_bytes_total") > 0.0, "{node}");
-        let closed = in_text(&second, node, "istio_tcp_connections_closed_total");
+        assert!(in_samples(&second, node, "istio_tcp_sent_bytes_total") > 0.0, "{node}");
+        let closed = in_samples(&second, node, "istio_tcp_connections_closed_total");
         assert_eq!(closed, 0.0, "{node}: closed early");
     }
     let last = client.finish().unwrap();

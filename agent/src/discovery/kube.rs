@@ -341,7 +341,7 @@ impl Workloads {
                 let opted_out = label(&pod.metadata.labels, MESH_LABEL) == Some("disabled");
                 match workload(pod, &self.node, &mut self.cgroups, !opted_out) {
                     Some(workload) => local.push(workload),
-                    None => waiting |= !opted_out && is_local_and_running(pod, &self.node),
+                    None => waiting |= !opted_out && is_running(pod),
                 }
                 continue;
             }
@@ -536,9 +536,8 @@ fn named_ports(spec: &PodSpec) -> BTreeMap<String, u16> {
         .collect()
 }
 
-fn is_local_and_running(pod: &Pod, node: &str) -> bool {
-    pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node)
-        && pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+fn is_running(pod: &Pod) -> bool {
+    pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
 }
 
 /// A label's (or an annotation's) value.
