@@ -19,7 +19,7 @@ use super::relay::Flow;
 use crate::{
     identity::SpiffeId,
     policy::{Decision, Request, Verdict},
-    state::{State, Workload},
+    state::{State, StateHandle, Workload},
     telemetry::{ConnectionLabels, LiveBytes, ProxyMetrics},
 };
 
@@ -33,6 +33,9 @@ pub(super) struct Admission {
     pub(super) destination: Arc<Workload>,
     /// A process on this node opened it (see `Proxy::opened_on_node`).
     pub(super) from_node: bool,
+    /// [`Tracker::rechecks`] when it was decided: if a re-check ran before the connection was
+    /// registered, the re-check missed it, and registering decides again.
+    pub(super) rechecks: u64,
 }
 
 impl Admission {
@@ -68,8 +71,23 @@ struct Tracked {
     info: LiveConnection,
     opened: Instant,
     bytes: Arc<ByteCounts>,
-    admission: Option<Admission>,
+    /// Shared so that a re-check evaluates outside the table's lock.
+    admitted: Option<Arc<Admitted>>,
+}
+
+/// An admitted connection, as a policy change re-checks it.
+struct Admitted {
+    admission: Admission,
     revoke: watch::Sender<Option<Decision>>,
+}
+
+impl Admitted {
+    /// Decides again; revokes the connection if `state` denies it. Whether it did (a connection
+    /// that has closed meanwhile has no receiver left).
+    fn revoke_if_denied(&self, state: &State) -> bool {
+        let decision = self.admission.evaluate(state);
+        decision.verdict == Verdict::Deny && self.revoke.send(Some(decision)).is_ok()
+    }
 }
 
 /// Bytes relayed so far, updated as they flow, and how many of them the byte counters have.
@@ -119,6 +137,8 @@ impl ByteCounts {
 pub struct Tracker {
     next_id: AtomicU64,
     live: Mutex<HashMap<u64, Tracked>>,
+    /// Re-checks started so far.
+    rechecks: AtomicU64,
 }
 
 /// Keeps a connection listed while it lives; tells it when a policy change revokes it.
@@ -152,10 +172,24 @@ impl Drop for Registration {
 }
 
 impl Tracker {
-    pub(super) fn register(self: &Arc<Self>, flow: &Flow, labels: ConnectionLabels) -> Registration {
+    /// To be read before the state a connection is admitted against is loaded, and kept in
+    /// its [`Admission`].
+    pub(super) fn rechecks(&self) -> u64 {
+        self.rechecks.load(Ordering::SeqCst)
+    }
+
+    /// Lists the connection. One admitted before a re-check that could not see it yet (it was
+    /// still connecting to its destination) is decided again against `state`, so that a policy
+    /// change cannot miss a connection that was being set up meanwhile.
+    pub(super) fn register(
+        self: &Arc<Self>,
+        flow: &Flow,
+        labels: ConnectionLabels,
+        state: &StateHandle,
+    ) -> Registration {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let admission = flow.admission.clone();
         let (revoke, revoked) = watch::channel(None);
+        let admitted = flow.admission.clone().map(|admission| Arc::new(Admitted { admission, revoke }));
         let info = LiveConnection {
             id,
             direction: flow.direction.as_str(),
@@ -169,25 +203,30 @@ impl Tracker {
             age_ms: 0,
         };
         let bytes = Arc::new(ByteCounts::new(labels));
-        let tracked = Tracked { info, opened: Instant::now(), bytes: bytes.clone(), admission, revoke };
+        let tracked = Tracked { info, opened: Instant::now(), bytes: bytes.clone(), admitted };
+        let admitted = tracked.admitted.clone();
         self.live.lock().unwrap_or_else(|e| e.into_inner()).insert(id, tracked);
+        // A re-check that took its list before the insert counted itself before that: this load
+        // sees it (the table's lock orders the two), and the state it re-checked against.
+        if let Some(admitted) = admitted
+            && admitted.admission.rechecks != self.rechecks()
+        {
+            admitted.revoke_if_denied(&state.load());
+        }
         Registration { tracker: self.clone(), id, revoked, bytes }
     }
 
     /// Re-evaluates every admitted connection against `state`'s policies; closes those now
-    /// denied. Returns how many were closed.
+    /// denied. Returns how many were closed. The policies are evaluated outside the lock, which
+    /// every new and closing connection takes: with many connections and policies a re-check
+    /// takes milliseconds, and connections keep opening meanwhile.
     pub fn recheck(&self, state: &State) -> usize {
-        let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
-        let mut closed = 0;
-        for tracked in live.values() {
-            let Some(admission) = &tracked.admission else { continue };
-            let decision = admission.evaluate(state);
-            if decision.verdict == Verdict::Deny {
-                let _ = tracked.revoke.send(Some(decision));
-                closed += 1;
-            }
-        }
-        closed
+        self.rechecks.fetch_add(1, Ordering::SeqCst);
+        let admitted: Vec<Arc<Admitted>> = {
+            let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+            live.values().filter_map(|tracked| tracked.admitted.clone()).collect()
+        };
+        admitted.iter().filter(|admitted| admitted.revoke_if_denied(state)).count()
     }
 
     pub fn snapshot(&self) -> Vec<LiveConnection> {
@@ -219,5 +258,65 @@ impl LiveBytes for Tracker {
         for bytes in live {
             bytes.count(metrics);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{path::Path, time::Duration};
+
+    use super::*;
+    use crate::{config::Config, telemetry::Direction};
+
+    fn state(policies: &str) -> State {
+        let config = format!(
+            "node: n1\nworkloads:\n  - {{name: web, namespace: shop, ips: [10.0.1.2], node: n1, meshed: false}}\npolicies: {policies}\n"
+        );
+        State::from_config(&Config::parse(&config, Path::new("t.yaml")).unwrap())
+    }
+
+    fn admitted_flow(state: &State, rechecks: u64) -> Flow {
+        let dst: SocketAddr = "10.0.1.2:8080".parse().unwrap();
+        let mut flow = Flow::new(Direction::Inbound, "test", "10.0.2.9:40000".parse().unwrap(), dst);
+        let destination = state.workload_by_ip(dst.ip()).unwrap().clone();
+        let admission = Admission {
+            src_ip: flow.src.ip(),
+            src_identity: None,
+            dst,
+            destination,
+            from_node: false,
+            rechecks,
+        };
+        assert_eq!(admission.evaluate(state).verdict, Verdict::Allow);
+        flow.admission = Some(admission);
+        flow
+    }
+
+    async fn revocation(registration: &Registration) -> Option<Decision> {
+        tokio::time::timeout(Duration::from_millis(100), registration.revoked()).await.ok()
+    }
+
+    #[tokio::test]
+    async fn a_policy_change_reaches_connections_still_being_set_up() {
+        let tracker = Arc::new(Tracker::default());
+        let handle = StateHandle::new(state("[]"));
+        let open = admitted_flow(&handle.load(), tracker.rechecks());
+        let open = tracker.register(&open, open.labels(), &handle);
+        // Admitted, then connecting to its destination while the policies change.
+        let connecting = admitted_flow(&handle.load(), tracker.rechecks());
+
+        handle.store(state(
+            "[{metadata: {name: deny-all, namespace: shop}, spec: {action: DENY, rules: [{}]}}]",
+        ));
+        assert_eq!(tracker.recheck(&handle.load()), 1, "only the registered connection is listed");
+        let decision = revocation(&open).await.expect("the open connection is revoked");
+        assert_eq!(decision.reason.policy.as_deref(), Some("shop/deny-all"));
+
+        let connected = tracker.register(&connecting, connecting.labels(), &handle);
+        let decision = revocation(&connected).await.expect("revoked as it registers, after the re-check");
+        assert_eq!(decision.verdict, Verdict::Deny);
+
+        drop((open, connected));
+        assert_eq!(tracker.recheck(&handle.load()), 0, "closed connections are not counted");
     }
 }

@@ -353,6 +353,7 @@ impl Proxy {
     /// remembers the inputs on the flow for later re-checks.
     fn authorize(&self, pod: &LocalPod, flow: &mut Flow, src_ip: IpAddr) -> Decision {
         let admission = Admission {
+            rechecks: self.inner.tracker.rechecks(),
             src_ip,
             src_identity: flow.src_identity.clone(),
             dst: flow.dst,

@@ -124,7 +124,7 @@ impl Flow {
         self
     }
 
-    fn labels(&self) -> ConnectionLabels {
+    pub(super) fn labels(&self) -> ConnectionLabels {
         let name = |w: &Option<Arc<Workload>>| w.as_ref().map_or(UNKNOWN.to_owned(), |w| w.name.clone());
         let namespace =
             |w: &Option<Arc<Workload>>| w.as_ref().map_or(UNKNOWN.to_owned(), |w| w.namespace.clone());
@@ -240,7 +240,7 @@ impl Flow {
         let labels = self.labels();
         telemetry.proxy.opened(self.direction, self.route, &labels);
         telemetry.flows.push(self.event(FlowKind::Opened, None, 0, 0));
-        proxy.inner.tracker.register(self, labels)
+        proxy.inner.tracker.register(self, labels, &proxy.inner.state)
     }
 
     /// Counts and logs how the relay ended, with every byte it moved (failed ones too).
