@@ -151,7 +151,8 @@ impl State {
 
     /// A workload by `namespace/name`.
     pub fn workload_by_key(&self, key: &str) -> Option<&Arc<Workload>> {
-        self.workloads.iter().find(|w| w.key() == key)
+        let (namespace, name) = key.split_once('/')?;
+        self.workloads.iter().find(|w| w.namespace == namespace && w.name == name)
     }
 
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
