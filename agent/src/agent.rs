@@ -329,11 +329,9 @@ impl Agent {
     /// Makes state, capture and open connections follow a new config.
     fn apply(&mut self, config: &Config, why: &str) {
         let state = State::from_config(config);
-        // Open connections keep what they were admitted with (source, destination workload),
-        // so only new policies can close any. Most updates are pods coming and going, and a
-        // re-check holds the connection table while it looks at every open connection.
-        let previous = self.state.load();
-        let recheck = state.policies != previous.policies || state.node_traffic != previous.node_traffic;
+        // Most updates are pods coming and going, which cannot change the decision for an open
+        // connection: only new policies, or new labels on its destination pod, can.
+        let recheck = state.changes_decisions_since(&self.state.load());
         self.state.store(state);
         self.reconcile(config);
         let closed = if recheck { self.proxy.recheck_policies() } else { 0 };

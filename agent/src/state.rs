@@ -162,6 +162,20 @@ impl State {
     pub fn is_local(&self, workload: &Workload) -> bool {
         workload.node == self.node
     }
+
+    /// Whether open connections must be decided again after `previous`: the policies changed, or
+    /// what they read of this node's workloads (a pod relabelled into or out of a selector).
+    pub fn changes_decisions_since(&self, previous: &State) -> bool {
+        let relabelled = |w: &&Arc<Workload>| {
+            let was = w.preferred_ip().and_then(|ip| previous.workload_by_ip(ip));
+            was.is_some_and(|was| {
+                was.namespace == w.namespace && was.name == w.name && was.labels != w.labels
+            })
+        };
+        self.policies != previous.policies
+            || self.node_traffic != previous.node_traffic
+            || self.workloads.iter().filter(|w| self.is_local(w)).any(|w| relabelled(&w))
+    }
 }
 
 /// The current state, replaced whole on every discovery update.

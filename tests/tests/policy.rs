@@ -137,22 +137,26 @@ fn dry_run_lets_traffic_through_and_counts_the_would_be_deny() {
     sb.wait_for_log("node2", "dry-run: would be denied", 1).unwrap();
 }
 
-#[test]
-fn policy_changes_close_open_connections_and_removal_restores_traffic() {
-    let mut sb = sandbox("change");
-    sb.start_agent("node2", Some(&labelled_c(&sb.config_for("node2")))).unwrap();
-    let _server = sb.pod("c").serve(PORT).unwrap();
+/// Streams from a to c while node2 reloads `config`; the stream must end early.
+fn reload_cuts_open_stream(sb: &Sandbox, config: &str) {
     std::thread::scope(|s| {
-        // A long-lived allowed connection from a...
-        let stream = s.spawn(|| sb.pod("a").measure_stream(addr(&sb, "c"), 6));
+        let stream = s.spawn(|| sb.pod("a").measure_stream(addr(sb, "c"), 6));
         std::thread::sleep(Duration::from_millis(800));
-        // ...is cut when a DENY policy for a arrives, like ztunnel does.
-        sb.reload_agent("node2", &labelled_c(&with_policies(&sb, "node2", DENY_A))).unwrap();
+        sb.reload_agent("node2", config).unwrap();
         // HBONE carries no reset (RST_STREAM CANCEL reads as EOF, as with ztunnel): the app sees
         // its connection end early, either way.
         let outcome = stream.join().unwrap();
         assert!(!outcome.starts_with("streamed"), "the denied connection survived: {outcome}");
     });
+}
+
+#[test]
+fn policy_changes_close_open_connections_and_removal_restores_traffic() {
+    let mut sb = sandbox("change");
+    sb.start_agent("node2", Some(&labelled_c(&sb.config_for("node2")))).unwrap();
+    let _server = sb.pod("c").serve(PORT).unwrap();
+    // A DENY policy for a cuts its open connection, like ztunnel does.
+    reload_cuts_open_stream(&sb, &labelled_c(&with_policies(&sb, "node2", DENY_A)));
     sb.wait_for_log("node2", "closed by a policy change", 1).unwrap();
     sb.wait_for_log("node2", "closed_by_policy=1", 1).unwrap();
     // New connections are denied at once, b is untouched.
@@ -162,6 +166,18 @@ fn policy_changes_close_open_connections_and_removal_restores_traffic() {
     sb.reload_agent("node2", &labelled_c(&sb.config_for("node2"))).unwrap();
     sb.wait_for_log("node2", "config reloaded", 2).unwrap();
     assert!(echoed(&sb.pod("a").connect(addr(&sb, "c"), 10).unwrap()));
+}
+
+#[test]
+fn relabelling_a_pod_into_a_deny_policy_closes_its_open_connections() {
+    // deny-a selects pods labelled app=c; c is not, yet.
+    let mut sb = sandbox("relabel");
+    sb.start_agent("node2", Some(&with_policies(&sb, "node2", DENY_A))).unwrap();
+    let _server = sb.pod("c").serve(PORT).unwrap();
+    // The same policies, c now labelled: as with a policy change, the open connection is cut.
+    reload_cuts_open_stream(&sb, &labelled_c(&with_policies(&sb, "node2", DENY_A)));
+    sb.wait_for_log("node2", "closed_by_policy=1", 1).unwrap();
+    assert!(matches!(sb.pod("a").connect(addr(&sb, "c"), 10).unwrap(), ConnectOutcome::Reset { .. }));
 }
 
 #[test]

@@ -40,13 +40,18 @@ pub(super) struct Admission {
 
 impl Admission {
     pub(super) fn evaluate(&self, state: &State) -> Decision {
+        // The destination as `state` knows it: a relabelled pod is judged by its new labels.
+        let destination = state
+            .workload_by_ip(self.dst.ip())
+            .filter(|w| w.namespace == self.destination.namespace && w.name == self.destination.name)
+            .unwrap_or(&self.destination);
         state.policies.evaluate(&Request {
             src_ip: self.src_ip,
             src_identity: self.src_identity.as_ref(),
             dst_ip: self.dst.ip(),
             dst_port: self.dst.port(),
-            dst_namespace: &self.destination.namespace,
-            dst_labels: &self.destination.labels,
+            dst_namespace: &destination.namespace,
+            dst_labels: &destination.labels,
             node_exempt: state.node_traffic.exempts(self.from_node),
         })
     }
@@ -268,11 +273,25 @@ mod tests {
     use super::*;
     use crate::{config::Config, telemetry::Direction};
 
-    fn state(policies: &str) -> State {
+    const DENY_ALL: &str =
+        "[{metadata: {name: deny-all, namespace: shop}, spec: {action: DENY, rules: [{}]}}]";
+    const DENY_LOCKED: &str = "[{metadata: {name: deny-locked, namespace: shop}, spec: {selector: {matchLabels: {locked: 'yes'}}, action: DENY, rules: [{}]}}]";
+
+    /// Local pod web (labels `web`), a pod on another node (labels `remote`), `policies`.
+    fn state_with(web: &str, remote: &str, policies: &str) -> State {
         let config = format!(
-            "node: n1\nworkloads:\n  - {{name: web, namespace: shop, ips: [10.0.1.2], node: n1, meshed: false}}\npolicies: {policies}\n"
+            "node: n1
+workloads:
+  - {{name: web, namespace: shop, labels: {web}, ips: [10.0.1.2], node: n1, meshed: false}}
+  - {{name: db, namespace: shop, labels: {remote}, ips: [10.0.2.5], node: n2}}
+policies: {policies}
+"
         );
         State::from_config(&Config::parse(&config, Path::new("t.yaml")).unwrap())
+    }
+
+    fn state(policies: &str) -> State {
+        state_with("{app: web}", "{app: db}", policies)
     }
 
     fn admitted_flow(state: &State, rechecks: u64) -> Flow {
@@ -305,9 +324,7 @@ mod tests {
         // Admitted, then connecting to its destination while the policies change.
         let connecting = admitted_flow(&handle.load(), tracker.rechecks());
 
-        handle.store(state(
-            "[{metadata: {name: deny-all, namespace: shop}, spec: {action: DENY, rules: [{}]}}]",
-        ));
+        handle.store(state(DENY_ALL));
         assert_eq!(tracker.recheck(&handle.load()), 1, "only the registered connection is listed");
         let decision = revocation(&open).await.expect("the open connection is revoked");
         assert_eq!(decision.reason.policy.as_deref(), Some("shop/deny-all"));
@@ -318,5 +335,24 @@ mod tests {
 
         drop((open, connected));
         assert_eq!(tracker.recheck(&handle.load()), 0, "closed connections are not counted");
+    }
+
+    #[tokio::test]
+    async fn a_destination_relabelled_into_a_deny_policy_is_decided_by_its_new_labels() {
+        let tracker = Arc::new(Tracker::default());
+        let before = state(DENY_LOCKED);
+        let handle = StateHandle::new(state(DENY_LOCKED));
+        let open = admitted_flow(&before, tracker.rechecks());
+        let open = tracker.register(&open, open.labels(), &handle);
+
+        let remote_relabelled = state_with("{app: web}", "{app: db, locked: 'yes'}", DENY_LOCKED);
+        assert!(!remote_relabelled.changes_decisions_since(&before), "no open connection goes to db");
+        assert!(!state(DENY_LOCKED).changes_decisions_since(&before));
+
+        let locked = state_with("{app: web, locked: 'yes'}", "{app: db}", DENY_LOCKED);
+        assert!(locked.changes_decisions_since(&before));
+        assert_eq!(tracker.recheck(&locked), 1);
+        let decision = revocation(&open).await.expect("revoked by the destination's new labels");
+        assert_eq!(decision.reason.policy.as_deref(), Some("shop/deny-locked"));
     }
 }
