@@ -40,7 +40,9 @@ pub(super) struct Admission {
 
 impl Admission {
     pub(super) fn evaluate(&self, state: &State) -> Decision {
-        // The destination as `state` knows it: a relabelled pod is judged by its new labels.
+        // The destination as `state` knows it, so a relabelled pod is judged by its new labels:
+        // on a re-check, and for new streams on a pooled HBONE connection, which keeps the
+        // served pod it was accepted with.
         let destination = state
             .workload_by_ip(self.dst.ip())
             .filter(|w| w.namespace == self.destination.namespace && w.name == self.destination.name)
@@ -208,8 +210,8 @@ impl Tracker {
             age_ms: 0,
         };
         let bytes = Arc::new(ByteCounts::new(labels));
-        let tracked = Tracked { info, opened: Instant::now(), bytes: bytes.clone(), admitted };
-        let admitted = tracked.admitted.clone();
+        let tracked =
+            Tracked { info, opened: Instant::now(), bytes: bytes.clone(), admitted: admitted.clone() };
         self.live.lock().unwrap_or_else(|e| e.into_inner()).insert(id, tracked);
         // A re-check that took its list before the insert counted itself before that: this load
         // sees it (the table's lock orders the two), and the state it re-checked against.
