@@ -7,7 +7,8 @@ use std::{
 };
 
 use ferry_sandbox::{
-    Capture, ConnectOutcome, PodSpec, Sandbox, hbone_client, hbone_client_with, hbone_server,
+    Capture, ConnectOutcome, PodSpec, Sandbox, hbone_client, hbone_client_with, hbone_server, parse_metrics,
+    sum_samples,
 };
 use serde_json::Value;
 
@@ -232,6 +233,30 @@ fn app_connections_share_pooled_hbone_connections_up_to_the_stream_limit() {
     assert_eq!(server.wait_accepted(150, Duration::from_secs(5)).len(), 150);
     assert_eq!(metric(&sb, "node1", "ferry_hbone_connections_opened_total{side=\"client\"}"), 2.0);
     assert_eq!(metric(&sb, "node2", "ferry_hbone_connections_opened_total{side=\"server\"}"), 2.0);
+}
+
+/// Pooled HBONE connections serve the pod they were accepted for: a pod captured again (here,
+/// relabelled) gets new ones, so new streams see its current labels (and certificate).
+#[test]
+fn a_pod_captured_again_takes_new_streams_on_new_hbone_connections() {
+    let mut sb = sandbox("recapture");
+    sb.start_agent("node1", None).unwrap();
+    sb.start_agent("node2", None).unwrap();
+    let _server = sb.pod("c").serve(PORT).unwrap();
+    let echoed = |sb: &Sandbox| {
+        matches!(sb.pod("a").connect(addr(sb, "c", PORT), 10).unwrap(), ConnectOutcome::Echoed { .. })
+    };
+    assert!(echoed(&sb));
+    let relabelled = sb.config_for("node2").replace("  - name: c\n", "  - name: c\n    labels: {app: c2}\n");
+    assert_ne!(relabelled, sb.config_for("node2"), "c's entry not found");
+    sb.reload_agent("node2", &relabelled).unwrap();
+    sb.wait_for_log("node2", "config reloaded", 1).unwrap();
+    assert!(echoed(&sb));
+    let server_side = "ferry_hbone_connections_opened_total{side=\"server\"}";
+    assert_eq!(metric(&sb, "node2", server_side), 2.0, "the second stream reused the first connection");
+    let samples = parse_metrics(&sb.metrics("node2").unwrap()).unwrap();
+    let labels = [("reporter", "destination"), ("destination_workload", "c"), ("destination_app", "c2")];
+    assert_eq!(sum_samples(&samples, "istio_tcp_connections_opened_total", &labels), 1.0);
 }
 
 #[test]

@@ -41,8 +41,9 @@ pub(super) struct Admission {
 impl Admission {
     pub(super) fn evaluate(&self, state: &State) -> Decision {
         // The destination as `state` knows it, so a relabelled pod is judged by its new labels:
-        // on a re-check, and for new streams on a pooled HBONE connection, which keeps the
-        // served pod it was accepted with.
+        // on a re-check, and for a stream that reaches a pooled HBONE connection, which holds
+        // the pod as it was served then, before the connection is retired (GOAWAY) for the pod
+        // captured anew.
         let destination = state
             .workload_by_ip(self.dst.ip())
             .filter(|w| w.namespace == self.destination.namespace && w.name == self.destination.name)

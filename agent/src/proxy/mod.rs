@@ -37,6 +37,7 @@ use tokio::{
     sync::{Semaphore, watch},
     task::JoinSet,
 };
+use tokio_util::sync::CancellationToken;
 
 pub use connections::{LiveConnection, Tracker};
 pub use route::Route;
@@ -64,6 +65,9 @@ pub struct LocalPod {
     tls: Arc<ServerConfig>,
     /// One per accepted connection, up to the per-pod limit.
     permits: Arc<Semaphore>,
+    /// Cancelled when the pod is no longer served as this `LocalPod` (released, or captured
+    /// again with a new spec): its pooled HBONE connections then take no new streams.
+    released: CancellationToken,
 }
 
 /// The proxy's listeners inside one pod's netns, bound before capture is attached: a set for
@@ -246,6 +250,7 @@ impl PodHandle {
 
 impl Drop for PodHandle {
     fn drop(&mut self) {
+        self.pod.released.cancel();
         let mut pods = self.proxy.inner.local_pods.write().unwrap_or_else(|e| e.into_inner());
         for ip in &self.pod.workload.ips {
             if pods.get(ip).is_some_and(|p| Arc::ptr_eq(p, &self.pod)) {
@@ -299,7 +304,8 @@ impl Proxy {
     ) -> Result<PodHandle, IdentityError> {
         let tls = tls::server_config(&self.inner.certs, identity.clone())?;
         let permits = Arc::new(Semaphore::new(self.inner.limits.max_connections_per_pod));
-        let pod = Arc::new(LocalPod { workload, identity, netns, tls, permits });
+        let released = CancellationToken::new();
+        let pod = Arc::new(LocalPod { workload, identity, netns, tls, permits, released });
         {
             let mut pods = self.inner.local_pods.write().unwrap_or_else(|e| e.into_inner());
             for ip in &pod.workload.ips {

@@ -93,9 +93,9 @@ pub(in crate::proxy) async fn handle(proxy: Proxy, pod: Arc<LocalPod>, tcp: TcpS
         next = tokio::select! {
             next = connection.accept() => next,
             () = &mut pinged => return tracing::debug!(%peer, "HBONE connection: pings unanswered, closing"),
-            () = retired(&mut draining, &mut trust), if !draining_now => {
+            () = retired(&mut draining, &mut trust, &pod), if !draining_now => {
                 // GOAWAY: no new streams, open ones finish; the peer opens a new connection
-                // for more, verified against the roots trusted now.
+                // for more, verified against the roots trusted now, to the pod as served now.
                 draining_now = true;
                 connection.graceful_shutdown();
                 connection.accept().await
@@ -104,12 +104,14 @@ pub(in crate::proxy) async fn handle(proxy: Proxy, pod: Arc<LocalPod>, tcp: TcpS
     }
 }
 
-/// Resolves when the connection should take no new streams: the agent drains, or the roots
-/// its peer was verified against changed.
-async fn retired(draining: &mut watch::Receiver<bool>, trust: &mut watch::Receiver<u64>) {
+/// Resolves when the connection should take no new streams: the agent drains, the roots its
+/// peer was verified against changed, or the pod it was accepted for is served anew (its labels,
+/// identity or netns may differ) or not at all.
+async fn retired(draining: &mut watch::Receiver<bool>, trust: &mut watch::Receiver<u64>, pod: &LocalPod) {
     tokio::select! {
         _ = draining.wait_for(|d| *d) => {}
         Ok(()) = trust.changed() => {}
+        () = pod.released.cancelled() => {}
     }
 }
 
