@@ -280,10 +280,17 @@ fn effective(file: &Config, api: Option<&Discovered>) -> Config {
     config
 }
 
-/// Whether a captured workload's new spec needs its capture redone. Readiness only decides
-/// whether it takes service connections, which the state answers.
-fn needs_restart(running: &config::Workload, wanted: &config::Workload) -> bool {
+/// Whether a captured workload's new spec needs it served anew (and maybe captured again, see
+/// [`needs_recapture`]). Readiness only decides whether it takes service connections, which the
+/// state answers.
+fn needs_serving_anew(running: &config::Workload, wanted: &config::Workload) -> bool {
     config::Workload { ready: running.ready, ..wanted.clone() } != *running
+}
+
+/// Whether a captured workload's new spec moves what its capture is attached to (netns, cgroup,
+/// addresses). Other changes (labels, service account, ports) are served with capture kept.
+fn needs_recapture(running: &config::Workload, wanted: &config::Workload) -> bool {
+    running.netns != wanted.netns || running.cgroup != wanted.cgroup || running.ips != wanted.ips
 }
 
 /// Whether the new agent reported ready (else this agent carries on).
@@ -352,13 +359,28 @@ impl Agent {
         }
         let desired: HashMap<String, &Arc<config::Workload>> =
             config.local_meshed_workloads().map(|w| (format!("{}/{}", w.namespace, w.name), w)).collect();
+        let identities: BTreeSet<_> = desired.values().map(|w| w.identity(&config.trust_domain)).collect();
+        if let Err(e) = self.certs.set_wanted(identities) {
+            tracing::error!("issuing workload certificates: {e}");
+        }
         let stale: Vec<String> = self
             .pods
             .iter()
-            .filter(|(key, pod)| desired.get(*key).is_none_or(|w| needs_restart(&pod.spec, w)))
+            .filter(|(key, pod)| desired.get(*key).is_none_or(|w| needs_serving_anew(&pod.spec, w)))
             .map(|(key, _)| key.clone())
             .collect();
         for key in stale {
+            if let Some(spec) = desired.get(&key)
+                && !needs_recapture(&self.pods[&key].spec, spec)
+            {
+                match self.serve_anew(&key, spec, &config.trust_domain) {
+                    Ok(()) => {
+                        tracing::info!(workload = %key, "workload served with its new spec, capture kept");
+                        continue;
+                    }
+                    Err(e) => tracing::warn!(workload = %key, "capturing the workload again: {e:#}"),
+                }
+            }
             // A pod captured again right away keeps its listening sockets: binding new ones
             // could race the old ones' closing, and connections in their backlogs would be lost.
             if desired.contains_key(&key)
@@ -368,10 +390,6 @@ impl Agent {
                 self.inherited.keep_pod(pod.netns_cookie, fds);
             }
             self.stop_pod(&key);
-        }
-        let identities: BTreeSet<_> = desired.values().map(|w| w.identity(&config.trust_domain)).collect();
-        if let Err(e) = self.certs.set_wanted(identities) {
-            tracing::error!("issuing workload certificates: {e}");
         }
         for (key, spec) in desired {
             if self.pods.contains_key(&key) {
@@ -444,6 +462,27 @@ impl Agent {
                 Err(e.into())
             }
         }
+    }
+
+    /// Serves a captured pod under its new spec on the same listeners, its capture left attached:
+    /// detaching and attaching again would let its connections bypass the mesh in between. The
+    /// previous serving's HBONE connections take no new streams from then on.
+    fn serve_anew(
+        &mut self,
+        key: &str,
+        spec: &Arc<config::Workload>,
+        trust_domain: &str,
+    ) -> anyhow::Result<()> {
+        let pod = self.pods.get_mut(key).context("not captured")?;
+        let netns_path = spec.netns.as_deref().context("no netns")?;
+        let netns =
+            PodNetns::open(netns_path).with_context(|| format!("opening netns {}", netns_path.display()))?;
+        anyhow::ensure!(netns.cookie() == pod.netns_cookie, "{} is another netns now", netns_path.display());
+        let ipv6 = spec.ips.iter().any(IpAddr::is_ipv6);
+        let listeners = PodListeners::adopt(&netns, pod.handle.clone_listeners()?, ipv6)?;
+        pod.handle = self.proxy.serve_pod(spec.clone(), spec.identity(trust_domain), netns, listeners)?;
+        pod.spec = spec.clone();
+        Ok(())
     }
 
     fn stop_pod(&mut self, key: &str) {

@@ -1,6 +1,7 @@
 //! End-to-end capture and proxying through real agents, in real network namespaces.
 
 use std::{
+    collections::BTreeSet,
     net::{IpAddr, SocketAddr},
     time::Duration,
 };
@@ -257,6 +258,36 @@ fn reload_releases_removed_workloads_and_rejects_bad_config() {
     // a is untouched.
     assert!(matches!(sb.pod("a").connect(addr(&sb, "u", 8080), 10).unwrap(), ConnectOutcome::Echoed { .. }));
     assert_eq!(metric(&sb, "node1", REDIRECTED), 2.0);
+}
+
+/// The kernel ids of the eBPF links the node's agent holds (from its descriptors' fdinfo).
+fn agent_links(sb: &Sandbox, node: &str) -> BTreeSet<u32> {
+    let pid = sb.agent_pid(node).expect("agent running");
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fdinfo")).unwrap();
+    fds.flatten()
+        .filter_map(|fd| std::fs::read_to_string(fd.path()).ok())
+        .filter_map(|info| info.lines().find_map(|line| line.strip_prefix("link_id:")?.trim().parse().ok()))
+        .collect()
+}
+
+/// New labels change how a pod is served, not where it is captured: its programs stay attached
+/// (detached for a moment, its connections would bypass the mesh, and its policies with it).
+#[test]
+fn relabelling_a_pod_keeps_its_capture_attached() {
+    let sb = with_agents("relabel");
+    let _server = sb.pod("c").serve(8080).unwrap();
+    let links = agent_links(&sb, "node2");
+    assert_eq!(links.len(), 6, "c's six programs: {links:?}");
+    let relabelled = sb.config_for("node2").replace("  - name: c\n", "  - name: c\n    labels: {app: c2}\n");
+    assert_ne!(relabelled, sb.config_for("node2"), "c's entry not found");
+    sb.reload_agent("node2", &relabelled).unwrap();
+    sb.wait_for_log("node2", "workload served with its new spec, capture kept workload=default/c", 1)
+        .unwrap();
+    assert_eq!(agent_links(&sb, "node2"), links, "c's capture was detached and attached again");
+    // And it still captures: u's plaintext connection is steered to the agent.
+    let outcome = sb.pod("u").connect(addr(&sb, "c", 8080), 10).unwrap();
+    assert!(matches!(outcome, ConnectOutcome::Echoed { .. }), "{outcome:?}");
+    assert_eq!(metric(&sb, "node2", STEERED), 1.0);
 }
 
 /// Dual-stack pods are meshed over IPv6 as over IPv4: an IPv6 connection is captured, tunnelled,

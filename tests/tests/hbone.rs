@@ -235,11 +235,11 @@ fn app_connections_share_pooled_hbone_connections_up_to_the_stream_limit() {
     assert_eq!(metric(&sb, "node2", "ferry_hbone_connections_opened_total{side=\"server\"}"), 2.0);
 }
 
-/// Pooled HBONE connections serve the pod they were accepted for: a pod captured again (here,
-/// relabelled) gets new ones, so new streams see its current labels (and certificate).
+/// Pooled HBONE connections serve the pod as it was when they were accepted: a pod served anew
+/// (here, relabelled) gets new ones, so new streams see its current labels (and certificate).
 #[test]
-fn a_pod_captured_again_takes_new_streams_on_new_hbone_connections() {
-    let mut sb = sandbox("recapture");
+fn a_pod_served_anew_takes_new_streams_on_new_hbone_connections() {
+    let mut sb = sandbox("anew");
     sb.start_agent("node1", None).unwrap();
     sb.start_agent("node2", None).unwrap();
     let _server = sb.pod("c").serve(PORT).unwrap();

@@ -208,9 +208,11 @@ fn namespace_label_enrols_and_releases_pods_without_restarting_them() {
     assert!(echoed(&sb, "a", "c"));
     assert_eq!(same_node_connections(&sb), 2.0);
 
-    // A label change re-captures the pod on the same listening sockets: nothing refused.
+    // A label change serves the pod anew on the same listening sockets, its capture kept:
+    // nothing refused, nothing bypassing the mesh.
     api.kubectl(&["label", "pod", "b", "-n", NAMESPACE, "tier=web"], None).unwrap();
-    sb.wait_for_log("node1", "workload captured workload=shop/b", 2).unwrap();
+    sb.wait_for_log("node1", "workload served with its new spec, capture kept workload=shop/b", 1).unwrap();
+    assert_eq!(sb.agent_log("node1").matches("workload captured workload=shop/b").count(), 1);
     assert!(echoed(&sb, "a", "b"));
     assert!(!sb.agent_log("node1").contains("cannot capture"), "{}", sb.agent_log("node1"));
 

@@ -65,8 +65,8 @@ pub struct LocalPod {
     tls: Arc<ServerConfig>,
     /// One per accepted connection, up to the per-pod limit.
     permits: Arc<Semaphore>,
-    /// Cancelled when the pod is no longer served as this `LocalPod` (released, or captured
-    /// again with a new spec): its pooled HBONE connections then take no new streams.
+    /// Cancelled when the pod is no longer served as this `LocalPod` (released, or served anew
+    /// under a new spec): its pooled HBONE connections then take no new streams.
     released: CancellationToken,
 }
 
