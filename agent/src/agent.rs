@@ -478,9 +478,13 @@ impl Agent {
         let netns =
             PodNetns::open(netns_path).with_context(|| format!("opening netns {}", netns_path.display()))?;
         anyhow::ensure!(netns.cookie() == pod.netns_cookie, "{} is another netns now", netns_path.display());
+        let identity = spec.identity(trust_domain);
+        // As when first captured: served only with a certificate (a new service account's may
+        // still be on its way by CSR).
+        anyhow::ensure!(self.certs.current(&identity).is_some(), "no certificate for {identity} yet");
         let ipv6 = spec.ips.iter().any(IpAddr::is_ipv6);
         let listeners = PodListeners::adopt(&netns, pod.handle.clone_listeners()?, ipv6)?;
-        pod.handle = self.proxy.serve_pod(spec.clone(), spec.identity(trust_domain), netns, listeners)?;
+        pod.handle = self.proxy.serve_pod(spec.clone(), identity, netns, listeners)?;
         pod.spec = spec.clone();
         Ok(())
     }
