@@ -27,7 +27,8 @@ pub(super) use stream::{H2Stream, relay};
 
 use std::time::Duration;
 
-/// HTTP/2 settings both sides use (ztunnel's values).
+/// HTTP/2 settings both sides use (ztunnel's values). 1 MiB frames move bulk 1.7x faster than
+/// h2's default of 16 KiB; larger or smaller windows made no difference (performance.md).
 const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 const MAX_FRAME_SIZE: u32 = 1024 * 1024;
