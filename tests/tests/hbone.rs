@@ -259,6 +259,27 @@ fn a_pod_served_anew_takes_new_streams_on_new_hbone_connections() {
     assert_eq!(sum_samples(&samples, "istio_tcp_connections_opened_total", &labels), 1.0);
 }
 
+/// A new service account is served on the pod's listeners at once, its capture kept: new
+/// handshakes present the new identity.
+#[test]
+fn a_new_service_account_is_presented_by_new_handshakes() {
+    let mut sb = sandbox("newsa");
+    sb.start_agent("node2", None).unwrap();
+    let cert = sb.issue_cert(&sb.ca_dir(), &spiffe("py"), "py").unwrap();
+    let presented = |sb: &Sandbox| {
+        let hbone = addr(sb, "c", 15008);
+        let out = hbone_client(&sb.node("node1").netns, hbone, Some(&cert), &sb.ca_dir(), &[]).unwrap();
+        out[0]["server_identity"].as_str().unwrap_or_default().to_owned()
+    };
+    assert_eq!(presented(&sb), spiffe("sa-c"));
+    let renamed = sb.config_for("node2").replace("serviceAccount: sa-c\n", "serviceAccount: sa-c2\n");
+    assert_ne!(renamed, sb.config_for("node2"), "c's service account not found");
+    sb.reload_agent("node2", &renamed).unwrap();
+    sb.wait_for_log("node2", "workload served with its new spec, capture kept workload=default/c", 1)
+        .unwrap();
+    assert_eq!(presented(&sb), spiffe("sa-c2"));
+}
+
 #[test]
 fn rotation_keeps_open_connections_and_new_handshakes_get_the_new_certificate() {
     let mut sb = sandbox("rotate");
