@@ -642,6 +642,13 @@ impl Drop for Sandbox {
     }
 }
 
+/// A node's config (see [`Sandbox::config_for`]) with `labels`, a YAML flow map such as
+/// `{app: c}`, on pod `pod`'s entry.
+pub fn with_labels(config: &str, pod: &str, labels: &str) -> String {
+    let entry = format!("  - name: {pod}\n");
+    config.replace(&entry, &format!("{entry}    labels: {labels}\n"))
+}
+
 /// The `ferry` binary: $FERRY_BIN, else beside (or one level above) the running executable, as
 /// cargo lays out target/<profile>/ and target/<profile>/deps/.
 pub fn ferry_bin() -> Result<PathBuf> {

@@ -6,7 +6,7 @@ use std::{
     time::Duration,
 };
 
-use ferry_sandbox::{ConnectOutcome, Sandbox};
+use ferry_sandbox::{ConnectOutcome, Sandbox, with_labels};
 
 fn two_nodes(label: &str) -> Sandbox {
     Sandbox::two_nodes(label).expect("sandbox")
@@ -22,7 +22,7 @@ fn with_agents(label: &str) -> Sandbox {
 
 /// The node's dual-stack config, with c labelled `app: c` for services and policies to select.
 fn dual_stack_labelled_c(sb: &Sandbox, node: &str) -> String {
-    sb.dual_stack_config_for(node).replace("  - name: c\n", "  - name: c\n    labels: {app: c}\n")
+    with_labels(&sb.dual_stack_config_for(node), "c", "{app: c}")
 }
 
 fn addr(sandbox: &Sandbox, pod: &str, port: u16) -> SocketAddr {
@@ -278,7 +278,7 @@ fn relabelling_a_pod_keeps_its_capture_attached() {
     let _server = sb.pod("c").serve(8080).unwrap();
     let links = agent_links(&sb, "node2");
     assert_eq!(links.len(), 6, "c's six programs: {links:?}");
-    let relabelled = sb.config_for("node2").replace("  - name: c\n", "  - name: c\n    labels: {app: c2}\n");
+    let relabelled = with_labels(&sb.config_for("node2"), "c", "{app: c2}");
     assert_ne!(relabelled, sb.config_for("node2"), "c's entry not found");
     sb.reload_agent("node2", &relabelled).unwrap();
     sb.wait_for_log("node2", "workload served with its new spec, capture kept workload=default/c", 1)

@@ -8,7 +8,7 @@ use std::{
 
 use ferry_sandbox::{
     Capture, ConnectOutcome, PodSpec, Sandbox, hbone_client, hbone_client_with, hbone_server, parse_metrics,
-    sum_samples,
+    sum_samples, with_labels,
 };
 use serde_json::Value;
 
@@ -247,7 +247,7 @@ fn a_pod_served_anew_takes_new_streams_on_new_hbone_connections() {
         matches!(sb.pod("a").connect(addr(sb, "c", PORT), 10).unwrap(), ConnectOutcome::Echoed { .. })
     };
     assert!(echoed(&sb));
-    let relabelled = sb.config_for("node2").replace("  - name: c\n", "  - name: c\n    labels: {app: c2}\n");
+    let relabelled = with_labels(&sb.config_for("node2"), "c", "{app: c2}");
     assert_ne!(relabelled, sb.config_for("node2"), "c's entry not found");
     sb.reload_agent("node2", &relabelled).unwrap();
     sb.wait_for_log("node2", "config reloaded", 1).unwrap();

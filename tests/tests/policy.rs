@@ -2,7 +2,7 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use ferry_sandbox::{ConnectOutcome, Sample, Sandbox, parse_metrics, sum_samples};
+use ferry_sandbox::{ConnectOutcome, Sample, Sandbox, parse_metrics, sum_samples, with_labels};
 use serde_json::Value;
 
 const PORT: u16 = 8080;
@@ -40,7 +40,7 @@ const DENY_A: &str = "
 
 fn labelled_c(config: &str) -> String {
     // c carries the label the policies select on.
-    config.replace("  - name: c\n", "  - name: c\n    labels: {app: c}\n")
+    with_labels(config, "c", "{app: c}")
 }
 
 fn metric(sb: &Sandbox, node: &str, series: &str) -> f64 {

@@ -43,7 +43,7 @@ impl Admission {
         // The destination as `state` knows it, so a relabelled pod is judged by its new labels:
         // on a re-check, and for a stream that reaches a pooled HBONE connection, which holds
         // the pod as it was served then, before the connection is retired (GOAWAY) for the pod
-        // captured anew.
+        // served anew.
         let destination = state
             .workload_by_ip(self.dst.ip())
             .filter(|w| w.namespace == self.destination.namespace && w.name == self.destination.name)
