@@ -206,9 +206,6 @@ pub async fn run(options: Options, log: LogControl) -> anyhow::Result<()> {
                 api = Some(update);
                 agent.apply(&effective(&file, api.as_ref()), "the Kubernetes API changed");
             }
-            _ = agent.certs.first_issued() => {
-                agent.apply(&effective(&file, api.as_ref()), "a workload certificate arrived");
-            }
             conn = upgrades.accept(), if successor.is_none() => match conn.and_then(|c| agent.offer(c)) {
                 Ok(next) => {
                     tracing::info!("a new agent took the listeners; serving until it is ready");
@@ -395,15 +392,13 @@ impl Agent {
             if self.pods.contains_key(&key) {
                 continue;
             }
-            let identity = spec.identity(&config.trust_domain);
-            if self.certs.current(&identity).is_none() {
-                // Requested by CSR: captured when it arrives (the pod runs unmeshed until then).
-                tracing::debug!(workload = %key, %identity, "waiting for the workload's certificate");
-                continue;
-            }
             match self.start_pod(spec, &config.trust_domain) {
                 Ok(pod) => {
-                    tracing::info!(workload = %key, netns_cookie = pod.netns_cookie, "workload captured");
+                    // Captured even while its certificate is still requested by CSR: connections
+                    // that need it wait for it, and the rest (policy on plaintext inbound, same
+                    // node, passthrough) need none, so nothing goes around the mesh meanwhile.
+                    let certified = self.certs.current(&spec.identity(&config.trust_domain)).is_some();
+                    tracing::info!(workload = %key, netns_cookie = pod.netns_cookie, certified, "workload captured");
                     self.pods.insert(key, pod);
                 }
                 // One bad workload must not keep the others from being served.
@@ -479,9 +474,6 @@ impl Agent {
             PodNetns::open(netns_path).with_context(|| format!("opening netns {}", netns_path.display()))?;
         anyhow::ensure!(netns.cookie() == pod.netns_cookie, "{} is another netns now", netns_path.display());
         let identity = spec.identity(trust_domain);
-        // As when first captured: served only with a certificate (a new service account's may
-        // still be on its way by CSR).
-        anyhow::ensure!(self.certs.current(&identity).is_some(), "no certificate for {identity} yet");
         let ipv6 = spec.ips.iter().any(IpAddr::is_ipv6);
         let listeners = PodListeners::adopt(&netns, pod.handle.clone_listeners()?, ipv6)?;
         pod.handle = self.proxy.serve_pod(spec.clone(), identity, netns, listeners)?;

@@ -12,7 +12,8 @@ use std::{
 };
 
 use ferry_sandbox::{
-    CGROUP2_ROOT, Cgroup, ConnectOutcome, Pod, PodSpec, ProcUsage, Process, Sandbox,
+    CGROUP2_ROOT, Cgroup, ConnectOutcome, Pod, PodSpec, ProcUsage, Process, Sandbox, hbone_client,
+    hbone_server,
     kube::{self, ApiServer},
 };
 
@@ -262,18 +263,24 @@ fn wait_for_mark(api: &ApiServer, pod: &str, value: &str) {
     }
 }
 
+/// Binds `pod`'s Pod to node2 instead (in the sandbox it stays where it was, in node1's
+/// netns, where node1's agent does not capture it: it plays a pod on another node).
+fn bind_to_node2(sb: &Sandbox, api: &ApiServer, pod: &str) {
+    api.kubectl(&["delete", "pod", pod, "-n", NAMESPACE, "--grace-period=0", "--force"], None).unwrap();
+    api.apply(&pod_yaml(pod).replace("nodeName: node1", "nodeName: node2")).unwrap();
+    let status = pod_status(&[sb.pod(pod).ip.into()], true);
+    let patch = ["patch", "pod", pod, "-n", NAMESPACE, "--subresource=status", "--type=merge", "-p", &status];
+    assert_eq!(api.kubectl(&patch, None).unwrap().0, 0);
+}
+
 /// A pod on another node is tunnelled to only once that node's agent has marked it captured.
 /// Until then (no agent there, or not captured yet) it is reached with plain TCP, as if
 /// uncaptured, not at an HBONE port nobody listens on.
 #[test]
 fn a_pod_elsewhere_is_tunnelled_to_only_once_marked_captured() {
     let Some((mut sb, api)) = cluster("kuberemote") else { return };
-    // c's Pod is bound to node2, which has no agent (in the sandbox it stays where it was).
-    api.kubectl(&["delete", "pod", "c", "-n", NAMESPACE, "--grace-period=0", "--force"], None).unwrap();
-    api.apply(&pod_yaml("c").replace("nodeName: node1", "nodeName: node2")).unwrap();
-    let status = pod_status(&[sb.pod("c").ip.into()], true);
-    let patch = ["patch", "pod", "c", "-n", NAMESPACE, "--subresource=status", "--type=merge", "-p", &status];
-    assert_eq!(api.kubectl(&patch, None).unwrap().0, 0);
+    // c's Pod is bound to node2, which has no agent.
+    bind_to_node2(&sb, &api, "c");
     let _pause = pause(&sb, "a");
     let _server = sb.pod("c").serve(PORT).unwrap();
     api.kubectl(&["label", "namespace", NAMESPACE, "ferry.dev/mesh=enabled"], None).unwrap();
@@ -850,12 +857,10 @@ fn csr_yaml(dir: &Path, name: &str, identity: &str) -> String {
     )
 }
 
-#[test]
-fn the_signer_certifies_local_workloads_and_refuses_the_rest() {
-    let Some((mut sb, api)) = cluster("kubecsr") else { return };
-    api.kubectl(&["create", "namespace", "ferry-system"], None).unwrap();
+/// Deploys Ferry's manifests and plays the kubelet for node1's agent pod; returns the kubeconfig
+/// of a token bound to that pod, as the DaemonSet's projected token is.
+fn deploy_ferry(api: &ApiServer) -> PathBuf {
     api.apply(&std::fs::read_to_string(kube::deploy_dir().join("ferry.yaml")).unwrap()).unwrap();
-    // The agent's pod on node1 (the test plays kubelet): its token is bound to it.
     api.apply(
         "apiVersion: v1\nkind: Pod\nmetadata: {name: ferry-agent-node1, namespace: ferry-system}\n\
          spec:\n  nodeName: node1\n  serviceAccountName: ferry-agent\n  automountServiceAccountToken: false\n  \
@@ -863,39 +868,78 @@ fn the_signer_certifies_local_workloads_and_refuses_the_rest() {
     )
     .unwrap();
     let uid = wait_for_field(
-        &api,
+        api,
         &["pod", "ferry-agent-node1", "-n", "ferry-system"],
         "{.metadata.uid}",
         "agent pod",
     );
-    let token = |args: &[&str]| {
-        let (code, token, err) =
-            api.kubectl(&[&["create", "token", "-n", "ferry-system"], args].concat(), None).unwrap();
-        assert_eq!(code, 0, "{err}");
-        token.trim().to_owned()
-    };
-    let agent_token = token(&[
-        "ferry-agent",
-        "--bound-object-kind=Pod",
-        "--bound-object-name=ferry-agent-node1",
-        &format!("--bound-object-uid={uid}"),
-    ]);
-    let agent_kubeconfig = api.kubeconfig_with_token("agent", &agent_token).unwrap();
-    let signer_kubeconfig = api.kubeconfig_with_token("signer", &token(&["ferry-signer"])).unwrap();
+    let token = service_account_token(
+        api,
+        &[
+            "ferry-agent",
+            "--bound-object-kind=Pod",
+            "--bound-object-name=ferry-agent-node1",
+            &format!("--bound-object-uid={uid}"),
+        ],
+    );
+    api.kubeconfig_with_token("agent", &token).unwrap()
+}
 
-    // The signer, with nothing but its own ServiceAccount's token.
-    let (signer_out, signer_err) = (sb.dir.join("signer.log"), sb.dir.join("signer.err"));
-    let mut signer = Command::new(ferry_sandbox::ferry_bin().unwrap());
-    signer
-        .arg("signer")
-        .env("KUBECONFIG", &signer_kubeconfig)
-        .stdout(std::fs::File::create(&signer_out).unwrap())
-        .stderr(std::fs::File::create(&signer_err).unwrap());
-    let _signer = Process::new(sb.node("node1").netns.spawn(signer, None).unwrap());
-    let signer_log = || {
-        std::fs::read_to_string(&signer_out).unwrap_or_default()
-            + &std::fs::read_to_string(&signer_err).unwrap_or_default()
-    };
+/// `kubectl create token -n ferry-system <args>`.
+fn service_account_token(api: &ApiServer, args: &[&str]) -> String {
+    let (code, token, err) =
+        api.kubectl(&[&["create", "token", "-n", "ferry-system"], args].concat(), None).unwrap();
+    assert_eq!(code, 0, "{err}");
+    token.trim().to_owned()
+}
+
+/// `ferry signer`, run with nothing but its own ServiceAccount's token.
+struct Signer {
+    _process: Process,
+    out: PathBuf,
+    err: PathBuf,
+}
+
+impl Signer {
+    fn start(sb: &Sandbox, api: &ApiServer) -> Signer {
+        let kubeconfig =
+            api.kubeconfig_with_token("signer", &service_account_token(api, &["ferry-signer"])).unwrap();
+        let (out, err) = (sb.dir.join("signer.log"), sb.dir.join("signer.err"));
+        let mut signer = Command::new(ferry_sandbox::ferry_bin().unwrap());
+        signer
+            .arg("signer")
+            .env("KUBECONFIG", &kubeconfig)
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(std::fs::File::create(&err).unwrap());
+        let process = Process::new(sb.node("node1").netns.spawn(signer, None).unwrap());
+        Signer { _process: process, out, err }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.out).unwrap_or_default()
+            + &std::fs::read_to_string(&self.err).unwrap_or_default()
+    }
+}
+
+/// Starts node1's agent in Kubernetes mode with certificates by CSR: its `caDir` holds the
+/// signer's root certificate and no key, as the DaemonSet mounts it.
+fn start_agent_by_csr(sb: &mut Sandbox, kubeconfig: &Path, ca_dir: &Path) {
+    sb.set_agent_env("node1", "KUBECONFIG", &kubeconfig.display().to_string());
+    let cgroups = Path::new(CGROUP2_ROOT).join(&sb.id);
+    let config = sb.config_for("node1").replace(
+        &format!("caDir: {}", sb.ca_dir().display()),
+        &format!("caDir: {}\npodCgroupRoot: {}", ca_dir.display(), cgroups.display()),
+    );
+    sb.start_agent_with("node1", Some(&config), &["--kube"]).unwrap();
+}
+
+#[test]
+fn the_signer_certifies_local_workloads_and_refuses_the_rest() {
+    let Some((mut sb, api)) = cluster("kubecsr") else { return };
+    api.kubectl(&["create", "namespace", "ferry-system"], None).unwrap();
+    let agent_kubeconfig = deploy_ferry(&api);
+    let signer = Signer::start(&sb, &api);
+    let signer_log = || signer.log();
     // The agent's caDir: the root certificate the signer published, no key.
     let root = wait_for_field(
         &api,
@@ -915,18 +959,13 @@ fn the_signer_certifies_local_workloads_and_refuses_the_rest() {
     let _server = sb.pod("b").serve(PORT).unwrap();
     let _pause_b = pause(&sb, "b");
     api.kubectl(&["label", "namespace", NAMESPACE, "ferry.dev/mesh=enabled"], None).unwrap();
-    sb.set_agent_env("node1", "KUBECONFIG", &agent_kubeconfig.display().to_string());
-    let cgroups = Path::new(CGROUP2_ROOT).join(&sb.id);
-    let config = sb.config_for("node1").replace(
-        &format!("caDir: {}", sb.ca_dir().display()),
-        &format!("caDir: {}\npodCgroupRoot: {}", ca_dir.display(), cgroups.display()),
-    );
-    sb.start_agent_with("node1", Some(&config), &["--kube"]).unwrap();
+    start_agent_by_csr(&mut sb, &agent_kubeconfig, &ca_dir);
+    wait_captured(&sb, 2, "in a meshed namespace");
     let deadline = Instant::now() + Duration::from_secs(10);
-    while captured(&sb) != 2 {
+    while sb.ferry_json("node1", &["certs"]).unwrap().as_array().unwrap().len() != 2 {
         assert!(
             Instant::now() < deadline,
-            "pods not captured\n{}\nsigner:\n{}",
+            "no certificates\n{}\nsigner:\n{}",
             sb.agent_log("node1"),
             signer_log()
         );
@@ -1050,4 +1089,89 @@ fn the_signer_certifies_local_workloads_and_refuses_the_rest() {
     }
     assert_eq!(sb.metric("node1", "ferry_trusted_roots").unwrap(), 2.0);
     assert!(echoed(&sb, "a", "b"));
+}
+
+/// A pod is captured as soon as it runs in a meshed namespace, before its certificate arrives by
+/// CSR: nothing reaches it or leaves it around the mesh meanwhile. What needs no certificate
+/// works at once; tunnels, in and out, wait for it.
+#[test]
+fn a_pod_is_captured_before_its_certificate_arrives_and_its_tunnels_wait_for_it() {
+    let Some((mut sb, api)) = cluster("kubecertwait") else { return };
+    bind_to_node2(&sb, &api, "c");
+    // The signer's root is the sandbox's, so that the peer playing node2's agent can hold a
+    // certificate from it.
+    let root = sb.ca_dir_created().unwrap();
+    api.kubectl(&["create", "namespace", "ferry-system"], None).unwrap();
+    let (code, _, err) = api
+        .kubectl(
+            &[
+                "create",
+                "secret",
+                "generic",
+                "ferry-ca",
+                "-n",
+                "ferry-system",
+                &format!("--from-file={}", root.join("root-cert.pem").display()),
+                &format!("--from-file={}", root.join("root-key.pem").display()),
+            ],
+            None,
+        )
+        .unwrap();
+    assert_eq!(code, 0, "{err}");
+    let agent_kubeconfig = deploy_ferry(&api);
+    let ca_dir = sb.dir.join("cluster-ca");
+    std::fs::create_dir_all(&ca_dir).unwrap();
+    std::fs::copy(root.join("root-cert.pem"), ca_dir.join("root-cert.pem")).unwrap();
+    let identity = |sa: &str| format!("spiffe://cluster.local/ns/{NAMESPACE}/sa/{sa}");
+    let (b_hbone, c_hbone) =
+        (SocketAddr::from((sb.pod("b").ip, 15008)), SocketAddr::from((sb.pod("c").ip, 15008)));
+    let c_cert = sb.issue_cert(&root, &identity("sa-c"), "c").unwrap();
+    let _node2 = hbone_server(&sb.pod("c").netns, c_hbone, &c_cert, &root, &[]).unwrap();
+    api.kubectl(&["annotate", "pod", "c", "-n", NAMESPACE, "ferry.dev/captured=true"], None).unwrap();
+
+    let _pause = pause(&sb, "a");
+    let _server = sb.pod("b").serve(PORT).unwrap();
+    api.kubectl(&["label", "namespace", NAMESPACE, "ferry.dev/mesh=enabled"], None).unwrap();
+    start_agent_by_csr(&mut sb, &agent_kubeconfig, &ca_dir);
+
+    // No signer runs yet, so no certificate: captured all the same, and a -> b goes through
+    // the agent (policy applies), not around it.
+    wait_captured(&sb, 2, "before any certificate");
+    assert_eq!(sb.ferry_json("node1", &["certs"]).unwrap(), serde_json::json!([]));
+    assert_eq!(sb.ferry_json("node1", &["status"]).unwrap()["certificates_pending"], 2);
+    assert_eq!(sb.metric("node1", "ferry_certificates_pending").unwrap(), 2.0);
+    assert!(echoed(&sb, "a", "b"));
+    assert_eq!(same_node_connections(&sb), 1.0);
+
+    // Tunnels wait for the certificates: a -> c (node2) needs a's, node2 -> b needs b's.
+    let b_app = format!("CONNECT,{}:{PORT},hello b", sb.pod("b").ip);
+    std::thread::scope(|scope| {
+        let outbound =
+            scope.spawn(|| sb.pod("a").connect(SocketAddr::from((sb.pod("c").ip, PORT)), 10).unwrap());
+        let inbound = scope.spawn(|| {
+            hbone_client(&sb.node("node1").netns, b_hbone, Some(&c_cert), &root, &[b_app.as_str()]).unwrap()
+        });
+        std::thread::sleep(Duration::from_secs(1));
+        assert!(!outbound.is_finished() && !inbound.is_finished(), "{}", sb.agent_log("node1"));
+        let signer = Signer::start(&sb, &api);
+        let outbound = outbound.join().unwrap();
+        assert!(
+            matches!(outbound, ConnectOutcome::Echoed { .. }),
+            "{outbound:?}\n{}\n{}",
+            sb.agent_log("node1"),
+            signer.log()
+        );
+        let inbound = inbound.join().unwrap();
+        assert_eq!(inbound[0]["server_identity"], identity("sa-b"), "{inbound:?}");
+        assert_eq!(
+            (&inbound[1]["status"], &inbound[1]["echo"]),
+            (&200.into(), &"hello b".into()),
+            "{inbound:?}"
+        );
+    });
+    assert_eq!(sb.ferry_json("node1", &["status"]).unwrap()["certificates_pending"], 0);
+    // Waited for, not failed.
+    let metrics = sb.metrics("node1").unwrap();
+    assert!(metrics.contains("ferry_proxy_connections_opened_total{"), "{metrics}");
+    assert!(!metrics.contains("ferry_proxy_connection_failures_total{"), "{metrics}");
 }

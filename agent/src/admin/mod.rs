@@ -190,6 +190,7 @@ impl Admin {
             "node_traffic": state.node_traffic,
             "connections": self.proxy.connections().len(),
             "certificates": self.certs.all().len(),
+            "certificates_pending": self.certs.pending(),
             "signer": self.certs.signer_name(),
             "trusted_roots": self.certs.trusted_roots(),
         })

@@ -98,6 +98,7 @@ fn status(v: &Value) -> String {
         "node_traffic",
         "connections",
         "certificates",
+        "certificates_pending",
         "signer",
         "trusted_roots",
         "config",

@@ -126,8 +126,8 @@ pub struct CertManager {
     wanted: RwLock<BTreeSet<SpiffeId>>,
     /// Identities whose first certificate is being requested.
     pending: Mutex<HashSet<SpiffeId>>,
-    /// Woken when a first certificate arrives, so workloads waiting for it get captured.
-    first_issued: Notify,
+    /// Counts the certificates installed, so connections waiting for one wake when it arrives.
+    installed: watch::Sender<u64>,
     /// Wakes rotation before half-life: the signing root changed.
     renew: Notify,
     /// Counts the changes of the roots trusted.
@@ -162,7 +162,7 @@ impl CertManager {
             certs: RwLock::default(),
             wanted: RwLock::default(),
             pending: Mutex::default(),
-            first_issued: Notify::new(),
+            installed: watch::Sender::new(0),
             renew: Notify::new(),
             trust_changes: watch::Sender::new(0),
             requests: Outcomes::default(),
@@ -292,14 +292,9 @@ impl CertManager {
         Ok(Some(change))
     }
 
-    /// Resolves once a certificate some workload was waiting for has arrived.
-    pub async fn first_issued(&self) {
-        self.first_issued.notified().await
-    }
-
     /// Sets the identities of the local workloads: those of identities no longer wanted are
     /// dropped; missing ones are minted now with the file CA, or requested in the background
-    /// (see [`CertManager::first_issued`]).
+    /// (see [`CertManager::wait_for`]).
     pub fn set_wanted(self: &Arc<Self>, ids: BTreeSet<SpiffeId>) -> Result<(), IdentityError> {
         self.certs.write().unwrap_or_else(|e| e.into_inner()).retain(|id, _| ids.contains(id));
         *self.wanted.write().unwrap_or_else(|e| e.into_inner()) = ids.clone();
@@ -326,9 +321,38 @@ impl CertManager {
         self.certs.read().unwrap_or_else(|e| e.into_inner()).get(id).cloned()
     }
 
+    /// The current certificate of a local identity, waiting up to `within` for one still being
+    /// requested (a pod is captured before its first certificate arrives by CSR, and its
+    /// connections that need one wait for it rather than go around the mesh).
+    pub async fn wait_for(&self, id: &SpiffeId, within: Duration) -> Option<Arc<Issued>> {
+        let mut installed = self.installed.subscribe();
+        let wait = async {
+            loop {
+                if let Some(issued) = self.current(id) {
+                    return issued;
+                }
+                // The sender lives as long as `self`.
+                let _ = installed.changed().await;
+            }
+        };
+        tokio::time::timeout(within, wait).await.ok()
+    }
+
     /// Every current certificate (for the admin API and metrics).
     pub fn all(&self) -> Vec<Arc<Issued>> {
         self.certs.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect()
+    }
+
+    /// How many local identities have no certificate yet (requested by CSR and not answered, or
+    /// refused and retried): their workloads' HBONE connections wait for one.
+    pub fn pending(&self) -> usize {
+        let certs = self.certs.read().unwrap_or_else(|e| e.into_inner());
+        self.wanted
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|id| !certs.contains_key(id))
+            .count()
     }
 
     fn is_wanted(&self, id: &SpiffeId) -> bool {
@@ -356,6 +380,7 @@ impl CertManager {
                 .write()
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(issued.cert.identity.clone(), issued.clone());
+            self.installed.send_modify(|installed| *installed += 1);
         }
         Ok(issued)
     }
@@ -366,10 +391,7 @@ impl CertManager {
         let mut backoff = Duration::from_secs(1);
         while self.is_wanted(&id) {
             match self.issue(&id).await {
-                Ok(_) => {
-                    self.first_issued.notify_one();
-                    break;
-                }
+                Ok(_) => break,
                 Err(e) => {
                     tracing::error!(identity = %id, "certificate request failed, retrying in {backoff:?}: {e}");
                     tokio::time::sleep(backoff).await;
@@ -488,6 +510,35 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "not renewed under the new root");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_connection_waits_for_a_certificate_on_its_way_and_gives_up_at_its_deadline() {
+        let dir = std::env::temp_dir().join(format!("ferry-ca-wait-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let certs = Arc::new(
+            CertManager::with_file_ca(FileCa::init(&dir).unwrap(), Duration::from_secs(3600)).unwrap(),
+        );
+        let (id, other) =
+            (SpiffeId::new("cluster.local", "ns", "sa"), SpiffeId::new("cluster.local", "ns", "other"));
+        let waiting = tokio::spawn({
+            let (certs, id) = (certs.clone(), id.clone());
+            async move { certs.wait_for(&id, Duration::from_secs(10)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Another identity's certificate does not end the wait.
+        certs.set_wanted([other.clone()].into()).unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished(), "woke for another identity's certificate");
+        certs.set_wanted([id.clone(), other.clone()].into()).unwrap();
+        let issued = waiting.await.unwrap().expect("the certificate that arrived");
+        assert_eq!(issued.cert.identity, id);
+
+        let started = std::time::Instant::now();
+        let missing = SpiffeId::new("cluster.local", "ns", "missing");
+        assert!(certs.wait_for(&missing, Duration::from_millis(100)).await.is_none());
+        assert!(started.elapsed() >= Duration::from_millis(100));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -294,7 +294,8 @@ impl Proxy {
         }
     }
 
-    /// Starts accepting on a pod's listeners. The pod's certificate must have been issued.
+    /// Starts accepting on a pod's listeners. Its certificate may still be on its way: HBONE, in
+    /// and out, waits for it.
     pub fn serve_pod(
         &self,
         workload: Arc<Workload>,

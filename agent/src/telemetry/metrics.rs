@@ -44,7 +44,8 @@ pub enum FailureReason {
     Relay,
     /// The mTLS handshake failed: unknown CA, no client certificate, other trust domain, timeout.
     TlsHandshake,
-    /// The HBONE server was not the identity the client meant to reach.
+    /// The HBONE server was not the identity the client meant to reach, or a local workload's
+    /// certificate did not arrive in time.
     Identity,
     /// HBONE request refused with 400 (not CONNECT, bad authority).
     BadRequest,

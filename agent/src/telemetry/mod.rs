@@ -86,14 +86,22 @@ impl Collector for ScrapeCollector {
                 ConstCounter::new(count).encode(family.encode_family(&[("result", result)])?)?;
             }
         }
-        let trusted = self.certs.trusted_roots() as i64;
-        let gauge = encoder.encode_descriptor(
-            "ferry_trusted_roots",
-            "Root certificates peers may chain to: the CA's own and those of its trust bundle",
-            None,
-            MetricType::Gauge,
-        )?;
-        ConstGauge::new(trusted).encode(gauge)?;
+        let gauges = [
+            (
+                "ferry_trusted_roots",
+                "Root certificates peers may chain to: the CA's own and those of its trust bundle",
+                self.certs.trusted_roots(),
+            ),
+            (
+                "ferry_certificates_pending",
+                "Local workload identities without a certificate yet (requested, or refused and retried): their HBONE connections wait for it",
+                self.certs.pending(),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let gauge = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            ConstGauge::new(value as i64).encode(gauge)?;
+        }
         Ok(())
     }
 }

@@ -183,8 +183,11 @@ impl Pool {
         }
         // Read before the handshake: a change during it retires this connection at once.
         let trust = certs.trust_generation();
-        let issued =
-            certs.current(&key.source).ok_or_else(|| IdentityError::NoCertificate(key.source.clone()))?;
+        // A pod captured moments ago may still be waiting for its first certificate.
+        let issued = certs
+            .wait_for(&key.source, self.connect_timeout)
+            .await
+            .ok_or_else(|| IdentityError::NoCertificate(key.source.clone()))?;
         let (sender, closed) =
             dial(key, netns, certs, &issued, self.connect_timeout, self.handshake_timeout).await?;
         metrics.hbone_connection(Side::Client);

@@ -39,12 +39,19 @@ pub(in crate::proxy) async fn handle(proxy: Proxy, pod: Arc<LocalPod>, tcp: TcpS
             .destination(Some(pod.workload.clone()), Some(pod.identity.clone()))
             .hbone(local)
     };
+    // A pod captured moments ago may still be waiting for its first certificate: the handshake
+    // waits for it (the TLS resolver cannot), within the time a handshake is given.
+    let handshake_timeout = proxy.inner.limits.handshake_timeout;
+    if proxy.inner.certs.wait_for(&pod.identity, handshake_timeout).await.is_none() {
+        let problem = format!("no certificate for {} within {handshake_timeout:?}", pod.identity);
+        return flow().fail(&telemetry, FailureReason::Identity, &problem);
+    }
     // A failed peer's socket closes only after its failure is counted, so what the peer observes
     // is already in the metrics: the handshake is pinned here rather than moved into the timeout,
     // and a failed one hands the socket back.
     let handshake = TlsAcceptor::from(pod.tls.clone()).accept(super::buffered(tcp)).into_fallible();
     tokio::pin!(handshake);
-    let tls = match tokio::time::timeout(proxy.inner.limits.handshake_timeout, &mut handshake).await {
+    let tls = match tokio::time::timeout(handshake_timeout, &mut handshake).await {
         Ok(Ok(tls)) => tls,
         Ok(Err((e, socket))) => {
             flow().fail(&telemetry, FailureReason::TlsHandshake, &format!("TLS handshake: {e}"));
@@ -55,7 +62,7 @@ pub(in crate::proxy) async fn handle(proxy: Proxy, pod: Arc<LocalPod>, tcp: TcpS
     telemetry.proxy.hbone_connection(Side::Server);
     let peer_identity = tls::peer_identity(tls.get_ref().1.peer_certificates());
     let mut draining = proxy.inner.draining.clone();
-    let first_request_within = proxy.inner.limits.handshake_timeout;
+    let first_request_within = handshake_timeout;
     // A peer that completes TLS and then says nothing (not even the HTTP/2 preface) would hold
     // the connection forever: it gets as long as a handshake for its first request.
     let handshake = hbone_h2_settings!(h2::server::Builder::new())
