@@ -461,13 +461,32 @@ mod tests {
         cert.subject().to_string()
     }
 
+    /// A file CA in a fresh directory, removed when dropped, and a manager signing with it.
+    struct TempCa {
+        dir: PathBuf,
+        certs: Arc<CertManager>,
+    }
+
+    impl TempCa {
+        fn new(name: &str) -> TempCa {
+            let dir = std::env::temp_dir().join(format!("ferry-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            let ca = FileCa::init(&dir).unwrap();
+            let certs = Arc::new(CertManager::with_file_ca(ca, Duration::from_secs(3600)).unwrap());
+            TempCa { dir, certs }
+        }
+    }
+
+    impl Drop for TempCa {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
     #[tokio::test]
     async fn a_changed_ca_directory_applies_and_a_broken_one_changes_nothing() {
-        let dir = std::env::temp_dir().join(format!("ferry-ca-reload-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let certs = Arc::new(
-            CertManager::with_file_ca(FileCa::init(&dir).unwrap(), Duration::from_secs(3600)).unwrap(),
-        );
+        let ca = TempCa::new("ca-reload");
+        let (dir, certs) = (&ca.dir, &ca.certs);
         let old_root = std::fs::read_to_string(dir.join(ROOT_CERT_FILE)).unwrap();
         let id = SpiffeId::new("cluster.local", "ns", "sa");
         certs.set_wanted([id.clone()].into()).unwrap();
@@ -476,14 +495,14 @@ mod tests {
         tokio::spawn(certs.clone().rotate());
         let mut trust = certs.trust_changes();
 
-        certs.check_ca_dir(&dir);
+        certs.check_ca_dir(dir);
         assert!(!trust.has_changed().unwrap(), "nothing changed, yet the trust did");
         assert_eq!(certs.reload_counts(), [("applied", 0), ("rejected", 0)]);
 
         // Step 1 of a rotation: a new root trusted beside the old one; certificates stay.
         let (new_cert, new_key) = new_root().unwrap();
         std::fs::write(dir.join(TRUST_BUNDLE_FILE), &new_cert).unwrap();
-        certs.check_ca_dir(&dir);
+        certs.check_ca_dir(dir);
         assert!(trust.has_changed().unwrap());
         trust.mark_unchanged();
         assert_eq!((certs.trusted_roots(), certs.reload_counts()[0]), (2, ("applied", 1)));
@@ -493,7 +512,7 @@ mod tests {
         // Half a root change (the key of another root): refused once, however often it is read.
         std::fs::write(dir.join(ROOT_CERT_FILE), &new_cert).unwrap();
         for _ in 0..3 {
-            certs.check_ca_dir(&dir);
+            certs.check_ca_dir(dir);
         }
         assert_eq!(certs.reload_counts(), [("applied", 1), ("rejected", 1)]);
         assert!(!trust.has_changed().unwrap());
@@ -502,7 +521,7 @@ mod tests {
         // Step 2: the new root signs, the old one is still trusted; certificates are renewed now.
         write_private(&dir.join(ROOT_KEY_FILE), &new_key).unwrap();
         std::fs::write(dir.join(TRUST_BUNDLE_FILE), &old_root).unwrap();
-        certs.check_ca_dir(&dir);
+        certs.check_ca_dir(dir);
         assert!(trust.has_changed().unwrap());
         assert_eq!(certs.reload_counts(), [("applied", 2), ("rejected", 1)]);
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
@@ -510,16 +529,11 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "not renewed under the new root");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]
     async fn a_connection_waits_for_a_certificate_on_its_way_and_gives_up_at_its_deadline() {
-        let dir = std::env::temp_dir().join(format!("ferry-ca-wait-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let certs = Arc::new(
-            CertManager::with_file_ca(FileCa::init(&dir).unwrap(), Duration::from_secs(3600)).unwrap(),
-        );
+        let TempCa { certs, .. } = &TempCa::new("ca-wait");
         let (id, other) =
             (SpiffeId::new("cluster.local", "ns", "sa"), SpiffeId::new("cluster.local", "ns", "other"));
         let waiting = tokio::spawn({
@@ -539,6 +553,5 @@ mod tests {
         let missing = SpiffeId::new("cluster.local", "ns", "missing");
         assert!(certs.wait_for(&missing, Duration::from_millis(100)).await.is_none());
         assert!(started.elapsed() >= Duration::from_millis(100));
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }
