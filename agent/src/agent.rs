@@ -68,6 +68,8 @@ struct Agent {
 const SUCCESSOR_READY_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a stopping agent waits for its pods' capture marks to be removed.
 const MARKS_CLEAR_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a new agent taking over waits for its workloads' certificates before it serves.
+const TAKEOVER_CERTIFICATES_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How the agent was started: `ferry agent --config FILE [--node NAME] [--kube]`.
 pub struct Options {
@@ -161,6 +163,19 @@ pub async fn run(options: Options, log: LogControl) -> anyhow::Result<()> {
     };
     if let Some(api) = &api {
         agent.show_refused_policies(&api.refused_policies);
+    }
+    if takeover.is_some() {
+        // The running agent serves until this one confirms, so this one first obtains its
+        // workloads' certificates (by CSR: keys exist only in the memory of the agent that asked),
+        // and none of its connections has to wait for one.
+        agent.want_certificates(&config);
+        let pending = agent.certs.wait_for_all(TAKEOVER_CERTIFICATES_TIMEOUT).await;
+        if pending > 0 {
+            tracing::warn!(
+                pending,
+                "taking over without every workload certificate: their HBONE connections wait for them"
+            );
+        }
     }
     agent.reconcile(&config);
     // Links and map entries a crashed or previous agent left for pods that are gone now.
@@ -356,10 +371,7 @@ impl Agent {
         }
         let desired: HashMap<String, &Arc<config::Workload>> =
             config.local_meshed_workloads().map(|w| (format!("{}/{}", w.namespace, w.name), w)).collect();
-        let identities: BTreeSet<_> = desired.values().map(|w| w.identity(&config.trust_domain)).collect();
-        if let Err(e) = self.certs.set_wanted(identities) {
-            tracing::error!("issuing workload certificates: {e}");
-        }
+        self.want_certificates(config);
         let stale: Vec<String> = self
             .pods
             .iter()
@@ -409,6 +421,15 @@ impl Agent {
         self.inherited = Inherited::default();
         self.telemetry.meshed_workloads.set(self.pods.len() as i64);
         self.publish();
+    }
+
+    /// Asks for the certificates of the config's local meshed workloads (and drops the others').
+    fn want_certificates(&self, config: &Config) {
+        let identities: BTreeSet<_> =
+            config.local_meshed_workloads().map(|w| w.identity(&config.trust_domain)).collect();
+        if let Err(e) = self.certs.set_wanted(identities) {
+            tracing::error!("issuing workload certificates: {e}");
+        }
     }
 
     /// Gives the admin API the current picture of what this loop owns.

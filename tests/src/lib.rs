@@ -407,9 +407,14 @@ impl Sandbox {
     /// Upgrades the node's agent the way a rolling update does: starts a new one beside it and
     /// waits until it has taken over; the old one drains and exits on its own.
     pub fn upgrade_agent(&mut self, node: &str) -> Result<()> {
+        self.upgrade_agent_with(node, &[])
+    }
+
+    /// Like [`Sandbox::upgrade_agent`], with extra `ferry agent` arguments (e.g. `--kube`).
+    pub fn upgrade_agent_with(&mut self, node: &str, args: &[&str]) -> Result<()> {
         const TOOK_OVER: &str = "took over from the previous agent";
         let before = self.agent_log(node).matches(TOOK_OVER).count();
-        let mut agent = self.spawn_agent(node, &[])?;
+        let mut agent = self.spawn_agent(node, args)?;
         let deadline = Instant::now() + Duration::from_secs(20);
         while self.agent_log(node).matches(TOOK_OVER).count() <= before {
             if let Ok(Some(status)) = agent.child.try_wait() {

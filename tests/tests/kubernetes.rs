@@ -12,8 +12,8 @@ use std::{
 };
 
 use ferry_sandbox::{
-    CGROUP2_ROOT, Cgroup, ConnectOutcome, Pod, PodSpec, ProcUsage, Process, Sandbox, hbone_client,
-    hbone_server,
+    CGROUP2_ROOT, CertFiles, Cgroup, ConnectOutcome, PeerServer, Pod, PodSpec, ProcUsage, Process, Sandbox,
+    Server, hbone_client, hbone_server,
     kube::{self, ApiServer},
 };
 
@@ -1091,57 +1091,76 @@ fn the_signer_certifies_local_workloads_and_refuses_the_rest() {
     assert!(echoed(&sb, "a", "b"));
 }
 
+/// node1's agent with certificates by CSR (no signer runs yet) meshing pods a and b in a
+/// labelled namespace; pod c plays a pod on node2, whose agent the Python HBONE peer plays on
+/// c's 15008 with c's certificate. The signer's root is the sandbox's, so that the peer can hold
+/// a certificate from it.
+struct CsrNode {
+    sb: Sandbox,
+    api: ApiServer,
+    /// The sandbox's file CA: the signer's root, with its key.
+    root: PathBuf,
+    c_cert: CertFiles,
+    _node2: PeerServer,
+    _pause_a: Process,
+    _server_b: Server,
+}
+
+impl CsrNode {
+    fn start(label: &str) -> Option<CsrNode> {
+        let (mut sb, api) = cluster(label)?;
+        bind_to_node2(&sb, &api, "c");
+        let root = sb.ca_dir_created().unwrap();
+        api.kubectl(&["create", "namespace", "ferry-system"], None).unwrap();
+        let from_file = |name: &str| format!("--from-file={}", root.join(name).display());
+        let secret = ["create", "secret", "generic", "ferry-ca", "-n", "ferry-system"];
+        let (code, _, err) = api
+            .kubectl(
+                &[&secret[..], &[&from_file("root-cert.pem"), &from_file("root-key.pem")]].concat(),
+                None,
+            )
+            .unwrap();
+        assert_eq!(code, 0, "{err}");
+        let agent_kubeconfig = deploy_ferry(&api);
+        let ca_dir = sb.dir.join("cluster-ca");
+        std::fs::create_dir_all(&ca_dir).unwrap();
+        std::fs::copy(root.join("root-cert.pem"), ca_dir.join("root-cert.pem")).unwrap();
+        let c_cert = sb.issue_cert(&root, &identity("sa-c"), "c").unwrap();
+        let node2 = hbone_server(&sb.pod("c").netns, hbone_addr(&sb, "c"), &c_cert, &root, &[]).unwrap();
+        api.kubectl(&["annotate", "pod", "c", "-n", NAMESPACE, "ferry.dev/captured=true"], None).unwrap();
+        let (pause_a, server_b) = (pause(&sb, "a"), sb.pod("b").serve(PORT).unwrap());
+        api.kubectl(&["label", "namespace", NAMESPACE, "ferry.dev/mesh=enabled"], None).unwrap();
+        start_agent_by_csr(&mut sb, &agent_kubeconfig, &ca_dir);
+        Some(CsrNode { sb, api, root, c_cert, _node2: node2, _pause_a: pause_a, _server_b: server_b })
+    }
+}
+
+fn identity(sa: &str) -> String {
+    format!("spiffe://cluster.local/ns/{NAMESPACE}/sa/{sa}")
+}
+
+fn hbone_addr(sb: &Sandbox, pod: &str) -> SocketAddr {
+    SocketAddr::from((sb.pod(pod).ip, 15008))
+}
+
 /// A pod is captured as soon as it runs in a meshed namespace, before its certificate arrives by
 /// CSR: nothing reaches it or leaves it around the mesh meanwhile. What needs no certificate
 /// works at once; tunnels, in and out, wait for it.
 #[test]
 fn a_pod_is_captured_before_its_certificate_arrives_and_its_tunnels_wait_for_it() {
-    let Some((mut sb, api)) = cluster("kubecertwait") else { return };
-    bind_to_node2(&sb, &api, "c");
-    // The signer's root is the sandbox's, so that the peer playing node2's agent can hold a
-    // certificate from it.
-    let root = sb.ca_dir_created().unwrap();
-    api.kubectl(&["create", "namespace", "ferry-system"], None).unwrap();
-    let (code, _, err) = api
-        .kubectl(
-            &[
-                "create",
-                "secret",
-                "generic",
-                "ferry-ca",
-                "-n",
-                "ferry-system",
-                &format!("--from-file={}", root.join("root-cert.pem").display()),
-                &format!("--from-file={}", root.join("root-key.pem").display()),
-            ],
-            None,
-        )
-        .unwrap();
-    assert_eq!(code, 0, "{err}");
-    let agent_kubeconfig = deploy_ferry(&api);
-    let ca_dir = sb.dir.join("cluster-ca");
-    std::fs::create_dir_all(&ca_dir).unwrap();
-    std::fs::copy(root.join("root-cert.pem"), ca_dir.join("root-cert.pem")).unwrap();
-    let identity = |sa: &str| format!("spiffe://cluster.local/ns/{NAMESPACE}/sa/{sa}");
-    let (b_hbone, c_hbone) =
-        (SocketAddr::from((sb.pod("b").ip, 15008)), SocketAddr::from((sb.pod("c").ip, 15008)));
-    let c_cert = sb.issue_cert(&root, &identity("sa-c"), "c").unwrap();
-    let _node2 = hbone_server(&sb.pod("c").netns, c_hbone, &c_cert, &root, &[]).unwrap();
-    api.kubectl(&["annotate", "pod", "c", "-n", NAMESPACE, "ferry.dev/captured=true"], None).unwrap();
-
-    let _pause = pause(&sb, "a");
-    let _server = sb.pod("b").serve(PORT).unwrap();
-    api.kubectl(&["label", "namespace", NAMESPACE, "ferry.dev/mesh=enabled"], None).unwrap();
-    start_agent_by_csr(&mut sb, &agent_kubeconfig, &ca_dir);
+    let Some(node) = CsrNode::start("kubecertwait") else { return };
+    let CsrNode { sb, api, root, c_cert, .. } = &node;
 
     // No signer runs yet, so no certificate: captured all the same, and a -> b goes through
     // the agent (policy applies), not around it.
-    wait_captured(&sb, 2, "before any certificate");
+    wait_captured(sb, 2, "before any certificate");
     assert_eq!(sb.ferry_json("node1", &["certs"]).unwrap(), serde_json::json!([]));
-    assert_eq!(sb.ferry_json("node1", &["status"]).unwrap()["certificates_pending"], 2);
+    let status = sb.ferry_json("node1", &["status"]).unwrap();
+    assert_eq!(status["certificates_pending"], 2, "{status}");
     assert_eq!(sb.metric("node1", "ferry_certificates_pending").unwrap(), 2.0);
-    assert!(echoed(&sb, "a", "b"));
-    assert_eq!(same_node_connections(&sb), 1.0);
+    let outcome = sb.pod("a").connect(SocketAddr::from((sb.pod("b").ip, PORT)), 10).unwrap();
+    assert!(matches!(outcome, ConnectOutcome::Echoed { .. }), "{outcome:?}\n{}", sb.agent_log("node1"));
+    assert_eq!(same_node_connections(sb), 1.0);
 
     // Tunnels wait for the certificates: a -> c (node2) needs a's, node2 -> b needs b's.
     let b_app = format!("CONNECT,{}:{PORT},hello b", sb.pod("b").ip);
@@ -1149,11 +1168,12 @@ fn a_pod_is_captured_before_its_certificate_arrives_and_its_tunnels_wait_for_it(
         let outbound =
             scope.spawn(|| sb.pod("a").connect(SocketAddr::from((sb.pod("c").ip, PORT)), 10).unwrap());
         let inbound = scope.spawn(|| {
-            hbone_client(&sb.node("node1").netns, b_hbone, Some(&c_cert), &root, &[b_app.as_str()]).unwrap()
+            let from = &sb.node("node1").netns;
+            hbone_client(from, hbone_addr(sb, "b"), Some(c_cert), root, &[b_app.as_str()]).unwrap()
         });
         std::thread::sleep(Duration::from_secs(1));
         assert!(!outbound.is_finished() && !inbound.is_finished(), "{}", sb.agent_log("node1"));
-        let signer = Signer::start(&sb, &api);
+        let signer = Signer::start(sb, api);
         let outbound = outbound.join().unwrap();
         assert!(
             matches!(outbound, ConnectOutcome::Echoed { .. }),
@@ -1174,4 +1194,38 @@ fn a_pod_is_captured_before_its_certificate_arrives_and_its_tunnels_wait_for_it(
     let metrics = sb.metrics("node1").unwrap();
     assert!(metrics.contains("ferry_proxy_connections_opened_total{"), "{metrics}");
     assert!(!metrics.contains("ferry_proxy_connection_failures_total{"), "{metrics}");
+}
+
+/// A new agent taking over obtains its own certificates first (keys exist only in the memory of
+/// the agent that asked), the running agent serving meanwhile: no connection waits for one in
+/// an upgrade. With the signer gone it waits a while, then takes over without them.
+#[test]
+fn an_upgrade_obtains_certificates_before_the_new_agent_takes_over() {
+    let Some(mut node) = CsrNode::start("kubeupcert") else { return };
+    let CsrNode { sb, api, .. } = &mut node;
+    let signer = Signer::start(sb, api);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sb.ferry_json("node1", &["status"]).unwrap()["certificates"] != 2 {
+        assert!(Instant::now() < deadline, "no certificates\n{}\n{}", sb.agent_log("node1"), signer.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let to_c = SocketAddr::from((sb.pod("c").ip, PORT));
+    assert!(echoed(sb, "a", "c"));
+
+    // New connections to c, back to back, while a new agent that gets no certificate starts.
+    drop(signer);
+    let load = sb.pod("a").spawn_app(&["cps", &to_c.to_string(), "4"]).unwrap();
+    sb.upgrade_agent_with("node1", &["--kube"]).unwrap();
+    let line = load.finish().unwrap();
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    assert!(
+        matches!(fields.as_slice(), ["cps", rate, "0"] if rate.parse::<f64>().unwrap() > 10.0),
+        "{line}\n{}",
+        sb.agent_log("node1")
+    );
+    sb.wait_for_log("node1", "taking over without every workload certificate", 1).unwrap();
+
+    // The signer back: the new agent's requests are answered, and its tunnels work.
+    let signer = Signer::start(sb, api);
+    assert!(echoed(sb, "a", "c"), "{}\n{}", sb.agent_log("node1"), signer.log());
 }

@@ -338,6 +338,19 @@ impl CertManager {
         tokio::time::timeout(within, wait).await.ok()
     }
 
+    /// Waits up to `within` until every local identity has a certificate; how many still have
+    /// none then.
+    pub async fn wait_for_all(&self, within: Duration) -> usize {
+        let mut installed = self.installed.subscribe();
+        let wait = async {
+            while self.pending() > 0 {
+                let _ = installed.changed().await;
+            }
+        };
+        let _ = tokio::time::timeout(within, wait).await;
+        self.pending()
+    }
+
     /// Every current certificate (for the admin API and metrics).
     pub fn all(&self) -> Vec<Arc<Issued>> {
         self.certs.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect()
