@@ -174,6 +174,10 @@ impl Pool {
         if let Some(slot) = self.reuse(key, certs) {
             return Ok(slot);
         }
+        let no_certificate = || IdentityError::NoCertificate(key.source.clone());
+        // A pod captured moments ago may still be waiting for its first certificate. Waited for
+        // before the dial lock, so that connections queued behind it do not wait one after another.
+        certs.wait_for(&key.source, self.connect_timeout).await.ok_or_else(no_certificate)?;
         let dial_lock =
             self.dialing.lock().unwrap_or_else(|e| e.into_inner()).entry(key.clone()).or_default().clone();
         let _dialing = dial_lock.lock().await;
@@ -183,11 +187,7 @@ impl Pool {
         }
         // Read before the handshake: a change during it retires this connection at once.
         let trust = certs.trust_generation();
-        // A pod captured moments ago may still be waiting for its first certificate.
-        let issued = certs
-            .wait_for(&key.source, self.connect_timeout)
-            .await
-            .ok_or_else(|| IdentityError::NoCertificate(key.source.clone()))?;
+        let issued = certs.current(&key.source).ok_or_else(no_certificate)?;
         let (sender, closed) =
             dial(key, netns, certs, &issued, self.connect_timeout, self.handshake_timeout).await?;
         metrics.hbone_connection(Side::Client);
