@@ -27,12 +27,12 @@ use crate::{
         kube::{Discovered, RefusedPolicy},
         marks::CaptureMarks,
     },
-    identity::{CertManager, FileCa, ROOT_KEY_FILE, Signer, csr::CsrClient, load_roots},
+    identity::{CertManager, FileCa, ROOT_KEY_FILE, Signer, WorkloadCert, csr::CsrClient, load_roots},
     inpod::PodNetns,
     proxy::{PodHandle, PodListeners, Proxy},
     state::{State, StateHandle},
     telemetry::{LogControl, Telemetry},
-    upgrade::{self, Inherited, Offer, Successor, UpgradeListener},
+    upgrade::{self, Inherited, Offer, SecretPem, Successor, UpgradeListener},
 };
 
 /// A local workload being captured and served.
@@ -111,6 +111,7 @@ pub async fn run(options: Options, log: LogControl) -> anyhow::Result<()> {
     let marks = client.as_ref().map(|client| CaptureMarks::start(client.clone(), &config.node));
     let certs = Arc::new(cert_manager(client, &config)?);
     tracing::info!(signer = %certs.signer_name(), "workload certificates");
+    adopt_certificates(&certs, std::mem::take(&mut inherited.certificates));
     tokio::spawn(certs.clone().rotate());
     tokio::spawn(certs.clone().follow_ca_dir(config.ca_dir.clone()));
     let telemetry = Telemetry::new(counters.clone(), certs.clone(), &log);
@@ -248,6 +249,22 @@ pub async fn run(options: Options, log: LogControl) -> anyhow::Result<()> {
     }
     agent.shutdown().await;
     Ok(())
+}
+
+/// Takes the certificates the previous agent handed over (chain and key, PEM), so that its
+/// workloads need not wait for new ones.
+fn adopt_certificates(certs: &CertManager, pems: Vec<(String, SecretPem)>) {
+    if pems.is_empty() {
+        return;
+    }
+    let offered = pems.len();
+    let parsed = pems.iter().filter_map(|(chain, SecretPem(key))| {
+        WorkloadCert::from_pem(chain, key)
+            .inspect_err(|e| tracing::warn!("a certificate handed over does not parse, asking anew: {e}"))
+            .ok()
+    });
+    let taken = certs.adopt(parsed.collect());
+    tracing::info!(taken, offered, "took over the previous agent's workload certificates");
 }
 
 /// Starts watching the Kubernetes API; returns its updates and, once it has it, its first
@@ -515,6 +532,13 @@ impl Agent {
         let offer = Offer {
             node: self.node_listeners.iter().map(|(name, listener)| (*name, listener.as_fd())).collect(),
             pods: self.pods.values().map(|pod| (pod.netns_cookie, pod.handle.listener_fds())).collect(),
+            certificates: self
+                .certs
+                .all()
+                .iter()
+                .map(|issued| issued.cert.to_pem())
+                .map(|(chain, key)| (chain, SecretPem(key)))
+                .collect(),
         };
         upgrade::offer(conn, &self.node, &offer)
     }

@@ -8,6 +8,10 @@
 //! says it is ready; only then does the old one stop accepting, drain its own connections and
 //! exit. If the new agent goes away before that, the old one carries on as if nothing happened.
 //!
+//! The old agent also hands over its workloads' certificates with their keys: the keys exist only
+//! in memory, and without them the new agent would have to ask the signer for every one again
+//! before it could serve HBONE (and could not, with the signer down).
+//!
 //! The exchange is a handful of small messages on a local socket, so it uses blocking calls with
 //! timeouts.
 
@@ -33,7 +37,8 @@ use crate::proxy::LISTENERS_PER_FAMILY;
 const PROTOCOL_VERSION: u32 = 1;
 /// Every fd-carrying message holds at most this many descriptors (a pod's six listeners).
 const MAX_FDS_PER_MESSAGE: usize = 2 * LISTENERS_PER_FAMILY;
-const MAX_MESSAGE: usize = 4096;
+/// Room for a certificate chain and its key as PEM.
+const MAX_MESSAGE: usize = 64 * 1024;
 /// How long one send or receive of the exchange may block.
 const STEP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -48,6 +53,10 @@ enum Message {
         /// an agent rolled back to one gets the IPv4 sets only, which is all it serves.
         #[serde(default)]
         ipv6_listeners: bool,
+        /// Takes the workloads' certificates (agents from before do not, and would refuse the
+        /// messages).
+        #[serde(default)]
+        certificates: bool,
     },
     /// Old -> new: no handover (wrong node or version).
     Refused { reason: String },
@@ -56,10 +65,23 @@ enum Message {
     /// Old -> new, with the pod's outbound, inbound plaintext and HBONE listeners, in that order,
     /// for IPv4, then for IPv6 if the pod has them and the new agent takes them.
     PodListeners { netns_cookie: u64 },
+    /// Old -> new: a workload's certificate chain and key, PEM.
+    Certificate { chain: String, key: SecretPem },
     /// Old -> new: that was all.
     End,
     /// New -> old: capture and listeners are taken over; stop accepting.
     Ready,
+}
+
+/// A private key: kept out of `Debug` output (and so out of error messages).
+#[derive(Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SecretPem(pub String);
+
+impl std::fmt::Debug for SecretPem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<private key>")
+    }
 }
 
 /// The node-level listeners an agent hands over, by name.
@@ -75,6 +97,8 @@ pub type PodFds<T> = Vec<T>;
 pub struct Offer<'a> {
     pub node: Vec<(&'static str, BorrowedFd<'a>)>,
     pub pods: Vec<(u64, PodFds<BorrowedFd<'a>>)>,
+    /// The workloads' certificates: chain and key, PEM.
+    pub certificates: Vec<(String, SecretPem)>,
 }
 
 /// Listeners to adopt instead of binding new ones: received from the agent this one upgrades, or
@@ -83,6 +107,8 @@ pub struct Offer<'a> {
 pub struct Inherited {
     node: HashMap<String, OwnedFd>,
     pods: HashMap<u64, PodFds<OwnedFd>>,
+    /// The previous agent's workload certificates: chain and key, PEM.
+    pub certificates: Vec<(String, SecretPem)>,
 }
 
 impl Inherited {
@@ -122,7 +148,12 @@ pub fn request(path: &Path, node: &str) -> io::Result<Option<Takeover>> {
         Err(e) => return Err(e.into()),
     }
     set_timeouts(&conn)?;
-    let hello = Message::Hello { version: PROTOCOL_VERSION, node: node.to_owned(), ipv6_listeners: true };
+    let hello = Message::Hello {
+        version: PROTOCOL_VERSION,
+        node: node.to_owned(),
+        ipv6_listeners: true,
+        certificates: true,
+    };
     send(&conn, &hello, &[])?;
     let mut inherited = Inherited::default();
     loop {
@@ -140,6 +171,7 @@ pub fn request(path: &Path, node: &str) -> io::Result<Option<Takeover>> {
                 }
                 inherited.pods.insert(netns_cookie, fds);
             }
+            Message::Certificate { chain, key } => inherited.certificates.push((chain, key)),
             Message::End => return Ok(Some(Takeover { conn, inherited })),
             Message::Refused { reason } => {
                 return Err(protocol_error(format!("the running agent refused the handover: {reason}")));
@@ -214,12 +246,19 @@ pub fn offer(conn: OwnedFd, node: &str, offer: &Offer<'_>) -> io::Result<Success
         return Err(protocol_error(reason));
     }
     let takes_ipv6 = matches!(hello, Message::Hello { ipv6_listeners: true, .. });
+    let takes_certificates = matches!(hello, Message::Hello { certificates: true, .. });
     for (name, fd) in &offer.node {
         send(&conn, &Message::NodeListener { name: (*name).to_owned() }, &[*fd])?;
     }
     for (netns_cookie, fds) in &offer.pods {
         let fds = if takes_ipv6 { fds } else { &fds[..fds.len().min(LISTENERS_PER_FAMILY)] };
         send(&conn, &Message::PodListeners { netns_cookie: *netns_cookie }, fds)?;
+    }
+    if takes_certificates {
+        for (chain, key) in &offer.certificates {
+            let certificate = Message::Certificate { chain: chain.clone(), key: SecretPem(key.0.clone()) };
+            send(&conn, &certificate, &[])?;
+        }
     }
     send(&conn, &Message::End, &[])?;
     Ok(Successor { conn })
@@ -258,7 +297,7 @@ fn send(conn: &OwnedFd, message: &Message, fds: &[BorrowedFd<'_>]) -> io::Result
 }
 
 fn receive(conn: &OwnedFd) -> io::Result<(Message, Vec<OwnedFd>)> {
-    let mut bytes = [0u8; MAX_MESSAGE];
+    let mut bytes = vec![0u8; MAX_MESSAGE];
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS_PER_MESSAGE))];
     let mut control = RecvAncillaryBuffer::new(&mut space);
     let received = rustix::net::recvmsg(
@@ -322,6 +361,7 @@ mod tests {
         let offered = Offer {
             node: vec![(METRICS, metrics.as_fd())],
             pods: vec![(7, pod.iter().map(|l| l.as_fd()).collect())],
+            certificates: vec![("CHAIN".into(), SecretPem("KEY".into()))],
         };
         let successor = offer(conn, "node-a", &offered).unwrap();
         let conn = listener.accept().await.unwrap();
@@ -335,15 +375,21 @@ mod tests {
         let got = takeover.inherited.take_pod(7).unwrap().into_iter().map(TcpListener::from);
         let addrs: Vec<_> = got.map(|l| l.local_addr().unwrap()).collect();
         assert_eq!(addrs, pod.iter().map(|l| l.local_addr().unwrap()).collect::<Vec<_>>());
+        let certificates: Vec<_> =
+            takeover.inherited.certificates.iter().map(|(c, k)| (c.as_str(), k.0.as_str())).collect();
+        assert_eq!(certificates, [("CHAIN", "KEY")]);
+        let message = Message::Certificate { chain: "CHAIN".into(), key: SecretPem("KEY".into()) };
+        assert!(!format!("{message:?}").contains("KEY"), "a key in Debug output: {message:?}");
         takeover.confirm().unwrap();
         successor.ready(Duration::from_secs(5)).unwrap();
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    /// An agent from before IPv6 (its hello without `ipv6_listeners`) gets each pod's IPv4 set
-    /// only: a rollback is a handover too.
+    /// An agent from before IPv6 and certificate handover (its hello without `ipv6_listeners`
+    /// and `certificates`) gets each pod's IPv4 set only, and no certificate message it would
+    /// refuse: a rollback is a handover too.
     #[tokio::test]
-    async fn an_agent_from_before_ipv6_gets_the_ipv4_listeners() {
+    async fn an_agent_from_before_ipv6_gets_the_ipv4_listeners_and_no_certificates() {
         let dir = std::env::temp_dir().join(format!("ferry-upgrade-v4-{}", std::process::id()));
         let path = dir.join("upgrade.sock");
         let listener = UpgradeListener::bind(&path).unwrap();
@@ -365,7 +411,11 @@ mod tests {
             }
         });
         let conn = listener.accept().await.unwrap();
-        let offered = Offer { node: vec![], pods: vec![(7, pod.iter().map(|l| l.as_fd()).collect())] };
+        let offered = Offer {
+            node: vec![],
+            pods: vec![(7, pod.iter().map(|l| l.as_fd()).collect())],
+            certificates: vec![("CHAIN".into(), SecretPem("KEY".into()))],
+        };
         let _successor = offer(conn, "node-a", &offered).unwrap();
         assert_eq!(asker.join().unwrap(), [("PodListeners { netns_cookie: 7 }".to_owned(), 3)]);
         let _ = std::fs::remove_dir_all(&dir);

@@ -1196,25 +1196,32 @@ fn a_pod_is_captured_before_its_certificate_arrives_and_its_tunnels_wait_for_it(
     assert!(!metrics.contains("ferry_proxy_connection_failures_total{"), "{metrics}");
 }
 
-/// A new agent taking over obtains its own certificates first (keys exist only in the memory of
-/// the agent that asked), the running agent serving meanwhile: no connection waits for one in
-/// an upgrade. With the signer gone it waits a while, then takes over without them.
+/// A new agent taking over is handed the running agent's certificates with their keys (which
+/// exist only in its memory): an upgrade needs no signer, and no connection waits through it.
 #[test]
-fn an_upgrade_obtains_certificates_before_the_new_agent_takes_over() {
+fn an_upgrade_hands_the_certificates_over_and_needs_no_signer() {
     let Some(mut node) = CsrNode::start("kubeupcert") else { return };
     let CsrNode { sb, api, .. } = &mut node;
     let signer = Signer::start(sb, api);
+    let serials = |sb: &Sandbox| {
+        let certs = sb.ferry_json("node1", &["certs"]).unwrap();
+        let mut serials: Vec<String> =
+            certs.as_array().unwrap().iter().map(|c| c["serial"].as_str().unwrap().to_owned()).collect();
+        serials.sort();
+        serials
+    };
     let deadline = Instant::now() + Duration::from_secs(10);
-    while sb.ferry_json("node1", &["status"]).unwrap()["certificates"] != 2 {
+    while serials(sb).len() != 2 {
         assert!(Instant::now() < deadline, "no certificates\n{}\n{}", sb.agent_log("node1"), signer.log());
         std::thread::sleep(Duration::from_millis(50));
     }
+    let before = serials(sb);
     let to_c = SocketAddr::from((sb.pod("c").ip, PORT));
     assert!(echoed(sb, "a", "c"));
 
-    // New connections to c, back to back, while a new agent that gets no certificate starts.
+    // The signer gone; new connections to c, back to back, through the upgrade.
     drop(signer);
-    let load = sb.pod("a").spawn_app(&["cps", &to_c.to_string(), "4"]).unwrap();
+    let load = sb.pod("a").spawn_app(&["cps", &to_c.to_string(), "3"]).unwrap();
     sb.upgrade_agent_with("node1", &["--kube"]).unwrap();
     let line = load.finish().unwrap();
     let fields: Vec<&str> = line.split_whitespace().collect();
@@ -1223,9 +1230,11 @@ fn an_upgrade_obtains_certificates_before_the_new_agent_takes_over() {
         "{line}\n{}",
         sb.agent_log("node1")
     );
-    sb.wait_for_log("node1", "taking over without every workload certificate", 1).unwrap();
-
-    // The signer back: the new agent's requests are answered, and its tunnels work.
-    let signer = Signer::start(sb, api);
-    assert!(echoed(sb, "a", "c"), "{}\n{}", sb.agent_log("node1"), signer.log());
+    sb.wait_for_log("node1", "took over the previous agent's workload certificates taken=2 offered=2", 1)
+        .unwrap();
+    assert_eq!(serials(sb), before, "the same certificates");
+    assert_eq!(sb.ferry_json("node1", &["status"]).unwrap()["certificates_pending"], 0);
+    assert!(!sb.agent_log("node1").contains("taking over without"), "{}", sb.agent_log("node1"));
+    // The new agent tunnels with them, the signer still gone.
+    assert!(echoed(sb, "a", "c"), "{}", sb.agent_log("node1"));
 }

@@ -53,11 +53,43 @@ impl std::fmt::Debug for FileCa {
 }
 
 impl WorkloadCert {
-    /// PEM texts of the chain and of the key, for peers outside the agent (`ferry ca issue`).
+    /// A certificate chain (leaf first) and the key it certifies, as they come from a signer or
+    /// from the agent this one takes over from. The identity is the leaf's URI SAN; the key must
+    /// be the one the leaf certifies.
+    pub fn from_parts(chain: Vec<CertificateDer<'static>>, key: &KeyPair) -> Result<WorkloadCert, String> {
+        let leaf = chain.first().ok_or("empty certificate chain")?;
+        let identity = SpiffeId::from_cert(leaf).map_err(|e| e.to_string())?;
+        let (_, parsed) = x509_parser::parse_x509_certificate(leaf).map_err(|e| e.to_string())?;
+        if parsed.public_key().raw != key.subject_public_key_info().as_slice() {
+            return Err("the certificate is for another key".into());
+        }
+        let at = |t: x509_parser::time::ASN1Time| {
+            SystemTime::UNIX_EPOCH + Duration::from_secs(t.timestamp().max(0) as u64)
+        };
+        let (not_before, not_after) = (at(parsed.validity().not_before), at(parsed.validity().not_after));
+        let serial = parsed.raw_serial().iter().map(|b| format!("{b:02x}")).collect();
+        Ok(WorkloadCert {
+            identity,
+            chain,
+            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            not_before,
+            not_after,
+            serial,
+        })
+    }
+
+    /// PEM texts of the chain and of the key (PKCS#8): for peers outside the agent (`ferry ca
+    /// issue`), and for a new agent taking over from this one.
     pub fn to_pem(&self) -> (String, String) {
         let chain = certs_to_pem(&self.chain);
         let key = pem::encode(&pem::Pem::new("PRIVATE KEY", self.key.secret_der().to_vec()));
         (chain, key)
+    }
+
+    /// What [`WorkloadCert::to_pem`] gave.
+    pub fn from_pem(chain: &str, key: &str) -> Result<WorkloadCert, String> {
+        let key = KeyPair::from_pem(key).map_err(|e| format!("key: {e}"))?;
+        WorkloadCert::from_parts(parse_bundle(chain)?, &key)
     }
 }
 

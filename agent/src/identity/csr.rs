@@ -2,7 +2,7 @@
 //! generates the key and keeps it in memory; the request carries the SPIFFE ID as its one URI SAN;
 //! `ferry signer` approves and signs it, or refuses with a reason.
 
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use k8s_openapi::{
     ByteString,
@@ -13,8 +13,7 @@ use kube::{
     api::{ObjectMeta, PostParams},
     runtime::wait::await_condition,
 };
-use rcgen::{CertificateParams, DistinguishedName, KeyPair, PKCS_ECDSA_P256_SHA256, PublicKeyData, SanType};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rcgen::{CertificateParams, DistinguishedName, KeyPair, PKCS_ECDSA_P256_SHA256, SanType};
 
 use super::{IdentityError, SpiffeId, WorkloadCert, ca::parse_bundle};
 
@@ -122,46 +121,17 @@ impl CsrClient {
             }
             None => return Err(fail(format!("CertificateSigningRequest {name} was deleted"))),
         };
-        let chain = parse_bundle(&String::from_utf8_lossy(&chain))
-            .map_err(|e| fail(format!("CertificateSigningRequest {name}: certificate: {e}")))?;
-        let leaf = chain
-            .first()
-            .ok_or_else(|| fail(format!("CertificateSigningRequest {name}: empty certificate")))?;
-        let (not_before, not_after, serial) = check_leaf(leaf, id, &key)
-            .map_err(|problem| fail(format!("CertificateSigningRequest {name}: {problem}")))?;
+        // The signer must have certified our key for exactly the identity asked for.
+        let cert = parse_bundle(&String::from_utf8_lossy(&chain))
+            .and_then(|chain| WorkloadCert::from_parts(chain, &key))
+            .and_then(|cert| match &cert.identity {
+                certified if certified == id => Ok(cert),
+                certified => Err(format!("signed for {certified}, asked for {id}")),
+            })
+            .map_err(|problem| fail(format!("CertificateSigningRequest {name}: certificate: {problem}")))?;
         tracing::debug!(csr = %name, identity = %id, "certificate signing request answered");
-        Ok(WorkloadCert {
-            identity: id.clone(),
-            chain,
-            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-            not_before,
-            not_after,
-            serial,
-        })
+        Ok(cert)
     }
-}
-
-/// The signer must have certified our key for exactly the identity asked for; the leaf's
-/// not-before, not-after and hex serial.
-fn check_leaf(
-    leaf: &CertificateDer<'_>,
-    id: &SpiffeId,
-    key: &KeyPair,
-) -> Result<(SystemTime, SystemTime, String), String> {
-    let certified = SpiffeId::from_cert(leaf).map_err(|e| e.to_string())?;
-    if &certified != id {
-        return Err(format!("signed for {certified}, asked for {id}"));
-    }
-    let (_, parsed) = x509_parser::parse_x509_certificate(leaf).map_err(|e| e.to_string())?;
-    if parsed.public_key().raw != key.subject_public_key_info().as_slice() {
-        return Err("the certificate is for another key".into());
-    }
-    let at = |t: x509_parser::time::ASN1Time| {
-        SystemTime::UNIX_EPOCH + Duration::from_secs(t.timestamp().max(0) as u64)
-    };
-    let validity = parsed.validity();
-    let serial = parsed.raw_serial().iter().map(|b| format!("{b:02x}")).collect();
-    Ok((at(validity.not_before), at(validity.not_after), serial))
 }
 
 #[cfg(test)]

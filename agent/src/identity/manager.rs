@@ -316,6 +316,33 @@ impl CertManager {
         Ok(())
     }
 
+    /// Takes the certificates a previous agent on this node handed over (workload keys exist
+    /// only in memory, so a new agent would otherwise ask for every one again). Call before
+    /// [`CertManager::set_wanted`], which keeps those still wanted. One not issued under the
+    /// signing root in force now, or expired, is left out: asked for anew. How many were taken.
+    pub fn adopt(&self, handed_over: Vec<WorkloadCert>) -> usize {
+        let authority = self.authority();
+        let Some(signing_root) = authority.trusted.first() else { return 0 };
+        let now = SystemTime::now();
+        let mut taken = 0;
+        for cert in handed_over {
+            let issuer_is_signing_root = cert.chain.first().is_some_and(|leaf| issued_by(leaf, signing_root));
+            if !issuer_is_signing_root || cert.not_after <= now {
+                tracing::info!(identity = %cert.identity, "a handed-over certificate is not current; asking anew");
+                continue;
+            }
+            let identity = cert.identity.clone();
+            match self.certify(cert, authority.signing_root) {
+                Ok(issued) => {
+                    self.keep(issued);
+                    taken += 1;
+                }
+                Err(e) => tracing::warn!(%identity, "a handed-over key does not load: {e}"),
+            }
+        }
+        taken
+    }
+
     /// The current certificate of a local identity.
     pub fn current(&self, id: &SpiffeId) -> Option<Arc<Issued>> {
         self.certs.read().unwrap_or_else(|e| e.into_inner()).get(id).cloned()
@@ -384,18 +411,26 @@ impl CertManager {
     }
 
     fn install(&self, cert: WorkloadCert, signing_root: u64) -> Result<Arc<Issued>, IdentityError> {
-        let key = self.provider.key_provider.load_private_key(cert.key.clone_key())?;
-        let certified_key = Arc::new(CertifiedKey::new(cert.chain.clone(), key));
-        let issued = Arc::new(Issued { cert, certified_key, signing_root });
+        let issued = self.certify(cert, signing_root)?;
         tracing::info!(identity = %issued.cert.identity, serial = %issued.cert.serial, "certificate issued");
         if self.is_wanted(&issued.cert.identity) {
-            self.certs
-                .write()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(issued.cert.identity.clone(), issued.clone());
-            self.installed.send_modify(|installed| *installed += 1);
+            self.keep(issued.clone());
         }
         Ok(issued)
+    }
+
+    /// Readies a certificate and its key for rustls.
+    fn certify(&self, cert: WorkloadCert, signing_root: u64) -> Result<Arc<Issued>, IdentityError> {
+        let key = self.provider.key_provider.load_private_key(cert.key.clone_key())?;
+        let certified_key = Arc::new(CertifiedKey::new(cert.chain.clone(), key));
+        Ok(Arc::new(Issued { cert, certified_key, signing_root }))
+    }
+
+    /// Makes `issued` its identity's current certificate, and wakes whoever waits for one.
+    fn keep(&self, issued: Arc<Issued>) {
+        let identity = issued.cert.identity.clone();
+        self.certs.write().unwrap_or_else(|e| e.into_inner()).insert(identity, issued);
+        self.installed.send_modify(|installed| *installed += 1);
     }
 
     /// Requests the first certificate of `id` until one arrives or `id` is no longer wanted,
@@ -447,6 +482,15 @@ impl CertManager {
                 () = self.renew.notified() => {}
             }
         }
+    }
+}
+
+/// Whether `leaf` names `root`'s subject as its issuer (the signing root moves on when the CA
+/// directory changes; a certificate from an earlier one is renewed, not kept).
+fn issued_by(leaf: &CertificateDer<'_>, root: &CertificateDer<'_>) -> bool {
+    match (x509_parser::parse_x509_certificate(leaf), x509_parser::parse_x509_certificate(root)) {
+        (Ok((_, leaf)), Ok((_, root))) => leaf.issuer().as_raw() == root.subject().as_raw(),
+        _ => false,
     }
 }
 
@@ -566,5 +610,48 @@ mod tests {
         let missing = SpiffeId::new("cluster.local", "ns", "missing");
         assert!(certs.wait_for(&missing, Duration::from_millis(100)).await.is_none());
         assert!(started.elapsed() >= Duration::from_millis(100));
+    }
+
+    #[tokio::test]
+    async fn handed_over_certificates_are_taken_unless_another_root_issued_them() {
+        let (ca, other) = (TempCa::new("ca-adopt"), TempCa::new("ca-adopt-other"));
+        let id = SpiffeId::new("cluster.local", "ns", "sa");
+        ca.certs.set_wanted([id.clone()].into()).unwrap();
+        other.certs.set_wanted([id.clone()].into()).unwrap();
+        let (chain, key) = ca.certs.current(&id).unwrap().cert.to_pem();
+        let (foreign_chain, foreign_key) = other.certs.current(&id).unwrap().cert.to_pem();
+        assert!(WorkloadCert::from_pem(&chain, &foreign_key).unwrap_err().contains("another key"));
+
+        // A new agent's manager on the same CA: takes the certificate instead of issuing one.
+        let next =
+            CertManager::with_file_ca(FileCa::load(&ca.dir).unwrap(), Duration::from_secs(3600)).unwrap();
+        let next = Arc::new(next);
+        let handed_over = [(chain, key), (foreign_chain, foreign_key)]
+            .iter()
+            .map(|(chain, key)| WorkloadCert::from_pem(chain, key).unwrap())
+            .collect();
+        assert_eq!(next.adopt(handed_over), 1, "the other root's certificate is left out");
+        next.set_wanted([id.clone()].into()).unwrap();
+        assert_eq!(next.current(&id).unwrap().cert.serial, ca.certs.current(&id).unwrap().cert.serial);
+        assert_eq!(next.request_counts(), [("issued", 0), ("failed", 0)]);
+    }
+
+    #[tokio::test]
+    async fn waiting_for_every_certificate_ends_at_its_deadline_with_those_still_missing() {
+        // A signer behind an API server nobody answers at: requests fail and are retried.
+        let api = kube::Config::new("http://127.0.0.1:9".parse().unwrap());
+        let signer = Signer::Kubernetes(CsrClient::new(kube::Client::try_from(api).unwrap(), "node"));
+        let ca = TempCa::new("ca-pending");
+        let root = FileCa::load(&ca.dir).unwrap().root().clone();
+        let certs = Arc::new(CertManager::new(signer, vec![root], Duration::from_secs(3600)).unwrap());
+        let ids = ["a", "b"].map(|sa| SpiffeId::new("cluster.local", "ns", sa));
+        certs.set_wanted(ids.iter().cloned().collect()).unwrap();
+        assert_eq!(certs.pending(), 2);
+        let started = std::time::Instant::now();
+        assert_eq!(certs.wait_for_all(Duration::from_millis(100)).await, 2);
+        assert!(started.elapsed() >= Duration::from_millis(100));
+        certs.set_wanted(BTreeSet::new()).unwrap();
+        assert_eq!(certs.wait_for_all(Duration::from_secs(10)).await, 0);
+        assert!(started.elapsed() < Duration::from_secs(5), "waited for identities no longer wanted");
     }
 }
