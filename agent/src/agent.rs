@@ -166,8 +166,8 @@ pub async fn run(options: Options, log: LogControl) -> anyhow::Result<()> {
         agent.show_refused_policies(&api.refused_policies);
     }
     if takeover.is_some() {
-        // The running agent serves until this one confirms, so this one first obtains its
-        // workloads' certificates (by CSR: keys exist only in the memory of the agent that asked),
+        // The running agent serves until this one confirms, so this one first obtains the
+        // certificates it was not handed (by CSR, e.g. from an agent too old to hand them over),
         // and none of its connections has to wait for one.
         agent.want_certificates(&config);
         let pending = agent.certs.wait_for_all(TAKEOVER_CERTIFICATES_TIMEOUT).await;
