@@ -919,6 +919,16 @@ impl Signer {
         std::fs::read_to_string(&self.out).unwrap_or_default()
             + &std::fs::read_to_string(&self.err).unwrap_or_default()
     }
+
+    /// Waits up to 10 s until node1's agent lists `n` certificates.
+    fn wait_for_certificates(&self, sb: &Sandbox, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while sb.ferry_json("node1", &["certs"]).unwrap().as_array().unwrap().len() != n {
+            let (agent, signer) = (sb.agent_log("node1"), self.log());
+            assert!(Instant::now() < deadline, "no certificates\n{agent}\nsigner:\n{signer}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }
 
 /// Starts node1's agent in Kubernetes mode with certificates by CSR: its `caDir` holds the
@@ -961,16 +971,7 @@ fn the_signer_certifies_local_workloads_and_refuses_the_rest() {
     api.kubectl(&["label", "namespace", NAMESPACE, "ferry.dev/mesh=enabled"], None).unwrap();
     start_agent_by_csr(&mut sb, &agent_kubeconfig, &ca_dir);
     wait_captured(&sb, 2, "in a meshed namespace");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while sb.ferry_json("node1", &["certs"]).unwrap().as_array().unwrap().len() != 2 {
-        assert!(
-            Instant::now() < deadline,
-            "no certificates\n{}\nsigner:\n{}",
-            sb.agent_log("node1"),
-            signer_log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    signer.wait_for_certificates(&sb, 2);
     assert!(echoed(&sb, "a", "b"));
     sb.wait_for_log("node1", "CertificateSigningRequests to ferry.dev/workload", 1).unwrap();
 
@@ -1210,11 +1211,7 @@ fn an_upgrade_hands_the_certificates_over_and_needs_no_signer() {
         serials.sort();
         serials
     };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while serials(sb).len() != 2 {
-        assert!(Instant::now() < deadline, "no certificates\n{}\n{}", sb.agent_log("node1"), signer.log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    signer.wait_for_certificates(sb, 2);
     let before = serials(sb);
     let to_c = SocketAddr::from((sb.pod("c").ip, PORT));
     assert!(echoed(sb, "a", "c"));

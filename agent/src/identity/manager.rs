@@ -124,8 +124,8 @@ pub struct CertManager {
     provider: Arc<CryptoProvider>,
     certs: RwLock<HashMap<SpiffeId, Arc<Issued>>>,
     wanted: RwLock<BTreeSet<SpiffeId>>,
-    /// Identities whose first certificate is being requested.
-    pending: Mutex<HashSet<SpiffeId>>,
+    /// Identities whose first certificate is being requested (one request task each).
+    requesting: Mutex<HashSet<SpiffeId>>,
     /// Counts the certificates installed, so connections waiting for one wake when it arrives.
     installed: watch::Sender<u64>,
     /// Wakes rotation before half-life: the signing root changed.
@@ -161,7 +161,7 @@ impl CertManager {
             provider,
             certs: RwLock::default(),
             wanted: RwLock::default(),
-            pending: Mutex::default(),
+            requesting: Mutex::default(),
             installed: watch::Sender::new(0),
             renew: Notify::new(),
             trust_changes: watch::Sender::new(0),
@@ -307,7 +307,7 @@ impl CertManager {
                     self.install(cert?, authority.signing_root)?;
                 }
                 Signer::Kubernetes(_) => {
-                    if self.pending.lock().unwrap_or_else(|e| e.into_inner()).insert(id.clone()) {
+                    if self.requesting.lock().unwrap_or_else(|e| e.into_inner()).insert(id.clone()) {
                         tokio::spawn(self.clone().request_first(id));
                     }
                 }
@@ -352,30 +352,34 @@ impl CertManager {
     /// requested (a pod is captured before its first certificate arrives by CSR, and its
     /// connections that need one wait for it rather than go around the mesh).
     pub async fn wait_for(&self, id: &SpiffeId, within: Duration) -> Option<Arc<Issued>> {
+        self.wait_until(within, || self.current(id)).await
+    }
+
+    /// Waits up to `within` until every local identity has a certificate; how many still have
+    /// none then.
+    pub async fn wait_for_all(&self, within: Duration) -> usize {
+        self.wait_until(within, || (self.pending() == 0).then_some(())).await;
+        self.pending()
+    }
+
+    /// Waits up to `within` for `found` to find something, looking again at each certificate
+    /// installed.
+    async fn wait_until<T>(&self, within: Duration, found: impl Fn() -> Option<T>) -> Option<T> {
+        // Almost always there already (every new HBONE connection asks): no subscription then.
+        if let Some(found) = found() {
+            return Some(found);
+        }
         let mut installed = self.installed.subscribe();
         let wait = async {
             loop {
-                if let Some(issued) = self.current(id) {
-                    return issued;
+                if let Some(found) = found() {
+                    return found;
                 }
                 // The sender lives as long as `self`.
                 let _ = installed.changed().await;
             }
         };
         tokio::time::timeout(within, wait).await.ok()
-    }
-
-    /// Waits up to `within` until every local identity has a certificate; how many still have
-    /// none then.
-    pub async fn wait_for_all(&self, within: Duration) -> usize {
-        let mut installed = self.installed.subscribe();
-        let wait = async {
-            while self.pending() > 0 {
-                let _ = installed.changed().await;
-            }
-        };
-        let _ = tokio::time::timeout(within, wait).await;
-        self.pending()
     }
 
     /// Every current certificate (for the admin API and metrics).
@@ -447,7 +451,7 @@ impl CertManager {
                 }
             }
         }
-        self.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+        self.requesting.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
     }
 
     /// Renews every certificate past its half-life, or from an earlier signing root, forever.
