@@ -181,7 +181,7 @@ pub async fn run(options: Options, log: LogControl) -> anyhow::Result<()> {
     agent.reconcile(&config);
     // Links and map entries a crashed or previous agent left for pods that are gone now.
     agent.datapath.remove_orphans();
-    agent.telemetry.set_ready(true);
+    agent.telemetry.set_serving(true);
     if let Some(takeover) = takeover {
         tokio::task::spawn_blocking(move || takeover.confirm())
             .await?
@@ -190,7 +190,13 @@ pub async fn run(options: Options, log: LogControl) -> anyhow::Result<()> {
     }
     let upgrades = UpgradeListener::bind(&config.upgrade_socket)
         .with_context(|| format!("upgrade socket {}", config.upgrade_socket.display()))?;
-    tracing::info!(node = %config.node, workloads = agent.pods.len(), "ready");
+    // `/healthz/ready` also waits for any certificate still pending.
+    tracing::info!(
+        node = %config.node,
+        workloads = agent.pods.len(),
+        certificates_pending = agent.certs.pending(),
+        "serving"
+    );
 
     let mut hangup = signal(SignalKind::hangup())?;
     let mut terminate = signal(SignalKind::terminate())?;
@@ -545,7 +551,7 @@ impl Agent {
 
     /// A clean stop: drains, then detaches capture and removes every pin (pods talk directly).
     async fn shutdown(mut self) {
-        self.telemetry.set_ready(false);
+        self.telemetry.set_serving(false);
         // Agents elsewhere stop tunnelling to these pods: capture is about to go.
         if let Some(marks) = &self.marks {
             marks.clear(MARKS_CLEAR_TIMEOUT).await;
@@ -564,7 +570,7 @@ impl Agent {
     /// After a new agent took over: stops accepting, lets this agent's connections finish (up
     /// to the drain timeout) and leaves capture, maps, pins and sockets to the new agent.
     async fn retire(mut self) {
-        self.telemetry.set_ready(false);
+        self.telemetry.set_serving(false);
         self.node_loops.abort_all();
         for pod in self.pods.values_mut() {
             pod.handle.stop_accepting();

@@ -353,6 +353,30 @@ impl Sandbox {
 
     /// Like [`Sandbox::start_agent`], with extra `ferry agent` arguments (e.g. `--log-format json`).
     pub fn start_agent_with(&mut self, node: &str, config: Option<&str>, args: &[&str]) -> Result<()> {
+        self.start_agent_until(node, config, args, "ready", |status, _| status == 200)
+    }
+
+    /// Like [`Sandbox::start_agent_with`], for an agent whose certificates come by CSR with no
+    /// signer running yet: waits until it serves, which is before it is ready.
+    pub fn start_agent_awaiting_certificates(
+        &mut self,
+        node: &str,
+        config: &str,
+        args: &[&str],
+    ) -> Result<()> {
+        self.start_agent_until(node, Some(config), args, "serving", |status, body| {
+            status == 503 && body.contains("certificate(s) not issued yet")
+        })
+    }
+
+    fn start_agent_until(
+        &mut self,
+        node: &str,
+        config: Option<&str>,
+        args: &[&str],
+        what: &str,
+        reached: impl Fn(u16, &str) -> bool,
+    ) -> Result<()> {
         self.ca_dir_created()?;
         let config_path = self.config_path(node);
         std::fs::write(&config_path, config.map_or_else(|| self.config_for(node), str::to_owned))?;
@@ -361,7 +385,9 @@ impl Sandbox {
         self.node_mut(node).agent = Some(agent);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Ok((200, _)) = self.node(node).http_get(15021, "/healthz/ready") {
+            if let Ok((status, body)) = self.node(node).http_get(15021, "/healthz/ready")
+                && reached(status, &body)
+            {
                 return Ok(());
             }
             let n = self.node_mut(node);
@@ -374,7 +400,7 @@ impl Sandbox {
             }
             if Instant::now() > deadline {
                 bail!(
-                    "agent on {node} not ready after 20 s:\n{}",
+                    "agent on {node} not {what} after 20 s:\n{}",
                     std::fs::read_to_string(&log_path).unwrap_or_default()
                 );
             }

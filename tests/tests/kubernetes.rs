@@ -934,13 +934,18 @@ impl Signer {
 /// Starts node1's agent in Kubernetes mode with certificates by CSR: its `caDir` holds the
 /// signer's root certificate and no key, as the DaemonSet mounts it.
 fn start_agent_by_csr(sb: &mut Sandbox, kubeconfig: &Path, ca_dir: &Path) {
+    let config = csr_agent_config(sb, kubeconfig, ca_dir);
+    sb.start_agent_with("node1", Some(&config), &["--kube"]).unwrap();
+}
+
+/// node1's agent config (and environment) for certificates by CSR, with the root in `ca_dir`.
+fn csr_agent_config(sb: &mut Sandbox, kubeconfig: &Path, ca_dir: &Path) -> String {
     sb.set_agent_env("node1", "KUBECONFIG", &kubeconfig.display().to_string());
     let cgroups = Path::new(CGROUP2_ROOT).join(&sb.id);
-    let config = sb.config_for("node1").replace(
+    sb.config_for("node1").replace(
         &format!("caDir: {}", sb.ca_dir().display()),
         &format!("caDir: {}\npodCgroupRoot: {}", ca_dir.display(), cgroups.display()),
-    );
-    sb.start_agent_with("node1", Some(&config), &["--kube"]).unwrap();
+    )
 }
 
 #[test]
@@ -1131,7 +1136,9 @@ impl CsrNode {
         api.kubectl(&["annotate", "pod", "c", "-n", NAMESPACE, "ferry.dev/captured=true"], None).unwrap();
         let (pause_a, server_b) = (pause(&sb, "a"), sb.pod("b").serve(PORT).unwrap());
         api.kubectl(&["label", "namespace", NAMESPACE, "ferry.dev/mesh=enabled"], None).unwrap();
-        start_agent_by_csr(&mut sb, &agent_kubeconfig, &ca_dir);
+        // No signer runs yet.
+        let config = csr_agent_config(&mut sb, &agent_kubeconfig, &ca_dir);
+        sb.start_agent_awaiting_certificates("node1", &config, &["--kube"]).unwrap();
         Some(CsrNode { sb, api, root, c_cert, _node2: node2, _pause_a: pause_a, _server_b: server_b })
     }
 }
@@ -1159,6 +1166,8 @@ fn a_pod_is_captured_before_its_certificate_arrives_and_its_tunnels_wait_for_it(
     let status = sb.ferry_json("node1", &["status"]).unwrap();
     assert_eq!(status["certificates_pending"], 2, "{status}");
     assert_eq!(sb.metric("node1", "ferry_certificates_pending").unwrap(), 2.0);
+    let readiness = sb.node("node1").http_get(15021, "/healthz/ready").unwrap();
+    assert_eq!(readiness, (503, "not ready: 2 local workload certificate(s) not issued yet\n".into()));
     let outcome = sb.pod("a").connect(SocketAddr::from((sb.pod("b").ip, PORT)), 10).unwrap();
     assert!(matches!(outcome, ConnectOutcome::Echoed { .. }), "{outcome:?}\n{}", sb.agent_log("node1"));
     assert_eq!(same_node_connections(sb), 1.0);
@@ -1191,6 +1200,7 @@ fn a_pod_is_captured_before_its_certificate_arrives_and_its_tunnels_wait_for_it(
         );
     });
     assert_eq!(sb.ferry_json("node1", &["status"]).unwrap()["certificates_pending"], 0);
+    assert_eq!(sb.node("node1").http_get(15021, "/healthz/ready").unwrap(), (200, "ready\n".into()));
     // Waited for, not failed.
     let metrics = sb.metrics("node1").unwrap();
     assert!(metrics.contains("ferry_proxy_connections_opened_total{"), "{metrics}");

@@ -191,6 +191,7 @@ impl Admin {
             "connections": self.proxy.connections().len(),
             "certificates": self.certs.all().len(),
             "certificates_pending": self.certs.pending(),
+            "certificates_expired": self.certs.expired(),
             "signer": self.certs.signer_name(),
             "trusted_roots": self.certs.trusted_roots(),
         })

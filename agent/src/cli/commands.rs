@@ -99,6 +99,7 @@ fn status(v: &Value) -> String {
         "connections",
         "certificates",
         "certificates_pending",
+        "certificates_expired",
         "signer",
         "trusted_roots",
         "config",

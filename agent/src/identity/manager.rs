@@ -390,13 +390,21 @@ impl CertManager {
     /// How many local identities have no certificate yet (requested by CSR and not answered, or
     /// refused and retried): their workloads' HBONE connections wait for one.
     pub fn pending(&self) -> usize {
+        self.count_wanted(|issued| issued.is_none())
+    }
+
+    /// How many local identities hold only an expired certificate (its renewal kept failing):
+    /// peers refuse it, so their workloads' HBONE connections fail.
+    pub fn expired(&self) -> usize {
+        let now = SystemTime::now();
+        self.count_wanted(|issued| issued.is_some_and(|issued| issued.cert.not_after <= now))
+    }
+
+    /// How many local identities' current certificates (if any) `counted` picks.
+    fn count_wanted(&self, counted: impl Fn(Option<&Arc<Issued>>) -> bool) -> usize {
         let certs = self.certs.read().unwrap_or_else(|e| e.into_inner());
-        self.wanted
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .filter(|id| !certs.contains_key(id))
-            .count()
+        let wanted = self.wanted.read().unwrap_or_else(|e| e.into_inner());
+        wanted.iter().filter(|id| counted(certs.get(*id))).count()
     }
 
     fn is_wanted(&self, id: &SpiffeId) -> bool {
@@ -614,6 +622,21 @@ mod tests {
         let missing = SpiffeId::new("cluster.local", "ns", "missing");
         assert!(certs.wait_for(&missing, Duration::from_millis(100)).await.is_none());
         assert!(started.elapsed() >= Duration::from_millis(100));
+    }
+
+    #[tokio::test]
+    async fn a_certificate_not_renewed_in_time_counts_as_expired() {
+        let ca = TempCa::new("ca-expired");
+        // Nothing renews it here (no rotation task runs).
+        let certs = CertManager::with_file_ca(FileCa::load(&ca.dir).unwrap(), Duration::from_secs(1));
+        let certs = Arc::new(certs.unwrap());
+        let id = SpiffeId::new("cluster.local", "ns", "sa");
+        certs.set_wanted([id].into()).unwrap();
+        assert_eq!((certs.pending(), certs.expired()), (0, 0));
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        assert_eq!((certs.pending(), certs.expired()), (0, 1));
+        certs.set_wanted(BTreeSet::new()).unwrap();
+        assert_eq!(certs.expired(), 0, "counted an identity no longer wanted");
     }
 
     #[tokio::test]

@@ -113,7 +113,9 @@ pub struct Telemetry {
     pub flows: Arc<FlowLog>,
     pub meshed_workloads: Gauge<i64, AtomicI64>,
     pub policies_refused: Gauge<i64, AtomicI64>,
-    ready: AtomicBool,
+    /// Set once the datapath and the config are in place; cleared while stopping.
+    serving: AtomicBool,
+    certs: Arc<CertManager>,
     live_bytes: Mutex<Vec<Weak<dyn LiveBytes>>>,
 }
 
@@ -144,14 +146,15 @@ impl Telemetry {
             "Agent build information",
             Info::new([("version", env!("CARGO_PKG_VERSION"))]),
         );
-        registry.register_collector(Box::new(ScrapeCollector { datapath, certs }));
+        registry.register_collector(Box::new(ScrapeCollector { datapath, certs: certs.clone() }));
         Arc::new(Telemetry {
             registry,
             proxy,
             flows: Arc::new(FlowLog::default()),
             meshed_workloads,
             policies_refused,
-            ready: AtomicBool::new(false),
+            serving: AtomicBool::new(false),
+            certs,
             live_bytes: Mutex::default(),
         })
     }
@@ -161,8 +164,27 @@ impl Telemetry {
         self.live_bytes.lock().unwrap_or_else(|e| e.into_inner()).push(source);
     }
 
-    pub fn set_ready(&self, ready: bool) {
-        self.ready.store(ready, Ordering::Release);
+    /// Whether the agent has started and is not stopping: ready, once the certificates are too.
+    pub fn set_serving(&self, serving: bool) {
+        self.serving.store(serving, Ordering::Release);
+    }
+
+    /// Why `/healthz/ready` answers 503, if it does: ready means the datapath and the config are
+    /// in place and every local workload has a certificate in force, so its tunnels work.
+    fn not_ready(&self) -> Option<String> {
+        if !self.serving.load(Ordering::Acquire) {
+            return Some("starting or stopping".into());
+        }
+        let count =
+            |n: usize, what: &str| (n > 0).then(|| format!("{n} local workload certificate(s) {what}"));
+        let reasons: Vec<String> = [
+            count(self.certs.pending(), "not issued yet"),
+            count(self.certs.expired(), "expired, renewal failing"),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        (!reasons.is_empty()).then(|| reasons.join(", "))
     }
 
     /// The OpenMetrics exposition.
@@ -184,8 +206,10 @@ impl Telemetry {
     fn respond(&self, path: &str) -> Response<Full<Bytes>> {
         let (status, body) = match path {
             "/metrics" => (StatusCode::OK, self.render()),
-            "/healthz/ready" if self.ready.load(Ordering::Acquire) => (StatusCode::OK, "ready\n".into()),
-            "/healthz/ready" => (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into()),
+            "/healthz/ready" => match self.not_ready() {
+                None => (StatusCode::OK, "ready\n".into()),
+                Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+            },
             _ => (StatusCode::NOT_FOUND, "not found\n".into()),
         };
         let mut response = Response::new(Full::new(Bytes::from(body)));
