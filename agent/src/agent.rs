@@ -2,7 +2,7 @@
 //! a new agent takes over (see [`crate::upgrade`]).
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, SocketAddr},
     os::fd::{AsFd, OwnedFd},
     path::PathBuf,
@@ -54,6 +54,11 @@ struct Agent {
     upgrade_socket: PathBuf,
     drain_timeout: Duration,
     pods: HashMap<String, RunningPod>,
+    /// Local meshed workloads whose capture failed, with the reason: their traffic bypasses the
+    /// mesh, so they are tried again (`capture_retry`) until captured or gone.
+    uncaptured: BTreeMap<String, String>,
+    /// When to try the failed captures again, and the backoff that led there.
+    capture_retry: Option<(Instant, Duration)>,
     /// Kubernetes mode: the pods captured, told to agents on other nodes.
     marks: Option<CaptureMarks>,
     /// Listeners received from the agent this one upgrades, adopted by the first reconcile.
@@ -70,6 +75,9 @@ const SUCCESSOR_READY_TIMEOUT: Duration = Duration::from_secs(120);
 const MARKS_CLEAR_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a new agent taking over waits for its workloads' certificates before it serves.
 const TAKEOVER_CERTIFICATES_TIMEOUT: Duration = Duration::from_secs(10);
+/// Failed captures are tried again after this, doubling up to `CAPTURE_RETRY_MAX`.
+const CAPTURE_RETRY_FIRST: Duration = Duration::from_secs(1);
+const CAPTURE_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// How the agent was started: `ferry agent --config FILE [--node NAME] [--kube]`.
 pub struct Options {
@@ -157,6 +165,8 @@ pub async fn run(options: Options, log: LogControl) -> anyhow::Result<()> {
         upgrade_socket: config.upgrade_socket.clone(),
         drain_timeout: config.limits.drain_timeout,
         pods: HashMap::new(),
+        uncaptured: BTreeMap::new(),
+        capture_retry: None,
         marks,
         inherited,
         node_listeners,
@@ -165,6 +175,7 @@ pub async fn run(options: Options, log: LogControl) -> anyhow::Result<()> {
     if let Some(api) = &api {
         agent.show_refused_policies(&api.refused_policies);
     }
+    agent.warn_of_policies(&config);
     if takeover.is_some() {
         // The running agent serves until this one confirms, so this one first obtains the
         // certificates it was not handed (by CSR, e.g. from an agent too old to hand them over),
@@ -241,6 +252,9 @@ pub async fn run(options: Options, log: LogControl) -> anyhow::Result<()> {
                     agent.retire().await;
                     return Ok(());
                 }
+            }
+            _ = capture_retry_due(agent.capture_retry) => {
+                agent.reconcile(&effective(&file, api.as_ref()));
             }
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
@@ -343,6 +357,14 @@ fn handed_over(ready: Result<std::io::Result<()>, tokio::task::JoinError>) -> bo
     }
 }
 
+/// Sleeps until failed captures are due to be tried again; forever while none failed.
+async fn capture_retry_due(retry: Option<(Instant, Duration)>) {
+    match retry {
+        Some((at, _)) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// A node-level listener: the previous agent's if it listens on `addr`, else a new one.
 async fn node_listener(
     inherited: &mut Inherited,
@@ -370,6 +392,7 @@ impl Agent {
 
     /// Makes state, capture and open connections follow a new config.
     fn apply(&mut self, config: &Config, why: &str) {
+        self.warn_of_policies(config);
         let state = State::from_config(config);
         // Most updates are pods coming and going, which cannot change the decision for an open
         // connection: only new policies, or new labels on its destination pod, can.
@@ -385,13 +408,17 @@ impl Agent {
         );
     }
 
-    /// Makes the captured pods match the config's local meshed workloads.
-    fn reconcile(&mut self, config: &Config) {
+    /// What the policies in force cannot enforce as written (e.g. L7 fields), once per config.
+    fn warn_of_policies(&self, config: &Config) {
         for policy in &config.compiled_policies {
             for warning in &policy.warnings {
                 tracing::warn!(policy = %policy.key(), "{warning}");
             }
         }
+    }
+
+    /// Makes the captured pods match the config's local meshed workloads.
+    fn reconcile(&mut self, config: &Config) {
         let desired: HashMap<String, &Arc<config::Workload>> =
             config.local_meshed_workloads().map(|w| (format!("{}/{}", w.namespace, w.name), w)).collect();
         self.want_certificates(config);
@@ -423,6 +450,7 @@ impl Agent {
             }
             self.stop_pod(&key);
         }
+        self.uncaptured.retain(|key, _| desired.contains_key(key));
         for (key, spec) in desired {
             if self.pods.contains_key(&key) {
                 continue;
@@ -434,15 +462,34 @@ impl Agent {
                     // node, passthrough) need none, so nothing goes around the mesh meanwhile.
                     let certified = self.certs.current(&spec.identity(&config.trust_domain)).is_some();
                     tracing::info!(workload = %key, netns_cookie = pod.netns_cookie, certified, "workload captured");
+                    self.uncaptured.remove(&key);
                     self.pods.insert(key, pod);
                 }
                 // One bad workload must not keep the others from being served.
-                Err(e) => tracing::error!(workload = %key, "cannot capture workload: {e:#}"),
+                Err(e) => {
+                    let reason = format!("{e:#}");
+                    // Logged when it starts failing, or fails otherwise, not at every retry.
+                    if self.uncaptured.get(&key) != Some(&reason) {
+                        tracing::error!(workload = %key, "cannot capture workload, its traffic bypasses the mesh until it is captured (retried): {reason}");
+                    }
+                    self.uncaptured.insert(key, reason);
+                }
             }
         }
+        self.capture_retry = match (self.uncaptured.is_empty(), self.capture_retry) {
+            (true, _) => None,
+            (false, None) => Some((Instant::now() + CAPTURE_RETRY_FIRST, CAPTURE_RETRY_FIRST)),
+            // Due, so this was the retry (or an update came just as it fell due): back off.
+            (false, Some((at, backoff))) if at <= Instant::now() => {
+                let backoff = (backoff * 2).min(CAPTURE_RETRY_MAX);
+                Some((Instant::now() + backoff, backoff))
+            }
+            (false, pending) => pending,
+        };
         // Kept listeners no pod took (and, after an upgrade, the previous agent's): closed now.
         self.inherited = Inherited::default();
         self.telemetry.meshed_workloads.set(self.pods.len() as i64);
+        self.telemetry.workloads_uncaptured.set(self.uncaptured.len() as i64);
         self.publish();
     }
 
@@ -469,7 +516,7 @@ impl Agent {
             })
             .collect();
         *self.admin.local.write().unwrap_or_else(|e| e.into_inner()) =
-            LocalView { pods, datapath: self.datapath.view() };
+            LocalView { pods, uncaptured: self.uncaptured.clone(), datapath: self.datapath.view() };
         if let Some(marks) = &self.marks {
             marks.set(
                 self.pods.values().map(|pod| (pod.spec.namespace.clone(), pod.spec.name.clone())).collect(),

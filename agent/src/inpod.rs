@@ -57,7 +57,10 @@ impl PodNetns {
     /// A non-blocking listener bound inside this netns.
     pub fn listen(&self, addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
         let socket = in_netns(self.as_fd(), || new_tcp_socket(addr))?;
-        tokio::net::TcpListener::from_std(listen_on(socket, addr)?)
+        // Says which port: the pod's own app may hold one of the agent's.
+        let listener =
+            listen_on(socket, addr).map_err(|e| io::Error::new(e.kind(), format!("{addr}: {e}")))?;
+        tokio::net::TcpListener::from_std(listener)
     }
 
     /// Connects from inside this netns, with the agent's mark so capture ignores it. Gives up

@@ -356,16 +356,19 @@ impl Sandbox {
         self.start_agent_until(node, config, args, "ready", |status, _| status == 200)
     }
 
-    /// Like [`Sandbox::start_agent_with`], for an agent whose certificates come by CSR with no
-    /// signer running yet: waits until it serves, which is before it is ready.
-    pub fn start_agent_awaiting_certificates(
+    /// Like [`Sandbox::start_agent_with`], for an agent that serves but is not ready yet (e.g. its
+    /// certificates come by CSR and no signer runs): waits until its readiness answers 503 saying
+    /// `why`.
+    pub fn start_agent_not_ready(
         &mut self,
         node: &str,
         config: &str,
         args: &[&str],
+        why: &str,
     ) -> Result<()> {
-        self.start_agent_until(node, Some(config), args, "serving", |status, body| {
-            status == 503 && body.contains("certificate(s) not issued yet")
+        let what = format!("serving and not ready ({why})");
+        self.start_agent_until(node, Some(config), args, &what, |status, body| {
+            status == 503 && body.contains(why)
         })
     }
 

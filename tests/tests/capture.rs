@@ -124,6 +124,50 @@ fn same_node_connection_is_proxied_once() {
     );
 }
 
+/// A workload whose capture fails (here its app holds 15008, which the agent needs in every
+/// meshed pod) is reported where an operator looks, and tried again until captured.
+#[test]
+fn a_workload_whose_capture_fails_is_reported_and_tried_again() {
+    let mut sb = two_nodes("capretry");
+    let squatter = sb.pod("a").serve(15008).unwrap();
+    let config = sb.config_for("node1");
+    sb.start_agent_not_ready("node1", &config, &[], "1 local workload(s) not captured").unwrap();
+    let status = sb.ferry_json("node1", &["status"]).unwrap();
+    assert_eq!((&status["workloads_captured"], &status["workloads_uncaptured"]), (&1.into(), &1.into()));
+    assert_eq!(metric(&sb, "node1", "ferry_workloads_uncaptured"), 1.0);
+    let workloads = sb.ferry_json("node1", &["workloads"]).unwrap();
+    let error = |name: &str| {
+        workloads.as_array().unwrap().iter().find(|w| w["name"] == name).unwrap()["capture_error"].clone()
+    };
+    let reason = error("a");
+    assert!(reason.as_str().is_some_and(|r| r.contains("0.0.0.0:15008") && r.contains("in use")), "{reason}");
+    assert_eq!(error("b"), serde_json::Value::Null);
+    // Meanwhile a's connections bypass its capture: b's inbound side still takes them.
+    let server = sb.pod("b").serve(8080).unwrap();
+    assert!(matches!(sb.pod("a").connect(addr(&sb, "b", 8080), 10).unwrap(), ConnectOutcome::Echoed { .. }));
+    assert_eq!((metric(&sb, "node1", REDIRECTED), metric(&sb, "node1", STEERED)), (0.0, 1.0));
+
+    // The retry after 1 s fails the same way: logged once, not at every retry.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        sb.agent_log("node1").matches("cannot capture workload").count(),
+        1,
+        "{}",
+        sb.agent_log("node1")
+    );
+    drop(squatter);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while sb.ferry_json("node1", &["status"]).unwrap()["workloads_captured"] != 2 {
+        assert!(std::time::Instant::now() < deadline, "not captured again:\n{}", sb.agent_log("node1"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(sb.node("node1").http_get(15021, "/healthz/ready").unwrap(), (200, "ready\n".into()));
+    assert_eq!(metric(&sb, "node1", "ferry_workloads_uncaptured"), 0.0);
+    assert!(matches!(sb.pod("a").connect(addr(&sb, "b", 8080), 10).unwrap(), ConnectOutcome::Echoed { .. }));
+    assert_eq!(metric(&sb, "node1", REDIRECTED), 1.0);
+    assert_eq!(server.wait_accepted(2, Duration::from_secs(2)).len(), 2);
+}
+
 #[test]
 fn connection_counts_stay_exact_without_loops() {
     let sb = with_agents("exact");
@@ -490,7 +534,8 @@ fn a_workload_in_the_nodes_own_netns_is_not_captured() {
         &sb.pod("b").netns.path().display().to_string(),
         &sb.node("node1").netns.path().display().to_string(),
     );
-    sb.start_agent("node1", Some(&config)).unwrap();
+    // Declared meshed and not captured: the agent is not ready, and says why.
+    sb.start_agent_not_ready("node1", &config, &[], "1 local workload(s) not captured").unwrap();
     sb.wait_for_log("node1", "the agent's own network namespace", 1).unwrap();
     assert_eq!(metric(&sb, "node1", "ferry_meshed_workloads"), 1.0, "only a is captured");
     // The node's netns has no listener of the agent's: 15006 there is refused.

@@ -1138,7 +1138,7 @@ impl CsrNode {
         api.kubectl(&["label", "namespace", NAMESPACE, "ferry.dev/mesh=enabled"], None).unwrap();
         // No signer runs yet.
         let config = csr_agent_config(&mut sb, &agent_kubeconfig, &ca_dir);
-        sb.start_agent_awaiting_certificates("node1", &config, &["--kube"]).unwrap();
+        sb.start_agent_not_ready("node1", &config, &["--kube"], "certificate(s) not issued yet").unwrap();
         Some(CsrNode { sb, api, root, c_cert, _node2: node2, _pause_a: pause_a, _server_b: server_b })
     }
 }

@@ -58,6 +58,8 @@ pub struct LocalPodView {
 #[derive(Debug, Clone, Default)]
 pub struct LocalView {
     pub pods: Vec<LocalPodView>,
+    /// Local meshed workloads whose capture failed, with the reason (retried).
+    pub uncaptured: BTreeMap<String, String>,
     pub datapath: DatapathView,
 }
 
@@ -178,6 +180,7 @@ impl Admin {
 
     fn status(&self) -> Value {
         let state = self.state.load();
+        let local = self.local.read().unwrap_or_else(|e| e.into_inner());
         json!({
             "node": self.node,
             "version": env!("CARGO_PKG_VERSION"),
@@ -185,7 +188,8 @@ impl Admin {
             "uptime_seconds": self.started.elapsed().as_secs(),
             "trust_domain": state.trust_domain,
             "workloads_known": state.workloads().len(),
-            "workloads_captured": self.local.read().unwrap_or_else(|e| e.into_inner()).pods.len(),
+            "workloads_captured": local.pods.len(),
+            "workloads_uncaptured": local.uncaptured.len(),
             "policies": state.policies.policies().len(),
             "node_traffic": state.node_traffic,
             "connections": self.proxy.connections().len(),
@@ -244,6 +248,7 @@ impl Admin {
                     "meshed": w.meshed,
                     "local": state.is_local(w),
                     "captured": captured.is_some(),
+                    "capture_error": local.uncaptured.get(&w.key()),
                     "netns": captured.map(|p| &p.netns),
                     "netns_cookie": captured.map(|p| p.netns_cookie),
                     "cgroup": captured.map(|p| &p.cgroup),

@@ -94,6 +94,7 @@ fn status(v: &Value) -> String {
         "trust_domain",
         "workloads_known",
         "workloads_captured",
+        "workloads_uncaptured",
         "policies",
         "node_traffic",
         "connections",
@@ -117,7 +118,10 @@ fn workloads(v: &Value) -> String {
                 cell(&w["node"]),
                 short_identity(&w["identity"]),
                 cell(&w["meshed"]),
-                cell(&w["captured"]),
+                match w["capture_error"].as_str() {
+                    Some(error) => format!("failing: {error}"),
+                    None => cell(&w["captured"]),
+                },
                 cell(&w["netns"]),
             ]
         }),

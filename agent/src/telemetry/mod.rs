@@ -112,6 +112,7 @@ pub struct Telemetry {
     pub proxy: Arc<ProxyMetrics>,
     pub flows: Arc<FlowLog>,
     pub meshed_workloads: Gauge<i64, AtomicI64>,
+    pub workloads_uncaptured: Gauge<i64, AtomicI64>,
     pub policies_refused: Gauge<i64, AtomicI64>,
     /// Set once the datapath and the config are in place; cleared while stopping.
     serving: AtomicBool,
@@ -129,6 +130,12 @@ impl Telemetry {
             "ferry_meshed_workloads",
             "Workloads captured on this node",
             meshed_workloads.clone(),
+        );
+        let workloads_uncaptured = Gauge::default();
+        registry.register(
+            "ferry_workloads_uncaptured",
+            "Local meshed workloads whose capture failed (logged with the reason, tried again with backoff): their traffic bypasses the mesh meanwhile",
+            workloads_uncaptured.clone(),
         );
         let policies_refused = Gauge::default();
         registry.register(
@@ -152,6 +159,7 @@ impl Telemetry {
             proxy,
             flows: Arc::new(FlowLog::default()),
             meshed_workloads,
+            workloads_uncaptured,
             policies_refused,
             serving: AtomicBool::new(false),
             certs,
@@ -170,14 +178,16 @@ impl Telemetry {
     }
 
     /// Why `/healthz/ready` answers 503, if it does: ready means the datapath and the config are
-    /// in place and every local workload has a certificate in force, so its tunnels work.
+    /// in place, every local meshed workload is captured and has a certificate in force.
     fn not_ready(&self) -> Option<String> {
         if !self.serving.load(Ordering::Acquire) {
             return Some("starting or stopping".into());
         }
         let count =
             |n: usize, what: &str| (n > 0).then(|| format!("{n} local workload certificate(s) {what}"));
+        let uncaptured = self.workloads_uncaptured.get() as usize;
         let reasons: Vec<String> = [
+            (uncaptured > 0).then(|| format!("{uncaptured} local workload(s) not captured")),
             count(self.certs.pending(), "not issued yet"),
             count(self.certs.expired(), "expired, renewal failing"),
         ]
