@@ -61,6 +61,7 @@ fn inspection_commands_report_config_and_traffic() {
 
     let certs = sb.ferry_json("node2", &["certs"]).unwrap();
     assert_eq!(certs[0]["identity"], "spiffe://cluster.local/ns/default/sa/sa-c");
+    assert_eq!(certs[0]["state"], "issued");
     assert!(certs[0]["expires_in_seconds"].as_i64().unwrap() > 23 * 3600);
     assert!(certs[0]["root"].as_str().unwrap().contains("Ferry root CA"));
 

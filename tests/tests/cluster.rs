@@ -104,10 +104,15 @@ fn the_manifest_installs_meshes_labelled_namespaces_and_uninstalls_cleanly() {
     let marks =
         || get(&cluster, &["pods", "-n", MESHED], "{.items[*].metadata.annotations.ferry\\.dev/captured}");
     cluster.wait_for(Duration::from_secs(5), "a and b marked", |_| Ok(marks() == "true true")).unwrap();
-    let certs = ferry(&cluster, &["certs"]).unwrap();
-    let identities: Vec<&str> =
-        certs.as_array().unwrap().iter().filter_map(|c| c["identity"].as_str()).collect();
-    assert_eq!(identities, [format!("spiffe://cluster.local/ns/{MESHED}/sa/default")], "{certs}");
+    let issued = |cluster: &Cluster| -> Result<Vec<String>> {
+        let certs = ferry(cluster, &["certs"])?;
+        let issued = certs.as_array().into_iter().flatten().filter(|c| c["state"] == "issued");
+        Ok(issued.filter_map(|c| c["identity"].as_str().map(str::to_owned)).collect())
+    };
+    let identity = format!("spiffe://cluster.local/ns/{MESHED}/sa/default");
+    cluster
+        .wait_for(Duration::from_secs(10), "a and b certified", |c| Ok(issued(c)? == [identity.clone()]))
+        .unwrap();
     let opened = opened_by_agent(&cluster);
     assert!(echoed(&cluster, (MESHED, "a"), &b_ip));
     assert!(opened_by_agent(&cluster) > opened, "a's connection did not go through the agent");

@@ -318,6 +318,7 @@ impl Admin {
                 let left = cert.not_after.duration_since(now).map(|d| d.as_secs() as i64).unwrap_or(0);
                 json!({
                     "identity": cert.identity.to_string(),
+                    "state": if left > 0 { "issued" } else { "expired" },
                     "serial": cert.serial,
                     "not_before": rfc3339(cert.not_before),
                     "not_after": rfc3339(cert.not_after),
@@ -326,6 +327,9 @@ impl Admin {
                 })
             })
             .collect();
+        // Those still waiting for their first certificate (by CSR), so an operator sees which.
+        let pending = self.certs.pending_identities().into_iter();
+        certs.extend(pending.map(|id| json!({"identity": id.to_string(), "state": "pending"})));
         certs.sort_by(|a, b| a["identity"].as_str().cmp(&b["identity"].as_str()));
         certs
     }

@@ -165,16 +165,17 @@ fn policies(v: &Value) -> String {
 
 fn certs(v: &Value) -> String {
     table(
-        &["identity", "serial", "not after", "expires in", "root"],
+        &["identity", "state", "serial", "not after", "expires in", "root"],
         rows(v).iter().map(|c| {
             let serial = cell(&c["serial"]);
             let root = cell(&c["root"]);
             let root_name = root.rsplit_once("CN=").map_or(root.as_str(), |(_, cn)| cn).to_owned();
             vec![
                 short_identity(&c["identity"]),
+                cell(&c["state"]),
                 serial.chars().take(12).collect(),
                 cell(&c["not_after"]),
-                age_ms(&Value::from(c["expires_in_seconds"].as_u64().unwrap_or(0) * 1000)),
+                c["expires_in_seconds"].as_u64().map_or("-".into(), |s| age_ms(&Value::from(s * 1000))),
                 root_name,
             ]
         }),
@@ -295,5 +296,20 @@ mod tests {
     fn encodes_query_values() {
         assert_eq!(super::encode("default/sa-a"), "default%2Fsa-a");
         assert_eq!(super::encode("[fd00::1]:80"), "%5Bfd00%3A%3A1%5D%3A80");
+    }
+
+    #[test]
+    fn a_pending_certificate_and_a_failing_capture_read_as_such() {
+        let certs = serde_json::json!([
+            {"identity": "spiffe://cluster.local/ns/shop/sa/web", "state": "pending"},
+        ]);
+        let line =
+            super::certs(&certs).lines().nth(1).unwrap().split_whitespace().collect::<Vec<_>>().join(" ");
+        assert_eq!(line, "shop/web pending - - - -");
+        let workloads = serde_json::json!([{
+            "name": "web", "namespace": "shop", "captured": false,
+            "capture_error": "binding the pod's listeners: 0.0.0.0:15008: Address in use",
+        }]);
+        assert!(super::workloads(&workloads).contains("failing: binding the pod's listeners: 0.0.0.0:15008"));
     }
 }

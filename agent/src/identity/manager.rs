@@ -390,21 +390,26 @@ impl CertManager {
     /// How many local identities have no certificate yet (requested by CSR and not answered, or
     /// refused and retried): their workloads' HBONE connections wait for one.
     pub fn pending(&self) -> usize {
-        self.count_wanted(|issued| issued.is_none())
+        self.pending_identities().len()
+    }
+
+    /// The local identities that have no certificate yet.
+    pub fn pending_identities(&self) -> Vec<SpiffeId> {
+        self.wanted_where(|issued| issued.is_none())
     }
 
     /// How many local identities hold only an expired certificate (its renewal kept failing):
     /// peers refuse it, so their workloads' HBONE connections fail.
     pub fn expired(&self) -> usize {
         let now = SystemTime::now();
-        self.count_wanted(|issued| issued.is_some_and(|issued| issued.cert.not_after <= now))
+        self.wanted_where(|issued| issued.is_some_and(|issued| issued.cert.not_after <= now)).len()
     }
 
-    /// How many local identities' current certificates (if any) `counted` picks.
-    fn count_wanted(&self, counted: impl Fn(Option<&Arc<Issued>>) -> bool) -> usize {
+    /// The local identities whose current certificates (if any) `picked` picks.
+    fn wanted_where(&self, picked: impl Fn(Option<&Arc<Issued>>) -> bool) -> Vec<SpiffeId> {
         let certs = self.certs.read().unwrap_or_else(|e| e.into_inner());
         let wanted = self.wanted.read().unwrap_or_else(|e| e.into_inner());
-        wanted.iter().filter(|id| counted(certs.get(*id))).count()
+        wanted.iter().filter(|id| picked(certs.get(*id))).cloned().collect()
     }
 
     fn is_wanted(&self, id: &SpiffeId) -> bool {
