@@ -103,6 +103,7 @@ pub async fn run(options: Options, log: LogControl) -> anyhow::Result<()> {
         None => (None, None),
     };
     let config = effective(&file, api.as_ref());
+    raise_open_files_limit(config.limits.max_connections_per_node);
     let mut takeover = {
         let (path, node) = (config.upgrade_socket.clone(), config.node.clone());
         tokio::task::spawn_blocking(move || upgrade::request(&path, &node))
@@ -354,6 +355,33 @@ fn handed_over(ready: Result<std::io::Result<()>, tokio::task::JoinError>) -> bo
             tracing::warn!("waiting for the new agent: {e}; this agent carries on");
             false
         }
+    }
+}
+
+/// Descriptors one proxied connection may hold: the app's socket, the agent's socket to the
+/// other end, and a splice pipe (two).
+const FDS_PER_CONNECTION: u64 = 4;
+
+/// Raises the soft open-files limit to the hard one, as a proxy must: container runtimes may start
+/// the agent at 1024 (containerd 2's default soft limit), a few hundred connections. Warns when
+/// even the hard limit falls short of `limits.maxConnectionsPerNode`.
+fn raise_open_files_limit(max_connections: usize) {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    // The kernel caps the hard limit at fs.nr_open: it is never unlimited for open files.
+    let Some(hard) = limit.maximum else { return };
+    if limit.current != Some(hard) {
+        match setrlimit(Resource::Nofile, Rlimit { current: Some(hard), maximum: Some(hard) }) {
+            Ok(()) => tracing::info!(from = limit.current, to = hard, "open files limit raised"),
+            Err(e) => tracing::warn!("raising the open files limit to {hard}: {e}"),
+        }
+    }
+    let soft = getrlimit(Resource::Nofile).current.unwrap_or(hard);
+    if soft / FDS_PER_CONNECTION < max_connections as u64 {
+        tracing::warn!(
+            "the open files limit ({soft}) allows about {} connections at once (up to {FDS_PER_CONNECTION} descriptors each), fewer than limits.maxConnectionsPerNode ({max_connections}): more wait in their listeners' backlogs; raise the container runtime's nofile limit or lower maxConnectionsPerNode",
+            soft / FDS_PER_CONNECTION
+        );
     }
 }
 

@@ -90,6 +90,8 @@ pub struct Node {
     retired: Vec<Agent>,
     /// Extra environment of the node's agents (e.g. KUBECONFIG).
     agent_env: Vec<(String, String)>,
+    /// The open-files limit (soft, hard) the node's agents start with, if not the test's own.
+    agent_open_files: Option<(u64, u64)>,
 }
 
 pub struct Sandbox {
@@ -143,6 +145,7 @@ impl Sandbox {
                 agent: None,
                 retired: Vec::new(),
                 agent_env: Vec::new(),
+                agent_open_files: None,
             });
         }
         if sandbox.nodes.len() == 2 {
@@ -423,9 +426,26 @@ impl Sandbox {
             cmd.env("RUST_LOG", "info");
         }
         cmd.envs(self.node(node).agent_env.iter().map(|(k, v)| (k, v)));
+        if let Some((soft, hard)) = self.node(node).agent_open_files {
+            use std::os::unix::process::CommandExt;
+            let limit = libc::rlimit { rlim_cur: soft, rlim_max: hard };
+            // SAFETY: one async-signal-safe syscall on a value prepared beforehand.
+            unsafe {
+                cmd.pre_exec(move || match libc::setrlimit(libc::RLIMIT_NOFILE, &limit) {
+                    0 => Ok(()),
+                    _ => Err(std::io::Error::last_os_error()),
+                });
+            }
+        }
         let child = self.node(node).netns.spawn(cmd, None)?;
         std::fs::write(self.dir.join(format!("{node}.pid")), child.id().to_string())?;
         Ok(Agent { child, log_path })
+    }
+
+    /// Starts the node's agents from now on with this open-files limit, as a container runtime
+    /// may (containerd 2: soft 1024).
+    pub fn set_agent_open_files(&mut self, node: &str, soft: u64, hard: u64) {
+        self.node_mut(node).agent_open_files = Some((soft, hard));
     }
 
     /// Sets an environment variable for the node's agents started from now on.

@@ -21,6 +21,33 @@ fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
     }
 }
 
+/// A container runtime may start the agent with a soft open-files limit of 1024, a few hundred
+/// connections: the agent raises it to the hard limit, and says when even that is too low for
+/// `limits.maxConnectionsPerNode`.
+#[test]
+fn the_agent_raises_its_open_files_limit_and_warns_when_the_hard_one_is_low() {
+    let mut sb = Sandbox::two_nodes("nofile").unwrap();
+    sb.set_agent_open_files("node1", 1024, 8192);
+    // 8192 descriptors, up to 4 per connection: enough for 2048 connections.
+    let base = sb.config_for("node1");
+    let config = |max: u32| base.replacen('\n', &format!("\nlimits: {{maxConnectionsPerNode: {max}}}\n"), 1);
+    let enough = config(2048);
+    sb.start_agent("node1", Some(&enough)).unwrap();
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", sb.agent_pid("node1").unwrap())).unwrap();
+    let open_files: Vec<&str> =
+        limits.lines().find(|l| l.starts_with("Max open files")).unwrap().split_whitespace().collect();
+    assert_eq!(open_files[3..5], ["8192", "8192"], "{limits}");
+    let log = sb.agent_log("node1");
+    assert!(log.contains("open files limit raised from=1024 to=8192"), "{log}");
+    assert!(!log.contains("allows about"), "{log}");
+
+    sb.stop_agent("node1");
+    let too_many = config(2049);
+    sb.start_agent("node1", Some(&too_many)).unwrap();
+    let warning = "the open files limit (8192) allows about 2048 connections at once";
+    sb.wait_for_log("node1", warning, 1).unwrap();
+}
+
 #[test]
 fn connection_limit_refuses_extra_connections_and_idle_ones_are_closed() {
     let mut sb = Sandbox::two_nodes("limits").unwrap();
