@@ -48,6 +48,48 @@ fn the_agent_raises_its_open_files_limit_and_warns_when_the_hard_one_is_low() {
     sb.wait_for_log("node1", warning, 1).unwrap();
 }
 
+/// Sets a running process's soft open-files limit (raising a hard limit takes a capability this
+/// VM does not grant); the previous one.
+fn set_open_files(pid: u32, soft: u64) -> u64 {
+    let mut old = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: plain syscalls on valid pointers.
+    unsafe {
+        assert_eq!(libc::prlimit(pid as libc::pid_t, libc::RLIMIT_NOFILE, std::ptr::null(), &mut old), 0);
+        let new = libc::rlimit { rlim_cur: soft, rlim_max: old.rlim_max };
+        let done = libc::prlimit(pid as libc::pid_t, libc::RLIMIT_NOFILE, &new, std::ptr::null_mut());
+        assert_eq!(done, 0, "prlimit: {}", std::io::Error::last_os_error());
+    }
+    old.rlim_cur
+}
+
+/// Out of descriptors, the agent backs off and says so once a second, not at every retry, and
+/// serves again once it has descriptors.
+#[test]
+fn out_of_descriptors_the_agent_backs_off_quietly_and_recovers() {
+    let mut sb = Sandbox::two_nodes("emfile").unwrap();
+    sb.start_agent("node1", None).unwrap();
+    let _server = sb.pod("b").serve(PORT).unwrap();
+    let b = SocketAddr::from((sb.pod("b").ip, PORT));
+    let pid = sb.agent_pid("node1").unwrap();
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count() as u64;
+    // Room for a few connections (up to 4 descriptors each), not for 50.
+    let old = set_open_files(pid, open + 12);
+    let holder = sb.pod("a").spawn_app(&["hold", &b.to_string(), "50"]).unwrap();
+    let warning = "accept failed, retrying";
+    sb.wait_for_log("node1", warning, 1).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let lines = sb.agent_log("node1").matches(warning).count();
+    // One listener (a's outbound) retrying every 50 ms: about 60 retries, 3 lines.
+    assert!(lines <= 4, "{lines} lines:\n{}", sb.agent_log("node1"));
+    drop(holder);
+
+    set_open_files(pid, old);
+    // The connections that waited are taken and end (their app is gone); new ones are served.
+    wait_until("the waiting connections to end", Duration::from_secs(10), || live_connections(&sb) == 0);
+    let outcome = sb.pod("a").connect(b, 10).unwrap();
+    assert!(matches!(outcome, ConnectOutcome::Echoed { .. }), "{outcome:?}");
+}
+
 #[test]
 fn connection_limit_refuses_extra_connections_and_idle_ones_are_closed() {
     let mut sb = Sandbox::two_nodes("limits").unwrap();

@@ -423,6 +423,8 @@ async fn accept_loop<F, Fut>(
     Fut: Future<Output = ()> + Send + 'static,
 {
     let proxy = Proxy { inner };
+    // Failed accepts since the last line about them, and when that was.
+    let (mut failed_accepts, mut last_warning) = (0u64, None::<Instant>);
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
@@ -443,9 +445,14 @@ async fn accept_loop<F, Fut>(
                 });
             }
             Err(e) => {
-                // Out of fds or memory: back off rather than spin, keep serving.
-                tracing::warn!(pod = %pod.workload.key(), "accept failed: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                // Out of fds or memory: back off rather than spin, keep serving; the connection
+                // waits in the backlog. Said once a second, not at every retry.
+                failed_accepts += 1;
+                if last_warning.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
+                    tracing::warn!(pod = %pod.workload.key(), direction = direction.as_str(), failed_accepts, "accept failed, retrying: {e}");
+                    (failed_accepts, last_warning) = (0, Some(Instant::now()));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
     }
