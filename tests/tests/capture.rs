@@ -134,6 +134,7 @@ fn a_workload_whose_capture_fails_is_reported_and_tried_again() {
     sb.start_agent_not_ready("node1", &config, &[], "1 local workload(s) not captured").unwrap();
     let status = sb.ferry_json("node1", &["status"]).unwrap();
     assert_eq!((&status["workloads_captured"], &status["workloads_uncaptured"]), (&1.into(), &1.into()));
+    assert_eq!(status["not_ready"], "1 local workload(s) not captured");
     assert_eq!(metric(&sb, "node1", "ferry_workloads_uncaptured"), 1.0);
     let workloads = sb.ferry_json("node1", &["workloads"]).unwrap();
     let error = |name: &str| {

@@ -40,6 +40,7 @@ fn inspection_commands_report_config_and_traffic() {
 
     let status = sb.ferry_json("node2", &["status"]).unwrap();
     assert_eq!(status["node"], "node2");
+    assert_eq!(status["not_ready"], serde_json::Value::Null, "{status}");
     assert_eq!(status["workloads_captured"], 1);
     assert_eq!(status["policies"], 2);
     assert_eq!(status["node_traffic"], "allowed");
@@ -90,6 +91,9 @@ fn inspection_commands_report_config_and_traffic() {
         assert!(std::time::Instant::now() < deadline, "the finished connection is still listed");
         std::thread::sleep(Duration::from_millis(20));
     }
+
+    let (_, out, _) = sb.ferry("node2", &["status"]).unwrap();
+    assert!(out.lines().any(|l| l.split_whitespace().eq(["ready", "yes"])), "{out}");
 
     // Tables carry the key columns, a row to a line (for grep and awk: never wrapped).
     for (args, needles) in [

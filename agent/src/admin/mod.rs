@@ -186,6 +186,8 @@ impl Admin {
             "version": env!("CARGO_PKG_VERSION"),
             "config": self.config_path,
             "uptime_seconds": self.started.elapsed().as_secs(),
+            // As `/healthz/ready` answers: null when ready, else why not.
+            "not_ready": self.telemetry.not_ready(),
             "trust_domain": state.trust_domain,
             "workloads_known": state.workloads().len(),
             "workloads_captured": local.pods.len(),

@@ -87,6 +87,10 @@ fn rows(value: &Value) -> &[Value] {
 }
 
 fn status(v: &Value) -> String {
+    let ready = match v["not_ready"].as_str() {
+        Some(why) => format!("no: {why}"),
+        None => "yes".into(),
+    };
     let keys = [
         "node",
         "version",
@@ -105,7 +109,8 @@ fn status(v: &Value) -> String {
         "trusted_roots",
         "config",
     ];
-    table(&["field", "value"], keys.iter().map(|k| vec![k.replace('_', " "), cell(&v[*k])]))
+    let rows = keys.iter().map(|k| vec![k.replace('_', " "), cell(&v[*k])]);
+    table(&["field", "value"], std::iter::once(vec!["ready".into(), ready]).chain(rows))
 }
 
 fn workloads(v: &Value) -> String {

@@ -179,7 +179,7 @@ impl Telemetry {
 
     /// Why `/healthz/ready` answers 503, if it does: ready means the datapath and the config are
     /// in place, every local meshed workload is captured and has a certificate in force.
-    fn not_ready(&self) -> Option<String> {
+    pub fn not_ready(&self) -> Option<String> {
         if !self.serving.load(Ordering::Acquire) {
             return Some("starting or stopping".into());
         }
