@@ -144,6 +144,17 @@ impl State {
         Some((service, &port.target_port))
     }
 
+    /// The port on `endpoint` that connections to service port `hostname:port` go to, if
+    /// `endpoint` is one of that service's endpoints (`hostname` as [`Service::hostname`]).
+    pub fn service_port_on(&self, hostname: &str, port: u16, endpoint: &Workload) -> Option<u16> {
+        let (name, namespace) = hostname.strip_suffix(".svc.cluster.local")?.split_once('.')?;
+        let service = self.services.iter().find(|s| s.name == name && s.namespace == namespace)?;
+        let service_port = service.ports.iter().find(|p| p.port == port)?;
+        let is_endpoint =
+            service.endpoints.iter().any(|e| e.namespace == endpoint.namespace && e.name == endpoint.name);
+        is_endpoint.then(|| service_port.target_port.on(&endpoint.ports)).flatten()
+    }
+
     /// Every known workload, in discovery order.
     pub fn workloads(&self) -> &[Arc<Workload>] {
         &self.workloads
@@ -212,7 +223,7 @@ node: n1
 workloads:
   - {name: web-0, namespace: shop, labels: {app: web}, ips: [10.0.1.2], node: n1, meshed: false}
   - {name: web-1, namespace: shop, labels: {app: web}, ips: [10.0.2.2], node: n2}
-  - {name: web-2, namespace: shop, labels: {app: web, tier: x}, ips: [10.0.2.3], node: n2}
+  - {name: web-2, namespace: shop, labels: {app: web, tier: x}, ips: [10.0.2.3], node: n2, ports: {http: 9090}}
   - {name: web-other, namespace: other, labels: {app: web}, ips: [10.0.2.4], node: n2}
   - {name: db, namespace: shop, labels: {app: db}, ips: [10.0.2.5], node: n2}
   - {name: web-3, namespace: shop, labels: {app: web}, ips: [10.0.2.6], node: n2, ready: false}
@@ -255,5 +266,20 @@ services:
         let (web_x, _) = state.service_for("10.96.0.13:80".parse().unwrap()).unwrap();
         let endpoints: Vec<String> = web_x.endpoints.iter().map(|w| w.key()).collect();
         assert_eq!(endpoints, ["shop/web-2"], "every label of the selector matches");
+
+        // An HBONE authority naming the service: the endpoint's port for that service port.
+        let port_on = |host: &str, port, key: &str| {
+            let endpoint = state.workload_by_key(key).unwrap();
+            state.service_port_on(host, port, endpoint)
+        };
+        let web_host = "web.shop.svc.cluster.local";
+        assert_eq!(port_on(web_host, 80, "shop/web-1"), Some(8080));
+        assert_eq!(port_on(web_host, 81, "shop/web-1"), None, "web-1 has no port named http");
+        assert_eq!(port_on(web_host, 81, "shop/web-2"), Some(9090));
+        assert_eq!(port_on(web_host, 82, "shop/web-1"), None, "not a service port");
+        assert_eq!(port_on(web_host, 80, "shop/web-3"), None, "not ready, so no endpoint");
+        assert_eq!(port_on(web_host, 80, "shop/db"), None, "not selected");
+        assert_eq!(port_on("web.other.svc.cluster.local", 80, "other/web-other"), None, "no such service");
+        assert_eq!(port_on("web.shop", 80, "shop/web-1"), None, "not a full hostname");
     }
 }

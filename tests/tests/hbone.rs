@@ -79,7 +79,12 @@ fn underlay_carries_only_tls13_with_alpn_h2_to_15008() {
 #[test]
 fn python_h2_client_against_ferry_server() {
     let mut sb = sandbox("pyclient");
-    sb.start_agent("node2", None).unwrap();
+    // c serves service web, port 80 on its 8080 (an authority may name it, as ztunnel's may).
+    let web = "services:
+  - {name: web, namespace: default, vips: [10.96.0.10], ports: [{port: 80, targetPort: 8080}], selector: {app: c}}
+";
+    let config = with_labels(&sb.config_for("node2"), "c", "{app: c}");
+    sb.start_agent("node2", Some(&format!("{config}{web}"))).unwrap();
     let _server = sb.pod("c").serve(PORT).unwrap();
     let cert = sb.issue_cert(&sb.ca_dir(), &spiffe("py"), "py").unwrap();
     let c = sb.pod("c").ip;
@@ -91,6 +96,9 @@ fn python_h2_client_against_ferry_server() {
         format!("CONNECT,{c}:15006"),
         format!("CONNECT,{c}:15008"),
         format!("CONNECT,{c}:9999"),
+        "CONNECT,web.default.svc.cluster.local:80,hello by name".into(),
+        "CONNECT,web.default.svc.cluster.local:81".into(),
+        "CONNECT,db.default.svc.cluster.local:80".into(),
     ];
     let requests: Vec<&str> = requests.iter().map(String::as_str).collect();
     let out =
@@ -100,11 +108,12 @@ fn python_h2_client_against_ferry_server() {
     assert_eq!(out[0]["alpn"], "h2");
     assert_eq!(out[0]["tls"], "TLSv1.3");
     let statuses: Vec<&Value> = out[1..].iter().map(|r| &r["status"]).collect();
-    assert_eq!(statuses, [200, 400, 400, 503, 503, 503, 503], "{out:#?}");
+    assert_eq!(statuses, [200, 400, 400, 503, 503, 503, 503, 200, 503, 503], "{out:#?}");
     assert_eq!(out[1]["echo"], "hello over hbone");
+    assert_eq!(out[8]["echo"], "hello by name");
     assert_eq!(out[1]["headers"]["baggage"], "k8s.namespace.name=default,k8s.pod.name=c");
     assert_eq!(failures(&sb, "node2", "inbound", "bad_request"), 2.0);
-    assert_eq!(failures(&sb, "node2", "inbound", "unavailable"), 4.0);
+    assert_eq!(failures(&sb, "node2", "inbound", "unavailable"), 6.0);
     sb.wait_for_log("node2", "authority IP is not the pod the connection arrived on", 1).unwrap();
     sb.wait_for_log("node2", "recursion", 1).unwrap();
     // The accepted stream's access line names the peer's identity and the forwarded client.

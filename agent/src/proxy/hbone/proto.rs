@@ -30,17 +30,27 @@ impl Rejection {
     }
 }
 
-/// The target of an inbound CONNECT that arrived (TLS) on `arrived_on`.
-pub fn inbound_target(method: &Method, uri: &Uri, arrived_on: IpAddr) -> Result<SocketAddr, Rejection> {
+/// The target of an inbound CONNECT that arrived (TLS) on `arrived_on`. The authority is
+/// `<this pod's IP>:<port>`, or `<service hostname>:<service port>` (ztunnel sends that where
+/// the client does not pick the endpoint, e.g. through a gateway): that goes to this pod's port
+/// for the service port, which `service_port` gives if this pod is one of the service's endpoints.
+pub fn inbound_target(
+    method: &Method,
+    uri: &Uri,
+    arrived_on: IpAddr,
+    service_port: impl FnOnce(&str, u16) -> Option<u16>,
+) -> Result<SocketAddr, Rejection> {
     if method != Method::CONNECT {
         return Err(Rejection::BadRequest("method is not CONNECT"));
     }
     let authority = uri.authority().ok_or(Rejection::BadRequest("no :authority"))?;
-    let target: SocketAddr = match authority.as_str().parse() {
-        Ok(addr) => addr,
-        // A hostname authority would name a service; none is known at this endpoint.
-        Err(_) if authority.port_u16().is_some() => return Err(Rejection::Unavailable("unknown hostname")),
-        Err(_) => return Err(Rejection::BadRequest("authority is not host:port")),
+    let target: SocketAddr = match (authority.as_str().parse(), authority.port_u16()) {
+        (Ok(addr), _) => addr,
+        (Err(_), Some(port)) => match service_port(authority.host(), port) {
+            Some(target_port) => SocketAddr::new(arrived_on, target_port),
+            None => return Err(Rejection::Unavailable("no service of this pod by that hostname and port")),
+        },
+        (Err(_), None) => return Err(Rejection::BadRequest("authority is not host:port")),
     };
     if target.ip() != arrived_on {
         return Err(Rejection::BadRequest("authority IP is not the pod the connection arrived on"));
@@ -100,14 +110,21 @@ mod tests {
 
     const POD: &str = "10.2.0.2";
 
+    /// This pod serves service `web.shop.svc.cluster.local` port 80 on 8080, and port 81 on 15008.
     fn target(method: Method, authority: &str) -> Result<SocketAddr, Rejection> {
         let uri: Uri = Uri::builder().authority(authority).build().unwrap();
-        inbound_target(&method, &uri, POD.parse().unwrap())
+        inbound_target(&method, &uri, POD.parse().unwrap(), |host, port| match (host, port) {
+            ("web.shop.svc.cluster.local", 80) => Some(8080),
+            ("web.shop.svc.cluster.local", 81) => Some(15008),
+            _ => None,
+        })
     }
 
     #[test]
     fn accepts_connect_to_the_arrival_pod() {
         assert_eq!(target(Method::CONNECT, "10.2.0.2:8080"), Ok("10.2.0.2:8080".parse().unwrap()));
+        let by_service = target(Method::CONNECT, "web.shop.svc.cluster.local:80");
+        assert_eq!(by_service, Ok("10.2.0.2:8080".parse().unwrap()));
     }
 
     #[test]
@@ -118,6 +135,9 @@ mod tests {
             (Method::CONNECT, "10.2.0.3:8080", StatusCode::BAD_REQUEST),
             (Method::CONNECT, "10.2.0.2", StatusCode::BAD_REQUEST),
             (Method::CONNECT, "backend.default.svc:8080", StatusCode::SERVICE_UNAVAILABLE),
+            (Method::CONNECT, "web.shop.svc.cluster.local:8080", StatusCode::SERVICE_UNAVAILABLE),
+            (Method::CONNECT, "web.shop.svc.cluster.local:81", StatusCode::SERVICE_UNAVAILABLE),
+            (Method::CONNECT, "web.shop.svc.cluster.local", StatusCode::BAD_REQUEST),
             (Method::CONNECT, "10.2.0.2:15001", StatusCode::SERVICE_UNAVAILABLE),
             (Method::CONNECT, "10.2.0.2:15006", StatusCode::SERVICE_UNAVAILABLE),
             (Method::CONNECT, "10.2.0.2:15008", StatusCode::SERVICE_UNAVAILABLE),

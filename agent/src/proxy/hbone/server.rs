@@ -134,8 +134,12 @@ async fn connect(
 ) {
     let telemetry = proxy.inner.telemetry.clone();
     let client = request.headers().get("forwarded").and_then(proto::forwarded_for).unwrap_or(peer);
-    let target = proto::inbound_target(request.method(), request.uri(), local.ip());
-    let source = proxy.inner.state.load().workload_by_ip(peer.ip()).cloned();
+    let state = proxy.inner.state.load();
+    let target = proto::inbound_target(request.method(), request.uri(), local.ip(), |host, port| {
+        state.service_port_on(host, port, &pod.workload)
+    });
+    let source = state.workload_by_ip(peer.ip()).cloned();
+    drop(state);
     let mut flow = Flow::new(Direction::Inbound, ROUTE, client, target.clone().unwrap_or(local))
         .source(source, peer_identity)
         .destination(Some(pod.workload.clone()), Some(pod.identity.clone()))
