@@ -31,7 +31,7 @@ use crate::{
     inpod::PodNetns,
     proxy::{PodHandle, PodListeners, Proxy},
     state::{State, StateHandle},
-    telemetry::{LogControl, Telemetry},
+    telemetry::{self, LogControl, Telemetry},
     upgrade::{self, Inherited, Offer, SecretPem, Successor, UpgradeListener},
 };
 
@@ -129,7 +129,7 @@ pub async fn run(options: Options, log: LogControl) -> anyhow::Result<()> {
     for (name, addr) in [(upgrade::METRICS, config.metrics_addr), (upgrade::READINESS, config.readiness_addr)]
     {
         let listener = node_listener(&mut inherited, name, addr).await?;
-        node_loops.spawn(telemetry.clone().serve(listener.clone()));
+        node_loops.spawn(telemetry::serve(telemetry.clone(), listener.clone()));
         node_listeners.push((name, listener));
     }
     let state = StateHandle::new(State::from_config(&config));

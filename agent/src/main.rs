@@ -55,12 +55,15 @@ fn main() -> ExitCode {
             agent_service_account,
             trust_domain,
             cert_ttl,
+            metrics_addr,
             log_format,
         } => {
             telemetry::init_logging(log_format);
             let authority =
                 Authority { trust_domain, agent_namespace: namespace.clone(), agent_service_account };
-            serve(signer::run(signer::Options { namespace, ca_secret, root_config_map, authority, cert_ttl }))
+            let options =
+                signer::Options { namespace, ca_secret, root_config_map, authority, cert_ttl, metrics_addr };
+            serve(signer::run(options))
         }
         Command::Ca { command } => match ca(command) {
             Ok(()) => ExitCode::SUCCESS,

@@ -1046,6 +1046,21 @@ fn the_signer_certifies_local_workloads_and_refuses_the_rest() {
             api.kubectl(&["get", "csr", name, "-o", "jsonpath={.status.certificate}"], None).unwrap();
         assert!(cert.is_empty(), "{name} got a certificate");
     }
+    // The signer counts what it did, refusals by reason (an alert on NoSuchWorkloadOnNode
+    // catches a node asking for identities it does not run).
+    let signer_metric = |series: &str| {
+        let (status, text) = sb.node("node1").http_get(15014, "/metrics").unwrap();
+        assert_eq!(status, 200, "{text}");
+        ferry_sandbox::metric_value(&text, series).unwrap_or_else(|| panic!("no {series} in\n{text}"))
+    };
+    assert_eq!(signer_metric("ferry_signer_certificates_signed_total"), signed as f64);
+    for reason in ["NoSuchWorkloadOnNode", "NotAnAgent"] {
+        assert_eq!(
+            signer_metric(&format!("ferry_signer_requests_refused_total{{reason=\"{reason}\"}}")),
+            1.0
+        );
+    }
+    assert_eq!(sb.node("node1").http_get(15014, "/healthz/ready").unwrap(), (200, "ready\n".into()));
 
     // A new root, rolled out by editing the Secret: the signer publishes it beside the old one
     // and signs with it; the agent, its caDir refreshed as the kubelet refreshes a mounted

@@ -92,6 +92,10 @@ pub enum Command {
         /// Validity of the certificates signed, e.g. 24h.
         #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
         cert_ttl: std::time::Duration,
+        /// Where `/metrics` (certificates signed, requests refused by reason) and
+        /// `/healthz/ready` are served.
+        #[arg(long, default_value = "0.0.0.0:15014")]
+        metrics_addr: std::net::SocketAddr,
         /// Log output format.
         #[arg(long, value_enum, default_value = "text")]
         log_format: LogFormat,

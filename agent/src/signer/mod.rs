@@ -3,9 +3,10 @@
 //! ConfigMap the agents mount, and answers the agents' CertificateSigningRequests for
 //! `ferry.dev/workload`: approve and sign, or deny with a reason (see [`review`]).
 
+mod metrics;
 pub mod review;
 
-use std::{pin::pin, time::Duration};
+use std::{net::SocketAddr, pin::pin, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use futures_util::TryStreamExt;
@@ -22,12 +23,16 @@ use kube::{
     runtime::{WatchStreamExt, watcher},
 };
 use serde_json::json;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::{
+    net::TcpListener,
+    signal::unix::{SignalKind, signal},
+};
 
 use crate::identity::{
     FileCa, ROOT_CERT_FILE, ROOT_KEY_FILE, SpiffeId, TRUST_BUNDLE_FILE, certs_to_pem, csr::SIGNER_NAME,
     new_root,
 };
+use metrics::SignerMetrics;
 use review::{Authority, Denial, Request};
 
 /// `ferry signer`'s settings (its command-line flags).
@@ -38,6 +43,8 @@ pub struct Options {
     pub root_config_map: String,
     pub authority: Authority,
     pub cert_ttl: Duration,
+    /// Where `/metrics` and `/healthz/ready` are served.
+    pub metrics_addr: SocketAddr,
 }
 
 struct Signer {
@@ -46,6 +53,7 @@ struct Signer {
     ca: FileCa,
     authority: Authority,
     cert_ttl: Duration,
+    metrics: Arc<SignerMetrics>,
     /// Why the CA Secret was last unusable, until it is read well again: logged once, not at
     /// every poll.
     secret_refused: Option<String>,
@@ -55,6 +63,11 @@ struct Signer {
 const CA_SECRET_POLL: Duration = Duration::from_secs(10);
 
 pub async fn run(options: Options) -> anyhow::Result<()> {
+    let metrics = Arc::new(SignerMetrics::default());
+    let listener = TcpListener::bind(options.metrics_addr)
+        .await
+        .with_context(|| format!("binding {} (metrics)", options.metrics_addr))?;
+    tokio::spawn(crate::telemetry::serve(metrics.clone(), Arc::new(listener)));
     let client = Client::try_default().await.context("connecting to the Kubernetes API")?;
     let ca = load_or_create_ca(&client, &options).await?;
     publish_root(&client, &options, &ca).await?;
@@ -64,6 +77,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         ca,
         authority: options.authority.clone(),
         cert_ttl: options.cert_ttl,
+        metrics,
         secret_refused: None,
     };
     let requests = watcher::Config::default().fields(&format!("spec.signerName={SIGNER_NAME}"));
@@ -71,6 +85,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     tracing::info!(signer = SIGNER_NAME, trust_domain = %signer.authority.trust_domain, "signing workload certificates");
+    signer.metrics.set_serving();
     let mut poll = tokio::time::interval_at(tokio::time::Instant::now() + CA_SECRET_POLL, CA_SECRET_POLL);
     loop {
         tokio::select! {
@@ -80,6 +95,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                     let name = csr.metadata.name.unwrap_or_default();
                     // The agent gives up after a minute and asks again, so a failure here loses nothing.
                     if let Err(e) = signer.handle(&name).await {
+                        signer.metrics.error();
                         tracing::error!(csr = %name, "cannot answer the certificate request: {e:#}");
                     }
                 }
@@ -148,6 +164,7 @@ impl Signer {
                 self.csrs
                     .patch_subresource("status", name, &PatchParams::default(), &Patch::Merge(patch))
                     .await?;
+                self.metrics.signed();
                 tracing::info!(csr = %name, identity = %id, %node, serial = %leaf.serial, "certificate signed");
             }
             Err(Denial { reason, message }) => {
@@ -156,6 +173,7 @@ impl Signer {
                     if approved { ("Failed", "status") } else { ("Denied", "approval") };
                 tracing::warn!(csr = %name, reason, "certificate request refused: {message}");
                 self.add_condition(name, conditions, kind, reason, message, subresource).await?;
+                self.metrics.refused(reason);
             }
         }
         Ok(())

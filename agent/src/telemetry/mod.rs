@@ -212,49 +212,67 @@ impl Telemetry {
         let _ = encode(&mut text, &self.registry);
         text
     }
+}
 
-    fn respond(&self, path: &str) -> Response<Full<Bytes>> {
-        let (status, body) = match path {
-            "/metrics" => (StatusCode::OK, self.render()),
-            "/healthz/ready" => match self.not_ready() {
-                None => (StatusCode::OK, "ready\n".into()),
-                Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
-            },
-            _ => (StatusCode::NOT_FOUND, "not found\n".into()),
-        };
-        let mut response = Response::new(Full::new(Bytes::from(body)));
-        *response.status_mut() = status;
-        if path == "/metrics" {
-            response.headers_mut().insert(
-                hyper::header::CONTENT_TYPE,
-                hyper::header::HeaderValue::from_static(
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                ),
-            );
-        }
-        response
+/// What a `/metrics` and `/healthz/ready` endpoint serves: the agent's telemetry, or the signer's.
+pub trait Health: Send + Sync + 'static {
+    /// The OpenMetrics exposition.
+    fn metrics(&self) -> String;
+    /// Why `/healthz/ready` answers 503, if it does.
+    fn not_ready(&self) -> Option<String>;
+}
+
+impl Health for Telemetry {
+    fn metrics(&self) -> String {
+        self.render()
     }
 
-    /// Serves `/metrics` and `/healthz/ready` over HTTP/1.1 until the task is dropped.
-    pub async fn serve(self: Arc<Self>, listener: Arc<TcpListener>) {
-        loop {
-            let (stream, _) = match listener.accept().await {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    // Out of fds: back off instead of spinning.
-                    tracing::warn!("telemetry accept: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let telemetry = self.clone();
-            tokio::spawn(async move {
-                let service = service_fn(move |req: Request<hyper::body::Incoming>| {
-                    let response = telemetry.respond(req.uri().path());
-                    async move { Ok::<_, std::convert::Infallible>(response) }
-                });
-                let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+    fn not_ready(&self) -> Option<String> {
+        Telemetry::not_ready(self)
+    }
+}
+
+fn respond(health: &dyn Health, path: &str) -> Response<Full<Bytes>> {
+    let (status, body) = match path {
+        "/metrics" => (StatusCode::OK, health.metrics()),
+        "/healthz/ready" => match health.not_ready() {
+            None => (StatusCode::OK, "ready\n".into()),
+            Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+        },
+        _ => (StatusCode::NOT_FOUND, "not found\n".into()),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    if path == "/metrics" {
+        response.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static(
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            ),
+        );
+    }
+    response
+}
+
+/// Serves `/metrics` and `/healthz/ready` over HTTP/1.1 until the task is dropped.
+pub async fn serve(health: Arc<dyn Health>, listener: Arc<TcpListener>) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Out of fds: back off instead of spinning.
+                tracing::warn!("telemetry accept: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let health = health.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                let response = respond(health.as_ref(), req.uri().path());
+                async move { Ok::<_, std::convert::Infallible>(response) }
             });
-        }
+            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+        });
     }
 }
