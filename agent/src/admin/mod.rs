@@ -36,7 +36,7 @@ use crate::{
     policy::Action,
     proxy::Proxy,
     state::StateHandle,
-    telemetry::{FlowKind, LogControl, Telemetry},
+    telemetry::{AcceptBackoff, FlowKind, LogControl, Telemetry},
 };
 
 type Body = BoxBody<Bytes, Infallible>;
@@ -404,19 +404,21 @@ impl Admin {
         std::fs::set_permissions(socket, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
         let admin = self.clone();
         tasks.spawn(async move {
+            let mut backoff = AcceptBackoff::default();
             loop {
                 match unix.accept().await {
                     Ok((stream, _)) => admin.clone().serve_connection(stream),
-                    Err(e) => accept_failed(&e).await,
+                    Err(e) => backoff.failed(&"admin socket", &e).await,
                 }
             }
         });
         if let Some(tcp) = tcp {
             tasks.spawn(async move {
+                let mut backoff = AcceptBackoff::default();
                 loop {
                     match tcp.accept().await {
                         Ok((stream, _)) => self.clone().serve_connection(stream),
-                        Err(e) => accept_failed(&e).await,
+                        Err(e) => backoff.failed(&"admin TCP", &e).await,
                     }
                 }
             });
@@ -433,12 +435,6 @@ impl Admin {
             let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
         });
     }
-}
-
-async fn accept_failed(e: &std::io::Error) {
-    // Out of fds: back off instead of spinning.
-    tracing::warn!("admin accept: {e}");
-    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
 }
 
 #[cfg(test)]

@@ -49,7 +49,7 @@ use crate::{
     inpod::PodNetns,
     policy::{Decision, Verdict},
     state::{StateHandle, Workload},
-    telemetry::{Direction, FailureReason, LiveBytes, Telemetry, VerdictKind},
+    telemetry::{AcceptBackoff, Direction, FailureReason, LiveBytes, Telemetry, VerdictKind},
     upgrade::PodFds,
 };
 use connections::Admission;
@@ -423,8 +423,7 @@ async fn accept_loop<F, Fut>(
     Fut: Future<Output = ()> + Send + 'static,
 {
     let proxy = Proxy { inner };
-    // Failed accepts since the last line about them, and when that was.
-    let (mut failed_accepts, mut last_warning) = (0u64, None::<Instant>);
+    let mut backoff = AcceptBackoff::default();
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
@@ -445,14 +444,8 @@ async fn accept_loop<F, Fut>(
                 });
             }
             Err(e) => {
-                // Out of fds or memory: back off rather than spin, keep serving; the connection
-                // waits in the backlog. Said once a second, not at every retry.
-                failed_accepts += 1;
-                if last_warning.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
-                    tracing::warn!(pod = %pod.workload.key(), direction = direction.as_str(), failed_accepts, "accept failed, retrying: {e}");
-                    (failed_accepts, last_warning) = (0, Some(Instant::now()));
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                let listener = format!("{} {}", pod.workload.key(), direction.as_str());
+                backoff.failed(&listener, &e).await;
             }
         }
     }

@@ -10,7 +10,7 @@ use std::{
         Arc, Mutex, Weak,
         atomic::{AtomicBool, AtomicI64, Ordering},
     },
-    time::SystemTime,
+    time::{Duration, Instant, SystemTime},
 };
 
 use http_body_util::Full;
@@ -214,6 +214,26 @@ impl Telemetry {
     }
 }
 
+/// What an accept loop does when accept fails (out of descriptors or memory): backs off 50 ms
+/// rather than spin, the connection waiting in the backlog meanwhile, and says so at most once a
+/// second with how many failed, not at every retry.
+#[derive(Default)]
+pub struct AcceptBackoff {
+    failed: u64,
+    last_warning: Option<Instant>,
+}
+
+impl AcceptBackoff {
+    pub async fn failed(&mut self, listener: &(dyn std::fmt::Display + Sync), e: &std::io::Error) {
+        self.failed += 1;
+        if self.last_warning.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
+            tracing::warn!(%listener, failed_accepts = self.failed, "accept failed, retrying: {e}");
+            (self.failed, self.last_warning) = (0, Some(Instant::now()));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// What a `/metrics` and `/healthz/ready` endpoint serves: the agent's telemetry, or the signer's.
 pub trait Health: Send + Sync + 'static {
     /// The OpenMetrics exposition.
@@ -256,13 +276,12 @@ fn respond(health: &dyn Health, path: &str) -> Response<Full<Bytes>> {
 
 /// Serves `/metrics` and `/healthz/ready` over HTTP/1.1 until the task is dropped.
 pub async fn serve(health: Arc<dyn Health>, listener: Arc<TcpListener>) {
+    let mut backoff = AcceptBackoff::default();
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(e) => {
-                // Out of fds: back off instead of spinning.
-                tracing::warn!("telemetry accept: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                backoff.failed(&"metrics and readiness", &e).await;
                 continue;
             }
         };
