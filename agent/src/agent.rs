@@ -59,6 +59,9 @@ struct Agent {
     uncaptured: BTreeMap<String, String>,
     /// When to try the failed captures again, and the backoff that led there.
     capture_retry: Option<(Instant, Duration)>,
+    /// Kubernetes mode: running local meshed pods discovery cannot find the cgroup of (it looks
+    /// again itself), reported with the failed captures.
+    unlocated: BTreeMap<String, String>,
     /// Kubernetes mode: the pods captured, told to agents on other nodes.
     marks: Option<CaptureMarks>,
     /// Listeners received from the agent this one upgrades, adopted by the first reconcile.
@@ -168,6 +171,7 @@ pub async fn run(options: Options, log: LogControl) -> anyhow::Result<()> {
         pods: HashMap::new(),
         uncaptured: BTreeMap::new(),
         capture_retry: None,
+        unlocated: BTreeMap::new(),
         marks,
         inherited,
         node_listeners,
@@ -175,6 +179,7 @@ pub async fn run(options: Options, log: LogControl) -> anyhow::Result<()> {
     };
     if let Some(api) = &api {
         agent.show_refused_policies(&api.refused_policies);
+        agent.set_unlocated(api.unlocated.clone());
     }
     agent.warn_of_policies(&config);
     if takeover.is_some() {
@@ -237,6 +242,7 @@ pub async fn run(options: Options, log: LogControl) -> anyhow::Result<()> {
             }
             Some(update) = async { updates.as_mut().expect("guarded").recv().await }, if updates.is_some() => {
                 agent.show_refused_policies(&update.refused_policies);
+                agent.set_unlocated(update.unlocated.clone());
                 api = Some(update);
                 agent.apply(&effective(&file, api.as_ref()), "the Kubernetes API changed");
             }
@@ -418,6 +424,16 @@ impl Agent {
         *self.admin.refused_policies.write().unwrap_or_else(|e| e.into_inner()) = refused.to_vec();
     }
 
+    /// Takes the running local pods discovery cannot find the cgroup of; logs each once per reason.
+    fn set_unlocated(&mut self, unlocated: BTreeMap<String, String>) {
+        for (key, why) in &unlocated {
+            if self.unlocated.get(key) != Some(why) {
+                tracing::error!(workload = %key, "cannot capture workload, its traffic bypasses the mesh until it is found: {why}");
+            }
+        }
+        self.unlocated = unlocated;
+    }
+
     /// Makes state, capture and open connections follow a new config.
     fn apply(&mut self, config: &Config, why: &str) {
         self.warn_of_policies(config);
@@ -517,7 +533,6 @@ impl Agent {
         // Kept listeners no pod took (and, after an upgrade, the previous agent's): closed now.
         self.inherited = Inherited::default();
         self.telemetry.meshed_workloads.set(self.pods.len() as i64);
-        self.telemetry.workloads_uncaptured.set(self.uncaptured.len() as i64);
         self.publish();
     }
 
@@ -543,8 +558,11 @@ impl Agent {
                 programs: ferry_common::programs::ALL.to_vec(),
             })
             .collect();
+        let mut uncaptured = self.uncaptured.clone();
+        uncaptured.extend(self.unlocated.iter().map(|(key, why)| (key.clone(), why.clone())));
+        self.telemetry.workloads_uncaptured.set(uncaptured.len() as i64);
         *self.admin.local.write().unwrap_or_else(|e| e.into_inner()) =
-            LocalView { pods, uncaptured: self.uncaptured.clone(), datapath: self.datapath.view() };
+            LocalView { pods, uncaptured, datapath: self.datapath.view() };
         if let Some(marks) = &self.marks {
             marks.set(
                 self.pods.values().map(|pod| (pod.spec.namespace.clone(), pod.spec.name.clone())).collect(),

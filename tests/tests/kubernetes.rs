@@ -180,6 +180,31 @@ fn deny_to_b(from: &str, source: &str) -> String {
     )
 }
 
+/// A podCgroupRoot that does not hold the kubelet's tree would leave every pod uncaptured, with
+/// the agent otherwise serving: it says so (readiness, status, metric, one log line per pod).
+#[test]
+fn a_wrong_pod_cgroup_root_is_reported_not_passed_over() {
+    let Some((mut sb, api)) = cluster("kubecgroot") else { return };
+    let _pause = pause(&sb, "a");
+    let _server_b = sb.pod("b").serve(PORT).unwrap();
+    api.kubectl(&["label", "namespace", NAMESPACE, "ferry.dev/mesh=enabled"], None).unwrap();
+    sb.set_agent_env("node1", "KUBECONFIG", &api.kubeconfig.display().to_string());
+    let elsewhere = sb.dir.join("not-the-kubelets-cgroups");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let config = format!("{}podCgroupRoot: {}\n", sb.config_for("node1"), elsewhere.display());
+    let why = "3 local workload(s) not captured";
+    sb.start_agent_not_ready("node1", &config, &["--kube"], why).unwrap();
+    let status = sb.ferry_json("node1", &["status"]).unwrap();
+    assert_eq!((&status["workloads_captured"], &status["workloads_uncaptured"]), (&0.into(), &3.into()));
+    assert_eq!(status["not_ready"], why, "{status}");
+    assert_eq!(sb.metric("node1", "ferry_workloads_uncaptured").unwrap(), 3.0);
+    let logged = || sb.agent_log("node1").matches("is podCgroupRoot right?").count();
+    assert_eq!(logged(), 3, "{}", sb.agent_log("node1"));
+    // Looked for again every second, and not logged again.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(logged(), 3, "{}", sb.agent_log("node1"));
+}
+
 #[test]
 fn namespace_label_enrols_and_releases_pods_without_restarting_them() {
     let Some((mut sb, api)) = cluster("kube") else { return };

@@ -69,6 +69,9 @@ pub struct Discovered {
     pub policies: Vec<Policy>,
     /// Policy objects whose current version was refused as invalid.
     pub refused_policies: Vec<RefusedPolicy>,
+    /// This node's running meshed pods that cannot be captured because their cgroup is not where
+    /// `podCgroupRoot` says, by `namespace/name`, with why.
+    pub unlocated: BTreeMap<String, String>,
 }
 
 /// A policy object whose current version the agent refused, for `ferry policies`.
@@ -121,7 +124,7 @@ pub async fn spawn(client: Client, node: String, cgroup_root: PathBuf) -> mpsc::
             let looked = tokio::time::Instant::now();
             let namespaces = namespaces.state();
             let meshed = meshed_namespaces(&namespaces);
-            let (workloads, waiting) = workloads.look(&meshed, &pods.state());
+            let (workloads, waiting, unlocated) = workloads.look(&meshed, &pods.state());
             let services = meshed_services(&meshed, &services.state());
             let (ferry, istio) = (ferry_policies.state(), istio_policies.state());
             let versions: Vec<Option<String>> = ferry
@@ -130,15 +133,16 @@ pub async fn spawn(client: Client, node: String, cgroup_root: PathBuf) -> mpsc::
                 .chain(istio.iter().map(|p| &p.metadata))
                 .map(|m| m.resource_version.clone())
                 .collect();
-            let now = (workloads, services, versions);
+            let now = (workloads, services, versions, unlocated);
             if last.as_ref() != Some(&now) {
                 last = Some(now.clone());
-                let (workloads, services, _) = now;
+                let (workloads, services, _, unlocated) = now;
                 let discovered = Discovered {
                     workloads,
                     services,
                     policies: policies.update(&ferry, &istio),
                     refused_policies: policies.refused(),
+                    unlocated,
                 };
                 if tx.send(discovered).await.is_err() {
                     return;
@@ -324,10 +328,16 @@ impl Workloads {
         }
     }
 
-    /// The workloads of meshed namespaces, and whether a local pod is still waiting for its netns.
-    fn look(&mut self, meshed: &HashSet<&str>, pods: &[Arc<Pod>]) -> (Vec<Arc<config::Workload>>, bool) {
+    /// The workloads of meshed namespaces, whether a local pod is still waiting for its netns, and
+    /// the running local pods whose cgroup is not found at all (see [`Discovered::unlocated`]).
+    fn look(
+        &mut self,
+        meshed: &HashSet<&str>,
+        pods: &[Arc<Pod>],
+    ) -> (Vec<Arc<config::Workload>>, bool, BTreeMap<String, String>) {
         self.looks += 1;
         let (mut waiting, mut converted, mut found) = (false, false, 0);
+        let mut unlocated = BTreeMap::new();
         let mut local = Vec::new();
         let mut local_uids = HashSet::new();
         let mut list = Vec::with_capacity(self.list.len());
@@ -341,7 +351,23 @@ impl Workloads {
                 let opted_out = label(&pod.metadata.labels, MESH_LABEL) == Some("disabled");
                 match workload(pod, &self.node, &mut self.cgroups, !opted_out) {
                     Some(workload) => local.push(workload),
-                    None => waiting |= !opted_out && is_running(pod),
+                    None if !opted_out && is_running(pod) => {
+                        waiting = true;
+                        // A running pod's cgroup exists (the kubelet makes it before the pod's
+                        // sandbox): not finding it means podCgroupRoot points elsewhere. One
+                        // still there without a process is a pod starting or stopping.
+                        if let Some((key, uid)) = pod_key(pod)
+                            && pod.metadata.deletion_timestamp.is_none()
+                            && self.cgroups.find(uid).is_none()
+                        {
+                            let root = self.cgroups.root.display();
+                            let why = format!(
+                                "no cgroup of pod {uid} under {root} (kubepods, kubepods.slice): is podCgroupRoot right?"
+                            );
+                            unlocated.insert(key, why);
+                        }
+                    }
+                    None => {}
                 }
                 continue;
             }
@@ -364,7 +390,7 @@ impl Workloads {
             list.sort_unstable_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
             (self.local, self.list) = (local, list);
         }
-        (self.list.clone(), waiting)
+        (self.list.clone(), waiting, unlocated)
     }
 }
 
@@ -534,6 +560,12 @@ fn named_ports(spec: &PodSpec) -> BTreeMap<String, u16> {
         .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
         .filter_map(|p| Some((p.name.clone()?, u16::try_from(p.container_port).ok()?)))
         .collect()
+}
+
+/// `namespace/name` and UID.
+fn pod_key(pod: &Pod) -> Option<(String, &str)> {
+    let m = &pod.metadata;
+    Some((format!("{}/{}", m.namespace.as_deref()?, m.name.as_deref()?), m.uid.as_deref()?))
 }
 
 fn is_running(pod: &Pod) -> bool {
@@ -726,23 +758,66 @@ mod tests {
             (pod("a", "shop", "10.9.0.1"), pod("b", "shop", "10.9.0.2"), pod("c", "other", "10.9.0.3"));
         let mut workloads = Workloads::new("here".into(), PathBuf::from("/nonexistent"));
         let shop = HashSet::from(["shop"]);
-        let (first, waiting) = workloads.look(&shop, &[b.clone(), a.clone(), c.clone()]);
-        assert!(!waiting);
+        let (first, waiting, unlocated) = workloads.look(&shop, &[b.clone(), a.clone(), c.clone()]);
+        assert!(!waiting && unlocated.is_empty());
         let names: Vec<&str> = first.iter().map(|w| w.name.as_str()).collect();
         assert_eq!(names, ["a", "b"], "sorted, and only meshed namespaces");
         // b changed (the store holds a new object for it): converted again; a is the same object.
         let b2 = pod("b", "shop", "10.9.0.22");
-        let (second, _) = workloads.look(&shop, &[a.clone(), b2.clone(), c.clone()]);
+        let (second, ..) = workloads.look(&shop, &[a.clone(), b2.clone(), c.clone()]);
         assert!(Arc::ptr_eq(&first[0], &second[0]), "a is not converted again");
         assert_eq!(second[1].ips, ["10.9.0.22".parse::<IpAddr>().unwrap()]);
         assert_eq!(workloads.remote.len(), 2, "b's old object is let go");
         // Gone from the cluster, or its namespace no longer meshed: forgotten.
-        let (third, _) = workloads.look(&HashSet::from(["shop", "other"]), &[b2.clone(), c.clone()]);
+        let (third, ..) = workloads.look(&HashSet::from(["shop", "other"]), &[b2.clone(), c.clone()]);
         let names: Vec<&str> = third.iter().map(|w| w.name.as_str()).collect();
         assert_eq!(names, ["c", "b"], "by namespace, then name");
         assert!(Arc::ptr_eq(&second[1], &third[1]));
         assert!(workloads.look(&HashSet::new(), &[b2, c]).0.is_empty());
         assert!(workloads.remote.is_empty());
+    }
+
+    #[test]
+    fn a_running_local_pod_whose_cgroup_is_nowhere_is_reported() {
+        let pod = |name: &str, extra: serde_json::Value| -> Arc<Pod> {
+            let mut pod = serde_json::json!({
+                "metadata": {"name": name, "namespace": "shop", "uid": format!("uid-{name}")},
+                "spec": {"nodeName": "here", "containers": []},
+                "status": {"phase": "Running", "podIP": "10.9.0.1"},
+            });
+            json_patch(&mut pod, extra);
+            Arc::new(serde_json::from_value(pod).unwrap())
+        };
+        let pods = [
+            pod("lost", serde_json::json!({})),
+            pod("pending", serde_json::json!({"status": {"phase": "Pending"}})),
+            pod("leaving", serde_json::json!({"metadata": {"deletionTimestamp": "2026-12-01T00:00:00Z"}})),
+            pod("out", serde_json::json!({"metadata": {"labels": {"ferry.dev/mesh": "disabled"}}})),
+        ];
+        let mut workloads = Workloads::new("here".into(), PathBuf::from("/nonexistent"));
+        let (_, waiting, unlocated) = workloads.look(&HashSet::from(["shop"]), &pods);
+        assert!(waiting, "looked for again");
+        let reported: Vec<(&str, &str)> = unlocated.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        assert_eq!(
+            reported,
+            [(
+                "shop/lost",
+                "no cgroup of pod uid-lost under /nonexistent (kubepods, kubepods.slice): is podCgroupRoot right?"
+            )],
+            "only a running pod, not terminating, not opted out"
+        );
+    }
+
+    /// Merges `patch` into `value`, object by object.
+    fn json_patch(value: &mut serde_json::Value, patch: serde_json::Value) {
+        match (value, patch) {
+            (serde_json::Value::Object(into), serde_json::Value::Object(from)) => {
+                for (key, from) in from {
+                    json_patch(into.entry(key).or_insert(serde_json::Value::Null), from);
+                }
+            }
+            (value, patch) => *value = patch,
+        }
     }
 
     #[test]
