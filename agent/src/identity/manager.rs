@@ -1,4 +1,4 @@
-//! Certificates of the workloads on this node: obtained on demand, kept in memory, renewed at
+//! Certificates of the workloads on this node: obtained on demand, kept in memory, renewed at about
 //! half-life. Open connections keep the certificate they were made with; new handshakes pick up
 //! the current one.
 //!
@@ -43,14 +43,28 @@ pub struct Issued {
     pub certified_key: Arc<CertifiedKey>,
     /// The signing root it was asked of ([`Authority::signing_root`]): an older one is renewed.
     signing_root: u64,
+    /// When this agent got it. Its validity starts earlier (signers backdate `notBefore` by
+    /// minutes against clock skew), which must not bring its renewal forward.
+    obtained: SystemTime,
 }
 
 impl Issued {
-    /// Half-life: when rotation replaces it.
+    /// When rotation replaces it: half-way from when it was obtained to its expiry, give or take
+    /// 5% (see [`refresh_fraction`]).
     fn refresh_at(&self) -> SystemTime {
-        let lifetime = self.cert.not_after.duration_since(self.cert.not_before).unwrap_or_default();
-        self.cert.not_before + lifetime / 2
+        let left = self.cert.not_after.duration_since(self.obtained).unwrap_or_default();
+        self.obtained + left.mul_f64(refresh_fraction(&self.cert.serial))
     }
+}
+
+/// The fraction of its lifetime after which a certificate is renewed: 0.45 to 0.55, spread by its
+/// serial (random, and the same at every look), so that certificates issued together (a node's
+/// pods at its start) are not renewed all at once, every half-life, ever after.
+fn refresh_fraction(serial: &str) -> f64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::hash::DefaultHasher::new();
+    serial.hash(&mut hasher);
+    0.45 + 0.1 * (hasher.finish() as f64 / u64::MAX as f64).min(0.999)
 }
 
 /// Outcomes, for `ferry_certificate_requests_total{result}` and `ferry_ca_reloads_total{result}`.
@@ -440,7 +454,7 @@ impl CertManager {
     fn certify(&self, cert: WorkloadCert, signing_root: u64) -> Result<Arc<Issued>, IdentityError> {
         let key = self.provider.key_provider.load_private_key(cert.key.clone_key())?;
         let certified_key = Arc::new(CertifiedKey::new(cert.chain.clone(), key));
-        Ok(Arc::new(Issued { cert, certified_key, signing_root }))
+        Ok(Arc::new(Issued { cert, certified_key, signing_root, obtained: SystemTime::now() }))
     }
 
     /// Makes `issued` its identity's current certificate, and wakes whoever waits for one.
@@ -467,7 +481,8 @@ impl CertManager {
         self.requesting.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
     }
 
-    /// Renews every certificate past its half-life, or from an earlier signing root, forever.
+    /// Renews every certificate past its refresh time (about half-life), or from an earlier
+    /// signing root, forever.
     /// Failures are retried.
     pub async fn rotate(self: Arc<Self>) {
         loop {
@@ -627,6 +642,30 @@ mod tests {
         let missing = SpiffeId::new("cluster.local", "ns", "missing");
         assert!(certs.wait_for(&missing, Duration::from_millis(100)).await.is_none());
         assert!(started.elapsed() >= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn certificates_issued_together_are_renewed_apart_around_half_life() {
+        let fractions: Vec<f64> = (0..200u32).map(|n| refresh_fraction(&format!("{:x}", n * 7919))).collect();
+        assert!(fractions.iter().all(|f| (0.45..0.55).contains(f)), "{fractions:?}");
+        let (low, high) = fractions.iter().fold((1.0f64, 0.0f64), |(l, h), f| (l.min(*f), h.max(*f)));
+        assert!(high - low > 0.08, "spread over {low}..{high} only");
+        assert_eq!(refresh_fraction("ab12"), refresh_fraction("ab12"), "the same at every look");
+    }
+
+    #[test]
+    fn a_certificate_is_renewed_half_way_through_what_is_left_of_it_when_it_came() {
+        // Backdated by five minutes against clock skew: renewal at half its nominal validity
+        // would fall before it was even issued.
+        let ca = TempCa::new("ca-refresh");
+        let certs = CertManager::with_file_ca(FileCa::load(&ca.dir).unwrap(), Duration::from_secs(60));
+        let certs = Arc::new(certs.unwrap());
+        let id = SpiffeId::new("cluster.local", "ns", "sa");
+        certs.set_wanted([id.clone()].into()).unwrap();
+        let issued = certs.current(&id).unwrap();
+        assert!(issued.cert.not_before < SystemTime::now() - Duration::from_secs(60), "not backdated");
+        let due_in = issued.refresh_at().duration_since(SystemTime::now()).expect("due already");
+        assert!((Duration::from_secs(26)..Duration::from_secs(34)).contains(&due_in), "{due_in:?}");
     }
 
     #[tokio::test]

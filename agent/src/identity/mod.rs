@@ -1,6 +1,6 @@
 //! Workload identity: SPIFFE IDs, the file CA of the embedded default, certificates obtained for
 //! local workloads (from the file CA, or in Kubernetes mode by CertificateSigningRequest; kept in
-//! memory, renewed at half-life), and the TLS configurations built on them.
+//! memory, renewed at about half-life), and the TLS configurations built on them.
 
 mod ca;
 pub mod csr;
