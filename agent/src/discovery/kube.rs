@@ -358,7 +358,7 @@ impl Workloads {
                         // still there without a process is a pod starting or stopping.
                         if let Some((key, uid)) = pod_key(pod)
                             && pod.metadata.deletion_timestamp.is_none()
-                            && self.cgroups.find(uid).is_none()
+                            && self.cgroups.is_missing(uid)
                         {
                             let root = self.cgroups.root.display();
                             let why = format!(
@@ -582,25 +582,37 @@ fn label<'a>(labels: &'a Option<BTreeMap<String, String>>, key: &str) -> Option<
 struct PodCgroups {
     root: PathBuf,
     by_uid: HashMap<String, PathBuf>,
+    /// The pods the last look for found no cgroup of (see [`Discovered::unlocated`]).
+    missing: HashSet<String>,
 }
 
 impl PodCgroups {
     fn new(root: PathBuf) -> PodCgroups {
-        PodCgroups { root, by_uid: HashMap::new() }
+        PodCgroups { root, by_uid: HashMap::new(), missing: HashSet::new() }
     }
 
     fn find(&mut self, uid: &str) -> Option<PathBuf> {
         if let Some(dir) = self.by_uid.get(uid).filter(|dir| dir.is_dir()) {
             return Some(dir.clone());
         }
-        let dir = pod_cgroup(&self.root, uid)?;
+        let Some(dir) = pod_cgroup(&self.root, uid) else {
+            self.missing.insert(uid.to_owned());
+            return None;
+        };
+        self.missing.remove(uid);
         self.by_uid.insert(uid.to_owned(), dir.clone());
         Some(dir)
+    }
+
+    /// Whether the last look for the pod's cgroup found none.
+    fn is_missing(&self, uid: &str) -> bool {
+        self.missing.contains(uid)
     }
 
     /// Forgets the pods that are gone (or no longer in a meshed namespace).
     fn retain(&mut self, live: &HashSet<&str>) {
         self.by_uid.retain(|uid, _| live.contains(uid.as_str()));
+        self.missing.retain(|uid| live.contains(uid.as_str()));
     }
 }
 
