@@ -8,7 +8,9 @@ Nothing here shares code with Ferry. It speaks HBONE as ../shared/design/hbone.m
       {"status": 200, "headers": {...}, "echo": "..."}; first a line {"server_identity": "spiffe://..."}
   hbone_peer.py server --listen IP:PORT --cert C --key K --ca ROOT
       prints {"listening": true}, then per CONNECT {"client_identity", "pseudo", "headers"} and
-      answers 200, echoing the stream's bytes back and ending when the client ends.
+      answers 200, echoing the stream's bytes back and ending when the client ends
+      (--answer-after-data: once the stream's first bytes arrived; --never-answer: never, while
+      still answering pings). Prints {"reset": STREAM_ID, "error_code": N} when a client resets.
 """
 import argparse
 import json
@@ -139,7 +141,7 @@ def client(args):
     sock.close()
 
 
-def serve_connection(sock, answer_after_data):
+def serve_connection(sock, answer_after_data, never_answer):
     client_identity = uri_san(sock.getpeercert())
     # CONNECT streams not answered yet: with --answer-after-data, until their first bytes arrive.
     unanswered = set()
@@ -163,12 +165,18 @@ def serve_connection(sock, answer_after_data):
                 emit({"client_identity": client_identity, "pseudo": pseudo, "headers": headers,
                       "header_order": [k.decode() if isinstance(k, bytes) else k for k, _ in event.headers]})
                 status = "200" if pseudo.get(":method") == "CONNECT" else "400"
+                if status == "200" and never_answer:
+                    continue
                 if status == "200" and answer_after_data:
                     unanswered.add(event.stream_id)
                 else:
                     conn.send_headers(event.stream_id, [(":status", status)], end_stream=status != "200")
+            elif isinstance(event, h2.events.StreamReset):
+                emit({"reset": event.stream_id, "error_code": int(event.error_code)})
             elif isinstance(event, h2.events.DataReceived):
                 conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                if never_answer:
+                    continue
                 if event.stream_id in unanswered:
                     unanswered.discard(event.stream_id)
                     emit({"answered_after_bytes": len(event.data)})
@@ -176,6 +184,8 @@ def serve_connection(sock, answer_after_data):
                 if event.data:
                     conn.send_data(event.stream_id, event.data)
             elif isinstance(event, h2.events.StreamEnded):
+                if never_answer:
+                    continue
                 if event.stream_id in unanswered:
                     unanswered.discard(event.stream_id)
                     conn.send_headers(event.stream_id, [(":status", "200")])
@@ -198,7 +208,7 @@ def server(args):
         except (ssl.SSLError, OSError) as e:
             emit({"tls_error": str(e)})
             continue
-        threading.Thread(target=serve_connection, args=(sock, args.answer_after_data), daemon=True).start()
+        threading.Thread(target=serve_connection, args=(sock, args.answer_after_data, args.never_answer), daemon=True).start()
 
 
 def main():
@@ -214,6 +224,8 @@ def main():
     parser.add_argument("--idle", type=float, help="client: stay silent after TLS for this long")
     parser.add_argument("--answer-after-data", action="store_true",
                         help="server: answer a CONNECT only once its first bytes have arrived")
+    parser.add_argument("--never-answer", action="store_true",
+                        help="server: never answer a CONNECT (pings still are)")
     args = parser.parse_args()
     (client if args.mode == "client" else server)(args)
 

@@ -3,7 +3,7 @@
 
 use std::{
     net::{SocketAddr, SocketAddrV4},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use ferry_sandbox::{
@@ -180,6 +180,30 @@ fn the_apps_first_bytes_go_out_before_the_connect_is_answered() {
     let events = peer.wait_events(2, Duration::from_secs(2));
     let answered = events.iter().find_map(|e| e["answered_after_bytes"].as_u64());
     assert!(answered.is_some_and(|n| n > 0), "{events:?}");
+}
+
+#[test]
+fn a_connect_the_peer_never_answers_is_given_up_after_the_connect_timeout() {
+    // The peer completes TLS and HTTP/2 and answers pings, so its connection stays up; only a
+    // bound on the CONNECT's answer frees the app's connection.
+    let mut sb = sandbox("unanswered");
+    let cert = sb.issue_cert(&sb.ca_dir_created().unwrap(), &spiffe("sa-c"), "c").unwrap();
+    let server = addr(&sb, "c", 15008);
+    let peer = hbone_server(&sb.pod("c").netns, server, &cert, &sb.ca_dir(), &["--never-answer"]).unwrap();
+    let config = sb.config_for("node1").replacen('\n', "\nlimits: {connectTimeout: 1s}\n", 1);
+    sb.start_agent("node1", Some(&config)).unwrap();
+
+    let started = Instant::now();
+    let outcome = sb.pod("a").connect(addr(&sb, "c", PORT), 10).unwrap();
+    let waited = started.elapsed();
+    assert!(matches!(outcome, ConnectOutcome::Reset { .. }), "{outcome:?} after {waited:?}");
+    assert!(waited >= Duration::from_millis(900), "reset after {waited:?}, before the timeout");
+    assert_eq!(failures(&sb, "node1", "outbound", "connect"), 1.0);
+    sb.wait_for_log("node1", &format!("no answer to the CONNECT from {server} within 1s"), 1).unwrap();
+    // The stream is cancelled on the wire, not left open on the peer.
+    let events = peer.wait_events(2, Duration::from_secs(2));
+    let reset = events.iter().find(|e| e.get("reset").is_some());
+    assert_eq!(reset.map(|e| e["error_code"].clone()), Some(Value::from(8)), "RST_STREAM CANCEL: {events:?}");
 }
 
 #[test]

@@ -55,6 +55,8 @@ pub(crate) enum TunnelError {
     Http(#[from] h2::Error),
     #[error("CONNECT refused with {0}")]
     Status(StatusCode),
+    #[error("no answer to the CONNECT from {0} within {1:?}")]
+    Unanswered(SocketAddr, Duration),
     #[error("reading the app's connection: {0}")]
     Client(io::Error),
 }
@@ -67,7 +69,9 @@ impl TunnelError {
             }
             TunnelError::Tls(..) | TunnelError::HandshakeTimeout(_) => FailureReason::TlsHandshake,
             TunnelError::Identity(_) => FailureReason::Identity,
-            TunnelError::Dial(..) | TunnelError::Http(_) => FailureReason::Connect,
+            TunnelError::Dial(..) | TunnelError::Http(_) | TunnelError::Unanswered(..) => {
+                FailureReason::Connect
+            }
             TunnelError::Status(_) => FailureReason::Rejected,
             TunnelError::Client(_) => FailureReason::Relay,
         }
@@ -146,7 +150,7 @@ impl Pool {
     ) -> Result<HboneStream, TunnelError> {
         let mut early = EarlyData::default();
         let mut slot = self.checkout(key, netns, certs, metrics).await?;
-        let mut sent = send(&slot, &request, client, &mut early).await;
+        let mut sent = self.send(key, &slot, &request, client, &mut early).await;
         if let Err(TunnelError::Http(e)) = &sent
             && unprocessed(e)
         {
@@ -154,7 +158,7 @@ impl Pool {
             // again, early data included, on a connection that is not.
             slot.0.going_away.store(true, Ordering::Release);
             slot = self.checkout(key, netns, certs, metrics).await?;
-            sent = send(&slot, &request, client, &mut early).await;
+            sent = self.send(key, &slot, &request, client, &mut early).await;
         }
         let (response, send_stream) = sent?;
         if response.status() != StatusCode::OK {
@@ -162,6 +166,23 @@ impl Pool {
         }
         let io = H2Stream::new(send_stream, response.into_body(), early.len() as u64);
         Ok(HboneStream { io, slot })
+    }
+
+    /// [`send`], bounded by the connect timeout: the answer is the peer's own connect to the app,
+    /// which a peer bounds the same way. A peer that keeps its connection alive (it answers pings)
+    /// but never answers the stream would otherwise hold the app's connection for ever; dropping
+    /// the stream resets it (RST_STREAM CANCEL).
+    async fn send(
+        &self,
+        key: &PoolKey,
+        slot: &StreamSlot,
+        request: &http::Request<()>,
+        client: &TcpStream,
+        early: &mut EarlyData,
+    ) -> Result<(http::Response<h2::RecvStream>, h2::SendStream<Bytes>), TunnelError> {
+        tokio::time::timeout(self.connect_timeout, send(slot, request, client, early))
+            .await
+            .unwrap_or_else(|_| Err(TunnelError::Unanswered(key.hbone_addr, self.connect_timeout)))
     }
 
     async fn checkout(
