@@ -196,3 +196,51 @@ fn a_destination_that_never_answers_is_given_up_after_the_connect_timeout() {
     assert_eq!(sb.metric("node1", series).unwrap(), 1.0);
     sb.wait_for_log("node1", &format!("no answer from {}:15008 within 1s", c.ip()), 1).unwrap();
 }
+
+/// 15020 and 15021 listen on every address of the node: a client that sends nothing, or half a
+/// request, must not hold a descriptor for ever. Neither does one of the admin API.
+#[test]
+fn the_agents_http_endpoints_close_connections_that_send_no_whole_request() {
+    use std::io::{Read, Write};
+    let mut sb = Sandbox::two_nodes("slowloris").unwrap();
+    sb.start_agent("node1", None).unwrap();
+    let node = sb.node("node1");
+    let opened = Instant::now();
+    let held: Vec<_> = [(15020, ""), (15021, "GET /healthz/ready HTTP/1.1\r\nHost: node\r\n"), (15000, "")]
+        .into_iter()
+        .map(|(port, sent)| {
+            let mut stream =
+                node.netns.connect(SocketAddr::from(([127, 0, 0, 1], port)), Duration::from_secs(2)).unwrap();
+            stream.write_all(sent.as_bytes()).unwrap();
+            stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            (port, stream)
+        })
+        .collect();
+    // Others are served meanwhile.
+    assert_eq!(node.http_get(15021, "/healthz/ready").unwrap().0, 200);
+    // A response being streamed is no request being waited for: it is not cut.
+    let mut follow =
+        node.netns.connect(SocketAddr::from(([127, 0, 0, 1], 15000)), Duration::from_secs(2)).unwrap();
+    follow.write_all(b"GET /flows?follow=1 HTTP/1.1\r\nHost: node\r\n\r\n").unwrap();
+    for (port, mut stream) in held {
+        let mut answer = Vec::new();
+        // The server closes (an EOF, perhaps after a 408) or resets; a read timeout means it held on.
+        let ended = match stream.read_to_end(&mut answer) {
+            Ok(_) => true,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        };
+        let after = opened.elapsed();
+        assert!(ended, "port {port}: still open after {after:?}");
+        assert!((9..20).contains(&after.as_secs()), "port {port}: closed after {after:?}, not 10 s");
+    }
+    let _ = sb.pod("a").connect(SocketAddr::from((sb.pod("c").ip, PORT)), 10).unwrap();
+    follow.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut streamed = String::new();
+    let mut chunk = [0u8; 4096];
+    while !streamed.contains("\"kind\"") {
+        match follow.read(&mut chunk) {
+            Ok(n) if n > 0 => streamed.push_str(&String::from_utf8_lossy(&chunk[..n])),
+            end => panic!("the flows stream ended ({end:?}) after {:?}: {streamed}", opened.elapsed()),
+        }
+    }
+}

@@ -17,7 +17,6 @@ use hyper::{
     Method, Request, Response, StatusCode,
     body::{Bytes, Frame, Incoming},
     header::{CONTENT_TYPE, HeaderValue},
-    server::conn::http1,
     service::service_fn,
 };
 use hyper_util::rt::TokioIo;
@@ -36,7 +35,7 @@ use crate::{
     policy::Action,
     proxy::Proxy,
     state::StateHandle,
-    telemetry::{AcceptBackoff, FlowKind, LogControl, Telemetry},
+    telemetry::{AcceptBackoff, FlowKind, LogControl, Telemetry, http1_server},
 };
 
 type Body = BoxBody<Bytes, Infallible>;
@@ -432,7 +431,7 @@ impl Admin {
                 let admin = self.clone();
                 async move { Ok::<_, Infallible>(admin.handle(request).await) }
             });
-            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+            let _ = http1_server().serve_connection(TokioIo::new(stream), service).await;
         });
     }
 }

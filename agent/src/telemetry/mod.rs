@@ -15,7 +15,7 @@ use std::{
 
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode, body::Bytes, server::conn::http1, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric, text::encode},
@@ -274,6 +274,19 @@ fn respond(health: &dyn Health, path: &str) -> Response<Full<Bytes>> {
     response
 }
 
+/// How long the agent's HTTP endpoints (metrics, readiness, admin) wait for a request's head,
+/// idle time between requests on a kept-alive connection included. 15020 and 15021 listen on
+/// every address of the node: without a bound, connections that send nothing, or half a request,
+/// would each hold a descriptor and a task for ever. Scrapers and probes reconnect.
+const REQUEST_HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The agent's HTTP/1.1 server settings. hyper applies its header read timeout only with a timer.
+pub fn http1_server() -> http1::Builder {
+    let mut builder = http1::Builder::new();
+    builder.timer(TokioTimer::new()).header_read_timeout(REQUEST_HEAD_TIMEOUT);
+    builder
+}
+
 /// Serves `/metrics` and `/healthz/ready` over HTTP/1.1 until the task is dropped.
 pub async fn serve(health: Arc<dyn Health>, listener: Arc<TcpListener>) {
     let mut backoff = AcceptBackoff::default();
@@ -291,7 +304,7 @@ pub async fn serve(health: Arc<dyn Health>, listener: Arc<TcpListener>) {
                 let response = respond(health.as_ref(), req.uri().path());
                 async move { Ok::<_, std::convert::Infallible>(response) }
             });
-            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+            let _ = http1_server().serve_connection(TokioIo::new(stream), service).await;
         });
     }
 }
