@@ -235,4 +235,8 @@ fn cli_errors_say_what_to_do() {
         sb.ferry("node2", &["policy", "check", "--from", "default/sa-a", "--to", "10.9.9.9:80"]).unwrap();
     assert_eq!(code, 5);
     assert!(err.contains("no known workload has 10.9.9.9"), "{err}");
+    let (code, _, err) =
+        sb.ferry("node2", &["policy", "check", "--from", "default/sa-a", "--to", "c:8080"]).unwrap();
+    assert_eq!(code, 5);
+    assert!(err.contains("unknown workload \"c\"; did you mean default/c?"), "{err}");
 }

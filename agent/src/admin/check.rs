@@ -55,9 +55,9 @@ pub(super) fn run(
             (state.workload_by_ip(ip).ok_or_else(|| format!("to={to:?}: no known workload has {ip}"))?, ip)
         }
         Err(_) => {
-            let workload = state
-                .workload_by_key(target)
-                .ok_or_else(|| format!("to={to:?}: unknown workload {target:?}"))?;
+            let workload = state.workload_by_key(target).ok_or_else(|| {
+                format!("to={to:?}: unknown workload {target:?}{}", name_hint(state, target))
+            })?;
             let ip = workload
                 .preferred_ip()
                 .ok_or_else(|| format!("to={to:?}: {} has no address", workload.key()))?;
@@ -94,4 +94,17 @@ pub(super) fn run(
             "meshed": destination.meshed,
         },
     }))
+}
+
+/// For a workload named without its namespace: the workloads it may mean.
+fn name_hint(state: &State, target: &str) -> String {
+    if target.contains('/') {
+        return String::new();
+    }
+    let keys: Vec<String> = state.workloads().iter().filter(|w| w.name == target).map(|w| w.key()).collect();
+    if keys.is_empty() {
+        "; name a workload as namespace/name".into()
+    } else {
+        format!("; did you mean {}?", keys.join(" or "))
+    }
 }
