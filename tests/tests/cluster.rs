@@ -74,7 +74,7 @@ fn the_manifest_installs_meshes_labelled_namespaces_and_uninstalls_cleanly() {
             let agents = get(c, &["daemonset", "ferry-agent", "-n", "ferry-system"], "{.status.numberReady}");
             let signers =
                 get(c, &["deployment", "ferry-signer", "-n", "ferry-system"], "{.status.readyReplicas}");
-            Ok(agents == "1" && signers == "1")
+            Ok(agents == "1" && signers == "2")
         })
         .unwrap();
 

@@ -923,21 +923,42 @@ struct Signer {
     _process: Process,
     out: PathBuf,
     err: PathBuf,
+    metrics_port: u16,
 }
 
 impl Signer {
     fn start(sb: &Sandbox, api: &ApiServer) -> Signer {
+        Signer::start_replica(sb, api, "signer", 15014)
+    }
+
+    /// A signer named `name` (its log files), serving metrics on node1's `metrics_port`.
+    fn start_replica(sb: &Sandbox, api: &ApiServer, name: &str, metrics_port: u16) -> Signer {
         let kubeconfig =
-            api.kubeconfig_with_token("signer", &service_account_token(api, &["ferry-signer"])).unwrap();
-        let (out, err) = (sb.dir.join("signer.log"), sb.dir.join("signer.err"));
+            api.kubeconfig_with_token(name, &service_account_token(api, &["ferry-signer"])).unwrap();
+        let (out, err) = (sb.dir.join(format!("{name}.log")), sb.dir.join(format!("{name}.err")));
         let mut signer = Command::new(ferry_sandbox::ferry_bin().unwrap());
         signer
-            .arg("signer")
+            .args(["signer", "--metrics-addr", &format!("0.0.0.0:{metrics_port}")])
             .env("KUBECONFIG", &kubeconfig)
             .stdout(std::fs::File::create(&out).unwrap())
             .stderr(std::fs::File::create(&err).unwrap());
         let process = Process::new(sb.node("node1").netns.spawn(signer, None).unwrap());
-        Signer { _process: process, out, err }
+        Signer { _process: process, out, err, metrics_port }
+    }
+
+    /// One of the signer's metrics (0 if it has no such series yet).
+    fn metric(&self, sb: &Sandbox, series: &str) -> f64 {
+        let (status, text) = sb.node("node1").http_get(self.metrics_port, "/metrics").unwrap();
+        assert_eq!(status, 200, "{text}");
+        ferry_sandbox::metric_value(&text, series).unwrap_or(0.0)
+    }
+
+    fn wait_ready(&self, sb: &Sandbox) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while sb.node("node1").http_get(self.metrics_port, "/healthz/ready").map(|r| r.0).ok() != Some(200) {
+            assert!(Instant::now() < deadline, "signer not ready:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     fn log(&self) -> String {
@@ -954,6 +975,54 @@ impl Signer {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+}
+
+/// The Deployment runs two signers: each request is answered once, by the replica whose write
+/// lands first, and the other counts no error; either alone goes on signing.
+#[test]
+fn two_signer_replicas_answer_each_request_once_and_either_signs_alone() {
+    let Some((sb, api)) = cluster("kubesigners") else { return };
+    api.kubectl(&["create", "namespace", "ferry-system"], None).unwrap();
+    let agent_kubeconfig = deploy_ferry(&api);
+    let first = Signer::start_replica(&sb, &api, "signer-1", 15014);
+    let second = Signer::start_replica(&sb, &api, "signer-2", 15015);
+    first.wait_ready(&sb);
+    second.wait_ready(&sb);
+    let create = |names: &[String], signers: &[&Signer]| {
+        let requests: Vec<String> = names
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                let sa = ["sa-a", "sa-b", "sa-c"][i % 3];
+                csr_yaml(&sb.dir, name, &format!("spiffe://cluster.local/ns/{NAMESPACE}/sa/{sa}"))
+            })
+            .collect();
+        let (code, _, err) =
+            api.kubectl_as(&agent_kubeconfig, &["create", "-f", "-"], Some(&requests.join("---\n"))).unwrap();
+        assert_eq!(code, 0, "{err}");
+        for name in names {
+            let logs: Vec<String> = signers.iter().map(|s| s.log()).collect();
+            let what = format!("{name} signed\n{}", logs.join("\n"));
+            wait_for_field(&api, &["csr", name], "{.status.certificate}", &what);
+            let (_, conditions, _) = api
+                .kubectl(&["get", "csr", name, "-o", "jsonpath={.status.conditions[*].type}"], None)
+                .unwrap();
+            assert_eq!(conditions, "Approved", "{name}");
+        }
+    };
+    let signed = |signer: &Signer| signer.metric(&sb, "ferry_signer_certificates_signed_total");
+    let errors = |signer: &Signer| signer.metric(&sb, "ferry_signer_request_errors_total");
+
+    let names: Vec<String> = (0..12).map(|i| format!("together-{i}")).collect();
+    create(&names, &[&first, &second]);
+    let logs = format!("{}\n{}", first.log(), second.log());
+    assert_eq!(signed(&first) + signed(&second), 12.0, "each request signed once\n{logs}");
+    assert_eq!((errors(&first), errors(&second)), (0.0, 0.0), "{logs}");
+
+    drop(first);
+    let before = signed(&second);
+    create(&["alone".to_owned()], &[&second]);
+    assert_eq!(signed(&second), before + 1.0);
 }
 
 /// The state of each certificate node1's agent lists (issued, expired, pending).
@@ -1073,11 +1142,7 @@ fn the_signer_certifies_local_workloads_and_refuses_the_rest() {
     }
     // The signer counts what it did, refusals by reason (an alert on NoSuchWorkloadOnNode
     // catches a node asking for identities it does not run).
-    let signer_metric = |series: &str| {
-        let (status, text) = sb.node("node1").http_get(15014, "/metrics").unwrap();
-        assert_eq!(status, 200, "{text}");
-        ferry_sandbox::metric_value(&text, series).unwrap_or_else(|| panic!("no {series} in\n{text}"))
-    };
+    let signer_metric = |series: &str| signer.metric(&sb, series);
     assert_eq!(signer_metric("ferry_signer_certificates_signed_total"), signed as f64);
     for reason in ["NoSuchWorkloadOnNode", "NotAnAgent"] {
         assert_eq!(

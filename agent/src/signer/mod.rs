@@ -94,9 +94,15 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                 Ok(Some(csr)) => {
                     let name = csr.metadata.name.unwrap_or_default();
                     // The agent gives up after a minute and asks again, so a failure here loses nothing.
-                    if let Err(e) = signer.handle(&name).await {
-                        signer.metrics.error();
-                        tracing::error!(csr = %name, "cannot answer the certificate request: {e:#}");
+                    match signer.handle(&name).await {
+                        Ok(()) => {}
+                        Err(e) if lost_race(&e) => {
+                            tracing::debug!(csr = %name, "another signer replica answered the request first");
+                        }
+                        Err(e) => {
+                            signer.metrics.error();
+                            tracing::error!(csr = %name, "cannot answer the certificate request: {e:#}");
+                        }
                     }
                 }
                 Ok(None) => return Ok(()),
@@ -139,7 +145,9 @@ impl Signer {
         }
     }
 
-    /// Answers one request, unless it already has an answer.
+    /// Answers one request, unless it already has an answer. Every write is conditional on the
+    /// version of the request it was decided on: replicas answer the same requests, and the
+    /// first write wins (the others fail with a conflict, see [`lost_race`]).
     async fn handle(&self, name: &str) -> anyhow::Result<()> {
         // The event may be stale (e.g. our own approval): decide on the current object.
         let Some(csr) = self.csrs.get_opt(name).await? else { return Ok(()) };
@@ -150,20 +158,19 @@ impl Signer {
             return Ok(());
         }
         let approved = conditions.iter().any(|c| c.type_ == "Approved");
+        let mut version = csr.metadata.resource_version.clone();
         match self.review(&csr).await? {
             Ok((request, node)) => {
                 let id = &request.identity;
                 if !approved {
                     let why = format!("a pod of {}/{} runs on node {node}", id.namespace, id.service_account);
-                    self.add_condition(name, conditions, "Approved", "FerrySignerApproved", why, "approval")
-                        .await?;
+                    let approval = condition("Approved", "FerrySignerApproved", why);
+                    version = self.add_condition(name, version, conditions, approval, "approval").await?;
                 }
                 let leaf = self.ca.sign(id, &request.public_key, self.cert_ttl)?;
                 let pem = certs_to_pem(std::slice::from_ref(&leaf.cert));
-                let patch = json!({"status": {"certificate": ByteString(pem.into_bytes())}});
-                self.csrs
-                    .patch_subresource("status", name, &PatchParams::default(), &Patch::Merge(patch))
-                    .await?;
+                let status = json!({"certificate": ByteString(pem.into_bytes())});
+                self.patch(name, "status", version, status).await?;
                 self.metrics.signed();
                 tracing::info!(csr = %name, identity = %id, %node, serial = %leaf.serial, "certificate signed");
             }
@@ -171,8 +178,9 @@ impl Signer {
                 // Someone else approved it: the signer's refusal is then a failure to sign.
                 let (kind, subresource) =
                     if approved { ("Failed", "status") } else { ("Denied", "approval") };
+                let refusal = condition(kind, reason, message.clone());
+                self.add_condition(name, version, conditions, refusal, subresource).await?;
                 tracing::warn!(csr = %name, reason, "certificate request refused: {message}");
-                self.add_condition(name, conditions, kind, reason, message, subresource).await?;
                 self.metrics.refused(reason);
             }
         }
@@ -204,29 +212,56 @@ impl Signer {
         Ok(self.authority.authorize(&request, agent_pod.as_ref(), &pods_on_node).map(|node| (request, node)))
     }
 
+    /// Adds `condition` to the request at `version`; returns the request's new version.
     async fn add_condition(
         &self,
         name: &str,
+        version: Option<String>,
         mut conditions: Vec<CertificateSigningRequestCondition>,
-        kind: &str,
-        reason: &str,
-        message: String,
+        condition: CertificateSigningRequestCondition,
         subresource: &str,
-    ) -> anyhow::Result<()> {
-        conditions.push(CertificateSigningRequestCondition {
-            type_: kind.into(),
-            status: "True".into(),
-            reason: Some(reason.into()),
-            message: Some(message),
-            ..Default::default()
-        });
-        let patch = json!({"status": {"conditions": conditions}});
-        self.csrs
-            .patch_subresource(subresource, name, &PatchParams::default(), &Patch::Merge(patch))
+    ) -> anyhow::Result<Option<String>> {
+        let kind = condition.type_.clone();
+        conditions.push(condition);
+        let status = json!({"conditions": conditions});
+        self.patch(name, subresource, version, status)
             .await
-            .with_context(|| format!("setting condition {kind}"))?;
-        Ok(())
+            .with_context(|| format!("setting condition {kind}"))
     }
+
+    /// Merges `status` into the request's `subresource`, only if the request is still at
+    /// `version` (else the API answers 409 Conflict). Returns the request's new version.
+    async fn patch(
+        &self,
+        name: &str,
+        subresource: &str,
+        version: Option<String>,
+        status: serde_json::Value,
+    ) -> anyhow::Result<Option<String>> {
+        let patch = json!({"metadata": {"resourceVersion": version}, "status": status});
+        let patched = self
+            .csrs
+            .patch_subresource(subresource, name, &PatchParams::default(), &Patch::Merge(patch))
+            .await?;
+        Ok(patched.metadata.resource_version)
+    }
+}
+
+fn condition(kind: &str, reason: &str, message: String) -> CertificateSigningRequestCondition {
+    CertificateSigningRequestCondition {
+        type_: kind.into(),
+        status: "True".into(),
+        reason: Some(reason.into()),
+        message: Some(message),
+        ..Default::default()
+    }
+}
+
+/// Whether a write lost to another signer replica's: the request changed since it was read.
+fn lost_race(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        matches!(cause.downcast_ref::<kube::Error>(), Some(kube::Error::Api(status)) if status.is_conflict())
+    })
 }
 
 /// The root from the CA Secret; a new root (stored there) when there is none yet.
