@@ -56,13 +56,21 @@ fn main() -> ExitCode {
             trust_domain,
             cert_ttl,
             metrics_addr,
+            abandoned_after,
             log_format,
         } => {
             telemetry::init_logging(log_format);
             let authority =
                 Authority { trust_domain, agent_namespace: namespace.clone(), agent_service_account };
-            let options =
-                signer::Options { namespace, ca_secret, root_config_map, authority, cert_ttl, metrics_addr };
+            let options = signer::Options {
+                namespace,
+                ca_secret,
+                root_config_map,
+                authority,
+                cert_ttl,
+                metrics_addr,
+                abandoned_after,
+            };
             serve(signer::run(options))
         }
         Command::Ca { command } => match ca(command) {

@@ -928,17 +928,18 @@ struct Signer {
 
 impl Signer {
     fn start(sb: &Sandbox, api: &ApiServer) -> Signer {
-        Signer::start_replica(sb, api, "signer", 15014)
+        Signer::start_replica(sb, api, "signer", 15014, &[])
     }
 
     /// A signer named `name` (its log files), serving metrics on node1's `metrics_port`.
-    fn start_replica(sb: &Sandbox, api: &ApiServer, name: &str, metrics_port: u16) -> Signer {
+    fn start_replica(sb: &Sandbox, api: &ApiServer, name: &str, metrics_port: u16, args: &[&str]) -> Signer {
         let kubeconfig =
             api.kubeconfig_with_token(name, &service_account_token(api, &["ferry-signer"])).unwrap();
         let (out, err) = (sb.dir.join(format!("{name}.log")), sb.dir.join(format!("{name}.err")));
         let mut signer = Command::new(ferry_sandbox::ferry_bin().unwrap());
         signer
             .args(["signer", "--metrics-addr", &format!("0.0.0.0:{metrics_port}")])
+            .args(args)
             .env("KUBECONFIG", &kubeconfig)
             .stdout(std::fs::File::create(&out).unwrap())
             .stderr(std::fs::File::create(&err).unwrap());
@@ -984,8 +985,8 @@ fn two_signer_replicas_answer_each_request_once_and_either_signs_alone() {
     let Some((sb, api)) = cluster("kubesigners") else { return };
     api.kubectl(&["create", "namespace", "ferry-system"], None).unwrap();
     let agent_kubeconfig = deploy_ferry(&api);
-    let first = Signer::start_replica(&sb, &api, "signer-1", 15014);
-    let second = Signer::start_replica(&sb, &api, "signer-2", 15015);
+    let first = Signer::start_replica(&sb, &api, "signer-1", 15014, &[]);
+    let second = Signer::start_replica(&sb, &api, "signer-2", 15015, &[]);
     first.wait_ready(&sb);
     second.wait_ready(&sb);
     let create = |names: &[String], signers: &[&Signer]| {
@@ -1023,6 +1024,36 @@ fn two_signer_replicas_answer_each_request_once_and_either_signs_alone() {
     let before = signed(&second);
     create(&["alone".to_owned()], &[&second]);
     assert_eq!(signed(&second), before + 1.0);
+}
+
+/// Requests made while the signer was down, which their agents stopped waiting for, are deleted
+/// when it is back, not signed for nobody; fresh ones are signed.
+#[test]
+fn requests_abandoned_during_a_signer_outage_are_deleted_not_signed() {
+    let Some((sb, api)) = cluster("kubeabandon") else { return };
+    api.kubectl(&["create", "namespace", "ferry-system"], None).unwrap();
+    let agent_kubeconfig = deploy_ferry(&api);
+    let request = |name: &str| {
+        let yaml = csr_yaml(&sb.dir, name, &format!("spiffe://cluster.local/ns/{NAMESPACE}/sa/sa-a"));
+        let (code, _, err) = api.kubectl_as(&agent_kubeconfig, &["create", "-f", "-"], Some(&yaml)).unwrap();
+        assert_eq!(code, 0, "{err}");
+    };
+    request("left-over");
+    std::thread::sleep(Duration::from_secs(3));
+    let signer = Signer::start_replica(&sb, &api, "signer", 15014, &["--abandoned-after", "2s"]);
+    signer.wait_ready(&sb);
+    request("fresh");
+    wait_for_field(
+        &api,
+        &["csr", "fresh"],
+        "{.status.certificate}",
+        &format!("fresh signed\n{}", signer.log()),
+    );
+    let (code, _, err) = api.kubectl(&["get", "csr", "left-over"], None).unwrap();
+    assert_ne!(code, 0, "the abandoned request is still there\n{}", signer.log());
+    assert!(err.contains("NotFound") || err.contains("not found"), "{err}");
+    assert_eq!(signer.metric(&sb, "ferry_signer_requests_abandoned_total"), 1.0);
+    assert_eq!(signer.metric(&sb, "ferry_signer_certificates_signed_total"), 1.0);
 }
 
 /// The state of each certificate node1's agent lists (issued, expired, pending).

@@ -96,6 +96,11 @@ pub enum Command {
         /// `/healthz/ready` are served.
         #[arg(long, default_value = "0.0.0.0:15014")]
         metrics_addr: std::net::SocketAddr,
+        /// Requests still unanswered this long after they were made are deleted instead of
+        /// answered: their agent stopped waiting after 60 s and asked again. So the requests
+        /// made while the signer was down neither pile up nor delay the fresh ones after it.
+        #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+        abandoned_after: std::time::Duration,
         /// Log output format.
         #[arg(long, value_enum, default_value = "text")]
         log_format: LogFormat,

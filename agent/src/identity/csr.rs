@@ -24,8 +24,8 @@ pub const USAGES: [&str; 4] = ["digital signature", "key encipherment", "server 
 /// Annotations saying, to operators reading `kubectl get csr`, who asked for what.
 pub const NODE_ANNOTATION: &str = "ferry.dev/node";
 pub const IDENTITY_ANNOTATION: &str = "ferry.dev/identity";
-/// How long a request may wait for the signer.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a request may wait for the signer; then the agent asks again with a new one.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Clone)]
 pub struct CsrClient {

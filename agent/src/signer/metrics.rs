@@ -21,6 +21,7 @@ pub(super) struct SignerMetrics {
     signed: Counter,
     refused: Family<ReasonLabels, Counter>,
     errors: Counter,
+    abandoned: Counter,
     /// Set once the root is published and requests are watched.
     serving: AtomicBool,
 }
@@ -28,7 +29,8 @@ pub(super) struct SignerMetrics {
 impl Default for SignerMetrics {
     fn default() -> SignerMetrics {
         let mut registry = Registry::default();
-        let (signed, refused, errors) = (Counter::default(), Family::default(), Counter::default());
+        let (signed, refused, errors, abandoned) =
+            (Counter::default(), Family::default(), Counter::default(), Counter::default());
         registry.register("ferry_signer_certificates_signed", "Workload certificates signed", signed.clone());
         registry.register(
             "ferry_signer_requests_refused",
@@ -40,7 +42,12 @@ impl Default for SignerMetrics {
             "Certificate requests the signer could not answer (API errors; the agent asks again)",
             errors.clone(),
         );
-        SignerMetrics { registry, signed, refused, errors, serving: AtomicBool::new(false) }
+        registry.register(
+            "ferry_signer_requests_abandoned",
+            "Certificate requests deleted unanswered because their agent had stopped waiting and asked again (left over from a time the signer was down)",
+            abandoned.clone(),
+        );
+        SignerMetrics { registry, signed, refused, errors, abandoned, serving: AtomicBool::new(false) }
     }
 }
 
@@ -55,6 +62,10 @@ impl SignerMetrics {
 
     pub(super) fn error(&self) {
         self.errors.inc();
+    }
+
+    pub(super) fn abandoned(&self) {
+        self.abandoned.inc();
     }
 
     pub(super) fn set_serving(&self) {

@@ -6,7 +6,12 @@
 mod metrics;
 pub mod review;
 
-use std::{net::SocketAddr, pin::pin, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    pin::pin,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use anyhow::Context;
 use futures_util::TryStreamExt;
@@ -19,7 +24,7 @@ use k8s_openapi::{
 };
 use kube::{
     Api, Client,
-    api::{ListParams, ObjectMeta, Patch, PatchParams, PostParams},
+    api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams},
     runtime::{WatchStreamExt, watcher},
 };
 use serde_json::json;
@@ -45,6 +50,9 @@ pub struct Options {
     pub cert_ttl: Duration,
     /// Where `/metrics` and `/healthz/ready` are served.
     pub metrics_addr: SocketAddr,
+    /// Unanswered requests older than this are deleted instead of answered (see
+    /// [`review::abandoned`]).
+    pub abandoned_after: Duration,
 }
 
 struct Signer {
@@ -53,6 +61,7 @@ struct Signer {
     ca: FileCa,
     authority: Authority,
     cert_ttl: Duration,
+    abandoned_after: Duration,
     metrics: Arc<SignerMetrics>,
     /// Why the CA Secret was last unusable, until it is read well again: logged once, not at
     /// every poll.
@@ -77,6 +86,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         ca,
         authority: options.authority.clone(),
         cert_ttl: options.cert_ttl,
+        abandoned_after: options.abandoned_after,
         metrics,
         secret_refused: None,
     };
@@ -157,6 +167,13 @@ impl Signer {
         if csr.spec.signer_name != SIGNER_NAME || answered || status.certificate.is_some() {
             return Ok(());
         }
+        if review::abandoned(
+            csr.metadata.creation_timestamp.as_ref(),
+            SystemTime::now(),
+            self.abandoned_after,
+        ) {
+            return self.delete_abandoned(name).await;
+        }
         let approved = conditions.iter().any(|c| c.type_ == "Approved");
         let mut version = csr.metadata.resource_version.clone();
         match self.review(&csr).await? {
@@ -185,6 +202,19 @@ impl Signer {
             }
         }
         Ok(())
+    }
+
+    /// Deletes a request its agent no longer waits for (another replica may have done so).
+    async fn delete_abandoned(&self, name: &str) -> anyhow::Result<()> {
+        match self.csrs.delete(name, &DeleteParams::default()).await {
+            Ok(_) => {
+                self.metrics.abandoned();
+                tracing::debug!(csr = %name, "deleted an abandoned certificate request");
+                Ok(())
+            }
+            Err(kube::Error::Api(status)) if status.is_not_found() => Ok(()),
+            Err(e) => Err(e).context("deleting an abandoned request"),
+        }
     }
 
     /// Looks up the requesting agent's pod and the pods on its node, and decides.

@@ -6,7 +6,12 @@
 //! trust domain and mTLS usages only, and (3) a pod with that namespace and service account runs
 //! on that node. A compromised node can thus obtain only the identities of its own workloads.
 
-use k8s_openapi::api::{certificates::v1::CertificateSigningRequestSpec, core::v1::Pod};
+use std::time::{Duration, SystemTime};
+
+use k8s_openapi::{
+    api::{certificates::v1::CertificateSigningRequestSpec, core::v1::Pod},
+    apimachinery::pkg::apis::meta::v1::Time,
+};
 use rcgen::{CertificateSigningRequestParams, PublicKey, SanType};
 
 use crate::identity::{SpiffeId, csr::USAGES};
@@ -38,6 +43,14 @@ pub struct Request {
     pub public_key: PublicKey,
     pub agent_pod: String,
     pub agent_pod_uid: String,
+}
+
+/// Whether a request still unanswered, created at `created`, is older than `after`: its agent
+/// stopped waiting for it ([`crate::identity::csr::REQUEST_TIMEOUT`]) and asked again, so an
+/// answer would serve nobody. A signer back from an outage finds many such requests.
+pub fn abandoned(created: Option<&Time>, now: SystemTime, after: Duration) -> bool {
+    created
+        .is_some_and(|created| now.duration_since(SystemTime::from(created.0)).is_ok_and(|age| age > after))
 }
 
 fn deny(reason: &'static str, message: String) -> Denial {
@@ -278,5 +291,17 @@ mod tests {
                 "{what}"
             );
         }
+    }
+
+    #[test]
+    fn a_request_older_than_its_agents_wait_is_abandoned() {
+        let now = SystemTime::now();
+        let created = |ago: u64| Some(Time((now - Duration::from_secs(ago)).try_into().unwrap()));
+        let after = Duration::from_secs(120);
+        assert!(abandoned(created(121).as_ref(), now, after));
+        assert!(!abandoned(created(60).as_ref(), now, after));
+        // A clock behind the API server's sees requests from the future: they are new.
+        assert!(!abandoned(Some(&Time((now + Duration::from_secs(30)).try_into().unwrap())), now, after));
+        assert!(!abandoned(None, now, after));
     }
 }
