@@ -127,6 +127,11 @@ impl Default for Limits {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Workload {
     pub name: String,
+    /// What it is an instance of, as Istio names workloads in metrics (`source_workload`,
+    /// `destination_workload`): in Kubernetes the pod's controller (a Deployment, StatefulSet,
+    /// DaemonSet, CronJob...), so that metrics survive a rollout's new pod names. Default: `name`.
+    #[serde(default)]
+    pub workload_name: Option<String>,
     pub namespace: String,
     #[serde(default = "default_service_account")]
     pub service_account: String,

@@ -26,6 +26,11 @@ impl Workload {
         format!("{}/{}", self.namespace, self.name)
     }
 
+    /// The name metrics report it by (see [`Workload::workload_name`]).
+    pub fn metrics_name(&self) -> &str {
+        self.workload_name.as_deref().unwrap_or(&self.name)
+    }
+
     /// SPIFFE identity: `spiffe://<trust-domain>/ns/<ns>/sa/<sa>`.
     pub fn identity(&self, trust_domain: &str) -> SpiffeId {
         SpiffeId::new(trust_domain, &self.namespace, &self.service_account)

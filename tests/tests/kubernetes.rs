@@ -530,6 +530,14 @@ fn istio_authorization_policies_are_honoured() {
 fn service_connections_are_balanced_over_its_pods() {
     let Some((mut sb, api)) = cluster("kubesvc") else { return };
     api.kubectl(&["label", "pod", "b", "c", "-n", NAMESPACE, "role=web"], None).unwrap();
+    // b and c are replicas of Deployment web: their ReplicaSet controls them.
+    let replica = r#"{"metadata": {"labels": {"pod-template-hash": "5d8f9c"}, "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web-5d8f9c", "uid": "6a1f1c4e-0000-4000-8000-000000000001", "controller": true}]}}"#;
+    for pod in ["b", "c"] {
+        let (code, _, err) = api
+            .kubectl(&["patch", "pod", pod, "-n", NAMESPACE, "--type=merge", "-p", replica], None)
+            .unwrap();
+        assert_eq!(code, 0, "{err}");
+    }
     let service = format!(
         "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: {NAMESPACE}}}\n\
          spec:\n  selector: {{role: web}}\n  \
@@ -571,6 +579,16 @@ fn service_connections_are_balanced_over_its_pods() {
             .any(|l| l.starts_with(&series)
                 && l.contains("destination_service=\"web.shop.svc.cluster.local\"")),
         "no connection metric names the service:\n{metrics}"
+    );
+    // Metrics name the Deployment the endpoints belong to, not the pods (whose names change with
+    // every rollout); the flow events name the pods.
+    let opened = || metrics.lines().filter(|l| l.starts_with("istio_tcp_connections_opened_total"));
+    assert!(opened().any(|l| l.contains("destination_workload=\"web\"")), "{metrics}");
+    assert!(!opened().any(|l| l.contains("destination_workload=\"b\"")), "{metrics}");
+    let flows = sb.ferry_json("node1", &["flows"]).unwrap();
+    assert!(
+        flows.as_array().unwrap().iter().any(|f| f["dst_workload"] == format!("{NAMESPACE}/b")),
+        "{flows}"
     );
 
     // A pod that is not Ready gets no service connections.

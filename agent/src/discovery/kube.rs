@@ -20,7 +20,7 @@ use std::{
 };
 
 use futures_util::StreamExt;
-use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use k8s_openapi::apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString};
 use kube::{
     Api, Client,
     api::{ApiResource, DynamicObject, GroupVersionKind},
@@ -530,8 +530,10 @@ fn workload(pod: &Pod, node: &str, cgroups: &mut PodCgroups, capture: bool) -> O
     } else {
         (None, None)
     };
+    let name = pod.metadata.name.clone()?;
     Some(config::Workload {
-        name: pod.metadata.name.clone()?,
+        workload_name: Some(workload_name(&name, &pod.metadata)),
+        name,
         namespace: pod.metadata.namespace.clone()?,
         service_account: spec.service_account_name.clone().unwrap_or_else(|| "default".to_owned()),
         labels: pod.metadata.labels.clone().unwrap_or_default(),
@@ -551,6 +553,29 @@ fn workload(pod: &Pod, node: &str, cgroups: &mut PodCgroups, capture: bool) -> O
         cgroup,
         ports: named_ports(spec),
     })
+}
+
+/// The workload a pod is an instance of, named as Istio names it in metrics: its controller, a
+/// ReplicaSet named for its Deployment (the pod-template-hash suffix cut off), a Job for its
+/// CronJob (the schedule time suffix cut off); the pod itself if nothing controls it. Pod names
+/// change with every rollout; series labelled with them would grow without end.
+fn workload_name(pod_name: &str, meta: &ObjectMeta) -> String {
+    let Some(owner) = meta.owner_references.iter().flatten().find(|o| o.controller == Some(true)) else {
+        return pod_name.to_owned();
+    };
+    let name = owner.name.as_str();
+    let trimmed = match owner.kind.as_str() {
+        "ReplicaSet" => label(&meta.labels, "pod-template-hash")
+            .and_then(|hash| name.strip_suffix(hash))
+            .and_then(|rest| rest.strip_suffix('-')),
+        // CronJobs name their Jobs `<cronjob>-<minutes since the epoch>`.
+        "Job" => name.rsplit_once('-').and_then(|(cron_job, suffix)| {
+            ((8..=10).contains(&suffix.len()) && suffix.bytes().all(|b| b.is_ascii_digit()))
+                .then_some(cron_job)
+        }),
+        _ => None,
+    };
+    trimmed.filter(|t| !t.is_empty()).unwrap_or(name).to_owned()
 }
 
 /// The pod's named TCP container ports, which services may name as their target port.
@@ -660,6 +685,37 @@ fn subdirs(dir: &Path) -> impl Iterator<Item = PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pod_is_named_in_metrics_by_what_controls_it() {
+        let meta = |kind: &str, owner: &str, controller: bool, hash: Option<&str>| ObjectMeta {
+            labels: hash.map(|h| [("pod-template-hash".to_owned(), h.to_owned())].into()),
+            owner_references: Some(vec![k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+                kind: kind.into(),
+                name: owner.into(),
+                controller: Some(controller),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        };
+        let cases = [
+            (meta("ReplicaSet", "web-7d4b9c8f6d", true, Some("7d4b9c8f6d")), "web"),
+            (meta("ReplicaSet", "api-v2-5f6d7", true, Some("5f6d7")), "api-v2"),
+            // A ReplicaSet of its own (no Deployment's hash in its name) is the workload.
+            (meta("ReplicaSet", "cache", true, Some("5f6d7")), "cache"),
+            (meta("StatefulSet", "db", true, None), "db"),
+            (meta("DaemonSet", "logs", true, None), "logs"),
+            (meta("Job", "report-29412345", true, None), "report"),
+            (meta("Job", "migrate-v3", true, None), "migrate-v3"),
+            (meta("Job", "backup-1234", true, None), "backup-1234"),
+            // An owner that does not control the pod does not name it.
+            (meta("StatefulSet", "db", false, None), "web-7d4b9c8f6d-x2k9q"),
+            (ObjectMeta::default(), "web-7d4b9c8f6d-x2k9q"),
+        ];
+        for (meta, expected) in cases {
+            assert_eq!(workload_name("web-7d4b9c8f6d-x2k9q", &meta), expected, "{meta:?}");
+        }
+    }
 
     fn istio(spec: serde_json::Value) -> DynamicObject {
         DynamicObject::new("p", &istio_policy_resource())

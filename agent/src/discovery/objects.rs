@@ -9,7 +9,7 @@ use std::{borrow::Cow, collections::BTreeMap};
 use k8s_openapi::{
     NamespaceResourceScope,
     apimachinery::pkg::{
-        apis::meta::v1::{ObjectMeta, Time},
+        apis::meta::v1::{ObjectMeta, OwnerReference, Time},
         util::intstr::IntOrString,
     },
 };
@@ -104,8 +104,8 @@ pub(super) struct ServicePort {
     pub(super) target_port: Option<IntOrString>,
 }
 
-/// The metadata discovery uses: names, uid, labels, the capture mark, whether the object is
-/// being deleted, and the resource version the watch resumes from.
+/// The metadata discovery uses: names, uid, labels, the controller, the capture mark, whether the
+/// object is being deleted, and the resource version the watch resumes from.
 fn metadata<'de, D: Deserializer<'de>>(deserializer: D) -> Result<ObjectMeta, D::Error> {
     #[derive(Deserialize)]
     #[serde(rename_all = "camelCase")]
@@ -115,17 +115,21 @@ fn metadata<'de, D: Deserializer<'de>>(deserializer: D) -> Result<ObjectMeta, D:
         labels: Option<BTreeMap<String, String>>,
         name: Option<String>,
         namespace: Option<String>,
+        owner_references: Option<Vec<OwnerReference>>,
         resource_version: Option<String>,
         uid: Option<String>,
     }
     let kept = Kept::deserialize(deserializer)?;
     let mark = kept.annotations.and_then(|mut a| a.remove_entry(CAPTURED_ANNOTATION));
+    // Only the controller: a pod's names its workload (see `kube::workload_name`).
+    let controller = kept.owner_references.into_iter().flatten().find(|o| o.controller == Some(true));
     Ok(ObjectMeta {
         annotations: mark.map(|mark| [mark].into()),
         deletion_timestamp: kept.deletion_timestamp,
         labels: kept.labels,
         name: kept.name,
         namespace: kept.namespace,
+        owner_references: controller.map(|owner| vec![owner]),
         resource_version: kept.resource_version,
         uid: kept.uid,
         ..ObjectMeta::default()
@@ -178,7 +182,10 @@ mod tests {
                 "labels": {"app": "web"},
                 "annotations": {CAPTURED_ANNOTATION: "true", "kubectl.kubernetes.io/last-applied-configuration": "{}"},
                 "deletionTimestamp": "2026-12-01T00:00:00Z",
-                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web", "uid": "r"}],
+                "ownerReferences": [
+                    {"apiVersion": "v1", "kind": "ConfigMap", "name": "other", "uid": "c"},
+                    {"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web", "uid": "r", "controller": true},
+                ],
                 "managedFields": [{"manager": "kubelet", "operation": "Update", "fieldsV1": {"f:status": {}}}],
             },
             "spec": {
@@ -197,11 +204,9 @@ mod tests {
         let meta = &pod.metadata;
         assert_eq!(meta.annotations, Some([(CAPTURED_ANNOTATION.to_owned(), "true".to_owned())].into()));
         assert_eq!(meta.resource_version.as_deref(), Some("42"), "watches resume from it");
-        assert!(
-            meta.deletion_timestamp.is_some()
-                && meta.owner_references.is_none()
-                && meta.managed_fields.is_none()
-        );
+        assert!(meta.deletion_timestamp.is_some() && meta.managed_fields.is_none());
+        let owners = meta.owner_references.as_deref().unwrap_or_default();
+        assert_eq!(owners.iter().map(|o| (&*o.kind, &*o.name)).collect::<Vec<_>>(), [("ReplicaSet", "web")]);
         let spec = pod.spec.unwrap();
         let port = &spec.containers[0].ports.as_ref().unwrap()[0];
         assert_eq!((port.name.as_deref(), port.container_port), (Some("http"), 8080));

@@ -66,6 +66,7 @@ mod tests {
             };
             Arc::new(Workload {
                 name: ip.to_string(),
+                workload_name: None,
                 namespace: "ns".into(),
                 service_account: "sa".into(),
                 labels: Default::default(),

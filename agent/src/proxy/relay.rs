@@ -125,7 +125,7 @@ impl Flow {
     }
 
     pub(super) fn labels(&self) -> ConnectionLabels {
-        let name = |w: &Option<Arc<Workload>>| w.as_ref().map_or(UNKNOWN.to_owned(), |w| w.name.clone());
+        let name = |w: &Option<Arc<Workload>>| w.as_ref().map_or(UNKNOWN, |w| w.metrics_name()).to_owned();
         let namespace =
             |w: &Option<Arc<Workload>>| w.as_ref().map_or(UNKNOWN.to_owned(), |w| w.namespace.clone());
         let app = |w: &Option<Arc<Workload>>| {

@@ -152,6 +152,7 @@ mod tests {
     fn builds_the_connect_request() {
         let source = Workload {
             name: "a".into(),
+            workload_name: None,
             namespace: "shop".into(),
             service_account: "sa".into(),
             labels: Default::default(),
