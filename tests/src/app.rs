@@ -77,6 +77,19 @@ impl Pod {
         self.serve_mode("serve", port)
     }
 
+    /// Starts an echo server on `[::]:port` that greets each connection first, unasked (as
+    /// server-first protocols do).
+    pub fn serve_greeting(&self, port: u16) -> Result<Server> {
+        self.serve_mode("greet", port)
+    }
+
+    /// Connects from this pod to `to` and waits for a greeting without sending anything: what
+    /// `sandbox-app await` printed ("greeted TEXT", or an error as [`Pod::connect`]'s).
+    pub fn await_greeting(&self, to: SocketAddr) -> Result<String> {
+        let output = self.app(&["await", &to.to_string()])?.wait_with_output()?;
+        Ok(String::from_utf8_lossy(&output.stdout).trim_end().to_owned())
+    }
+
     /// Starts a discarding server (for one-way bulk) on `[::]:port`.
     pub fn serve_sink(&self, port: u16) -> Result<Server> {
         self.serve_mode("sink", port)

@@ -53,6 +53,27 @@ fn cross_node_connection_goes_through_both_agents() {
     assert_eq!(metric(&sb, "node2", STEERED), 0.0);
 }
 
+/// Server-first protocols (SMTP, MySQL, SSH): the client says nothing until the server has
+/// spoken, so no path may wait for the client's first bytes before it connects onwards.
+#[test]
+fn a_server_that_speaks_first_is_heard_on_every_path() {
+    let sb = with_agents("greet");
+    let _servers: Vec<_> = ["b", "c", "u"].map(|pod| sb.pod(pod).serve_greeting(2525).unwrap()).into();
+    for (from, to, path) in [
+        ("a", "b", "same node"),
+        ("a", "c", "HBONE"),
+        ("u", "c", "inbound plaintext"),
+        ("a", "u", "passthrough"),
+    ] {
+        let heard = sb.pod(from).await_greeting(addr(&sb, to, 2525)).unwrap();
+        assert_eq!(heard, "greeted 220 sandbox ready", "{from} -> {to} ({path})");
+    }
+    // The four went through the agents, not around them.
+    assert_eq!(metric(&sb, "node1", REDIRECTED), 3.0);
+    assert_eq!(metric(&sb, "node2", INBOUND_HBONE), 1.0);
+    assert_eq!(metric(&sb, "node2", STEERED), 1.0);
+}
+
 /// Java and .NET connect to IPv4 addresses through IPv6 sockets (`::ffff:a.b.c.d`), which connect4
 /// never sees: connect6 captures them like IPv4, and getpeername6 hides the redirect.
 #[test]

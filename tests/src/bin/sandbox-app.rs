@@ -1,6 +1,10 @@
 //! The sandbox's application: an echo server and a client, run inside pods.
 //!
 //! serve PORT                      -> "listening", then "accepted PEER" per connection
+//! greet PORT                      -> as serve, but each connection first gets GREETING, unasked
+//!                                    (server-first protocols: SMTP, MySQL, SSH)
+//! await ADDR                      -> connects and reads without writing: "greeted TEXT", or an
+//!                                    error as connect
 //! connect ADDR BYTES [--mark M]   -> "peer ADDR" (getpeername), "local ADDR" (getsockname), then one of
 //!                                    "echoed N" | "refused" | "reset" | "timeout" | "error MSG"
 //! rr ADDR COUNT [SIZE]            -> "rr P50 P99 P90 P99.9" (us): closed-loop ping-pong of SIZE bytes
@@ -28,7 +32,9 @@ use std::{
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
-        ["serve", port] => serve(port.parse().expect("port")),
+        ["serve", port] => serve(port.parse().expect("port"), b""),
+        ["greet", port] => serve(port.parse().expect("port"), GREETING),
+        ["await", addr] => await_greeting(addr.parse().expect("address")),
         ["connect", addr, bytes, rest @ ..] => {
             let mark = match rest {
                 ["--mark", m] => Some(parse_u32(m)),
@@ -66,7 +72,7 @@ fn main() -> ExitCode {
         ["bulk", addr, mib] => bulk(addr.parse().expect("address"), mib.parse().expect("MiB")),
         _ => {
             eprintln!(
-                "usage: sandbox-app MODE ARGS, MODE one of serve, connect, rr, rro, bulk, sink, send, cps, idle, hold, stream, probe"
+                "usage: sandbox-app MODE ARGS, MODE one of serve, greet, await, connect, rr, rro, bulk, sink, send, cps, idle, hold, stream, probe"
             );
             return ExitCode::from(2);
         }
@@ -87,7 +93,11 @@ fn listen(port: u16) -> TcpListener {
     TcpListener::bind(("::", port)).or_else(|_| TcpListener::bind(("0.0.0.0", port))).expect("bind")
 }
 
-fn serve(port: u16) {
+/// What `greet` sends first on each connection.
+const GREETING: &[u8] = b"220 sandbox ready\n";
+
+/// Echoes every connection, after sending it `greeting` (if any).
+fn serve(port: u16, greeting: &'static [u8]) {
     let listener = listen(port);
     println!("listening");
     for stream in listener.incoming() {
@@ -103,6 +113,9 @@ fn serve(port: u16) {
             Err(_) => continue,
         }
         std::thread::spawn(move || {
+            if stream.write_all(greeting).is_err() {
+                return;
+            }
             let mut buf = vec![0u8; 64 * 1024];
             loop {
                 match stream.read(&mut buf) {
@@ -157,6 +170,25 @@ fn connect(addr: SocketAddr, bytes: usize, mark: Option<u32>) {
         (Ok(_), Ok(payload)) if echoed == payload => println!("echoed {}", echoed.len()),
         (Ok(_), Ok(_)) => println!("error echo mismatch: got {} bytes", echoed.len()),
     }
+}
+
+/// A client of a server-first protocol: it says nothing until the server has spoken.
+fn await_greeting(addr: SocketAddr) {
+    let mut stream = match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+        Ok(stream) => stream,
+        Err(e) => return report_error(&e),
+    };
+    stream.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    let mut greeting = Vec::new();
+    let mut byte = [0u8; 1];
+    while !greeting.ends_with(b"\n") {
+        match stream.read(&mut byte) {
+            Ok(0) => return println!("error closed after {:?}", String::from_utf8_lossy(&greeting)),
+            Ok(_) => greeting.push(byte[0]),
+            Err(e) => return report_error(&e),
+        }
+    }
+    println!("greeted {}", String::from_utf8_lossy(&greeting).trim_end());
 }
 
 fn report_error(e: &std::io::Error) {
