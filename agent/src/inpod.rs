@@ -8,6 +8,7 @@
 use std::{
     fs::File,
     io,
+    mem::MaybeUninit,
     net::SocketAddr,
     os::fd::{AsFd, AsRawFd, BorrowedFd},
     path::Path,
@@ -70,10 +71,31 @@ impl PodNetns {
         let socket = in_netns(self.as_fd(), || new_tcp_socket(dst))?;
         socket.set_mark(AGENT_MARK)?;
         socket.set_tcp_nodelay(true)?;
-        let stream = tokio::net::TcpSocket::from_std_stream(socket.into());
-        tokio::time::timeout(timeout, stream.connect(dst)).await.unwrap_or_else(|_| {
+        match socket.connect(&dst.into()) {
+            Err(e) if e.raw_os_error() != Some(libc::EINPROGRESS) => return Err(e),
+            _ => {}
+        }
+        let stream = tokio::net::TcpStream::from_std(socket.into())?;
+        tokio::time::timeout(timeout, connected(stream)).await.unwrap_or_else(|_| {
             Err(io::Error::new(io::ErrorKind::TimedOut, format!("no answer from {dst} within {timeout:?}")))
         })
+    }
+}
+
+/// Waits for a non-blocking connect to finish: the stream, or why it failed.
+async fn connected(stream: tokio::net::TcpStream) -> io::Result<tokio::net::TcpStream> {
+    stream.writable().await?;
+    let socket = socket2::SockRef::from(&stream);
+    if socket.peer_addr().is_ok() {
+        return Ok(stream);
+    }
+    // Not connected, or no longer: established, then reset before we looked (a server that speaks
+    // first, then fails) leaves what it sent queued ahead of the reset, which the relay passes
+    // on in order. Else reading gives the error (refused, reset).
+    match socket.peek(&mut [MaybeUninit::uninit()]) {
+        Ok(n) if n > 0 => Ok(stream),
+        Ok(_) => Err(io::ErrorKind::NotConnected.into()),
+        Err(e) => Err(e),
     }
 }
 

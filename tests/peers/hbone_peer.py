@@ -10,7 +10,8 @@ Nothing here shares code with Ferry. It speaks HBONE as ../shared/design/hbone.m
       prints {"listening": true}, then per CONNECT {"client_identity", "pseudo", "headers"} and
       answers 200, echoing the stream's bytes back and ending when the client ends
       (--answer-after-data: once the stream's first bytes arrived; --never-answer: never, while
-      still answering pings). Prints {"reset": STREAM_ID, "error_code": N} when a client resets.
+      still answering pings; --greet-then-reset CODE: a greeting line, then RST_STREAM CODE).
+      Prints {"reset": STREAM_ID, "error_code": N} when a client resets.
 """
 import argparse
 import json
@@ -128,7 +129,7 @@ def client(args):
                 elif isinstance(event, h2.events.StreamEnded) and event.stream_id == stream:
                     done = True
                 elif isinstance(event, h2.events.StreamReset) and event.stream_id == stream:
-                    result["reset"] = True
+                    result["reset"] = int(event.error_code)
                     done = True
                 elif isinstance(event, h2.events.ConnectionTerminated):
                     result["error"] = "GOAWAY"
@@ -141,7 +142,7 @@ def client(args):
     sock.close()
 
 
-def serve_connection(sock, answer_after_data, never_answer):
+def serve_connection(sock, answer_after_data, never_answer, greet_then_reset):
     client_identity = uri_san(sock.getpeercert())
     # CONNECT streams not answered yet: with --answer-after-data, until their first bytes arrive.
     unanswered = set()
@@ -166,6 +167,11 @@ def serve_connection(sock, answer_after_data, never_answer):
                       "header_order": [k.decode() if isinstance(k, bytes) else k for k, _ in event.headers]})
                 status = "200" if pseudo.get(":method") == "CONNECT" else "400"
                 if status == "200" and never_answer:
+                    continue
+                if status == "200" and greet_then_reset is not None:
+                    conn.send_headers(event.stream_id, [(":status", "200")])
+                    conn.send_data(event.stream_id, b"220 sandbox ready\n")
+                    conn.reset_stream(event.stream_id, error_code=greet_then_reset)
                     continue
                 if status == "200" and answer_after_data:
                     unanswered.add(event.stream_id)
@@ -208,7 +214,7 @@ def server(args):
         except (ssl.SSLError, OSError) as e:
             emit({"tls_error": str(e)})
             continue
-        threading.Thread(target=serve_connection, args=(sock, args.answer_after_data, args.never_answer), daemon=True).start()
+        threading.Thread(target=serve_connection, args=(sock, args.answer_after_data, args.never_answer, args.greet_then_reset), daemon=True).start()
 
 
 def main():
@@ -226,6 +232,8 @@ def main():
                         help="server: answer a CONNECT only once its first bytes have arrived")
     parser.add_argument("--never-answer", action="store_true",
                         help="server: never answer a CONNECT (pings still are)")
+    parser.add_argument("--greet-then-reset", type=int, metavar="CODE",
+                        help="server: answer a CONNECT with 200 and a greeting line, then RST_STREAM CODE")
     args = parser.parse_args()
     (client if args.mode == "client" else server)(args)
 

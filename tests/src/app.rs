@@ -90,6 +90,18 @@ impl Pod {
         Ok(String::from_utf8_lossy(&output.stdout).trim_end().to_owned())
     }
 
+    /// Like [`Pod::await_greeting`], then reads to the connection's end: the greeting line and
+    /// "then closed" | "then reset" | "then timeout".
+    pub fn await_greeting_to_end(&self, to: SocketAddr) -> Result<String> {
+        let output = self.app(&["await", &to.to_string(), "--to-end"])?.wait_with_output()?;
+        Ok(String::from_utf8_lossy(&output.stdout).trim_end().to_owned())
+    }
+
+    /// Starts a server on `[::]:port` that greets each connection, then resets it.
+    pub fn serve_then_reset(&self, port: u16) -> Result<Server> {
+        self.serve_mode("abort", port)
+    }
+
     /// Starts a discarding server (for one-way bulk) on `[::]:port`.
     pub fn serve_sink(&self, port: u16) -> Result<Server> {
         self.serve_mode("sink", port)

@@ -74,6 +74,25 @@ fn a_server_that_speaks_first_is_heard_on_every_path() {
     assert_eq!(metric(&sb, "node2", STEERED), 1.0);
 }
 
+/// A server that fails mid-connection resets it: the client must see a reset, not an orderly
+/// end it would take for a complete answer.
+#[test]
+fn a_reset_from_the_server_reaches_the_client_as_a_reset() {
+    let sb = with_agents("abort");
+    let _servers: Vec<_> = ["b", "c", "u"].map(|pod| sb.pod(pod).serve_then_reset(2526).unwrap()).into();
+    for (from, to, path) in [
+        ("a", "b", "same node"),
+        ("a", "c", "HBONE"),
+        ("u", "c", "inbound plaintext"),
+        ("a", "u", "passthrough"),
+    ] {
+        let heard = sb.pod(from).await_greeting_to_end(addr(&sb, to, 2526)).unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        let logs = format!("{}\n{}", sb.agent_log("node1"), sb.agent_log("node2"));
+        assert_eq!(heard, "greeted 220 sandbox ready\nthen reset", "{from} -> {to} ({path})\n{logs}");
+    }
+}
+
 /// Java and .NET connect to IPv4 addresses through IPv6 sockets (`::ffff:a.b.c.d`), which connect4
 /// never sees: connect6 captures them like IPv4, and getpeername6 hides the redirect.
 #[test]

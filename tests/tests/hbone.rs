@@ -206,6 +206,38 @@ fn a_connect_the_peer_never_answers_is_given_up_after_the_connect_timeout() {
     assert_eq!(reset.map(|e| e["error_code"].clone()), Some(Value::from(8)), "RST_STREAM CANCEL: {events:?}");
 }
 
+/// How a stream ends is how the app's connection ends (hbone.md, RFC 9113 section 8.5): a
+/// RST_STREAM with CANCEL (what ztunnel sends for a stream it is done with) is an orderly end, one
+/// with CONNECT_ERROR (the peer's TCP connection was reset) is a reset; either comes after the
+/// bytes sent before it. And Ferry, as the server, sends CONNECT_ERROR when its app resets.
+#[test]
+fn stream_resets_and_connection_resets_carry_over_both_ways() {
+    let mut sb = sandbox("resets");
+    let cert = sb.issue_cert(&sb.ca_dir_created().unwrap(), &spiffe("sa-c"), "c").unwrap();
+    let server = addr(&sb, "c", 15008);
+    sb.start_agent("node1", None).unwrap();
+    for (code, ending) in [(8, "then closed"), (10, "then reset")] {
+        let args = ["--greet-then-reset".to_owned(), code.to_string()];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let _peer = hbone_server(&sb.pod("c").netns, server, &cert, &sb.ca_dir(), &args).unwrap();
+        let heard = sb.pod("a").await_greeting_to_end(addr(&sb, "c", PORT)).unwrap();
+        assert_eq!(heard, format!("greeted 220 sandbox ready\n{ending}"), "RST_STREAM {code}");
+    }
+
+    // Ferry as the server: its app greets, then resets.
+    drop(sb);
+    let mut sb = sandbox("resets2");
+    let _app = sb.pod("c").serve_then_reset(PORT).unwrap();
+    sb.start_agent("node2", None).unwrap();
+    let cert = sb.issue_cert(&sb.ca_dir_created().unwrap(), &spiffe("sa-a"), "a").unwrap();
+    let request = format!("CONNECT,{}", addr(&sb, "c", PORT));
+    let server = addr(&sb, "c", 15008);
+    let out = hbone_client(&sb.node("node1").netns, server, Some(&cert), &sb.ca_dir(), &[&request]).unwrap();
+    assert_eq!(out[1]["status"], 200, "{out:?}");
+    assert_eq!(out[1]["echo"], "220 sandbox ready\n", "{out:?}");
+    assert_eq!(out[1]["reset"], 10, "RST_STREAM CONNECT_ERROR: {out:?}");
+}
+
 #[test]
 fn ferry_client_resets_when_the_server_has_the_wrong_identity() {
     let mut sb = sandbox("wrongid");

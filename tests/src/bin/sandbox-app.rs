@@ -3,8 +3,10 @@
 //! serve PORT                      -> "listening", then "accepted PEER" per connection
 //! greet PORT                      -> as serve, but each connection first gets GREETING, unasked
 //!                                    (server-first protocols: SMTP, MySQL, SSH)
-//! await ADDR                      -> connects and reads without writing: "greeted TEXT", or an
-//!                                    error as connect
+//! abort PORT                      -> "listening"; greets each connection, then resets it (RST)
+//! await ADDR [--to-end]           -> connects and reads without writing: "greeted TEXT", or an
+//!                                    error as connect; with --to-end, then how the connection
+//!                                    ended: "then closed" | "then reset" | "then timeout"
 //! connect ADDR BYTES [--mark M]   -> "peer ADDR" (getpeername), "local ADDR" (getsockname), then one of
 //!                                    "echoed N" | "refused" | "reset" | "timeout" | "error MSG"
 //! rr ADDR COUNT [SIZE]            -> "rr P50 P99 P90 P99.9" (us): closed-loop ping-pong of SIZE bytes
@@ -34,7 +36,8 @@ fn main() -> ExitCode {
     match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
         ["serve", port] => serve(port.parse().expect("port"), b""),
         ["greet", port] => serve(port.parse().expect("port"), GREETING),
-        ["await", addr] => await_greeting(addr.parse().expect("address")),
+        ["abort", port] => abort(port.parse().expect("port")),
+        ["await", addr, rest @ ..] => await_greeting(addr.parse().expect("address"), rest == ["--to-end"]),
         ["connect", addr, bytes, rest @ ..] => {
             let mark = match rest {
                 ["--mark", m] => Some(parse_u32(m)),
@@ -72,7 +75,7 @@ fn main() -> ExitCode {
         ["bulk", addr, mib] => bulk(addr.parse().expect("address"), mib.parse().expect("MiB")),
         _ => {
             eprintln!(
-                "usage: sandbox-app MODE ARGS, MODE one of serve, greet, await, connect, rr, rro, bulk, sink, send, cps, idle, hold, stream, probe"
+                "usage: sandbox-app MODE ARGS, MODE one of serve, greet, abort, await, connect, rr, rro, bulk, sink, send, cps, idle, hold, stream, probe"
             );
             return ExitCode::from(2);
         }
@@ -172,9 +175,23 @@ fn connect(addr: SocketAddr, bytes: usize, mark: Option<u32>) {
     }
 }
 
+/// Greets each connection, then resets it: a server that fails mid-connection.
+fn abort(port: u16) {
+    let listener = listen(port);
+    println!("listening");
+    for stream in listener.incoming() {
+        let Ok(mut stream) = stream else { continue };
+        let _ = stream.write_all(GREETING);
+        // Closing with a zero linger time sends RST, not FIN.
+        let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+    }
+}
+
 /// A client of a server-first protocol: it says nothing until the server has spoken.
-fn await_greeting(addr: SocketAddr) {
-    let mut stream = match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+fn await_greeting(addr: SocketAddr, to_end: bool) {
+    // A blocking connect: connect_timeout's (non-blocking, then poll) reads the socket's error
+    // once it is writable, and so fails a connection that a server already greeted and reset.
+    let mut stream = match TcpStream::connect(addr) {
         Ok(stream) => stream,
         Err(e) => return report_error(&e),
     };
@@ -189,6 +206,17 @@ fn await_greeting(addr: SocketAddr) {
         }
     }
     println!("greeted {}", String::from_utf8_lossy(&greeting).trim_end());
+    if to_end {
+        let mut rest = Vec::new();
+        match stream.read_to_end(&mut rest) {
+            Ok(_) => println!("then closed"),
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => println!("then reset"),
+            Err(e) if matches!(e.kind(), ErrorKind::TimedOut | ErrorKind::WouldBlock) => {
+                println!("then timeout")
+            }
+            Err(e) => println!("then error {e}"),
+        }
+    }
 }
 
 fn report_error(e: &std::io::Error) {

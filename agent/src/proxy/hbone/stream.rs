@@ -45,8 +45,12 @@ fn io_error(e: h2::Error) -> io::Error {
 }
 
 /// Relays both ways until both directions have ended; an end of stream is passed on as a
-/// half-close (END_STREAM one way, FIN the other). Counts bytes as they move. On error the
-/// caller drops the stream, which resets it.
+/// half-close (END_STREAM one way, FIN the other). Counts bytes as they move.
+///
+/// Resets follow hbone.md and RFC 9113 section 8.5: a peer's RST_STREAM with NO_ERROR or CANCEL
+/// ends the stream both ways like an end of stream (ztunnel cancels streams it is done with), any
+/// other reason is an error (the caller resets the socket); a failing socket (e.g. the app reset
+/// its connection) resets the stream with CONNECT_ERROR, after what was read before the failure.
 pub(crate) async fn relay(
     tcp: &TcpStream,
     stream: H2Stream,
@@ -55,32 +59,86 @@ pub(crate) async fn relay(
 ) -> io::Result<()> {
     let H2Stream { mut send, mut recv, sent_early } = stream;
     tcp_to_stream.fetch_add(sent_early, Ordering::Relaxed);
-    tokio::try_join!(
-        socket_to_stream(tcp, &mut send, tcp_to_stream),
-        stream_to_socket(&mut recv, tcp, stream_to_tcp)
-    )
-    .map(|_| ())
+    let relayed = async {
+        let outbound = socket_to_stream(tcp, &mut send, tcp_to_stream);
+        let inbound = stream_to_socket(&mut recv, tcp, stream_to_tcp);
+        tokio::pin!(outbound, inbound);
+        let (mut sent_all, mut received_all) = (false, false);
+        while !(sent_all && received_all) {
+            tokio::select! {
+                sent = &mut outbound, if !sent_all => match sent? {
+                    Sent::Refused(Some(e)) if received_all && !cancelled_by_peer(&e) => return Err(io_error(e)),
+                    // Otherwise the receiving half says how the stream ended, once it has written
+                    // out what arrived before.
+                    Sent::All | Sent::Refused(_) => sent_all = true,
+                },
+                received = &mut inbound, if !received_all => match received? {
+                    StreamEnd::EndOfStream => received_all = true,
+                    StreamEnd::Cancelled => return Ok(()),
+                },
+            }
+        }
+        Ok(())
+    }
+    .await;
+    if relayed.is_err() {
+        // DATA still queued in h2 would be dropped by the reset: let the connection's task write
+        // it out first (one turn of the runtime; best effort, as a TCP reset is).
+        tokio::task::yield_now().await;
+        send.send_reset(h2::Reason::CONNECT_ERROR);
+    }
+    relayed
 }
 
+/// How the socket's side of the relay ended.
+enum Sent {
+    /// The socket's end, passed on as END_STREAM.
+    All,
+    /// The stream takes no more (reset by the peer, or its connection failed), with h2's error
+    /// if it gave one.
+    Refused(Option<h2::Error>),
+}
+
+/// How the stream's receiving side ended.
+enum StreamEnd {
+    /// END_STREAM: the peer's half-close.
+    EndOfStream,
+    /// RST_STREAM with NO_ERROR or CANCEL: the peer is done with the stream both ways.
+    Cancelled,
+}
+
+/// Whether a stream error is the peer's orderly reset (hbone.md: RST_STREAM NO_ERROR or CANCEL
+/// means EOF).
+fn cancelled_by_peer(e: &h2::Error) -> bool {
+    e.is_reset() && e.is_remote() && matches!(e.reason(), Some(h2::Reason::NO_ERROR | h2::Reason::CANCEL))
+}
+
+/// Socket errors are errors; the stream's are [`Sent::Refused`].
 async fn socket_to_stream(
     tcp: &TcpStream,
     send: &mut SendStream<Bytes>,
     moved: &AtomicU64,
-) -> io::Result<()> {
+) -> io::Result<Sent> {
     let mut buf = BytesMut::new();
     let mut read_size = READ_START;
     loop {
         // Read no more than the peer's window admits: a slow receiver slows the sender.
-        let room = capacity(send, read_size).await?;
+        let room = match capacity(send, read_size).await {
+            Ok(room) => room,
+            Err(refused) => return Ok(refused),
+        };
         if buf.capacity() < READ_MIN {
             // Reuses the previous allocation if h2 has written out everything read into it.
             buf.reserve(read_size);
         }
         let n = read_buf(tcp, &mut buf, room.min(read_size)).await?;
-        if n == 0 {
-            return send.send_data(Bytes::new(), true).map_err(io_error);
+        let (data, end) = if n == 0 { (Bytes::new(), true) } else { (buf.split_to(n).freeze(), false) };
+        if let Err(e) = send.send_data(data, end) {
+            return Ok(Sent::Refused(Some(e)));
         }
-        send.send_data(buf.split_to(n).freeze(), false).map_err(io_error)?;
+        if end {
+            return Ok(Sent::All);
+        }
         moved.fetch_add(n as u64, Ordering::Relaxed);
         if n >= READ_START {
             read_size = READ_BULK;
@@ -90,7 +148,7 @@ async fn socket_to_stream(
 
 /// Asks for `wanted` bytes of the peer's window; waits until the stream may send at least one
 /// byte, and returns how many it may.
-async fn capacity(send: &mut SendStream<Bytes>, wanted: usize) -> io::Result<usize> {
+async fn capacity(send: &mut SendStream<Bytes>, wanted: usize) -> Result<usize, Sent> {
     send.reserve_capacity(wanted);
     loop {
         let room = send.capacity();
@@ -99,8 +157,8 @@ async fn capacity(send: &mut SendStream<Bytes>, wanted: usize) -> io::Result<usi
         }
         match poll_fn(|cx| send.poll_capacity(cx)).await {
             Some(Ok(_)) => continue,
-            Some(Err(e)) => return Err(io_error(e)),
-            None => return Err(io::ErrorKind::BrokenPipe.into()),
+            Some(Err(e)) => return Err(Sent::Refused(Some(e))),
+            None => return Err(Sent::Refused(None)),
         }
     }
 }
@@ -122,18 +180,26 @@ pub(super) async fn read_buf(tcp: &TcpStream, buf: &mut BytesMut, limit: usize) 
     }
 }
 
-async fn stream_to_socket(recv: &mut RecvStream, tcp: &TcpStream, moved: &AtomicU64) -> io::Result<()> {
+async fn stream_to_socket(
+    recv: &mut RecvStream,
+    tcp: &TcpStream,
+    moved: &AtomicU64,
+) -> io::Result<StreamEnd> {
     loop {
-        match poll_fn(|cx| recv.poll_data(cx)).await {
+        let end = match poll_fn(|cx| recv.poll_data(cx)).await {
             Some(Ok(data)) => {
                 write_all(tcp, &data).await?;
                 // Only what reached the socket opens the window again.
                 let _ = recv.flow_control().release_capacity(data.len());
                 moved.fetch_add(data.len() as u64, Ordering::Relaxed);
+                continue;
             }
+            Some(Err(e)) if cancelled_by_peer(&e) => StreamEnd::Cancelled,
             Some(Err(e)) => return Err(io_error(e)),
-            None => return socket2::SockRef::from(tcp).shutdown(Shutdown::Write),
-        }
+            None => StreamEnd::EndOfStream,
+        };
+        socket2::SockRef::from(tcp).shutdown(Shutdown::Write)?;
+        return Ok(end);
     }
 }
 
