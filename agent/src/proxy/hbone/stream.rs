@@ -57,10 +57,11 @@ pub(crate) async fn relay(
     tcp_to_stream: &AtomicU64,
     stream_to_tcp: &AtomicU64,
 ) -> io::Result<()> {
-    let H2Stream { mut send, mut recv, sent_early } = stream;
+    let H2Stream { send, mut recv, sent_early } = stream;
+    let mut send = ResetUnlessDone { send, done: false };
     tcp_to_stream.fetch_add(sent_early, Ordering::Relaxed);
     let relayed = async {
-        let outbound = socket_to_stream(tcp, &mut send, tcp_to_stream);
+        let outbound = socket_to_stream(tcp, &mut send.send, tcp_to_stream);
         let inbound = stream_to_socket(&mut recv, tcp, stream_to_tcp);
         tokio::pin!(outbound, inbound);
         let (mut sent_all, mut received_all) = (false, false);
@@ -85,9 +86,26 @@ pub(crate) async fn relay(
         // DATA still queued in h2 would be dropped by the reset: let the connection's task write
         // it out first (one turn of the runtime; best effort, as a TCP reset is).
         tokio::task::yield_now().await;
-        send.send_reset(h2::Reason::CONNECT_ERROR);
+    } else {
+        send.done = true;
     }
     relayed
+}
+
+/// The stream's sending half, reset with CONNECT_ERROR when dropped before the relay ended well:
+/// on an error, and when the relay is cut short (idle timeout, a policy that now denies the
+/// connection), which h2 would pass on as CANCEL, an orderly end to ztunnel and to Ferry.
+struct ResetUnlessDone {
+    send: SendStream<Bytes>,
+    done: bool,
+}
+
+impl Drop for ResetUnlessDone {
+    fn drop(&mut self) {
+        if !self.done {
+            self.send.send_reset(h2::Reason::CONNECT_ERROR);
+        }
+    }
 }
 
 /// How the socket's side of the relay ended.
