@@ -6,7 +6,7 @@ use std::{
     time::Duration,
 };
 
-use ferry_sandbox::{ConnectOutcome, Sandbox, with_labels};
+use ferry_sandbox::{ConnectOutcome, Pod, Sandbox, Server, with_labels};
 
 fn two_nodes(label: &str) -> Sandbox {
     Sandbox::two_nodes(label).expect("sandbox")
@@ -53,21 +53,41 @@ fn cross_node_connection_goes_through_both_agents() {
     assert_eq!(metric(&sb, "node2", STEERED), 0.0);
 }
 
-/// Server-first protocols (SMTP, MySQL, SSH): the client says nothing until the server has
-/// spoken, so no path may wait for the client's first bytes before it connects onwards.
-#[test]
-fn a_server_that_speaks_first_is_heard_on_every_path() {
-    let sb = with_agents("greet");
-    let _servers: Vec<_> = ["b", "c", "u"].map(|pod| sb.pod(pod).serve_greeting(2525).unwrap()).into();
+/// Serves with `serve` on b, c and u (port 2525), then connects from each client over each path
+/// through the agents (same node, HBONE, inbound plaintext, passthrough) and checks that `hear`
+/// gives `expected`.
+fn heard_on_every_path(
+    label: &str,
+    serve: impl Fn(&Pod) -> anyhow::Result<Server>,
+    hear: impl Fn(&Pod, SocketAddr) -> anyhow::Result<String>,
+    expected: &str,
+) -> Sandbox {
+    let sb = with_agents(label);
+    let _servers: Vec<_> = ["b", "c", "u"].map(|pod| serve(sb.pod(pod)).unwrap()).into();
     for (from, to, path) in [
         ("a", "b", "same node"),
         ("a", "c", "HBONE"),
         ("u", "c", "inbound plaintext"),
         ("a", "u", "passthrough"),
     ] {
-        let heard = sb.pod(from).await_greeting(addr(&sb, to, 2525)).unwrap();
-        assert_eq!(heard, "greeted 220 sandbox ready", "{from} -> {to} ({path})");
+        let heard = hear(sb.pod(from), addr(&sb, to, 2525)).unwrap();
+        let logs = format!("{}\n{}", sb.agent_log("node1"), sb.agent_log("node2"));
+        assert_eq!(heard, expected, "{from} -> {to} ({path})\n{logs}");
     }
+    sb
+}
+
+/// Server-first protocols (SMTP, MySQL, SSH): the client says nothing until the server has
+/// spoken, so no path may wait for the client's first bytes before it connects onwards.
+#[test]
+fn a_server_that_speaks_first_is_heard_on_every_path() {
+    let greeted = "greeted 220 sandbox ready";
+    let sb = heard_on_every_path(
+        "greet",
+        |pod| pod.serve_greeting(2525),
+        |pod, to| pod.await_greeting(to),
+        greeted,
+    );
     // The four went through the agents, not around them.
     assert_eq!(metric(&sb, "node1", REDIRECTED), 3.0);
     assert_eq!(metric(&sb, "node2", INBOUND_HBONE), 1.0);
@@ -75,22 +95,16 @@ fn a_server_that_speaks_first_is_heard_on_every_path() {
 }
 
 /// A server that fails mid-connection resets it: the client must see a reset, not an orderly
-/// end it would take for a complete answer.
+/// end it would take for a complete answer, and what the server sent before it.
 #[test]
 fn a_reset_from_the_server_reaches_the_client_as_a_reset() {
-    let sb = with_agents("abort");
-    let _servers: Vec<_> = ["b", "c", "u"].map(|pod| sb.pod(pod).serve_then_reset(2526).unwrap()).into();
-    for (from, to, path) in [
-        ("a", "b", "same node"),
-        ("a", "c", "HBONE"),
-        ("u", "c", "inbound plaintext"),
-        ("a", "u", "passthrough"),
-    ] {
-        let heard = sb.pod(from).await_greeting_to_end(addr(&sb, to, 2526)).unwrap();
-        std::thread::sleep(Duration::from_millis(500));
-        let logs = format!("{}\n{}", sb.agent_log("node1"), sb.agent_log("node2"));
-        assert_eq!(heard, "greeted 220 sandbox ready\nthen reset", "{from} -> {to} ({path})\n{logs}");
-    }
+    let expected = "greeted 220 sandbox ready\nthen reset";
+    heard_on_every_path(
+        "abort",
+        |pod| pod.serve_then_reset(2525),
+        |pod, to| pod.await_greeting_to_end(to),
+        expected,
+    );
 }
 
 /// Java and .NET connect to IPv4 addresses through IPv6 sockets (`::ffff:a.b.c.d`), which connect4
