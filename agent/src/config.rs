@@ -171,6 +171,28 @@ pub struct Service {
     /// `internalTrafficPolicy`, e.g. for a node-local cache); `Cluster`: to any.
     #[serde(default)]
     pub internal_traffic_policy: TrafficPolicy,
+    /// `ClientIP`: a client keeps getting the endpoint it got first, as long as that endpoint
+    /// serves and the client comes back within `sessionAffinityTimeout` (Kubernetes'
+    /// `sessionAffinity`); `None`: an endpoint per connection.
+    #[serde(default)]
+    pub session_affinity: SessionAffinity,
+    #[serde(default = "default_session_affinity_timeout", with = "humantime_serde")]
+    pub session_affinity_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum SessionAffinity {
+    #[default]
+    None,
+    #[serde(rename = "ClientIP")]
+    ClientIp,
+}
+
+/// Kubernetes' default `sessionAffinityConfig.clientIP.timeoutSeconds`: three hours.
+pub const DEFAULT_SESSION_AFFINITY_TIMEOUT: Duration = Duration::from_secs(10800);
+
+fn default_session_affinity_timeout() -> Duration {
+    DEFAULT_SESSION_AFFINITY_TIMEOUT
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]

@@ -56,6 +56,9 @@ pub struct Service {
     pub ports: Vec<config::ServicePort>,
     /// The workloads its selector picks, in discovery order.
     pub endpoints: Vec<Arc<Workload>>,
+    /// With client IP affinity: how long a client's endpoint is kept for it after its last
+    /// connection.
+    pub affinity: Option<std::time::Duration>,
 }
 
 impl Service {
@@ -122,6 +125,8 @@ impl State {
                     vips: s.vips.clone(),
                     ports: s.ports.clone(),
                     endpoints: candidates.iter().copied().filter(selects).cloned().collect(),
+                    affinity: (s.session_affinity == config::SessionAffinity::ClientIp)
+                        .then_some(s.session_affinity_timeout),
                 })
             })
             .collect();

@@ -541,7 +541,9 @@ fn service_connections_are_balanced_over_its_pods() {
     let service = format!(
         "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: {NAMESPACE}}}\n\
          spec:\n  selector: {{role: web}}\n  \
-         ports: [{{name: by-number, port: 80, targetPort: {PORT}}}, {{name: by-name, port: 81, targetPort: http}}]\n"
+         ports: [{{name: by-number, port: 80, targetPort: {PORT}}}, {{name: by-name, port: 81, targetPort: http}}]\n\
+         ---\napiVersion: v1\nkind: Service\nmetadata: {{name: sticky, namespace: {NAMESPACE}}}\n\
+         spec:\n  selector: {{role: web}}\n  sessionAffinity: ClientIP\n  ports: [{{port: 80, targetPort: {PORT}}}]\n"
     );
     api.apply(&service).unwrap();
     let (_, vip, _) = api
@@ -554,8 +556,12 @@ fn service_connections_are_balanced_over_its_pods() {
     start_agent(&mut sb, &api);
 
     let services = sb.ferry_json("node1", &["services"]).unwrap();
-    assert_eq!(services[0]["hostname"], format!("web.{NAMESPACE}.svc.cluster.local"), "{services}");
-    assert_eq!(services[0]["endpoints"].as_array().unwrap().len(), 2, "{services}");
+    let web = services.as_array().unwrap().iter().find(|s| s["name"] == "web").expect("service web");
+    assert_eq!(web["hostname"], format!("web.{NAMESPACE}.svc.cluster.local"), "{services}");
+    assert_eq!(web["endpoints"].as_array().unwrap().len(), 2, "{services}");
+    assert!(web["client_ip_affinity_seconds"].is_null(), "{services}");
+    let sticky = services.as_array().unwrap().iter().find(|s| s["name"] == "sticky").expect("service sticky");
+    assert_eq!(sticky["client_ip_affinity_seconds"], 10800, "Kubernetes' default timeout");
     for _ in 0..20 {
         // The app sees the service address it dialled; an endpoint answered.
         let outcome = sb.pod("a").connect(vip, 10).unwrap();
@@ -590,6 +596,25 @@ fn service_connections_are_balanced_over_its_pods() {
         flows.as_array().unwrap().iter().any(|f| f["dst_workload"] == format!("{NAMESPACE}/b")),
         "{flows}"
     );
+
+    // With client IP affinity, a client keeps its endpoint.
+    let (_, sticky, _) = api
+        .kubectl(&["get", "service", "sticky", "-n", NAMESPACE, "-o", "jsonpath={.spec.clusterIP}"], None)
+        .unwrap();
+    let sticky: SocketAddr = format!("{sticky}:80").parse().unwrap();
+    servers.iter().for_each(Server::clear);
+    for _ in 0..10 {
+        assert_eq!(
+            sb.pod("a").connect(sticky, 10).unwrap(),
+            ConnectOutcome::Echoed { peer: sticky, bytes: 10 }
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while servers.iter().map(|s| s.accepted().len()).sum::<usize>() < 10 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let accepted = [&servers[0], &servers[1]].map(|s| s.accepted().len());
+    assert!(accepted == [10, 0] || accepted == [0, 10], "not sticky: b {} c {}", accepted[0], accepted[1]);
 
     // A pod that is not Ready gets no service connections.
     let status = pod_status(&[sb.pod("c").ip.into()], false);

@@ -225,6 +225,7 @@ impl Admin {
                     "vips": s.vips,
                     "ports": s.ports.iter().map(|p| format!("{}->{}", p.port, p.target_port)).collect::<Vec<_>>(),
                     "endpoints": s.endpoints.iter().map(|w| w.key()).collect::<Vec<_>>(),
+                    "client_ip_affinity_seconds": s.affinity.map(|timeout| timeout.as_secs()),
                 })
             })
             .collect()

@@ -279,6 +279,16 @@ fn meshed_services(meshed: &HashSet<&str>, services: &[Arc<Service>]) -> Vec<con
                 Some("Local") => config::TrafficPolicy::Local,
                 _ => config::TrafficPolicy::Cluster,
             };
+            let session_affinity = match spec.session_affinity.as_deref() {
+                Some("ClientIP") => config::SessionAffinity::ClientIp,
+                _ => config::SessionAffinity::None,
+            };
+            let session_affinity_timeout = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref()?.timeout_seconds)
+                .and_then(|secs| u64::try_from(secs).ok())
+                .map_or(config::DEFAULT_SESSION_AFFINITY_TIMEOUT, Duration::from_secs);
             (!vips.is_empty() && !ports.is_empty()).then(|| config::Service {
                 name: s.metadata.name.clone().unwrap_or_default(),
                 namespace: s.metadata.namespace.clone().unwrap_or_default(),
@@ -286,6 +296,8 @@ fn meshed_services(meshed: &HashSet<&str>, services: &[Arc<Service>]) -> Vec<con
                 ports,
                 selector,
                 internal_traffic_policy,
+                session_affinity,
+                session_affinity_timeout,
             })
         })
         .collect();
@@ -791,13 +803,15 @@ mod tests {
     }
 
     #[test]
-    fn services_keep_their_target_ports_and_internal_traffic_policy() {
+    fn services_keep_their_target_ports_traffic_policy_and_affinity() {
         let service: Service = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "cache", "namespace": "ns"},
             "spec": {
                 "selector": {"app": "cache"},
                 "clusterIP": "10.96.0.20",
                 "internalTrafficPolicy": "Local",
+                "sessionAffinity": "ClientIP",
+                "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 600}},
                 "ports": [{"port": 53, "targetPort": "dns"}, {"port": 54, "targetPort": 5354}, {"port": 55}],
             },
         }))
@@ -805,6 +819,8 @@ mod tests {
         let service = [Arc::new(service)];
         let services = meshed_services(&HashSet::from(["ns"]), &service);
         assert_eq!(services[0].internal_traffic_policy, config::TrafficPolicy::Local);
+        assert_eq!(services[0].session_affinity, config::SessionAffinity::ClientIp);
+        assert_eq!(services[0].session_affinity_timeout, Duration::from_secs(600));
         let targets: Vec<String> = services[0].ports.iter().map(|p| p.target_port.to_string()).collect();
         assert_eq!(targets, ["dns", "5354", "55"]);
         assert!(meshed_services(&HashSet::from(["other"]), &service).is_empty(), "not in a meshed namespace");

@@ -94,6 +94,21 @@ pub(super) struct ServiceSpec {
     pub(super) internal_traffic_policy: Option<String>,
     pub(super) ports: Option<Vec<ServicePort>>,
     pub(super) selector: Option<BTreeMap<String, String>>,
+    pub(super) session_affinity: Option<String>,
+    pub(super) session_affinity_config: Option<SessionAffinityConfig>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct SessionAffinityConfig {
+    #[serde(rename = "clientIP")]
+    pub(super) client_ip: Option<ClientIpConfig>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct ClientIpConfig {
+    pub(super) timeout_seconds: Option<i32>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

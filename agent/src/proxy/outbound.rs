@@ -35,7 +35,7 @@ pub(super) async fn handle(proxy: Proxy, pod: Arc<LocalPod>, client: TcpStream, 
     // A service's virtual IP is resolved here, on the client side, to one of its endpoints.
     // Without any, the connection goes out to the virtual IP as if uncaptured.
     let resolved = state.service_for(original).and_then(|(service, target_port)| {
-        let endpoint = proxy.inner.balancer.pick(service, target_port, original.is_ipv6());
+        let endpoint = proxy.inner.balancer.pick(service, target_port, original.is_ipv6(), app.ip());
         endpoint.map(|endpoint| (service.clone(), endpoint))
     });
     let (service, dst) = match resolved {
