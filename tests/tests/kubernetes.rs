@@ -596,6 +596,9 @@ fn service_connections_are_balanced_over_its_pods() {
         flows.as_array().unwrap().iter().any(|f| f["dst_workload"] == format!("{NAMESPACE}/b")),
         "{flows}"
     );
+    let workloads = sb.ferry_json("node1", &["workloads"]).unwrap();
+    let b = workloads.as_array().unwrap().iter().find(|w| w["name"] == "b").expect("workload b");
+    assert_eq!(b["workload_name"], "web", "what metrics call it: {b}");
 
     // With client IP affinity, a client keeps its endpoint.
     let (_, sticky, _) = api

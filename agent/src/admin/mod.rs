@@ -242,6 +242,7 @@ impl Admin {
                 json!({
                     "name": w.name,
                     "namespace": w.namespace,
+                    "workload_name": w.metrics_name(),
                     "service_account": w.service_account,
                     "identity": w.identity(&state.trust_domain).to_string(),
                     "ips": w.ips,
