@@ -437,7 +437,9 @@ async fn accept_loop<F, Fut>(
                     proxy.inner.limit_warning.refused(&pod, peer);
                     continue;
                 };
-                let work = handler(proxy.clone(), pod.clone(), stream, peer);
+                // Boxed: a connection's future is kilobytes, and tokio moves a task's future
+                // by value several times as it spawns and finishes it.
+                let work = Box::pin(handler(proxy.clone(), pod.clone(), stream, peer));
                 tokio::spawn(async move {
                     work.await;
                     drop((pod_permit, node_permit));

@@ -92,7 +92,8 @@ pub(in crate::proxy) async fn handle(proxy: Proxy, pod: Arc<LocalPod>, tcp: TcpS
         match next {
             Some(Ok((request, respond))) => {
                 let (proxy, pod, peer_identity) = (proxy.clone(), pod.clone(), peer_identity.clone());
-                tokio::spawn(connect(proxy, pod, peer, peer_identity, local, request, respond));
+                // Boxed for the reason given in `accept_loop`.
+                tokio::spawn(Box::pin(connect(proxy, pod, peer, peer_identity, local, request, respond)));
             }
             Some(Err(e)) => return tracing::debug!(%peer, "HBONE connection ended: {e}"),
             None => return,
