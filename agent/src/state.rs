@@ -23,7 +23,7 @@ pub use crate::config::Workload;
 impl Workload {
     /// `namespace/name`, how logs and the CLI refer to a workload.
     pub fn key(&self) -> String {
-        format!("{}/{}", self.namespace, self.name)
+        [self.namespace.as_str(), "/", self.name.as_str()].concat()
     }
 
     /// The name metrics report it by (see [`Workload::workload_name`]).

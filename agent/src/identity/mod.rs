@@ -7,7 +7,7 @@ pub mod csr;
 mod manager;
 pub mod tls;
 
-use std::fmt;
+use std::{fmt, sync::Arc};
 
 use rustls::pki_types::CertificateDer;
 use x509_parser::{extensions::GeneralName, prelude::FromDer};
@@ -18,12 +18,14 @@ pub use ca::{
 };
 pub use manager::{CertManager, Issued, Signer};
 
-/// `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`, kept written out: every
+/// connection clones, logs and counts its peers' IDs several times, each a pointer copy then.
+#[derive(Clone, PartialEq, Eq, Hash)]
 pub struct SpiffeId {
-    pub trust_domain: String,
-    pub namespace: String,
-    pub service_account: String,
+    uri: Arc<str>,
+    /// Where the trust domain and the namespace end in `uri`.
+    trust_domain_end: usize,
+    namespace_end: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -45,18 +47,44 @@ pub enum IdentityError {
 }
 
 impl SpiffeId {
+    const SCHEME: &str = "spiffe://";
+
     pub fn new(trust_domain: &str, namespace: &str, service_account: &str) -> SpiffeId {
+        let uri = format!("{}{trust_domain}/ns/{namespace}/sa/{service_account}", Self::SCHEME);
+        let trust_domain_end = Self::SCHEME.len() + trust_domain.len();
         SpiffeId {
-            trust_domain: trust_domain.to_owned(),
-            namespace: namespace.to_owned(),
-            service_account: service_account.to_owned(),
+            uri: uri.into(),
+            trust_domain_end,
+            namespace_end: trust_domain_end + "/ns/".len() + namespace.len(),
         }
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.uri[Self::SCHEME.len()..self.trust_domain_end]
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.uri[self.trust_domain_end + "/ns/".len()..self.namespace_end]
+    }
+
+    pub fn service_account(&self) -> &str {
+        &self.uri[self.namespace_end + "/sa/".len()..]
+    }
+
+    /// The whole `spiffe://` URI.
+    pub fn as_str(&self) -> &str {
+        &self.uri
+    }
+
+    /// Istio's principal form: the URI without `spiffe://`.
+    pub fn principal(&self) -> &str {
+        &self.uri[Self::SCHEME.len()..]
     }
 
     /// Parses strictly: exactly `spiffe://td/ns/<ns>/sa/<sa>`, no empty parts.
     pub fn parse(uri: &str) -> Result<SpiffeId, IdentityError> {
         let bad = || IdentityError::BadSpiffeId(uri.to_owned());
-        let rest = uri.strip_prefix("spiffe://").ok_or_else(bad)?;
+        let rest = uri.strip_prefix(Self::SCHEME).ok_or_else(bad)?;
         let parts: Vec<&str> = rest.split('/').collect();
         match parts.as_slice() {
             [td, "ns", ns, "sa", sa] if [td, ns, sa].iter().all(|p| !p.is_empty()) => {
@@ -89,7 +117,37 @@ impl SpiffeId {
 
 impl fmt::Display for SpiffeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "spiffe://{}/ns/{}/sa/{}", self.trust_domain, self.namespace, self.service_account)
+        f.write_str(&self.uri)
+    }
+}
+
+/// As its URI.
+impl serde::Serialize for SpiffeId {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.uri)
+    }
+}
+
+impl fmt::Debug for SpiffeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("SpiffeId").field(&self.uri).finish()
+    }
+}
+
+/// Ordered by trust domain, then namespace, then service account.
+impl Ord for SpiffeId {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.trust_domain(), self.namespace(), self.service_account()).cmp(&(
+            other.trust_domain(),
+            other.namespace(),
+            other.service_account(),
+        ))
+    }
+}
+
+impl PartialOrd for SpiffeId {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
     }
 }
 
@@ -102,6 +160,10 @@ mod tests {
         let id = SpiffeId::parse("spiffe://cluster.local/ns/default/sa/web").unwrap();
         assert_eq!(id, SpiffeId::new("cluster.local", "default", "web"));
         assert_eq!(id.to_string(), "spiffe://cluster.local/ns/default/sa/web");
+        assert_eq!(
+            (id.trust_domain(), id.namespace(), id.service_account(), id.principal()),
+            ("cluster.local", "default", "web", "cluster.local/ns/default/sa/web")
+        );
         for bad in [
             "spiffe://cluster.local/ns/default/sa/web/extra",
             "spiffe://cluster.local/ns/default",

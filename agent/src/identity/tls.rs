@@ -41,8 +41,10 @@ pub fn server_config(
     identity: SpiffeId,
 ) -> Result<Arc<ServerConfig>, IdentityError> {
     let provider = certs.provider();
-    let verifier =
-        Arc::new(SameTrustDomainClient { certs: certs.clone(), trust_domain: identity.trust_domain.clone() });
+    let verifier = Arc::new(SameTrustDomainClient {
+        certs: certs.clone(),
+        trust_domain: identity.trust_domain().to_owned(),
+    });
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -141,7 +143,7 @@ impl ClientCertVerifier for SameTrustDomainClient {
         let id = SpiffeId::from_cert(end_entity).map_err(|e| {
             Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(e))))
         })?;
-        if id.trust_domain != self.trust_domain {
+        if id.trust_domain() != self.trust_domain {
             return Err(Error::General(format!(
                 "client identity {id} is not in trust domain {}",
                 self.trust_domain

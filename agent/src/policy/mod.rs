@@ -129,13 +129,12 @@ pub struct Request<'a> {
 
 impl Request<'_> {
     /// Istio's principal form: the SPIFFE ID without `spiffe://`.
-    fn principal(&self) -> Option<String> {
-        self.src_identity
-            .map(|id| format!("{}/ns/{}/sa/{}", id.trust_domain, id.namespace, id.service_account))
+    fn principal(&self) -> Option<&str> {
+        self.src_identity.map(SpiffeId::principal)
     }
 
     fn namespace(&self) -> Option<&str> {
-        self.src_identity.map(|id| id.namespace.as_str())
+        self.src_identity.map(SpiffeId::namespace)
     }
 }
 
@@ -288,8 +287,7 @@ fn check_optional(values: &[StringMatch], not_values: &[StringMatch], value: Opt
 
 impl Source {
     fn matches(&self, request: &Request<'_>) -> bool {
-        let principal = request.principal();
-        check_optional(&self.principals, &self.not_principals, principal.as_deref())
+        check_optional(&self.principals, &self.not_principals, request.principal())
             && check_optional(&self.namespaces, &self.not_namespaces, request.namespace())
             && check(&self.ip_blocks, &self.not_ip_blocks, |b| b.contains(&request.src_ip))
     }
@@ -308,7 +306,7 @@ impl Condition {
             Condition::DestinationIp(v, nv) => check(v, nv, |b| b.contains(&request.dst_ip)),
             Condition::DestinationPort(v, nv) => check(v, nv, |p| *p == request.dst_port),
             Condition::SourceNamespace(v, nv) => check_optional(v, nv, request.namespace()),
-            Condition::SourcePrincipal(v, nv) => check_optional(v, nv, request.principal().as_deref()),
+            Condition::SourcePrincipal(v, nv) => check_optional(v, nv, request.principal()),
         }
     }
 }

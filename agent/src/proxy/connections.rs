@@ -20,7 +20,7 @@ use crate::{
     identity::SpiffeId,
     policy::{Decision, Request, Verdict},
     state::{State, StateHandle, Workload},
-    telemetry::{ConnectionLabels, LiveBytes, ProxyMetrics},
+    telemetry::{ConnectionCounters, LiveBytes},
 };
 
 /// The inputs of the authorization decision a connection was admitted with.
@@ -68,8 +68,8 @@ pub struct LiveConnection {
     pub route: &'static str,
     pub src: SocketAddr,
     pub dst: SocketAddr,
-    pub src_identity: Option<String>,
-    pub dst_identity: Option<String>,
+    pub src_identity: Option<SpiffeId>,
+    pub dst_identity: Option<SpiffeId>,
     pub bytes_src_to_dst: u64,
     pub bytes_dst_to_src: u64,
     pub age_ms: u64,
@@ -105,18 +105,18 @@ pub(super) struct ByteCounts {
     pub(super) dst_to_src: AtomicU64,
     counted_src_to_dst: AtomicU64,
     counted_dst_to_src: AtomicU64,
-    /// The connection's labels on the byte counters.
-    pub(super) labels: ConnectionLabels,
+    /// The connection's counters, by its labels.
+    pub(super) counters: ConnectionCounters,
 }
 
 impl ByteCounts {
-    fn new(labels: ConnectionLabels) -> ByteCounts {
+    fn new(counters: ConnectionCounters) -> ByteCounts {
         ByteCounts {
             src_to_dst: AtomicU64::new(0),
             dst_to_src: AtomicU64::new(0),
             counted_src_to_dst: AtomicU64::new(0),
             counted_dst_to_src: AtomicU64::new(0),
-            labels,
+            counters,
         }
     }
 
@@ -128,16 +128,12 @@ impl ByteCounts {
     /// Adds what moved since the last call to the byte counters. A scrape and the connection's
     /// close may race: each byte is still added once, as `fetch_max` hands every increment of
     /// `counted` to exactly one caller.
-    pub(super) fn count(&self, metrics: &ProxyMetrics) {
+    pub(super) fn count(&self) {
         let (received, sent) = self.totals();
         let new = |counted: &AtomicU64, total: u64| {
             total.saturating_sub(counted.fetch_max(total, Ordering::Relaxed))
         };
-        metrics.relayed(
-            &self.labels,
-            new(&self.counted_src_to_dst, received),
-            new(&self.counted_dst_to_src, sent),
-        );
+        self.counters.relayed(new(&self.counted_src_to_dst, received), new(&self.counted_dst_to_src, sent));
     }
 }
 
@@ -192,7 +188,7 @@ impl Tracker {
     pub(super) fn register(
         self: &Arc<Self>,
         flow: &Flow,
-        labels: ConnectionLabels,
+        counters: ConnectionCounters,
         state: &StateHandle,
     ) -> Registration {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -204,13 +200,13 @@ impl Tracker {
             route: flow.route,
             src: flow.src,
             dst: flow.dst,
-            src_identity: flow.src_identity.as_ref().map(ToString::to_string),
-            dst_identity: flow.dst_identity.as_ref().map(ToString::to_string),
+            src_identity: flow.src_identity.clone(),
+            dst_identity: flow.dst_identity.clone(),
             bytes_src_to_dst: 0,
             bytes_dst_to_src: 0,
             age_ms: 0,
         };
-        let bytes = Arc::new(ByteCounts::new(labels));
+        let bytes = Arc::new(ByteCounts::new(counters));
         let tracked =
             Tracked { info, opened: Instant::now(), bytes: bytes.clone(), admitted: admitted.clone() };
         self.live.lock().unwrap_or_else(|e| e.into_inner()).insert(id, tracked);
@@ -257,14 +253,14 @@ impl Tracker {
 }
 
 impl LiveBytes for Tracker {
-    fn count_bytes(&self, metrics: &ProxyMetrics) {
+    fn count_bytes(&self) {
         // Counted outside the lock, which new and closing connections take.
         let live: Vec<Arc<ByteCounts>> = {
             let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
             live.values().map(|tracked| tracked.bytes.clone()).collect()
         };
         for bytes in live {
-            bytes.count(metrics);
+            bytes.count();
         }
     }
 }
@@ -314,6 +310,10 @@ policies: {policies}
         flow
     }
 
+    fn counters(flow: &Flow) -> ConnectionCounters {
+        crate::telemetry::ProxyMetrics::default().counters(flow.labels())
+    }
+
     async fn revocation(registration: &Registration) -> Option<Decision> {
         tokio::time::timeout(Duration::from_millis(100), registration.revoked()).await.ok()
     }
@@ -323,7 +323,7 @@ policies: {policies}
         let tracker = Arc::new(Tracker::default());
         let handle = StateHandle::new(state("[]"));
         let open = admitted_flow(&handle.load(), tracker.rechecks());
-        let open = tracker.register(&open, open.labels(), &handle);
+        let open = tracker.register(&open, counters(&open), &handle);
         // Admitted, then connecting to its destination while the policies change.
         let connecting = admitted_flow(&handle.load(), tracker.rechecks());
 
@@ -332,7 +332,7 @@ policies: {policies}
         let decision = revocation(&open).await.expect("the open connection is revoked");
         assert_eq!(decision.reason.policy.as_deref(), Some("shop/deny-all"));
 
-        let connected = tracker.register(&connecting, connecting.labels(), &handle);
+        let connected = tracker.register(&connecting, counters(&connecting), &handle);
         let decision = revocation(&connected).await.expect("revoked as it registers, after the re-check");
         assert_eq!(decision.verdict, Verdict::Deny);
 
@@ -346,7 +346,7 @@ policies: {policies}
         let before = state(DENY_LOCKED);
         let handle = StateHandle::new(state(DENY_LOCKED));
         let open = admitted_flow(&before, tracker.rechecks());
-        let open = tracker.register(&open, open.labels(), &handle);
+        let open = tracker.register(&open, counters(&open), &handle);
 
         let remote_relabelled = state_with("{app: web}", "{app: db, locked: 'yes'}", DENY_LOCKED);
         assert!(!remote_relabelled.changes_decisions_since(&before), "no open connection goes to db");

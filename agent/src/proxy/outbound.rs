@@ -51,7 +51,7 @@ pub(super) async fn handle(proxy: Proxy, pod: Arc<LocalPod>, client: TcpStream, 
     let route = Route::for_destination(&state, dst.ip());
     let flow = source(Flow::new(Direction::Outbound, route.as_str(), app, dst)).service(service.as_ref());
     let flow = flow.destination(state.workload_by_ip(dst.ip()).cloned(), None);
-    let trust_domain = &pod.identity.trust_domain;
+    let trust_domain = pod.identity.trust_domain();
     let connect_timeout = proxy.inner.limits.connect_timeout;
     let upstream = match route {
         Route::Tunnel(destination) => {

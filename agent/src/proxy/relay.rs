@@ -133,7 +133,7 @@ impl Flow {
                 .and_then(|w| w.labels.get("app").or_else(|| w.labels.get("app.kubernetes.io/name")).cloned())
                 .unwrap_or_else(|| UNKNOWN.to_owned())
         };
-        let principal = |id: &Option<SpiffeId>| id.as_ref().map_or(UNKNOWN.to_owned(), ToString::to_string);
+        let principal = |id: &Option<SpiffeId>| id.as_ref().map_or(UNKNOWN, SpiffeId::as_str).to_owned();
         ConnectionLabels {
             reporter: self.direction.reporter(),
             source_workload: name(&self.src_workload),
@@ -161,8 +161,8 @@ impl Flow {
             dst: self.dst,
             src_workload: self.src_workload.as_ref().map(|w| w.key()),
             dst_workload: self.dst_workload.as_ref().map(|w| w.key()),
-            src_identity: self.src_identity.as_ref().map(ToString::to_string),
-            dst_identity: self.dst_identity.as_ref().map(ToString::to_string),
+            src_identity: self.src_identity.clone(),
+            dst_identity: self.dst_identity.clone(),
             policy: self.policy.clone(),
             reason,
             bytes_src_to_dst: received,
@@ -237,10 +237,10 @@ impl Flow {
     /// Counts and logs the opening, and registers the connection for policy re-checks.
     fn opened(&self, proxy: &Proxy) -> Registration {
         let telemetry = &proxy.inner.telemetry;
-        let labels = self.labels();
-        telemetry.proxy.opened(self.direction, self.route, &labels);
+        let counters = telemetry.proxy.counters(self.labels());
+        telemetry.proxy.opened(self.direction, self.route, &counters);
         telemetry.flows.push(self.event(FlowKind::Opened, None, 0, 0));
-        proxy.inner.tracker.register(self, labels, &proxy.inner.state)
+        proxy.inner.tracker.register(self, counters, &proxy.inner.state)
     }
 
     /// Counts and logs how the relay ended, with every byte it moved (failed ones too).
@@ -252,9 +252,9 @@ impl Flow {
     ) {
         let telemetry = &proxy.inner.telemetry;
         let bytes = &registration.bytes;
-        telemetry.proxy.closed(self.direction, self.route, &bytes.labels);
+        telemetry.proxy.closed(self.direction, self.route, &bytes.counters);
         // What no scrape has counted yet.
-        bytes.count(&telemetry.proxy);
+        bytes.count();
         let (received, sent) = bytes.totals();
         let (kind, reason, error) = match outcome {
             Ok(()) => (FlowKind::Closed, None, None),

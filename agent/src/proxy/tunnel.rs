@@ -29,7 +29,7 @@ pub(super) async fn connect(
 ) -> Result<HboneStream, TunnelError> {
     let key = PoolKey {
         source: source.identity.clone(),
-        destination: destination.identity(&source.identity.trust_domain),
+        destination: destination.identity(source.identity.trust_domain()),
         source_ip: client.ip(),
         hbone_addr: SocketAddr::new(target.ip(), HBONE_PORT),
     };

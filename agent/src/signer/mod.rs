@@ -34,8 +34,7 @@ use tokio::{
 };
 
 use crate::identity::{
-    FileCa, ROOT_CERT_FILE, ROOT_KEY_FILE, SpiffeId, TRUST_BUNDLE_FILE, certs_to_pem, csr::SIGNER_NAME,
-    new_root,
+    FileCa, ROOT_CERT_FILE, ROOT_KEY_FILE, TRUST_BUNDLE_FILE, certs_to_pem, csr::SIGNER_NAME, new_root,
 };
 use metrics::SignerMetrics;
 use review::{Authority, Denial, Request};
@@ -180,7 +179,8 @@ impl Signer {
             Ok((request, node)) => {
                 let id = &request.identity;
                 if !approved {
-                    let why = format!("a pod of {}/{} runs on node {node}", id.namespace, id.service_account);
+                    let why =
+                        format!("a pod of {}/{} runs on node {node}", id.namespace(), id.service_account());
                     let approval = condition("Approved", "FerrySignerApproved", why);
                     version = self.add_condition(name, version, conditions, approval, "approval").await?;
                 }
@@ -232,7 +232,7 @@ impl Signer {
         let pods_on_node = match node {
             // Read from the API, not a cache: a pod scheduled a moment ago counts.
             Some(node) => {
-                let SpiffeId { namespace, .. } = &request.identity;
+                let namespace = request.identity.namespace();
                 let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
                 let on_node = ListParams::default().fields(&format!("spec.nodeName={node}"));
                 pods.list(&on_node).await.context("listing the pods on the agent's node")?.items

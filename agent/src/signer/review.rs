@@ -110,7 +110,7 @@ impl Authority {
             }
         };
         let identity = SpiffeId::parse(&uri).map_err(|e| deny("BadIdentity", e.to_string()))?;
-        if identity.trust_domain != self.trust_domain {
+        if identity.trust_domain() != self.trust_domain {
             return Err(deny(
                 "WrongTrustDomain",
                 format!("{identity} is not in trust domain {}", self.trust_domain),
@@ -144,9 +144,9 @@ impl Authority {
                 .as_ref()
                 .and_then(|s| s.phase.as_deref())
                 .is_some_and(|phase| phase == "Succeeded" || phase == "Failed");
-            pod.metadata.namespace.as_deref() == Some(id.namespace.as_str())
+            pod.metadata.namespace.as_deref() == Some(id.namespace())
                 && spec.node_name.as_deref() == Some(node.as_str())
-                && spec.service_account_name.as_deref().unwrap_or("default") == id.service_account
+                && spec.service_account_name.as_deref().unwrap_or("default") == id.service_account()
                 && !finished
         });
         if !runs_here {
@@ -154,7 +154,8 @@ impl Authority {
                 "NoSuchWorkloadOnNode",
                 format!(
                     "no running pod of namespace {} with service account {} on node {node}",
-                    id.namespace, id.service_account
+                    id.namespace(),
+                    id.service_account()
                 ),
             ));
         }

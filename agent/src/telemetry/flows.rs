@@ -11,6 +11,8 @@ use std::{
 use serde::Serialize;
 use tokio::sync::broadcast;
 
+use crate::identity::SpiffeId;
+
 /// Events kept for `ferry flows`.
 const CAPACITY: usize = 4096;
 
@@ -34,8 +36,8 @@ pub struct FlowEvent {
     pub dst: SocketAddr,
     pub src_workload: Option<String>,
     pub dst_workload: Option<String>,
-    pub src_identity: Option<String>,
-    pub dst_identity: Option<String>,
+    pub src_identity: Option<SpiffeId>,
+    pub dst_identity: Option<SpiffeId>,
     /// The policy that decided, for denials (and allows decided by a policy).
     pub policy: Option<String>,
     /// Why it was denied or failed.

@@ -2,6 +2,8 @@
 //! Istio, Kiali and Grafana dashboards work; Ferry's own are `ferry_*`. Label values are bounded
 //! (workloads, identities, policies, reasons), never ports or addresses.
 
+use std::{collections::HashMap, sync::RwLock};
+
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family},
@@ -151,12 +153,38 @@ pub struct ProxyMetrics {
     failed: Family<FailureLabels, Counter>,
     hbone_connections: Family<SideLabels, Counter>,
     verdicts: Family<VerdictLabels, Counter>,
+    /// The `istio_tcp_*` counters of each label set seen. A family hashes its whole label set
+    /// with SipHash on every update; a connection finds its counters here once, with one ahash.
+    counters: RwLock<HashMap<ConnectionLabels, ConnectionCounters, ahash::RandomState>>,
+}
+
+/// The `istio_tcp_*` counters of one label set, found once when a connection opens; they share
+/// their values with the families' entries.
+#[derive(Debug, Clone)]
+pub struct ConnectionCounters {
+    opened: Counter,
+    closed: Counter,
+    received_bytes: Counter,
+    sent_bytes: Counter,
+}
+
+impl ConnectionCounters {
+    /// Bytes a connection relayed since it last reported. `received`: source to destination;
+    /// `sent`: destination to source.
+    pub fn relayed(&self, received: u64, sent: u64) {
+        if received > 0 {
+            self.received_bytes.inc_by(received);
+        }
+        if sent > 0 {
+            self.sent_bytes.inc_by(sent);
+        }
+    }
 }
 
 /// Connections still relaying. At each scrape they add the bytes they moved since the last one,
 /// so the byte counters follow long-lived connections instead of jumping when they close.
 pub trait LiveBytes: Send + Sync {
-    fn count_bytes(&self, metrics: &ProxyMetrics);
+    fn count_bytes(&self);
 }
 
 /// A policy verdict as counted: enforced, or what a dry-run policy would have done.
@@ -215,25 +243,29 @@ impl ProxyMetrics {
         );
     }
 
-    pub fn opened(&self, direction: Direction, route: &'static str, labels: &ConnectionLabels) {
+    /// The counters of a connection with these labels.
+    pub fn counters(&self, labels: ConnectionLabels) -> ConnectionCounters {
+        let known = self.counters.read().unwrap_or_else(|e| e.into_inner()).get(&labels).cloned();
+        known.unwrap_or_else(|| {
+            let counters = ConnectionCounters {
+                opened: self.tcp_opened.get_or_create_owned(&labels),
+                closed: self.tcp_closed.get_or_create_owned(&labels),
+                received_bytes: self.tcp_received_bytes.get_or_create_owned(&labels),
+                sent_bytes: self.tcp_sent_bytes.get_or_create_owned(&labels),
+            };
+            let mut all = self.counters.write().unwrap_or_else(|e| e.into_inner());
+            all.entry(labels).or_insert(counters).clone()
+        })
+    }
+
+    pub fn opened(&self, direction: Direction, route: &'static str, counters: &ConnectionCounters) {
         self.opened.get_or_create(&RouteLabels { direction: direction.as_str(), route }).inc();
-        self.tcp_opened.get_or_create(labels).inc();
+        counters.opened.inc();
     }
 
-    pub fn closed(&self, direction: Direction, route: &'static str, labels: &ConnectionLabels) {
+    pub fn closed(&self, direction: Direction, route: &'static str, counters: &ConnectionCounters) {
         self.closed.get_or_create(&RouteLabels { direction: direction.as_str(), route }).inc();
-        self.tcp_closed.get_or_create(labels).inc();
-    }
-
-    /// Bytes a connection relayed since it last reported. `received`: source to destination;
-    /// `sent`: destination to source.
-    pub fn relayed(&self, labels: &ConnectionLabels, received: u64, sent: u64) {
-        if received > 0 {
-            self.tcp_received_bytes.get_or_create(labels).inc_by(received);
-        }
-        if sent > 0 {
-            self.tcp_sent_bytes.get_or_create(labels).inc_by(sent);
-        }
+        counters.closed.inc();
     }
 
     pub fn failed(&self, direction: Direction, reason: FailureReason, labels: Option<&ConnectionLabels>) {

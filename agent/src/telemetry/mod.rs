@@ -26,7 +26,10 @@ use tokio::net::TcpListener;
 
 pub use flows::{FlowEvent, FlowKind, FlowLog, now_ms};
 pub use logging::{LogControl, LogFormat, flush_logs, init_logging};
-pub use metrics::{ConnectionLabels, Direction, FailureReason, LiveBytes, ProxyMetrics, Side, VerdictKind};
+pub use metrics::{
+    ConnectionCounters, ConnectionLabels, Direction, FailureReason, LiveBytes, ProxyMetrics, Side,
+    VerdictKind,
+};
 
 use crate::{datapath::Counters, identity::CertManager};
 
@@ -205,7 +208,7 @@ impl Telemetry {
             live.iter().filter_map(Weak::upgrade).collect()
         };
         for source in sources {
-            source.count_bytes(&self.proxy);
+            source.count_bytes();
         }
         let mut text = String::new();
         // Writing to a String cannot fail.
