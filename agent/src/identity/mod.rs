@@ -50,7 +50,8 @@ impl SpiffeId {
     const SCHEME: &str = "spiffe://";
 
     pub fn new(trust_domain: &str, namespace: &str, service_account: &str) -> SpiffeId {
-        let uri = format!("{}{trust_domain}/ns/{namespace}/sa/{service_account}", Self::SCHEME);
+        // Not format!: proxies build destination IDs per connection.
+        let uri = [Self::SCHEME, trust_domain, "/ns/", namespace, "/sa/", service_account].concat();
         let trust_domain_end = Self::SCHEME.len() + trust_domain.len();
         SpiffeId {
             uri: uri.into(),
