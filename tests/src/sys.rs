@@ -279,6 +279,8 @@ impl Drop for Process {
 pub struct ProcUsage {
     /// User + system CPU time, in clock ticks (1/100 s).
     pub cpu_ticks: u64,
+    /// The user part of `cpu_ticks`: the process's own code, not the kernel's work for it.
+    pub user_ticks: u64,
     pub rss_kib: u64,
     pub open_fds: usize,
 }
@@ -296,6 +298,6 @@ impl ProcUsage {
             .find_map(|l| l.strip_prefix("VmRSS:")?.trim().trim_end_matches("kB").trim().parse().ok())
             .unwrap_or(0);
         let open_fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0);
-        ProcUsage { cpu_ticks: field(11) + field(12), rss_kib, open_fds }
+        ProcUsage { cpu_ticks: field(11) + field(12), user_ticks: field(11), rss_kib, open_fds }
     }
 }

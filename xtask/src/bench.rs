@@ -68,6 +68,8 @@ struct Sample {
     value: f64,
     /// Both agents together, during the measurement.
     agent_cpu_percent: f64,
+    /// The user-space part of `agent_cpu_percent`.
+    agent_user_cpu_percent: f64,
     agent_rss_kib: u64,
 }
 
@@ -84,6 +86,7 @@ struct Summary {
     ratio_min: Option<f64>,
     ratio_max: Option<f64>,
     agent_cpu_percent: f64,
+    agent_user_cpu_percent: f64,
     agent_rss_kib: u64,
 }
 
@@ -246,19 +249,36 @@ fn pin_idle_priority(cpu: usize) -> Result<()> {
     Ok(())
 }
 
-/// Runs `work` and reports the agents' CPU (percent of one core) and peak RSS meanwhile.
-fn with_usage<T>(pids: &[u32], work: impl FnOnce() -> Result<T>) -> Result<(T, f64, u64)> {
-    let before: u64 = pids.iter().map(|p| ProcUsage::of(*p).cpu_ticks).sum();
+/// What the agents used while a measurement ran.
+struct AgentUsage {
+    /// Percent of one core.
+    cpu_percent: f64,
+    /// The user-space part of `cpu_percent`.
+    user_cpu_percent: f64,
+    /// At the end.
+    rss_kib: u64,
+}
+
+/// Runs `work` and reports what the agents used meanwhile.
+fn with_usage<T>(pids: &[u32], work: impl FnOnce() -> Result<T>) -> Result<(T, AgentUsage)> {
+    let ticks = || {
+        pids.iter().map(|p| ProcUsage::of(*p)).fold((0, 0, 0), |(cpu, user, rss), usage| {
+            (cpu + usage.cpu_ticks, user + usage.user_ticks, rss + usage.rss_kib)
+        })
+    };
+    let (cpu_before, user_before, _) = ticks();
     let start = Instant::now();
     let value = work()?;
     let wall = start.elapsed().as_secs_f64();
-    let (after, rss) = pids
-        .iter()
-        .map(|p| ProcUsage::of(*p))
-        .fold((0, 0), |(t, r), usage| (t + usage.cpu_ticks, r + usage.rss_kib));
+    let (cpu_after, user_after, rss_kib) = ticks();
     // Clock ticks are 1/100 s on Linux.
-    let cpu = (after.saturating_sub(before)) as f64 / 100.0 / wall * 100.0;
-    Ok((value, cpu, rss))
+    let percent = |after: u64, before: u64| after.saturating_sub(before) as f64 / 100.0 / wall * 100.0;
+    let usage = AgentUsage {
+        cpu_percent: percent(cpu_after, cpu_before),
+        user_cpu_percent: percent(user_after, user_before),
+        rss_kib,
+    };
+    Ok((value, usage))
 }
 
 fn paths_sandbox() -> Result<Sandbox> {
@@ -381,7 +401,7 @@ fn measure_paths(params: &Params, only: Option<&str>) -> Result<Vec<Sample>> {
                     .collect();
                 let args: Vec<&str> = args.iter().map(String::as_str).collect();
                 let client = sb.pod(path.client);
-                let (line, cpu, rss) = with_usage(&pids, || client.measure(&args, word))?;
+                let (line, usage) = with_usage(&pids, || client.measure(&args, word))?;
                 let values: Vec<f64> = line.split_whitespace().filter_map(|v| v.parse().ok()).collect();
                 if values.len() < metrics.len() {
                     bail!("{}: sandbox-app {args:?} printed {line:?}", path.name);
@@ -393,8 +413,9 @@ fn measure_paths(params: &Params, only: Option<&str>) -> Result<Vec<Sample>> {
                         unit,
                         repetition,
                         value,
-                        agent_cpu_percent: cpu,
-                        agent_rss_kib: rss,
+                        agent_cpu_percent: usage.cpu_percent,
+                        agent_user_cpu_percent: usage.user_cpu_percent,
+                        agent_rss_kib: usage.rss_kib,
                     });
                 }
                 eprintln!("bench: rep {repetition} {:<24} {:<18} {line}", path.name, metrics[0]);
@@ -437,6 +458,7 @@ fn summarize(samples: &[Sample]) -> Vec<Summary> {
                 .collect();
             let is_direct = path.name == path.baseline;
             let mut cpu: Vec<f64> = of_path.iter().map(|s| s.agent_cpu_percent).collect();
+            let mut user_cpu: Vec<f64> = of_path.iter().map(|s| s.agent_user_cpu_percent).collect();
             summary.push(Summary {
                 path: path.name,
                 metric: metric.clone(),
@@ -448,6 +470,7 @@ fn summarize(samples: &[Sample]) -> Vec<Summary> {
                 ratio_min: (!is_direct).then(|| ratios.first().copied()).flatten(),
                 ratio_max: (!is_direct).then(|| ratios.last().copied()).flatten(),
                 agent_cpu_percent: median(&mut cpu),
+                agent_user_cpu_percent: median(&mut user_cpu),
                 agent_rss_kib: of_path.iter().map(|s| s.agent_rss_kib).max().unwrap_or(0),
             });
         }
@@ -471,7 +494,7 @@ fn measure_scale(params: &Params) -> Result<Vec<ScaleRow>> {
             std::thread::sleep(Duration::from_secs(2));
             Ok(())
         };
-        let ((), idle_cpu_percent, idle_rss_kib) = with_usage(&[pid], quiet)?;
+        let ((), idle) = with_usage(&[pid], quiet)?;
 
         let _server = sb.pod("srv").serve(ECHO_PORT)?;
         let target = SocketAddr::from((sb.pod("srv").ip, ECHO_PORT)).to_string();
@@ -480,7 +503,8 @@ fn measure_scale(params: &Params) -> Result<Vec<ScaleRow>> {
             holders.push(sb.pod(&format!("s{i}")).spawn_app(&["idle", &target, "30"])?);
         }
         wait_for_connections(&sb, pods)?;
-        let ((), connected_cpu_percent, connected_rss_kib) = with_usage(&[pid], quiet)?;
+        let ((), connected) = with_usage(&[pid], quiet)?;
+        let (idle_rss_kib, connected_rss_kib) = (idle.rss_kib, connected.rss_kib);
 
         // Policy change: from the new config and SIGHUP to the first new connection it denies.
         let probe = sb.pod("s0").probe(target.parse()?, 10)?;
@@ -504,9 +528,9 @@ fn measure_scale(params: &Params) -> Result<Vec<ScaleRow>> {
             pods,
             startup_ms,
             idle_rss_kib,
-            idle_cpu_percent,
+            idle_cpu_percent: idle.cpu_percent,
             connected_rss_kib,
-            connected_cpu_percent,
+            connected_cpu_percent: connected.cpu_percent,
             policy_change_ms,
         });
     }
@@ -641,7 +665,7 @@ fn markdown_tables(report: &Report) -> String {
     );
     let _ = writeln!(
         md,
-        "| metric | path | median | range | x direct | agents CPU % | agents RSS MiB |\n|---|---|---|---|---|---|---|"
+        "| metric | path | median | range | x direct | agents CPU % (user) | agents RSS MiB |\n|---|---|---|---|---|---|---|"
     );
     for s in &report.summary {
         let ratio = match (s.ratio, s.ratio_min, s.ratio_max) {
@@ -650,7 +674,7 @@ fn markdown_tables(report: &Report) -> String {
         };
         let _ = writeln!(
             md,
-            "| {} ({}) | {} | {} | {}-{} | {ratio} | {:.0} | {:.1} |",
+            "| {} ({}) | {} | {} | {}-{} | {ratio} | {:.0} ({:.0}) | {:.1} |",
             s.metric,
             s.unit,
             s.path,
@@ -658,6 +682,7 @@ fn markdown_tables(report: &Report) -> String {
             fmt_value(s.min),
             fmt_value(s.max),
             s.agent_cpu_percent,
+            s.agent_user_cpu_percent,
             s.agent_rss_kib as f64 / 1024.0
         );
     }
@@ -785,6 +810,7 @@ mod tests {
             repetition,
             value,
             agent_cpu_percent: 0.0,
+            agent_user_cpu_percent: 0.0,
             agent_rss_kib: 0,
         }
     }
