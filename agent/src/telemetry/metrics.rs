@@ -300,3 +300,66 @@ impl ProxyMetrics {
             .inc();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(destination: &str) -> ConnectionLabels {
+        let unknown = || "unknown".to_owned();
+        ConnectionLabels {
+            reporter: "source",
+            source_workload: "a".into(),
+            source_workload_namespace: "default".into(),
+            source_principal: unknown(),
+            source_app: unknown(),
+            destination_workload: destination.into(),
+            destination_workload_namespace: "default".into(),
+            destination_principal: unknown(),
+            destination_service: unknown(),
+            destination_app: unknown(),
+            request_protocol: "tcp",
+            response_flags: "-",
+            connection_security_policy: "mutual_tls",
+        }
+    }
+
+    fn scrape(registry: &Registry) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
+        text
+    }
+
+    /// The value of the one series of `family` whose labels include `label`.
+    fn value(text: &str, family: &str, label: &str) -> Option<u64> {
+        text.lines()
+            .find(|l| l.starts_with(&format!("{family}{{")) && l.contains(label))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    }
+
+    #[test]
+    fn connections_with_the_same_labels_count_into_one_series() {
+        let metrics = ProxyMetrics::default();
+        let mut registry = Registry::default();
+        metrics.register(&mut registry);
+        let (first, second, other) =
+            (metrics.counters(labels("b")), metrics.counters(labels("b")), metrics.counters(labels("c")));
+        for counters in [&first, &second, &other] {
+            metrics.opened(Direction::Outbound, "hbone", counters);
+        }
+        first.relayed(3, 0);
+        second.relayed(4, 10);
+        metrics.closed(Direction::Outbound, "hbone", &first);
+
+        let text = scrape(&registry);
+        let b = r#"destination_workload="b""#;
+        let c = r#"destination_workload="c""#;
+        assert_eq!(value(&text, "istio_tcp_connections_opened_total", b), Some(2), "{text}");
+        assert_eq!(value(&text, "istio_tcp_connections_opened_total", c), Some(1), "{text}");
+        assert_eq!(value(&text, "istio_tcp_connections_closed_total", b), Some(1), "{text}");
+        assert_eq!(value(&text, "istio_tcp_received_bytes_total", b), Some(7), "{text}");
+        assert_eq!(value(&text, "istio_tcp_sent_bytes_total", b), Some(10), "{text}");
+        // A connection's series exist from its opening, at zero until it counts.
+        assert_eq!(value(&text, "istio_tcp_sent_bytes_total", c), Some(0), "{text}");
+    }
+}
