@@ -48,15 +48,19 @@ pub enum IdentityError {
 
 impl SpiffeId {
     const SCHEME: &str = "spiffe://";
+    const NAMESPACE: &str = "/ns/";
+    const SERVICE_ACCOUNT: &str = "/sa/";
 
     pub fn new(trust_domain: &str, namespace: &str, service_account: &str) -> SpiffeId {
         // Not format!: proxies build destination IDs per connection.
-        let uri = [Self::SCHEME, trust_domain, "/ns/", namespace, "/sa/", service_account].concat();
+        let uri =
+            [Self::SCHEME, trust_domain, Self::NAMESPACE, namespace, Self::SERVICE_ACCOUNT, service_account]
+                .concat();
         let trust_domain_end = Self::SCHEME.len() + trust_domain.len();
         SpiffeId {
             uri: uri.into(),
             trust_domain_end,
-            namespace_end: trust_domain_end + "/ns/".len() + namespace.len(),
+            namespace_end: trust_domain_end + Self::NAMESPACE.len() + namespace.len(),
         }
     }
 
@@ -65,11 +69,11 @@ impl SpiffeId {
     }
 
     pub fn namespace(&self) -> &str {
-        &self.uri[self.trust_domain_end + "/ns/".len()..self.namespace_end]
+        &self.uri[self.trust_domain_end + Self::NAMESPACE.len()..self.namespace_end]
     }
 
     pub fn service_account(&self) -> &str {
-        &self.uri[self.namespace_end + "/sa/".len()..]
+        &self.uri[self.namespace_end + Self::SERVICE_ACCOUNT.len()..]
     }
 
     /// The whole `spiffe://` URI.
