@@ -13,7 +13,12 @@ use std::{
 };
 
 use prometheus_client::metrics::counter::Counter;
-use tracing_subscriber::{EnvFilter, Layer, Registry, layer::SubscriberExt, reload, util::SubscriberInitExt};
+use tracing_subscriber::{
+    EnvFilter, Layer, Registry, fmt::format::JsonFields, layer::SubscriberExt, reload,
+    util::SubscriberInitExt,
+};
+
+use super::log_format::{JsonLines, TextFields, Timestamp};
 
 /// How long the writer lets lines gather after the first one of a batch.
 const BATCH_DELAY: Duration = Duration::from_millis(5);
@@ -63,10 +68,11 @@ pub fn init_logging(format: LogFormat) -> LogControl {
     let (filter, handle) = reload::Layer::new(filter);
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let batcher = BATCHER.get_or_init(|| Batcher::start(Box::new(io::stderr()), format, MAX_PENDING_BYTES));
-    let output = tracing_subscriber::fmt::layer().with_ansi(ansi).with_writer(batcher.clone());
+    let output =
+        tracing_subscriber::fmt::layer().with_timer(Timestamp).with_ansi(ansi).with_writer(batcher.clone());
     let output: Box<dyn Layer<Registry> + Send + Sync> = match format {
-        LogFormat::Text => output.boxed(),
-        LogFormat::Json => output.json().flatten_event(true).with_current_span(false).boxed(),
+        LogFormat::Text => output.fmt_fields(TextFields).boxed(),
+        LogFormat::Json => output.fmt_fields(JsonFields::new()).event_format(JsonLines).boxed(),
     };
     let _ = tracing_subscriber::registry().with(output.with_filter(filter)).try_init();
     LogControl { filter: handle, dropped: batcher.dropped.clone() }

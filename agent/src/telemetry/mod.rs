@@ -2,6 +2,7 @@
 //! (`tracing` target `access`, in [`crate::proxy`]) and the flow-event ring.
 
 mod flows;
+mod log_format;
 mod logging;
 mod metrics;
 
