@@ -2,9 +2,15 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use http::{Method, Request, StatusCode, Uri, header::HeaderValue};
+use http::{
+    Method, Request, StatusCode, Uri,
+    header::{FORWARDED, HeaderName, HeaderValue},
+};
 
 use crate::{proxy::is_proxy_port, state::Workload};
+
+pub const BAGGAGE: HeaderName = HeaderName::from_static("baggage");
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
 /// Why an inbound CONNECT is refused, and with which status.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,16 +82,21 @@ pub fn connect_request(
     // SocketAddr's Display brackets IPv6, as :authority requires.
     *request.uri_mut() =
         Uri::builder().authority(target.to_string()).build().expect("ip:port is a valid authority");
-    let headers = request.headers_mut();
     let forwarded = match service_host {
         Some(host) => format!("for=\"{client}\";host={host}"),
         None => format!("for=\"{client}\""),
     };
     let baggage = format!("k8s.namespace.name={},k8s.pod.name={}", source.namespace, source.name);
     let traceparent = format!("00-{trace_id:032x}-{span_id:016x}-00");
-    for (name, value) in [("forwarded", forwarded), ("baggage", baggage), ("traceparent", traceparent)] {
-        if let Ok(value) = HeaderValue::from_str(&value) {
-            headers.insert(name, value);
+    // A client port and a trace ID are new with every connection: HPACK sends them never indexed,
+    // as otherwise they would fill its table and push out the values that repeat (the authority,
+    // the baggage), and every later lookup would walk through them.
+    for (name, value, unique) in
+        [(FORWARDED, forwarded, true), (BAGGAGE, baggage, false), (TRACEPARENT, traceparent, true)]
+    {
+        if let Ok(mut value) = HeaderValue::try_from(value) {
+            value.set_sensitive(unique);
+            request.headers_mut().insert(name, value);
         }
     }
     request
@@ -177,6 +188,8 @@ mod tests {
         assert_eq!(req.headers()["forwarded"], "for=\"10.1.0.2:4321\"");
         assert_eq!(req.headers()["baggage"], "k8s.namespace.name=shop,k8s.pod.name=a");
         assert_eq!(req.headers()["traceparent"], format!("00-{:032x}-{:016x}-00", 1, 2));
+        let never_indexed = |name: &str| req.headers()[name].is_sensitive();
+        assert!(never_indexed("forwarded") && never_indexed("traceparent") && !never_indexed("baggage"));
         assert_eq!(forwarded_for(&req.headers()["forwarded"]), Some("10.1.0.2:4321".parse().unwrap()));
         let v6 = connect_request(
             "[fd00::2]:80".parse().unwrap(),

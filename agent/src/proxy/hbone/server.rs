@@ -173,7 +173,7 @@ async fn connect(
     };
     let mut response = Response::new(());
     if let Ok(baggage) = HeaderValue::from_str(&proto::destination_baggage(&pod.workload)) {
-        response.headers_mut().insert("baggage", baggage);
+        response.headers_mut().insert(proto::BAGGAGE, baggage);
     }
     match respond.send_response(response, false) {
         Ok(send) => {
