@@ -9,6 +9,7 @@ use http::{
 
 use crate::{proxy::is_proxy_port, state::Workload};
 
+/// Who sends the CONNECT (its namespace and pod), and who answers it with 200.
 pub const BAGGAGE: HeaderName = HeaderName::from_static("baggage");
 const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
