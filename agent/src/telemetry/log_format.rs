@@ -330,7 +330,8 @@ mod tests {
 
     impl std::error::Error for Failure {}
 
-    /// Events of every kind of field, some needing escapes, one inside two spans.
+    /// Events of every kind of field, some needing escapes, two inside two spans, and a record
+    /// of the `log` crate (as eBPF log lines arrive).
     fn log_samples() {
         let addr: std::net::SocketAddr = "10.1.0.2:25584".parse().unwrap();
         let failure = Failure;
@@ -358,9 +359,13 @@ mod tests {
         let _inner = inner.enter();
         tracing::warn!(detail = ?vec![1, 2], "message with \"quotes\"\nand a newline");
         tracing::error!("message only");
+        drop((_inner, _outer));
+        log::warn!(target: "ferry::datapath", "bridged from log");
     }
 
     fn capture(layer: impl tracing_subscriber::Layer<tracing_subscriber::Registry> + Send + Sync) {
+        // Sends `log` records to the thread's subscriber; already done by an earlier test.
+        let _ = tracing_log::LogTracer::init();
         tracing::subscriber::with_default(tracing_subscriber::registry().with(layer), log_samples);
     }
 
@@ -381,6 +386,7 @@ mod tests {
             "{ours}"
         );
         assert!(ours.contains(r#"outer{node="node1" n=2}:inner:"#), "{ours}");
+        assert!(ours.contains(" WARN ferry::datapath: bridged from log\n"), "{ours}");
     }
 
     #[test]
@@ -419,7 +425,11 @@ mod tests {
         };
         let (ours, theirs): (Vec<Value>, Vec<Value>) =
             (text(&ours).lines().map(parse).collect(), text(&theirs).lines().map(parse).collect());
-        assert_eq!(ours.len(), 3, "{ours:#?}");
+        assert_eq!(ours.len(), 4, "{ours:#?}");
+        assert_eq!(
+            (&ours[3]["target"], &ours[3]["level"]),
+            (&Value::from("ferry::datapath"), &Value::from("WARN"))
+        );
         assert_eq!(ours, theirs);
         assert_eq!(ours[0]["quoted"], "say \"hi\"\\ \u{7}");
         assert_eq!(
