@@ -87,7 +87,7 @@ pub fn connect_request(
         Some(host) => format!("for=\"{client}\";host={host}"),
         None => format!("for=\"{client}\""),
     };
-    let baggage = format!("k8s.namespace.name={},k8s.pod.name={}", source.namespace, source.name);
+    let baggage = baggage(source);
     let traceparent = format!("00-{trace_id:032x}-{span_id:016x}-00");
     // A client port and a trace ID are new with every connection: HPACK sends them never indexed,
     // as otherwise they would fill its table and push out the values that repeat (the authority,
@@ -103,9 +103,9 @@ pub fn connect_request(
     request
 }
 
-/// `baggage` a server returns with 200: who the destination is.
-pub fn destination_baggage(destination: &Workload) -> String {
-    format!("k8s.namespace.name={},k8s.pod.name={}", destination.namespace, destination.name)
+/// The `baggage` that says who `workload` is: the client's with CONNECT, the destination's with 200.
+pub fn baggage(workload: &Workload) -> String {
+    format!("k8s.namespace.name={},k8s.pod.name={}", workload.namespace, workload.name)
 }
 
 /// The original client from a `forwarded: for="ip:port"` header, if well formed.

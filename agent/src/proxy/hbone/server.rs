@@ -172,7 +172,7 @@ async fn connect(
         }
     };
     let mut response = Response::new(());
-    if let Ok(baggage) = HeaderValue::from_str(&proto::destination_baggage(&pod.workload)) {
+    if let Ok(baggage) = HeaderValue::try_from(proto::baggage(&pod.workload)) {
         response.headers_mut().insert(proto::BAGGAGE, baggage);
     }
     match respond.send_response(response, false) {
