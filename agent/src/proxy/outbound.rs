@@ -16,7 +16,7 @@ use crate::{
     telemetry::{Direction, FailureReason},
 };
 
-pub(super) async fn handle(proxy: Proxy, pod: Arc<LocalPod>, client: TcpStream, peer: SocketAddr) {
+pub(super) async fn handle(proxy: Proxy, pod: Arc<LocalPod>, mut client: TcpStream, peer: SocketAddr) {
     let telemetry = &proxy.inner.telemetry;
     // The app's own address: the pod's (connect bound the socket to it; were that to fail, the
     // kernel would have picked loopback as the source of the redirected connection).
@@ -59,7 +59,8 @@ pub(super) async fn handle(proxy: Proxy, pod: Arc<LocalPod>, client: TcpStream, 
                 .destination(Some(destination.clone()), Some(destination.identity(trust_domain)))
                 .hbone(SocketAddr::new(dst.ip(), HBONE_PORT));
             let host = service.as_ref().map(|s| s.hostname());
-            return match tunnel::connect(&proxy, &pod, app, dst, &destination, host.as_deref(), &client).await
+            return match tunnel::connect(&proxy, &pod, app, dst, &destination, host.as_deref(), &mut client)
+                .await
             {
                 Ok(stream) => {
                     let _slot = stream.slot;

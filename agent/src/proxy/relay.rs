@@ -202,7 +202,7 @@ impl Flow {
     /// the idle timeout, or a side fails; failures reach both ends as resets.
     pub(super) async fn relay_hbone(
         self,
-        app: TcpStream,
+        mut app: TcpStream,
         stream: H2Stream,
         tunnel: TunnelEnd,
         proxy: &Proxy,
@@ -210,8 +210,8 @@ impl Flow {
         let registration = self.opened(proxy);
         let bytes = &registration.bytes;
         let relay = match tunnel {
-            TunnelEnd::Destination => hbone::relay(&app, stream, &bytes.src_to_dst, &bytes.dst_to_src),
-            TunnelEnd::Source => hbone::relay(&app, stream, &bytes.dst_to_src, &bytes.src_to_dst),
+            TunnelEnd::Destination => hbone::relay(&mut app, stream, &bytes.src_to_dst, &bytes.dst_to_src),
+            TunnelEnd::Source => hbone::relay(&mut app, stream, &bytes.dst_to_src, &bytes.src_to_dst),
         };
         let outcome = watch(proxy, &registration, relay).await;
         if outcome.is_err() {

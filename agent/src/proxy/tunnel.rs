@@ -25,7 +25,7 @@ pub(super) async fn connect(
     target: SocketAddr,
     destination: &Workload,
     service_host: Option<&str>,
-    downstream: &TcpStream,
+    downstream: &mut TcpStream,
 ) -> Result<HboneStream, TunnelError> {
     let key = PoolKey {
         source: source.identity.clone(),

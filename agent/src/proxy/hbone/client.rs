@@ -146,7 +146,7 @@ impl Pool {
         certs: &Arc<CertManager>,
         metrics: &ProxyMetrics,
         request: http::Request<()>,
-        client: &TcpStream,
+        client: &mut TcpStream,
     ) -> Result<HboneStream, TunnelError> {
         let mut early = EarlyData::default();
         let mut slot = self.checkout(key, netns, certs, metrics).await?;
@@ -177,7 +177,7 @@ impl Pool {
         key: &PoolKey,
         slot: &StreamSlot,
         request: &http::Request<()>,
-        client: &TcpStream,
+        client: &mut TcpStream,
         early: &mut EarlyData,
     ) -> Result<(http::Response<h2::RecvStream>, h2::SendStream<Bytes>), TunnelError> {
         tokio::time::timeout(self.connect_timeout, send(slot, request, client, early))
@@ -296,7 +296,7 @@ const EARLY_DATA_LIMIT: usize = 64 * 1024;
 async fn send(
     slot: &StreamSlot,
     request: &http::Request<()>,
-    client: &TcpStream,
+    client: &mut TcpStream,
     early: &mut EarlyData,
 ) -> Result<(http::Response<h2::RecvStream>, h2::SendStream<Bytes>), TunnelError> {
     let mut sender = slot.0.sender.clone().ready().await?;
@@ -306,12 +306,13 @@ async fn send(
     }
     tokio::pin!(response);
     let mut buf = BytesMut::new();
+    let (mut client, _) = client.split();
     loop {
         let room = EARLY_DATA_LIMIT - early.len();
         tokio::select! {
             biased;
             response = &mut response => return Ok((response?, send_stream)),
-            read = read_buf(client, &mut buf, room), if room > 0 && !early.ended => {
+            read = read_buf(&mut client, &mut buf, room), if room > 0 && !early.ended => {
                 match read.map_err(TunnelError::Client)? {
                     0 => early.ended = true,
                     n => {

@@ -12,7 +12,13 @@ use std::{
 
 use bytes::{BufMut, Bytes, BytesMut};
 use h2::{Ping, PingPong, RecvStream, SendStream};
-use tokio::net::TcpStream;
+use tokio::{
+    io::AsyncReadExt,
+    net::{
+        TcpStream,
+        tcp::{ReadHalf, WriteHalf},
+    },
+};
 
 use super::{PING_INTERVAL, PING_TIMEOUT};
 
@@ -52,7 +58,7 @@ fn io_error(e: h2::Error) -> io::Error {
 /// other reason is an error (the caller resets the socket); a failing socket (e.g. the app reset
 /// its connection) resets the stream with CONNECT_ERROR, after what was read before the failure.
 pub(crate) async fn relay(
-    tcp: &TcpStream,
+    tcp: &mut TcpStream,
     stream: H2Stream,
     tcp_to_stream: &AtomicU64,
     stream_to_tcp: &AtomicU64,
@@ -60,9 +66,10 @@ pub(crate) async fn relay(
     let H2Stream { send, mut recv, sent_early } = stream;
     let mut send = ResetUnlessDone { send, done: false };
     tcp_to_stream.fetch_add(sent_early, Ordering::Relaxed);
+    let (mut reader, writer) = tcp.split();
     let relayed = async {
-        let outbound = socket_to_stream(tcp, &mut send.send, tcp_to_stream);
-        let inbound = stream_to_socket(&mut recv, tcp, stream_to_tcp);
+        let outbound = socket_to_stream(&mut reader, &mut send.send, tcp_to_stream);
+        let inbound = stream_to_socket(&mut recv, &writer, stream_to_tcp);
         tokio::pin!(outbound, inbound);
         let (mut sent_all, mut received_all) = (false, false);
         while !(sent_all && received_all) {
@@ -133,7 +140,7 @@ fn cancelled_by_peer(e: &h2::Error) -> bool {
 
 /// Socket errors are errors; the stream's are [`Sent::Refused`].
 async fn socket_to_stream(
-    tcp: &TcpStream,
+    tcp: &mut ReadHalf<'_>,
     send: &mut SendStream<Bytes>,
     moved: &AtomicU64,
 ) -> io::Result<Sent> {
@@ -184,23 +191,21 @@ async fn capacity(send: &mut SendStream<Bytes>, wanted: usize) -> Result<usize, 
 /// One read of up to `limit` bytes, appended to `buf`; a buffer without room gets `limit` of it
 /// once there is something to read (else the read would take 64 bytes). Cancel-safe: nothing is
 /// read until the socket is ready.
-pub(super) async fn read_buf(tcp: &TcpStream, buf: &mut BytesMut, limit: usize) -> io::Result<usize> {
-    loop {
-        tcp.readable().await?;
-        if buf.capacity() == 0 {
-            buf.reserve(limit);
-        }
-        let mut limited = (&mut *buf).limit(limit);
-        match tcp.try_read_buf(&mut limited) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            result => return result,
-        }
+///
+/// Read through `AsyncRead`, which takes a read that did not fill the buffer as proof that the
+/// socket is drained (its readiness is edge-triggered): the next read waits for the next edge
+/// instead of first trying a `recv` that would fail with EAGAIN, one system call per app read.
+pub(super) async fn read_buf(tcp: &mut ReadHalf<'_>, buf: &mut BytesMut, limit: usize) -> io::Result<usize> {
+    tcp.readable().await?;
+    if buf.capacity() == 0 {
+        buf.reserve(limit);
     }
+    tcp.read_buf(&mut (&mut *buf).limit(limit)).await
 }
 
 async fn stream_to_socket(
     recv: &mut RecvStream,
-    tcp: &TcpStream,
+    tcp: &WriteHalf<'_>,
     moved: &AtomicU64,
 ) -> io::Result<StreamEnd> {
     loop {
@@ -216,12 +221,12 @@ async fn stream_to_socket(
             Some(Err(e)) => return Err(io_error(e)),
             None => StreamEnd::EndOfStream,
         };
-        socket2::SockRef::from(tcp).shutdown(Shutdown::Write)?;
+        socket2::SockRef::from(tcp.as_ref()).shutdown(Shutdown::Write)?;
         return Ok(end);
     }
 }
 
-async fn write_all(tcp: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+async fn write_all(tcp: &WriteHalf<'_>, mut data: &[u8]) -> io::Result<()> {
     while !data.is_empty() {
         tcp.writable().await?;
         match tcp.try_write(data) {
