@@ -181,6 +181,15 @@ impl Pod {
         Ok(self.measure(&["hold", &to.to_string(), &n.to_string()], "held")?.trim().parse()?)
     }
 
+    /// Opens `n` connections to an echo server one after another, echoes `mib` MiB over each, and
+    /// holds them all open for `seconds`; returns once all have echoed.
+    pub fn load(&self, to: SocketAddr, n: usize, mib: usize, seconds: u64) -> Result<Process> {
+        let args = [to.to_string(), n.to_string(), mib.to_string(), seconds.to_string()];
+        let (process, _) =
+            self.start(&["loaded", &args[0], &args[1], &args[2], &args[3]], &format!("loaded {n}"))?;
+        Ok(process)
+    }
+
     /// Keeps one connection busy with a byte ping-pong every 10 ms for `seconds`; the count.
     pub fn stream(&self, to: SocketAddr, seconds: u64) -> Result<u64> {
         Ok(self.measure(&["stream", &to.to_string(), &seconds.to_string()], "streamed")?.trim().parse()?)

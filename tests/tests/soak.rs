@@ -1,4 +1,5 @@
-//! Soak: connection churn through both agents must leave no memory or file descriptors behind.
+//! Soak: connection churn through both agents must leave no memory or file descriptors behind,
+//! and connections that sit idle must not keep what they needed while busy.
 //!
 //! `FERRY_SOAK_SECS` sets how long the churn runs: 20 s by default (in `cargo xtask test`); the
 //! documented run (docs/testing.md) is `FERRY_SOAK_SECS=600`.
@@ -58,7 +59,7 @@ fn settled(sb: &Sandbox) -> Vec<ProcUsage> {
         std::thread::sleep(Duration::from_millis(50));
     }
     std::thread::sleep(Duration::from_millis(500));
-    ["node1", "node2"].iter().map(|n| ProcUsage::of(sb.agent_pid(n).unwrap())).collect()
+    agents_usage(sb)
 }
 
 #[test]
@@ -78,8 +79,7 @@ fn churn_returns_rss_and_fds_to_baseline() {
     let mut samples = Vec::new();
     let started = Instant::now();
     churn(&sb, secs, || {
-        let now: Vec<ProcUsage> =
-            ["node1", "node2"].iter().map(|n| ProcUsage::of(sb.agent_pid(n).unwrap())).collect();
+        let now = agents_usage(&sb);
         for (peak, now) in peak.iter_mut().zip(&now) {
             peak.rss_kib = peak.rss_kib.max(now.rss_kib);
             peak.open_fds = peak.open_fds.max(now.open_fds);
@@ -116,4 +116,46 @@ fn churn_returns_rss_and_fds_to_baseline() {
         assert_eq!(after.open_fds, base.open_fds, "{node}: open fds {} -> {}", base.open_fds, after.open_fds);
     }
     assert!(opened > 1000.0, "only {opened} connections: the churn did not run");
+}
+
+/// Connections opened one after another, each moving bulk both ways, then held open idle. All
+/// share one HBONE connection, whose flow-control window (16 MiB) they must not pin while idle:
+/// sixteen holding the 1 MiB that a relay reading bulk reserves would stall every later stream.
+const LOADED: usize = 24;
+/// What each of them may keep of an agent's memory while idle (seen: under 256 KiB, most of it
+/// pages the allocator has yet to give back). A relay reading bulk takes a 1 MiB buffer; kept,
+/// they held 1.3 MiB each.
+const IDLE_AFTER_BULK_KIB: u64 = 512;
+
+fn agents_usage(sb: &Sandbox) -> Vec<ProcUsage> {
+    ["node1", "node2"].iter().map(|n| ProcUsage::of(sb.agent_pid(n).unwrap())).collect()
+}
+
+#[test]
+fn idle_connections_that_moved_bulk_neither_stall_the_others_nor_keep_their_buffers() {
+    let mut sb = Sandbox::two_nodes("loaded").unwrap();
+    sb.start_agent("node1", None).unwrap();
+    sb.start_agent("node2", None).unwrap();
+    let _server = sb.pod("c").serve(PORT).unwrap();
+    let to = addr(&sb, "c");
+    // Warm up: the HBONE connection and its buffers at their bulk size, allocator arenas.
+    drop(sb.pod("a").load(to, 1, 8, 0).unwrap());
+    // Freed pages go back to the kernel after a second (the allocator's decay, main.rs).
+    let decay = Duration::from_secs(3);
+    settled(&sb);
+    std::thread::sleep(decay);
+    let baseline = agents_usage(&sb);
+
+    // Fails (a transfer stalls) unless each connection, once idle, gave back its window.
+    let _held = sb.pod("a").load(to, LOADED, 8, 30).unwrap();
+    std::thread::sleep(decay);
+    assert_eq!(live_connections(&sb, "node1"), LOADED as u64);
+    for ((node, base), idle) in ["node1", "node2"].iter().zip(&baseline).zip(agents_usage(&sb)) {
+        let (base, idle) = (base.rss_kib, idle.rss_kib);
+        eprintln!("{node}: RSS {base} KiB before, {idle} KiB with {LOADED} connections idle after bulk");
+        assert!(
+            idle <= base + LOADED as u64 * IDLE_AFTER_BULK_KIB,
+            "{node}: RSS {base} -> {idle} KiB with {LOADED} idle connections that moved bulk"
+        );
+    }
 }

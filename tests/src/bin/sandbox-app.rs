@@ -19,6 +19,8 @@
 //!                                    echo, close) and how many attempts failed
 //! idle ADDR SECONDS               -> "idle": one connection, one echoed byte, then held open quietly
 //! hold ADDR N                     -> "held N": N concurrent connections, each echoing a byte
+//! loaded ADDR N MIB SECONDS       -> "loaded N": N connections, one after another, each echoing MIB
+//!                                    MiB, then all held open quietly for SECONDS
 //! stream ADDR SECONDS             -> "streamed N": one connection, a byte ping-pong every 10 ms
 //! probe ADDR SECONDS              -> "ok" once a new connection (connect, 1-byte echo, close)
 //!                                    succeeded, then a new one every millisecond until one fails:
@@ -70,12 +72,18 @@ fn main() -> ExitCode {
             rest.first().map(|r| r.parse().expect("rate")),
         ),
         ["hold", addr, n] => hold(addr.parse().expect("address"), n.parse().expect("count")),
+        ["loaded", addr, n, mib, secs] => loaded(
+            addr.parse().expect("address"),
+            n.parse().expect("count"),
+            mib.parse().expect("MiB"),
+            secs.parse().expect("seconds"),
+        ),
         ["stream", addr, secs] => stream(addr.parse().expect("address"), secs.parse().expect("seconds")),
         ["probe", addr, secs] => probe(addr.parse().expect("address"), secs.parse().expect("seconds")),
         ["bulk", addr, mib] => bulk(addr.parse().expect("address"), mib.parse().expect("MiB")),
         _ => {
             eprintln!(
-                "usage: sandbox-app MODE ARGS, MODE one of serve, greet, abort, await, connect, rr, rro, bulk, sink, send, cps, idle, hold, stream, probe"
+                "usage: sandbox-app MODE ARGS, MODE one of serve, greet, abort, await, connect, rr, rro, bulk, sink, send, cps, idle, hold, loaded, stream, probe"
             );
             return ExitCode::from(2);
         }
@@ -356,10 +364,20 @@ fn new_connections(addr: SocketAddr, seconds: u64, rate: Option<u64>) {
 }
 
 fn bulk(addr: SocketAddr, mib: usize) {
-    let mut stream = TcpStream::connect(addr).expect("connect");
-    let mut writer = stream.try_clone().expect("clone");
-    let total = mib * 1024 * 1024;
+    let stream = TcpStream::connect(addr).expect("connect");
     let start = std::time::Instant::now();
+    let received = echo_bulk(&stream, mib * 1024 * 1024, true);
+    let secs = start.elapsed().as_secs_f64();
+    println!("bulk {:.2}", received as f64 * 8.0 / secs / 1e9);
+}
+
+/// Sends `total` bytes through an echo server while reading them back; returns how many came back.
+/// With `finish`, half-closes once all is sent (the echo server then closes too). A transfer
+/// that stalls for 10 s panics (the process fails) rather than hanging.
+fn echo_bulk(stream: &TcpStream, total: usize, finish: bool) -> usize {
+    let stall = Some(Duration::from_secs(10));
+    stream.set_read_timeout(stall).and_then(|()| stream.set_write_timeout(stall)).expect("timeouts");
+    let mut writer = stream.try_clone().expect("clone");
     let sender = std::thread::spawn(move || {
         let chunk = vec![7u8; 256 * 1024];
         let mut sent = 0;
@@ -368,20 +386,34 @@ fn bulk(addr: SocketAddr, mib: usize) {
             writer.write_all(&chunk[..n]).expect("write");
             sent += n;
         }
-        writer.shutdown(Shutdown::Write).expect("shutdown");
+        if finish {
+            writer.shutdown(Shutdown::Write).expect("shutdown");
+        }
     });
     let mut buf = vec![0u8; 256 * 1024];
     let mut received = 0;
+    let mut reader = stream;
     while received < total {
-        match stream.read(&mut buf) {
+        match reader.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => received += n,
             Err(e) => panic!("read: {e}"),
         }
     }
     sender.join().expect("sender");
-    let secs = start.elapsed().as_secs_f64();
-    println!("bulk {:.2}", received as f64 * 8.0 / secs / 1e9);
+    received
+}
+
+fn loaded(addr: SocketAddr, n: usize, mib: usize, seconds: u64) {
+    let streams: Vec<TcpStream> = (0..n)
+        .map(|_| {
+            let stream = TcpStream::connect(addr).expect("connect");
+            assert_eq!(echo_bulk(&stream, mib * 1024 * 1024, false), mib * 1024 * 1024, "echo cut short");
+            stream
+        })
+        .collect();
+    println!("loaded {}", streams.len());
+    std::thread::sleep(Duration::from_secs(seconds));
 }
 
 fn hold(addr: SocketAddr, n: usize) {

@@ -313,7 +313,7 @@ async fn send(
             biased;
             response = &mut response => return Ok((response?, send_stream)),
             read = read_buf(&mut client, &mut buf, room), if room > 0 && !early.ended => {
-                match read.map_err(TunnelError::Client)? {
+                match read.map_err(TunnelError::Client)?.len {
                     0 => early.ended = true,
                     n => {
                         let chunk = buf.split_to(n).freeze();

@@ -23,8 +23,9 @@ use tokio::{
 use super::{PING_INTERVAL, PING_TIMEOUT};
 
 /// Bytes read from the socket at once (and so the largest DATA frame queued) until a read fills
-/// that much: then the connection is moving bulk and reads up to [`READ_BULK`]. Fewer, larger
-/// reads and frames mean fewer wake-ups on both agents (cross-node mTLS bulk +29%).
+/// that much: then the connection is moving bulk and reads up to [`READ_BULK`], until a read
+/// takes less again. Fewer, larger reads and frames mean fewer wake-ups on both agents
+/// (cross-node mTLS bulk +29%).
 const READ_START: usize = 64 * 1024;
 const READ_BULK: usize = 1024 * 1024;
 /// Small reads share one allocation; a fresh one is taken when less than this is left.
@@ -139,6 +140,12 @@ fn cancelled_by_peer(e: &h2::Error) -> bool {
 }
 
 /// Socket errors are errors; the stream's are [`Sent::Refused`].
+///
+/// While the app is quiet the stream holds neither a share of the connection's window nor a read
+/// buffer: every stream reserves window before it reads, and what a stream reserved is taken
+/// from the window all streams of the HBONE connection share (16 MiB for up to 100 streams).
+/// Kept by idle streams, sixteen that had moved bulk would hold all of it and stall every stream
+/// of the connection; a buffer kept would hold 1 MiB of memory per such stream.
 async fn socket_to_stream(
     tcp: &mut ReadHalf<'_>,
     send: &mut SendStream<Bytes>,
@@ -147,16 +154,14 @@ async fn socket_to_stream(
     let mut buf = BytesMut::new();
     let mut read_size = READ_START;
     loop {
+        tcp.readable().await?;
         // Read no more than the peer's window admits: a slow receiver slows the sender.
         let room = match capacity(send, read_size).await {
             Ok(room) => room,
             Err(refused) => return Ok(refused),
         };
-        if buf.capacity() < READ_MIN {
-            // Reuses the previous allocation if h2 has written out everything read into it.
-            buf.reserve(read_size);
-        }
-        let n = read_buf(tcp, &mut buf, room.min(read_size)).await?;
+        let read = read_buf(tcp, &mut buf, room.min(read_size)).await?;
+        let n = read.len;
         let (data, end) = if n == 0 { (Bytes::new(), true) } else { (buf.split_to(n).freeze(), false) };
         if let Err(e) = send.send_data(data, end) {
             return Ok(Sent::Refused(Some(e)));
@@ -165,8 +170,12 @@ async fn socket_to_stream(
             return Ok(Sent::All);
         }
         moved.fetch_add(n as u64, Ordering::Relaxed);
-        if n >= READ_START {
-            read_size = READ_BULK;
+        read_size = if n >= READ_START { READ_BULK } else { READ_START };
+        if read.drained {
+            // Keeps only the window for what is still queued; the buffer goes once h2 has
+            // written out what was read into it.
+            send.reserve_capacity(0);
+            buf = BytesMut::new();
         }
     }
 }
@@ -188,19 +197,30 @@ async fn capacity(send: &mut SendStream<Bytes>, wanted: usize) -> Result<usize, 
     }
 }
 
-/// One read of up to `limit` bytes, appended to `buf`; a buffer without room gets `limit` of it
-/// once there is something to read (else the read would take 64 bytes). Cancel-safe: nothing is
-/// read until the socket is ready.
+/// What one read took from the socket.
+pub(super) struct Read {
+    pub(super) len: usize,
+    /// The read took less than it had room for: the socket is drained (or at its end), and the
+    /// next read waits for the app.
+    pub(super) drained: bool,
+}
+
+/// One read of up to `limit` bytes, appended to `buf`, which gets `limit` of room once there is
+/// something to read if it has less than [`READ_MIN`] left. Cancel-safe: nothing is read until the
+/// socket is ready.
 ///
 /// Read through `AsyncRead`, which takes a read that did not fill the buffer as proof that the
 /// socket is drained (its readiness is edge-triggered): the next read waits for the next edge
 /// instead of first trying a `recv` that would fail with EAGAIN, one system call per app read.
-pub(super) async fn read_buf(tcp: &mut ReadHalf<'_>, buf: &mut BytesMut, limit: usize) -> io::Result<usize> {
+pub(super) async fn read_buf(tcp: &mut ReadHalf<'_>, buf: &mut BytesMut, limit: usize) -> io::Result<Read> {
     tcp.readable().await?;
-    if buf.capacity() == 0 {
+    if buf.capacity() - buf.len() < limit.min(READ_MIN) {
+        // Reuses the previous allocation if h2 has written out everything read into it.
         buf.reserve(limit);
     }
-    tcp.read_buf(&mut (&mut *buf).limit(limit)).await
+    let room = (buf.capacity() - buf.len()).min(limit);
+    let len = tcp.read_buf(&mut (&mut *buf).limit(limit)).await?;
+    Ok(Read { len, drained: len < room })
 }
 
 async fn stream_to_socket(
