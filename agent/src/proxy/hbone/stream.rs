@@ -154,6 +154,7 @@ async fn socket_to_stream(
     let mut buf = BytesMut::new();
     let mut read_size = READ_START;
     loop {
+        // Nothing is reserved until the app has bytes for the stream (see above).
         tcp.readable().await?;
         // Read no more than the peer's window admits: a slow receiver slows the sender.
         let room = match capacity(send, read_size).await {
