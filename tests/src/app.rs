@@ -107,6 +107,11 @@ impl Pod {
         self.serve_mode("sink", port)
     }
 
+    /// Starts a server on `[::]:port` that accepts connections and never reads them.
+    pub fn serve_stalled(&self, port: u16) -> Result<Server> {
+        self.serve_mode("stall", port)
+    }
+
     fn serve_mode(&self, mode: &str, port: u16) -> Result<Server> {
         let (process, lines) = self.start(&[mode, &port.to_string()], "listening")?;
         let accepted = Arc::new(Mutex::new(Vec::new()));

@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ferry_sandbox::{ProcUsage, Process, Sandbox};
+use ferry_sandbox::{ConnectOutcome, ProcUsage, Process, Sandbox};
 
 const PORT: u16 = 8080;
 /// Concurrent connections opened (and closed) at once in each burst, every 2 s.
@@ -158,4 +158,33 @@ fn idle_connections_that_moved_bulk_neither_stall_the_others_nor_keep_their_buff
             "{node}: RSS {base} -> {idle} KiB with {LOADED} idle connections that moved bulk"
         );
     }
+}
+
+/// Connections whose destination app stops reading: each holds a stream window (4 MiB) of data
+/// the destination agent cannot deliver. Four did fill the 16 MiB connection window they shared
+/// with every other stream between the two pods.
+const STALLED: usize = 6;
+
+#[test]
+fn apps_that_stop_reading_do_not_stall_other_connections_between_the_same_pods() {
+    let mut sb = Sandbox::two_nodes("stalled").unwrap();
+    sb.start_agent("node1", None).unwrap();
+    sb.start_agent("node2", None).unwrap();
+    let _echo = sb.pod("c").serve(PORT).unwrap();
+    let _stalled = sb.pod("c").serve_stalled(PORT + 1).unwrap();
+    let stalled = SocketAddr::from((sb.pod("c").ip, PORT + 1));
+    let _senders =
+        sb.pod("a").spawn_app(&["send", &stalled.to_string(), "60", &STALLED.to_string()]).unwrap();
+    // Until the stalled connections have filled their socket buffers and stream windows.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while live_connections(&sb, "node1") < STALLED as u64 {
+        assert!(Instant::now() < deadline, "the stalled connections did not open");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let outcome = sb.pod("a").connect(addr(&sb, "c"), 64 * 1024).unwrap();
+    assert!(
+        matches!(outcome, ConnectOutcome::Echoed { .. }),
+        "beside {STALLED} stalled connections: {outcome:?}"
+    );
 }

@@ -14,6 +14,7 @@
 //!                                    request's scheduled time (no coordinated omission)
 //! bulk ADDR MIB                   -> "bulk GBIT_PER_S": MIB MiB each way through the echo server
 //! sink PORT                       -> "listening"; reads and discards each connection to its end
+//! stall PORT                      -> "listening"; accepts connections and never reads them
 //! send ADDR SECONDS STREAMS       -> "send GBIT_PER_S": one-way bulk to a sink over STREAMS connections
 //! cps ADDR SECONDS                -> "cps N ERRORS": new connections per second (connect, 1-byte
 //!                                    echo, close) and how many attempts failed
@@ -60,6 +61,7 @@ fn main() -> ExitCode {
             secs.parse().expect("seconds"),
         ),
         ["sink", port] => sink(port.parse().expect("port")),
+        ["stall", port] => stall(port.parse().expect("port")),
         ["send", addr, secs, streams] => send(
             addr.parse().expect("address"),
             secs.parse().expect("seconds"),
@@ -83,7 +85,7 @@ fn main() -> ExitCode {
         ["bulk", addr, mib] => bulk(addr.parse().expect("address"), mib.parse().expect("MiB")),
         _ => {
             eprintln!(
-                "usage: sandbox-app MODE ARGS, MODE one of serve, greet, abort, await, connect, rr, rro, bulk, sink, send, cps, idle, hold, loaded, stream, probe"
+                "usage: sandbox-app MODE ARGS, MODE one of serve, greet, abort, await, connect, rr, rro, bulk, sink, stall, send, cps, idle, hold, loaded, stream, probe"
             );
             return ExitCode::from(2);
         }
@@ -308,6 +310,14 @@ fn sink(port: u16) {
             while matches!(stream.read(&mut buf), Ok(n) if n > 0) {}
         });
     }
+}
+
+/// An app that stops reading: its connections fill up and stay so.
+fn stall(port: u16) {
+    let listener = listen(port);
+    println!("listening");
+    // Keeps every connection open, unread (the listener never ends).
+    let _held: Vec<_> = listener.incoming().collect();
 }
 
 /// Sends for `seconds` over `streams` connections; the clock stops when the sink has read it all.

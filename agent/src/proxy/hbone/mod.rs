@@ -27,10 +27,14 @@ pub(super) use stream::{H2Stream, relay};
 
 use std::time::Duration;
 
-/// HTTP/2 settings both sides use (ztunnel's values). 1 MiB frames move bulk 1.7x faster than
-/// h2's default of 16 KiB; larger or smaller windows made no difference (performance.md).
+/// HTTP/2 settings both sides use. 1 MiB frames (ztunnel's) move bulk 1.7x faster than h2's
+/// default of 16 KiB; windows of 1 MiB or more made no difference to bulk (performance.md).
 const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
-const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+/// Room for every stream's full window, as Go's HTTP/2 gives (1 GiB), where ztunnel's 16 MiB
+/// holds four: a stream whose app stops reading keeps its window's worth of data undelivered,
+/// and four such streams then stalled every other stream of the connection, i.e. all traffic
+/// between the two pods. What stalled streams hold stays bounded by their own windows.
+const CONNECTION_WINDOW: u32 = SERVER_MAX_CONCURRENT_STREAMS * STREAM_WINDOW;
 const MAX_FRAME_SIZE: u32 = 1024 * 1024;
 const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
 const SERVER_MAX_CONCURRENT_STREAMS: u32 = 200;
