@@ -21,6 +21,14 @@ const RATE: &str = "200";
 /// connection exceeds it within the default run (about 10 000 connections).
 const RSS_SLACK_KIB: u64 = 4 * 1024;
 
+/// The two-node sandbox with both agents running.
+fn with_agents(label: &str) -> Sandbox {
+    let mut sb = Sandbox::two_nodes(label).unwrap();
+    sb.start_agent("node1", None).unwrap();
+    sb.start_agent("node2", None).unwrap();
+    sb
+}
+
 fn addr(sb: &Sandbox, pod: &str) -> SocketAddr {
     SocketAddr::from((sb.pod(pod).ip, PORT))
 }
@@ -65,9 +73,7 @@ fn settled(sb: &Sandbox) -> Vec<ProcUsage> {
 #[test]
 fn churn_returns_rss_and_fds_to_baseline() {
     let secs: u64 = std::env::var("FERRY_SOAK_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(20);
-    let mut sb = Sandbox::two_nodes("soak").unwrap();
-    sb.start_agent("node1", None).unwrap();
-    sb.start_agent("node2", None).unwrap();
+    let sb = with_agents("soak");
     let _server_b = sb.pod("b").serve(PORT).unwrap();
     let _server_c = sb.pod("c").serve(PORT).unwrap();
 
@@ -133,9 +139,7 @@ fn agents_usage(sb: &Sandbox) -> Vec<ProcUsage> {
 
 #[test]
 fn idle_connections_that_moved_bulk_neither_stall_the_others_nor_keep_their_buffers() {
-    let mut sb = Sandbox::two_nodes("loaded").unwrap();
-    sb.start_agent("node1", None).unwrap();
-    sb.start_agent("node2", None).unwrap();
+    let sb = with_agents("loaded");
     let _server = sb.pod("c").serve(PORT).unwrap();
     let to = addr(&sb, "c");
     // Warm up: the HBONE connection and its buffers at their bulk size, allocator arenas.
@@ -167,9 +171,7 @@ const STALLED: usize = 6;
 
 #[test]
 fn apps_that_stop_reading_do_not_stall_other_connections_between_the_same_pods() {
-    let mut sb = Sandbox::two_nodes("stalled").unwrap();
-    sb.start_agent("node1", None).unwrap();
-    sb.start_agent("node2", None).unwrap();
+    let sb = with_agents("stalled");
     let _echo = sb.pod("c").serve(PORT).unwrap();
     let _stalled = sb.pod("c").serve_stalled(PORT + 1).unwrap();
     let stalled = SocketAddr::from((sb.pod("c").ip, PORT + 1));
