@@ -125,8 +125,8 @@ fn churn_returns_rss_and_fds_to_baseline() {
 }
 
 /// Connections opened one after another, each moving bulk both ways, then held open idle. All
-/// share one HBONE connection, whose flow-control window (16 MiB) they must not pin while idle:
-/// sixteen holding the 1 MiB that a relay reading bulk reserves would stall every later stream.
+/// share one HBONE connection, whose flow-control window they must not pin while idle: with
+/// ztunnel's 16 MiB window, those holding the 1 MiB a relay reading bulk reserves stalled the 13th.
 const LOADED: usize = 24;
 /// What each of them may keep of an agent's memory while idle (seen: under 256 KiB, most of it
 /// pages the allocator has yet to give back). A relay reading bulk takes a 1 MiB buffer; kept,
@@ -150,7 +150,7 @@ fn idle_connections_that_moved_bulk_neither_stall_the_others_nor_keep_their_buff
     std::thread::sleep(decay);
     let baseline = agents_usage(&sb);
 
-    // Fails (a transfer stalls) unless each connection, once idle, gave back its window.
+    // A transfer that stalls fails the load.
     let _held = sb.pod("a").load(to, LOADED, 8, 30).unwrap();
     std::thread::sleep(decay);
     assert_eq!(live_connections(&sb, "node1"), LOADED as u64);

@@ -143,9 +143,9 @@ fn cancelled_by_peer(e: &h2::Error) -> bool {
 ///
 /// While the app is quiet the stream holds neither a share of the connection's window nor a read
 /// buffer: every stream reserves window before it reads, and what a stream reserved is taken
-/// from the window all streams of the HBONE connection share (16 MiB for up to 100 streams).
-/// Kept by idle streams, sixteen that had moved bulk would hold all of it and stall every stream
-/// of the connection; a buffer kept would hold 1 MiB of memory per such stream.
+/// from the window all streams of the HBONE connection share. Kept by idle streams, it would be
+/// lent to nobody (with the 16 MiB of ztunnel's window, sixteen streams that had moved bulk held
+/// all of it and stalled the rest); a buffer kept would hold 1 MiB of memory per such stream.
 async fn socket_to_stream(
     tcp: &mut ReadHalf<'_>,
     send: &mut SendStream<Bytes>,
