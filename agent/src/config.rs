@@ -108,6 +108,10 @@ pub struct Limits {
     /// their end before the rest are cut.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// Data received over HBONE that apps have not read yet, over all streams, above which
+    /// streams get smaller windows (proxy/hbone/window.rs). In MiB.
+    #[serde(rename = "undeliveredMiB")]
+    pub undelivered_mib: u64,
 }
 
 impl Default for Limits {
@@ -119,6 +123,7 @@ impl Default for Limits {
             connect_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(5),
+            undelivered_mib: 64,
         }
     }
 }
@@ -383,6 +388,9 @@ impl Config {
         }
         if self.cert_ttl < Duration::from_secs(2) {
             return Err(("certTtl".into(), "must be at least 2s".into()));
+        }
+        if !(1..=1 << 20).contains(&self.limits.undelivered_mib) {
+            return Err(("limits.undeliveredMiB".into(), "must be between 1 and 1048576".into()));
         }
         crate::identity::SpiffeId::parse(&format!("spiffe://{}/ns/a/sa/b", self.trust_domain)).map_err(
             |_| ("trustDomain".to_owned(), format!("{:?} is not a valid trust domain", self.trust_domain)),

@@ -209,6 +209,8 @@ struct Inner {
     tracker: Arc<Tracker>,
     certs: Arc<CertManager>,
     pool: Arc<hbone::client::Pool>,
+    /// Data received over HBONE that apps have not read yet, and the windows granted for it.
+    undelivered: Arc<hbone::Undelivered>,
     /// Becomes true when the agent shuts down or hands over: HBONE servers send GOAWAY.
     draining: watch::Receiver<bool>,
     drain: watch::Sender<bool>,
@@ -269,7 +271,12 @@ impl Proxy {
         limits: Limits,
     ) -> Proxy {
         let (drain, draining) = watch::channel(false);
-        let pool = Arc::new(hbone::client::Pool::new(limits.connect_timeout, limits.handshake_timeout));
+        let undelivered = Arc::new(hbone::Undelivered::new(limits.undelivered_mib << 20, &telemetry.proxy));
+        let pool = Arc::new(hbone::client::Pool::new(
+            limits.connect_timeout,
+            limits.handshake_timeout,
+            undelivered.clone(),
+        ));
         tokio::spawn(pool.clone().release_idle());
         let tracker = Arc::new(Tracker::default());
         let live: Arc<dyn LiveBytes> = tracker.clone();
@@ -283,6 +290,7 @@ impl Proxy {
                 tracker,
                 certs,
                 pool,
+                undelivered,
                 draining,
                 drain,
                 node_permits: Arc::new(Semaphore::new(limits.max_connections_per_node)),

@@ -209,10 +209,11 @@ impl Flow {
     ) {
         let registration = self.opened(proxy);
         let bytes = &registration.bytes;
-        let relay = match tunnel {
-            TunnelEnd::Destination => hbone::relay(&mut app, stream, &bytes.src_to_dst, &bytes.dst_to_src),
-            TunnelEnd::Source => hbone::relay(&mut app, stream, &bytes.dst_to_src, &bytes.src_to_dst),
+        let (to_stream, from_stream) = match tunnel {
+            TunnelEnd::Destination => (&bytes.src_to_dst, &bytes.dst_to_src),
+            TunnelEnd::Source => (&bytes.dst_to_src, &bytes.src_to_dst),
         };
+        let relay = hbone::relay(&mut app, stream, to_stream, from_stream, &proxy.inner.undelivered);
         let outcome = watch(proxy, &registration, relay).await;
         if outcome.is_err() {
             // The stream was dropped unfinished, which resets it.

@@ -6,7 +6,7 @@ use std::{collections::HashMap, sync::RwLock};
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
 
@@ -153,6 +153,10 @@ pub struct ProxyMetrics {
     failed: Family<FailureLabels, Counter>,
     hbone_connections: Family<SideLabels, Counter>,
     verdicts: Family<VerdictLabels, Counter>,
+    /// Bytes received over HBONE that apps have not read yet, kept by the proxy's budget.
+    pub(crate) undelivered: Gauge,
+    /// The window each HBONE stream is granted now, which that budget decides.
+    pub(crate) stream_window: Gauge,
     /// The `istio_tcp_*` counters of each label set seen. A family hashes its whole label set
     /// with SipHash on every update; a connection finds its counters here once, with one ahash.
     counters: RwLock<HashMap<ConnectionLabels, ConnectionCounters, ahash::RandomState>>,
@@ -235,6 +239,16 @@ impl ProxyMetrics {
             "ferry_hbone_connections_opened",
             "HBONE (mTLS + HTTP/2) connections established, by side; streams share them",
             self.hbone_connections.clone(),
+        );
+        registry.register(
+            "ferry_hbone_undelivered_bytes",
+            "Bytes received over HBONE that the apps they are for have not read yet",
+            self.undelivered.clone(),
+        );
+        registry.register(
+            "ferry_hbone_stream_window_bytes",
+            "Flow-control window granted to each HBONE stream: smaller while undelivered bytes exceed limits.undeliveredMiB",
+            self.stream_window.clone(),
         );
         registry.register(
             "ferry_policy_verdicts",

@@ -22,7 +22,11 @@ use http::StatusCode;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use super::stream::{H2Stream, keep_alive, read_buf};
+use super::{
+    Undelivered,
+    stream::{H2Stream, keep_alive, read_buf},
+    window::WindowFollower,
+};
 use crate::{
     identity::{CertManager, IdentityError, Issued, SpiffeId, tls},
     inpod::PodNetns,
@@ -129,11 +133,23 @@ pub(crate) struct Pool {
     dialing: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>,
     connect_timeout: Duration,
     handshake_timeout: Duration,
+    /// Decides the stream window the connections grant.
+    undelivered: Arc<Undelivered>,
 }
 
 impl Pool {
-    pub(crate) fn new(connect_timeout: Duration, handshake_timeout: Duration) -> Pool {
-        Pool { connections: Mutex::default(), dialing: Mutex::default(), connect_timeout, handshake_timeout }
+    pub(crate) fn new(
+        connect_timeout: Duration,
+        handshake_timeout: Duration,
+        undelivered: Arc<Undelivered>,
+    ) -> Pool {
+        Pool {
+            connections: Mutex::default(),
+            dialing: Mutex::default(),
+            connect_timeout,
+            handshake_timeout,
+            undelivered,
+        }
     }
 
     /// Opens a CONNECT stream for `request` to the key's destination, dialing if no pooled
@@ -209,8 +225,9 @@ impl Pool {
         // Read before the handshake: a change during it retires this connection at once.
         let trust = certs.trust_generation();
         let issued = certs.current(&key.source).ok_or_else(no_certificate)?;
+        let window = self.undelivered.follow();
         let (sender, closed) =
-            dial(key, netns, certs, &issued, self.connect_timeout, self.handshake_timeout).await?;
+            dial(key, netns, certs, &issued, self.connect_timeout, self.handshake_timeout, window).await?;
         metrics.hbone_connection(Side::Client);
         let connection = Arc::new(PooledConnection {
             sender,
@@ -351,6 +368,7 @@ async fn dial(
     issued: &Issued,
     connect_timeout: Duration,
     handshake_timeout: Duration,
+    mut window: WindowFollower,
 ) -> Result<(SendRequest<Bytes>, Arc<AtomicBool>), TunnelError> {
     let addr = key.hbone_addr;
     let tcp = netns.connect(addr, connect_timeout).await.map_err(|e| TunnelError::Dial(addr, e))?;
@@ -361,7 +379,8 @@ async fn dial(
         .await
         .map_err(|_| TunnelError::HandshakeTimeout(addr))?
         .map_err(|e| TunnelError::Tls(addr, e))?;
-    let (sender, mut connection) = hbone_h2_settings!(h2::client::Builder::new()).handshake(tls).await?;
+    let (sender, mut connection) =
+        hbone_h2_settings!(h2::client::Builder::new(), window.granted()).handshake(tls).await?;
     let closed = Arc::new(AtomicBool::new(false));
     let ping_pong = connection.ping_pong();
     let ended = closed.clone();
@@ -372,11 +391,18 @@ async fn dial(
                 None => std::future::pending().await,
             }
         };
-        tokio::select! {
-            result = connection => if let Err(e) = result {
-                tracing::debug!("HBONE connection to {addr} ended: {e}");
-            },
-            () = pinged => tracing::debug!("HBONE connection to {addr}: pings unanswered, closing"),
+        tokio::pin!(pinged);
+        loop {
+            tokio::select! {
+                result = &mut connection => {
+                    if let Err(e) = result {
+                        tracing::debug!("HBONE connection to {addr} ended: {e}");
+                    }
+                    break;
+                }
+                () = &mut pinged => break tracing::debug!("HBONE connection to {addr}: pings unanswered, closing"),
+                size = window.changed() => window.announced(size, connection.set_initial_window_size(size)),
+            }
         }
         ended.store(true, Ordering::Release);
     });

@@ -5,13 +5,15 @@
 //! - [`client`]: the outbound side, with its connection pool.
 //! - [`server`]: the 15008 listener of each local pod.
 //! - [`stream`]: relaying a CONNECT stream to a socket, and the connections' keep-alive pings.
+//! - [`window`]: the agent-wide budget for received data its apps have not read yet.
 
 /// The HTTP/2 settings both sides use (ztunnel's values), for h2's client and server builders:
-/// distinct types with the same setters. Expands in the child modules.
+/// distinct types with the same setters. Expands in the child modules. The stream window is the
+/// agent's current one ([`window`]).
 macro_rules! hbone_h2_settings {
-    ($builder:expr) => {
+    ($builder:expr, $stream_window:expr) => {
         $builder
-            .initial_window_size(super::STREAM_WINDOW)
+            .initial_window_size($stream_window)
             .initial_connection_window_size(super::CONNECTION_WINDOW)
             .max_frame_size(super::MAX_FRAME_SIZE)
             .max_header_list_size(super::MAX_HEADER_LIST_SIZE)
@@ -22,18 +24,22 @@ pub(super) mod client;
 pub mod proto;
 pub(super) mod server;
 mod stream;
+mod window;
 
 pub(super) use stream::{H2Stream, relay};
+pub(crate) use window::Undelivered;
 
 use std::time::Duration;
 
 /// HTTP/2 settings both sides use. 1 MiB frames (ztunnel's) move bulk 1.7x faster than h2's
-/// default of 16 KiB; windows of 1 MiB or more made no difference to bulk (performance.md).
+/// default of 16 KiB; windows of 1 MiB or more made no difference to bulk (performance.md). The
+/// stream window shrinks while apps leave too much unread ([`window`]).
 const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 /// Room for every stream's full window, as Go's HTTP/2 gives (1 GiB), where ztunnel's 16 MiB
 /// holds four: a stream whose app stops reading keeps its window's worth of data undelivered,
 /// and four such streams then stalled every other stream of the connection, i.e. all traffic
-/// between the two pods. What stalled streams hold stays bounded by their own windows.
+/// between the two pods. What stalled streams hold stays bounded by their own windows, and all
+/// of them together by the agent's budget ([`window`]).
 const CONNECTION_WINDOW: u32 = SERVER_MAX_CONCURRENT_STREAMS * STREAM_WINDOW;
 const MAX_FRAME_SIZE: u32 = 1024 * 1024;
 const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;

@@ -65,7 +65,8 @@ pub(in crate::proxy) async fn handle(proxy: Proxy, pod: Arc<LocalPod>, tcp: TcpS
     let first_request_within = handshake_timeout;
     // A peer that completes TLS and then says nothing (not even the HTTP/2 preface) would hold
     // the connection forever: it gets as long as a handshake for its first request.
-    let handshake = hbone_h2_settings!(h2::server::Builder::new())
+    let mut window = proxy.inner.undelivered.follow();
+    let handshake = hbone_h2_settings!(h2::server::Builder::new(), window.granted())
         .max_concurrent_streams(SERVER_MAX_CONCURRENT_STREAMS)
         .handshake::<_, Bytes>(tls);
     let first = async {
@@ -98,15 +99,18 @@ pub(in crate::proxy) async fn handle(proxy: Proxy, pod: Arc<LocalPod>, tcp: TcpS
             Some(Err(e)) => return tracing::debug!(%peer, "HBONE connection ended: {e}"),
             None => return,
         }
-        next = tokio::select! {
-            next = connection.accept() => next,
-            () = &mut pinged => return tracing::debug!(%peer, "HBONE connection: pings unanswered, closing"),
-            () = retired(&mut draining, &mut trust, &pod), if !draining_now => {
-                // GOAWAY: no new streams, open ones finish; the peer opens a new connection
-                // for more, verified against the roots trusted now, to the pod as served now.
-                draining_now = true;
-                connection.graceful_shutdown();
-                connection.accept().await
+        next = loop {
+            tokio::select! {
+                next = connection.accept() => break next,
+                () = &mut pinged => return tracing::debug!(%peer, "HBONE connection: pings unanswered, closing"),
+                () = retired(&mut draining, &mut trust, &pod), if !draining_now => {
+                    // GOAWAY: no new streams, open ones finish; the peer opens a new connection
+                    // for more, verified against the roots trusted now, to the pod as served now.
+                    draining_now = true;
+                    connection.graceful_shutdown();
+                    break connection.accept().await;
+                }
+                size = window.changed() => window.announced(size, connection.set_initial_window_size(size)),
             }
         };
     }

@@ -4,13 +4,14 @@
 //! written to the socket from h2's buffers.
 
 use std::{
+    collections::VecDeque,
     future::poll_fn,
     io,
     net::Shutdown,
     sync::atomic::{AtomicU64, Ordering},
 };
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use h2::{Ping, PingPong, RecvStream, SendStream};
 use tokio::{
     io::AsyncReadExt,
@@ -20,7 +21,7 @@ use tokio::{
     },
 };
 
-use super::{PING_INTERVAL, PING_TIMEOUT};
+use super::{PING_INTERVAL, PING_TIMEOUT, Undelivered};
 
 /// Bytes read from the socket at once (and so the largest DATA frame queued) until a read fills
 /// that much: then the connection is moving bulk and reads up to [`READ_BULK`], until a read
@@ -63,6 +64,7 @@ pub(crate) async fn relay(
     stream: H2Stream,
     tcp_to_stream: &AtomicU64,
     stream_to_tcp: &AtomicU64,
+    undelivered: &Undelivered,
 ) -> io::Result<()> {
     let H2Stream { send, mut recv, sent_early } = stream;
     let mut send = ResetUnlessDone { send, done: false };
@@ -70,7 +72,7 @@ pub(crate) async fn relay(
     let (mut reader, writer) = tcp.split();
     let relayed = async {
         let outbound = socket_to_stream(&mut reader, &mut send.send, tcp_to_stream);
-        let inbound = stream_to_socket(&mut recv, &writer, stream_to_tcp);
+        let inbound = stream_to_socket(&mut recv, &writer, stream_to_tcp, undelivered);
         tokio::pin!(outbound, inbound);
         let (mut sent_all, mut received_all) = (false, false);
         while !(sent_all && received_all) {
@@ -224,39 +226,82 @@ pub(super) async fn read_buf(tcp: &mut ReadHalf<'_>, buf: &mut BytesMut, limit: 
     Ok(Read { len, drained: len < room })
 }
 
+/// Writes the stream's data to the socket. Data is taken off h2 as soon as it arrives, also
+/// while the socket is full, so that the agent's budget ([`Undelivered`]) counts all of it.
 async fn stream_to_socket(
     recv: &mut RecvStream,
     tcp: &WriteHalf<'_>,
     moved: &AtomicU64,
+    undelivered: &Undelivered,
 ) -> io::Result<StreamEnd> {
+    let mut waiting = Waiting { frames: VecDeque::new(), undelivered };
+    // How the stream ended, acted on once what arrived before has been written.
+    let mut ended = None;
     loop {
-        let end = match poll_fn(|cx| recv.poll_data(cx)).await {
-            Some(Ok(data)) => {
-                write_all(tcp, &data).await?;
+        tokio::select! {
+            // Writes first: while the socket takes the data, h2 is asked for more only when the
+            // relay has none.
+            biased;
+            written = write_some(tcp, waiting.frames.front()), if !waiting.frames.is_empty() => {
+                let n = written?;
+                waiting.written(n);
                 // Only what reached the socket opens the window again.
-                let _ = recv.flow_control().release_capacity(data.len());
-                moved.fetch_add(data.len() as u64, Ordering::Relaxed);
-                continue;
+                let _ = recv.flow_control().release_capacity(n);
+                moved.fetch_add(n as u64, Ordering::Relaxed);
             }
-            Some(Err(e)) if cancelled_by_peer(&e) => StreamEnd::Cancelled,
-            Some(Err(e)) => return Err(io_error(e)),
-            None => StreamEnd::EndOfStream,
-        };
-        socket2::SockRef::from(tcp.as_ref()).shutdown(Shutdown::Write)?;
-        return Ok(end);
+            data = poll_fn(|cx| recv.poll_data(cx)), if ended.is_none() => match data {
+                Some(Ok(data)) => waiting.arrived(data),
+                Some(Err(e)) if cancelled_by_peer(&e) => ended = Some(Ok(StreamEnd::Cancelled)),
+                Some(Err(e)) => ended = Some(Err(io_error(e))),
+                None => ended = Some(Ok(StreamEnd::EndOfStream)),
+            },
+            else => break,
+        }
+    }
+    let end = ended.expect("the loop ends with the stream")?;
+    socket2::SockRef::from(tcp.as_ref()).shutdown(Shutdown::Write)?;
+    Ok(end)
+}
+
+/// Received frames not yet (fully) written to the socket, counted in the agent's budget while
+/// they wait.
+struct Waiting<'a> {
+    frames: VecDeque<Bytes>,
+    undelivered: &'a Undelivered,
+}
+
+impl Waiting<'_> {
+    fn arrived(&mut self, data: Bytes) {
+        self.undelivered.received(data.len());
+        self.frames.push_back(data);
+    }
+
+    fn written(&mut self, n: usize) {
+        self.undelivered.delivered(n);
+        let Some(front) = self.frames.front_mut() else { return };
+        front.advance(n);
+        if front.is_empty() {
+            self.frames.pop_front();
+        }
     }
 }
 
-async fn write_all(tcp: &WriteHalf<'_>, mut data: &[u8]) -> io::Result<()> {
-    while !data.is_empty() {
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.undelivered.delivered(self.frames.iter().map(Bytes::len).sum());
+    }
+}
+
+/// One write of what the socket takes of `data`, once it takes any.
+async fn write_some(tcp: &WriteHalf<'_>, data: Option<&Bytes>) -> io::Result<usize> {
+    let data = data.map_or(&[][..], |d| &d[..]);
+    loop {
         tcp.writable().await?;
         match tcp.try_write(data) {
-            Ok(n) => data = &data[n..],
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
+            written => return written,
         }
     }
-    Ok(())
 }
 
 /// Pings the peer every [`PING_INTERVAL`]; returns when one goes unanswered for [`PING_TIMEOUT`]
