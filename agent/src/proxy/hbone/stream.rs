@@ -159,7 +159,7 @@ async fn socket_to_stream(
         // Nothing is reserved until the app has bytes for the stream (see above).
         tcp.readable().await?;
         // Read no more than the peer's window admits: a slow receiver slows the sender.
-        let room = match capacity(send, read_size).await {
+        let room = match capacity(send, read_size, &mut buf).await {
             Ok(room) => room,
             Err(refused) => return Ok(refused),
         };
@@ -184,14 +184,16 @@ async fn socket_to_stream(
 }
 
 /// Asks for `wanted` bytes of the peer's window; waits until the stream may send at least one
-/// byte, and returns how many it may.
-async fn capacity(send: &mut SendStream<Bytes>, wanted: usize) -> Result<usize, Sent> {
+/// byte, and returns how many it may. Waits without the read buffer `buf`: the peer's app may
+/// not be reading, and the stream then keeps nothing but its socket.
+async fn capacity(send: &mut SendStream<Bytes>, wanted: usize, buf: &mut BytesMut) -> Result<usize, Sent> {
     send.reserve_capacity(wanted);
     loop {
         let room = send.capacity();
         if room > 0 {
             return Ok(room);
         }
+        *buf = BytesMut::new();
         match poll_fn(|cx| send.poll_capacity(cx)).await {
             Some(Ok(_)) => continue,
             Some(Err(e)) => return Err(Sent::Refused(Some(e))),
