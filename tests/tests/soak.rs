@@ -21,11 +21,13 @@ const RATE: &str = "200";
 /// connection exceeds it within the default run (about 10 000 connections).
 const RSS_SLACK_KIB: u64 = 4 * 1024;
 
-/// The two-node sandbox with both agents running.
-fn with_agents(label: &str) -> Sandbox {
+/// The two-node sandbox with both agents running, configured with `limits` (a YAML mapping).
+fn with_agents(label: &str, limits: &str) -> Sandbox {
     let mut sb = Sandbox::two_nodes(label).unwrap();
-    sb.start_agent("node1", None).unwrap();
-    sb.start_agent("node2", None).unwrap();
+    for node in ["node1", "node2"] {
+        let config = sb.config_for(node).replacen('\n', &format!("\nlimits: {limits}\n"), 1);
+        sb.start_agent(node, Some(&config)).unwrap();
+    }
     sb
 }
 
@@ -73,7 +75,7 @@ fn settled(sb: &Sandbox) -> Vec<ProcUsage> {
 #[test]
 fn churn_returns_rss_and_fds_to_baseline() {
     let secs: u64 = std::env::var("FERRY_SOAK_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(20);
-    let sb = with_agents("soak");
+    let sb = with_agents("soak", "{}");
     let _server_b = sb.pod("b").serve(PORT).unwrap();
     let _server_c = sb.pod("c").serve(PORT).unwrap();
 
@@ -139,7 +141,7 @@ fn agents_usage(sb: &Sandbox) -> Vec<ProcUsage> {
 
 #[test]
 fn idle_connections_that_moved_bulk_neither_stall_the_others_nor_keep_their_buffers() {
-    let sb = with_agents("loaded");
+    let sb = with_agents("loaded", "{}");
     let _server = sb.pod("c").serve(PORT).unwrap();
     let to = addr(&sb, "c");
     // Warm up: the HBONE connection and its buffers at their bulk size, allocator arenas.
@@ -171,7 +173,7 @@ const STALLED: usize = 6;
 
 #[test]
 fn apps_that_stop_reading_do_not_stall_other_connections_between_the_same_pods() {
-    let sb = with_agents("stalled");
+    let sb = with_agents("stalled", "{}");
     let _echo = sb.pod("c").serve(PORT).unwrap();
     let _stalled = sb.pod("c").serve_stalled(PORT + 1).unwrap();
     let stalled = SocketAddr::from((sb.pod("c").ip, PORT + 1));
@@ -189,4 +191,103 @@ fn apps_that_stop_reading_do_not_stall_other_connections_between_the_same_pods()
         matches!(outcome, ConnectOutcome::Echoed { .. }),
         "beside {STALLED} stalled connections: {outcome:?}"
     );
+}
+
+/// Apps that stop reading while their peers keep sending, more than the agent's budget for data
+/// waiting for apps (`limits.undeliveredMiB`) holds at full stream windows: 24 x 4 MiB. They stop
+/// one after another, as stalls pile up in a cluster.
+const UNREAD: usize = 24;
+const UNREAD_APART_MS: &str = "100";
+const UNDELIVERED_MIB: u64 = 16;
+/// What may arrive beyond the budget: what was on its way to the agent when the windows shrank,
+/// up to 1.5 MiB for each stream then sending at its full window (h2's send buffer of 400 KiB
+/// and a read of up to 1 MiB in the sending agent).
+const BEYOND_BUDGET_MIB: u64 = 8;
+/// Undelivered frames keep the buffers h2 read them into, which also held other frames: the
+/// agent's memory for them is up to about twice their size (seen: 1.2-1.3x here, 2x with all 24
+/// stalling at once).
+const RSS_PER_UNDELIVERED: u64 = 2;
+
+/// The destination app reads nothing: its agent holds the data, received on HBONE connections
+/// that it accepted.
+#[test]
+fn what_destination_apps_leave_unread_stays_within_the_agents_budget() {
+    unread_data_stays_within_the_budget("unread-dst", Unread::ByDestination);
+}
+
+/// The source app sends to an echo server and reads nothing back: its agent holds the echoes,
+/// received on the HBONE connection it dialed.
+#[test]
+fn what_source_apps_leave_unread_stays_within_the_agents_budget() {
+    unread_data_stays_within_the_budget("unread-src", Unread::BySource);
+}
+
+enum Unread {
+    ByDestination,
+    BySource,
+}
+
+fn unread_data_stays_within_the_budget(label: &str, unread: Unread) {
+    let sb = with_agents(label, &format!("{{undeliveredMiB: {UNDELIVERED_MIB}}}"));
+    let _echo = sb.pod("c").serve(PORT).unwrap();
+    let to = addr(&sb, "c");
+    let (node, stalled_app, target) = match unread {
+        Unread::ByDestination => {
+            let stalled = sb.pod("c").serve_stalled(PORT + 1).unwrap();
+            ("node2", Some(stalled), SocketAddr::from((sb.pod("c").ip, PORT + 1)))
+        }
+        Unread::BySource => ("node1", None, to),
+    };
+    // Warm up, as in the tests above.
+    drop(sb.pod("a").load(to, 1, 8, 0).unwrap());
+    settled(&sb);
+    std::thread::sleep(Duration::from_secs(3));
+    let baseline = ProcUsage::of(sb.agent_pid(node).unwrap()).rss_kib;
+
+    let senders = sb
+        .pod("a")
+        .spawn_app(&["send", &target.to_string(), "60", &UNREAD.to_string(), UNREAD_APART_MS])
+        .unwrap();
+    let waiting_bytes = || sb.metric(node, "ferry_hbone_undelivered_bytes").unwrap() as u64;
+    let waiting = || waiting_bytes() >> 20;
+    let window = || sb.metric(node, "ferry_hbone_stream_window_bytes").unwrap() as u64;
+    // Until the senders have sent what they may.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut held = waiting();
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+        let now = waiting();
+        if now == held && live_connections(&sb, "node1") == UNREAD as u64 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "undelivered data still growing: {held} -> {now} MiB");
+        held = now;
+    }
+    let rss = ProcUsage::of(sb.agent_pid(node).unwrap()).rss_kib;
+    eprintln!("{node}, {UNREAD} unread connections: {held} MiB undelivered, RSS {baseline} -> {rss} KiB");
+    let bound = UNDELIVERED_MIB + BEYOND_BUDGET_MIB;
+    assert!(
+        rss <= baseline + bound * RSS_PER_UNDELIVERED * 1024,
+        "RSS {baseline} -> {rss} KiB with {held} MiB undelivered"
+    );
+    assert!(held <= bound, "{held} MiB undelivered");
+    assert_eq!(window(), 64 * 1024, "stream window with {held} MiB undelivered");
+    // Other connections still move, intact, at the small window.
+    drop(sb.pod("a").load(to, 2, 8, 0).unwrap());
+
+    // The unread data goes with its connections, which the app that does not read resets as it
+    // goes (its sockets close with data unread), and with it the pressure. The senders go first,
+    // so that the destination's resets do not fail them.
+    drop(senders);
+    drop(stalled_app);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while waiting_bytes() > 0 || window() != 4 * 1024 * 1024 {
+        assert!(
+            Instant::now() < deadline,
+            "{} bytes undelivered after the unread connections were reset",
+            waiting_bytes()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(sb.pod("a").load(to, 2, 8, 0).unwrap());
 }

@@ -15,7 +15,8 @@
 //! bulk ADDR MIB                   -> "bulk GBIT_PER_S": MIB MiB each way through the echo server
 //! sink PORT                       -> "listening"; reads and discards each connection to its end
 //! stall PORT                      -> "listening"; accepts connections and never reads them
-//! send ADDR SECONDS STREAMS       -> "send GBIT_PER_S": one-way bulk to a sink over STREAMS connections
+//! send ADDR SECONDS STREAMS [MS]  -> "send GBIT_PER_S": one-way bulk to a sink over STREAMS connections,
+//!                                    opened MS milliseconds apart (default 0)
 //! cps ADDR SECONDS                -> "cps N ERRORS": new connections per second (connect, 1-byte
 //!                                    echo, close) and how many attempts failed
 //! idle ADDR SECONDS               -> "idle": one connection, one echoed byte, then held open quietly
@@ -62,10 +63,11 @@ fn main() -> ExitCode {
         ),
         ["sink", port] => sink(port.parse().expect("port")),
         ["stall", port] => stall(port.parse().expect("port")),
-        ["send", addr, secs, streams] => send(
+        ["send", addr, secs, streams, rest @ ..] => send(
             addr.parse().expect("address"),
             secs.parse().expect("seconds"),
             streams.parse().expect("streams"),
+            Duration::from_millis(rest.first().map_or(0, |ms| ms.parse().expect("milliseconds apart"))),
         ),
         ["idle", addr, secs] => idle(addr.parse().expect("address"), secs.parse().expect("seconds")),
         ["cps", addr, secs, rest @ ..] => new_connections(
@@ -320,13 +322,15 @@ fn stall(port: u16) {
     let _held: Vec<_> = listener.incoming().collect();
 }
 
-/// Sends for `seconds` over `streams` connections; the clock stops when the sink has read it all.
-fn send(addr: SocketAddr, seconds: u64, streams: usize) {
+/// Sends for `seconds` over `streams` connections, opened `apart` one after another; the clock
+/// stops when the sink has read it all.
+fn send(addr: SocketAddr, seconds: u64, streams: usize, apart: Duration) {
     let start = Instant::now();
     let deadline = start + Duration::from_secs(seconds);
     let workers: Vec<_> = (0..streams)
-        .map(|_| {
+        .map(|i| {
             std::thread::spawn(move || {
+                std::thread::sleep(apart * i as u32);
                 let mut stream = TcpStream::connect(addr).expect("connect");
                 let chunk = vec![3u8; 256 * 1024];
                 let mut sent = 0u64;
