@@ -530,6 +530,14 @@ workloads:
     }
 
     #[test]
+    fn undelivered_budget_is_in_mib_and_not_zero() {
+        let with = |value: &str| parse(&format!("{REMOTE_ONLY}limits: {{undeliveredMiB: {value}}}\n"));
+        assert_eq!(with("16").unwrap().limits.undelivered_mib, 16);
+        let err = with("0").unwrap_err();
+        assert!(err.contains("limits.undeliveredMiB") && err.contains("between 1 and"), "{err}");
+    }
+
+    #[test]
     fn bad_policy_is_named_with_field_and_line() {
         let with_policy = |spec: &str| {
             format!(
