@@ -13,7 +13,7 @@ use std::{
 };
 
 use prometheus_client::metrics::gauge::Gauge;
-use tokio::sync::watch;
+use tokio::{sync::watch, time::Instant};
 
 use super::STREAM_WINDOW;
 use crate::telemetry::ProxyMetrics;
@@ -103,7 +103,7 @@ impl Undelivered {
     pub(super) fn follow(&self) -> WindowFollower {
         let wanted = self.window.subscribe();
         let granted = *wanted.borrow();
-        WindowFollower { wanted, granted, retry: false }
+        WindowFollower { wanted, granted, retry_at: None }
     }
 }
 
@@ -111,7 +111,9 @@ impl Undelivered {
 pub(super) struct WindowFollower {
     wanted: watch::Receiver<u32>,
     granted: u32,
-    retry: bool,
+    /// When to try again after a refused change: a deadline, not a delay, since the connection's
+    /// other work (a stream per app connection) restarts `changed` at every turn.
+    retry_at: Option<Instant>,
 }
 
 impl WindowFollower {
@@ -123,8 +125,8 @@ impl WindowFollower {
     /// Resolves with the window to announce once the agent's differs from the connection's.
     /// Cancel-safe.
     pub(super) async fn changed(&mut self) -> u32 {
-        if self.retry {
-            tokio::time::sleep(SETTINGS_RETRY).await;
+        if let Some(at) = self.retry_at {
+            tokio::time::sleep_until(at).await;
         }
         loop {
             let wanted = *self.wanted.borrow_and_update();
@@ -139,9 +141,9 @@ impl WindowFollower {
 
     /// The outcome of announcing `window` (h2 refuses while the last SETTINGS is unacknowledged).
     pub(super) fn announced(&mut self, window: u32, result: Result<(), h2::Error>) {
-        self.retry = result.is_err();
-        if !self.retry {
-            self.granted = window;
+        match result {
+            Ok(()) => (self.granted, self.retry_at) = (window, None),
+            Err(_) => self.retry_at = Some(Instant::now() + SETTINGS_RETRY),
         }
     }
 }
