@@ -294,7 +294,8 @@ impl Drop for Waiting<'_> {
     }
 }
 
-/// One write of what the socket takes of `data`, once it takes any.
+/// One write of what the socket takes of `data`, once it takes any. (`None` when there is
+/// nothing to write: `select!` makes the future of a disabled branch too, and never polls it.)
 async fn write_some(tcp: &WriteHalf<'_>, data: Option<&Bytes>) -> io::Result<usize> {
     let data = data.map_or(&[][..], |d| &d[..]);
     loop {
