@@ -272,6 +272,9 @@ fn unread_data_stays_within_the_budget(label: &str, unread: Unread) {
     );
     assert!(held <= bound, "{held} MiB undelivered");
     assert_eq!(window(), 64 * 1024, "stream window with {held} MiB undelivered");
+    let status = sb.ferry_json(node, &["status"]).unwrap();
+    assert_eq!(status["stream_window_bytes"], 64 * 1024, "{status}");
+    assert!(status["undelivered_bytes"].as_u64().unwrap() >> 20 >= UNDELIVERED_MIB / 2, "{status}");
     // Other connections still move, intact, at the small window.
     drop(sb.pod("a").load(to, 2, 8, 0).unwrap());
 

@@ -180,6 +180,7 @@ impl Admin {
     fn status(&self) -> Value {
         let state = self.state.load();
         let local = self.local.read().unwrap_or_else(|e| e.into_inner());
+        let (undelivered, stream_window) = self.proxy.undelivered();
         json!({
             "node": self.node,
             "version": env!("CARGO_PKG_VERSION"),
@@ -194,6 +195,8 @@ impl Admin {
             "policies": state.policies.policies().len(),
             "node_traffic": state.node_traffic,
             "connections": self.proxy.connections().len(),
+            "undelivered_bytes": undelivered,
+            "stream_window_bytes": stream_window,
             "certificates": self.certs.all().len(),
             "certificates_pending": self.certs.pending(),
             "certificates_expired": self.certs.expired(),

@@ -102,6 +102,8 @@ fn status(v: &Value) -> String {
         "policies",
         "node_traffic",
         "connections",
+        "undelivered_bytes",
+        "stream_window_bytes",
         "certificates",
         "certificates_pending",
         "certificates_expired",

@@ -363,6 +363,11 @@ impl Proxy {
         self.inner.tracker.snapshot()
     }
 
+    /// Bytes received over HBONE that apps have not read yet, and the stream window granted.
+    pub fn undelivered(&self) -> (u64, u32) {
+        self.inner.undelivered.now()
+    }
+
     /// The destination side's decision: may `flow`'s source (`src_ip`, the authenticated peer
     /// address) reach local pod `pod`? Counts the verdict, reports dry-run differences and
     /// remembers the inputs on the flow for later re-checks.

@@ -99,6 +99,11 @@ impl Undelivered {
         });
     }
 
+    /// Bytes waiting for their apps now, and the stream window granted.
+    pub(crate) fn now(&self) -> (u64, u32) {
+        (self.bytes.get().max(0) as u64, *self.window.borrow())
+    }
+
     /// The stream window a new HBONE connection grants, and what tells it of changes.
     pub(super) fn follow(&self) -> WindowFollower {
         let wanted = self.window.subscribe();
