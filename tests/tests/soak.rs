@@ -1,5 +1,6 @@
 //! Soak: connection churn through both agents must leave no memory or file descriptors behind,
-//! and connections that sit idle must not keep what they needed while busy.
+//! connections that sit idle must not keep what they needed while busy, and what apps leave
+//! unread must stay within the agent's budget for it.
 //!
 //! `FERRY_SOAK_SECS` sets how long the churn runs: 20 s by default (in `cargo xtask test`); the
 //! documented run (docs/testing.md) is `FERRY_SOAK_SECS=600`.
