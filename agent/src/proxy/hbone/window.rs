@@ -53,25 +53,42 @@ impl Undelivered {
 
     /// `n` bytes arrived for an app.
     pub(super) fn received(&self, n: usize) {
-        let waiting = self.bytes.inc_by(n as i64) + n as i64;
-        if waiting > self.high && !self.pressed.load(Ordering::Relaxed) {
+        let waiting = self.bytes.inner().fetch_add(n as i64, Ordering::SeqCst) + n as i64;
+        if waiting > self.high && !self.pressed.load(Ordering::SeqCst) {
             self.follow_backlog();
         }
     }
 
     /// `n` bytes reached their app's socket, or were dropped with their stream.
     pub(super) fn delivered(&self, n: usize) {
-        let waiting = self.bytes.dec_by(n as i64) - n as i64;
-        if waiting < self.low && self.pressed.load(Ordering::Relaxed) {
+        let waiting = self.bytes.inner().fetch_sub(n as i64, Ordering::SeqCst) - n as i64;
+        if waiting < self.low && self.pressed.load(Ordering::SeqCst) {
             self.follow_backlog();
         }
     }
 
     /// Sets the window for the backlog as it is now, under the channel's lock: callers decided
-    /// on a count other streams may have moved since.
+    /// on a count other streams may have moved since. Checks again once `pressed` is stored: a
+    /// stream that moved the count the other way after it was read here may have seen the old
+    /// `pressed` and left the change to this call (the orderings are sequentially consistent
+    /// for that reason).
     fn follow_backlog(&self) {
+        while self.set_window_for_backlog() {
+            let (waiting, pressed) = (self.waiting(), self.pressed.load(Ordering::SeqCst));
+            if !((pressed && waiting < self.low) || (!pressed && waiting > self.high)) {
+                return;
+            }
+        }
+    }
+
+    fn waiting(&self) -> i64 {
+        self.bytes.inner().load(Ordering::SeqCst)
+    }
+
+    /// Whether the window changed.
+    fn set_window_for_backlog(&self) -> bool {
         self.window.send_if_modified(|window| {
-            let waiting = self.bytes.get();
+            let waiting = self.waiting();
             let wanted = if waiting > self.high {
                 PRESSED_WINDOW
             } else if waiting < self.low {
@@ -84,7 +101,7 @@ impl Undelivered {
             }
             *window = wanted;
             let pressed = wanted == PRESSED_WINDOW;
-            self.pressed.store(pressed, Ordering::Relaxed);
+            self.pressed.store(pressed, Ordering::SeqCst);
             self.window_gauge.set(i64::from(wanted));
             let mib = waiting >> 20;
             if pressed {
@@ -96,12 +113,12 @@ impl Undelivered {
                 tracing::info!("{mib} MiB wait for apps to read them: streams get their full window again");
             }
             true
-        });
+        })
     }
 
     /// Bytes waiting for their apps now, and the stream window granted.
     pub(crate) fn now(&self) -> (u64, u32) {
-        (self.bytes.get().max(0) as u64, *self.window.borrow())
+        (self.waiting().max(0) as u64, *self.window.borrow())
     }
 
     /// The stream window a new HBONE connection grants, and what tells it of changes.
