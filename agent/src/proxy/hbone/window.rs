@@ -7,10 +7,7 @@
 //! streams too, so their senders stop until their backlog drains), and back to the full window
 //! once less than half that budget is waiting.
 
-use std::{
-    sync::atomic::{AtomicBool, Ordering},
-    time::Duration,
-};
+use std::{sync::atomic::Ordering, time::Duration};
 
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::{sync::watch, time::Instant};
@@ -27,12 +24,11 @@ const SETTINGS_RETRY: Duration = Duration::from_millis(50);
 pub(crate) struct Undelivered {
     /// Bytes received on HBONE streams and not yet written to their apps' sockets.
     bytes: Gauge,
-    /// The stream window granted now, exported as well.
+    /// The stream window granted now, for the connections to follow.
     window: watch::Sender<u32>,
+    /// The same, exported; the relay's accounting reads it to tell without a lock that nothing
+    /// needs to change.
     window_gauge: Gauge,
-    /// Whether the window is pressed, kept beside `window` so that the relay's accounting can
-    /// tell without a lock that nothing needs to change.
-    pressed: AtomicBool,
     high: i64,
     low: i64,
 }
@@ -45,7 +41,6 @@ impl Undelivered {
             bytes: metrics.undelivered.clone(),
             window: watch::channel(STREAM_WINDOW).0,
             window_gauge: metrics.stream_window.clone(),
-            pressed: AtomicBool::new(false),
             high,
             low: high / 2,
         }
@@ -54,7 +49,7 @@ impl Undelivered {
     /// `n` bytes arrived for an app.
     pub(super) fn received(&self, n: usize) {
         let waiting = self.bytes.inner().fetch_add(n as i64, Ordering::SeqCst) + n as i64;
-        if waiting > self.high && !self.pressed.load(Ordering::SeqCst) {
+        if waiting > self.high && !self.pressed() {
             self.follow_backlog();
         }
     }
@@ -62,19 +57,19 @@ impl Undelivered {
     /// `n` bytes reached their app's socket, or were dropped with their stream.
     pub(super) fn delivered(&self, n: usize) {
         let waiting = self.bytes.inner().fetch_sub(n as i64, Ordering::SeqCst) - n as i64;
-        if waiting < self.low && self.pressed.load(Ordering::SeqCst) {
+        if waiting < self.low && self.pressed() {
             self.follow_backlog();
         }
     }
 
     /// Sets the window for the backlog as it is now, under the channel's lock: callers decided
-    /// on a count other streams may have moved since. Checks again once `pressed` is stored: a
+    /// on a count other streams may have moved since. Checks again once the window is stored: a
     /// stream that moved the count the other way after it was read here may have seen the old
-    /// `pressed` and left the change to this call (the orderings are sequentially consistent
+    /// window and left the change to this call (the orderings are sequentially consistent
     /// for that reason).
     fn follow_backlog(&self) {
         while self.set_window_for_backlog() {
-            let (waiting, pressed) = (self.waiting(), self.pressed.load(Ordering::SeqCst));
+            let (waiting, pressed) = (self.waiting(), self.pressed());
             if !((pressed && waiting < self.low) || (!pressed && waiting > self.high)) {
                 return;
             }
@@ -83,6 +78,10 @@ impl Undelivered {
 
     fn waiting(&self) -> i64 {
         self.bytes.inner().load(Ordering::SeqCst)
+    }
+
+    fn pressed(&self) -> bool {
+        self.window_gauge.inner().load(Ordering::SeqCst) == i64::from(PRESSED_WINDOW)
     }
 
     /// Whether the window changed.
@@ -100,11 +99,9 @@ impl Undelivered {
                 return false;
             }
             *window = wanted;
-            let pressed = wanted == PRESSED_WINDOW;
-            self.pressed.store(pressed, Ordering::SeqCst);
-            self.window_gauge.set(i64::from(wanted));
+            self.window_gauge.inner().store(i64::from(wanted), Ordering::SeqCst);
             let mib = waiting >> 20;
-            if pressed {
+            if wanted == PRESSED_WINDOW {
                 tracing::warn!(
                     "{mib} MiB received over HBONE wait for apps to read them, more than limits.undeliveredMiB: streams get {} KiB windows until half of it has drained",
                     wanted >> 10
