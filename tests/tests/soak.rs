@@ -201,8 +201,8 @@ const UNREAD: usize = 24;
 const UNREAD_APART_MS: &str = "100";
 const UNDELIVERED_MIB: u64 = 16;
 /// What may arrive beyond the budget: what was on its way to the agent when the windows shrank,
-/// up to 1.5 MiB for each stream then sending at its full window (h2's send buffer of 400 KiB
-/// and a read of up to 1 MiB in the sending agent).
+/// i.e. what the sending agent had queued (h2's send buffer, up to 400 KiB for each stream then
+/// sending at its full window) and what its connection held in flight.
 const BEYOND_BUDGET_MIB: u64 = 8;
 /// Undelivered frames keep the buffers h2 read them into, which also held other frames: the
 /// agent's memory for them is up to about twice their size (seen: 1.2-1.3x here, 2x with all 24
