@@ -365,8 +365,8 @@ fn handed_over(ready: Result<std::io::Result<()>, tokio::task::JoinError>) -> bo
 }
 
 /// Descriptors one proxied connection may hold: the app's socket, the agent's socket to the
-/// other end, and a splice pipe (two).
-const FDS_PER_CONNECTION: u64 = 4;
+/// other end, and a splice pipe (two descriptors) for each direction that moves bulk.
+const FDS_PER_CONNECTION: u64 = 6;
 
 /// Raises the soft open-files limit to the hard one, as a proxy must: container runtimes may start
 /// the agent at 1024 (containerd 2's default soft limit), a few hundred connections. Warns when

@@ -28,10 +28,10 @@ fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
 fn the_agent_raises_its_open_files_limit_and_warns_when_the_hard_one_is_low() {
     let mut sb = Sandbox::two_nodes("nofile").unwrap();
     sb.set_agent_open_files("node1", 1024, 8192);
-    // 8192 descriptors, up to 4 per connection: enough for 2048 connections.
+    // 8192 descriptors, up to 6 per connection: enough for 1365 connections.
     let base = sb.config_for("node1");
     let config = |max: u32| base.replacen('\n', &format!("\nlimits: {{maxConnectionsPerNode: {max}}}\n"), 1);
-    let enough = config(2048);
+    let enough = config(1365);
     sb.start_agent("node1", Some(&enough)).unwrap();
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", sb.agent_pid("node1").unwrap())).unwrap();
     let open_files: Vec<&str> =
@@ -42,9 +42,9 @@ fn the_agent_raises_its_open_files_limit_and_warns_when_the_hard_one_is_low() {
     assert!(!log.contains("allows about"), "{log}");
 
     sb.stop_agent("node1");
-    let too_many = config(2049);
+    let too_many = config(1366);
     sb.start_agent("node1", Some(&too_many)).unwrap();
-    let warning = "the open files limit (8192) allows about 2048 connections at once";
+    let warning = "the open files limit (8192) allows about 1365 connections at once";
     sb.wait_for_log("node1", warning, 1).unwrap();
 }
 

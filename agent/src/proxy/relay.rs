@@ -222,7 +222,7 @@ impl Flow {
         self.closed(proxy, &registration, outcome);
     }
 
-    /// Relays between two kernel TCP sockets with `splice(2)`: the bytes never enter user space.
+    /// Relays between two kernel TCP sockets: small messages copied, bulk with `splice(2)`.
     pub(super) async fn relay_tcp(self, downstream: TcpStream, upstream: TcpStream, proxy: &Proxy) {
         let registration = self.opened(proxy);
         let bytes = &registration.bytes;
