@@ -47,24 +47,18 @@ async fn one_way(from: &TcpStream, to: &TcpStream, moved: &AtomicU64) -> io::Res
     let mut unsent = Vec::new();
     loop {
         if !unsent.is_empty() {
-            write_all(to, &unsent).await?;
+            write_all(to, &unsent, moved).await?;
             unsent = Vec::new();
         }
         from.readable().await?;
-        let copied = COPY_BUFFER.with_borrow_mut(|buf| copy_once(from, to, buf, &mut unsent));
-        match copied {
+        match COPY_BUFFER.with_borrow_mut(|buf| copy_once(from, to, buf, &mut unsent, moved)) {
             Ok(Copied::End) => return finish(to),
-            Ok(Copied::Some(n)) => {
-                moved.fetch_add(n as u64, Ordering::Relaxed);
-            }
+            Ok(Copied::Drained) => {}
             Ok(Copied::Full) => {
-                moved.fetch_add(COPY_STEP as u64, Ordering::Relaxed);
-                if !unsent.is_empty() {
-                    write_all(to, &unsent).await?;
-                }
+                write_all(to, &unsent, moved).await?;
                 return splice_from_now_on(from, to, moved).await;
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(e),
         }
     }
@@ -73,15 +67,21 @@ async fn one_way(from: &TcpStream, to: &TcpStream, moved: &AtomicU64) -> io::Res
 enum Copied {
     /// The sender finished.
     End,
-    /// Some bytes, and the socket is drained.
-    Some(usize),
+    /// Less than a [`COPY_STEP`]: the socket is drained.
+    Drained,
     /// A whole [`COPY_STEP`]: the direction moves bulk.
     Full,
 }
 
 /// One read into `buf` and one write of it; what the receiver does not take goes to `unsent`.
 /// Runs without yielding, so the worker's buffer is free again when it returns.
-fn copy_once(from: &TcpStream, to: &TcpStream, buf: &mut [u8], unsent: &mut Vec<u8>) -> io::Result<Copied> {
+fn copy_once(
+    from: &TcpStream,
+    to: &TcpStream,
+    buf: &mut [u8],
+    unsent: &mut Vec<u8>,
+    moved: &AtomicU64,
+) -> io::Result<Copied> {
     let n = read_draining(from, buf)?;
     if n == 0 {
         return Ok(Copied::End);
@@ -91,8 +91,9 @@ fn copy_once(from: &TcpStream, to: &TcpStream, buf: &mut [u8], unsent: &mut Vec<
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
         Err(e) => return Err(e),
     };
+    moved.fetch_add(written as u64, Ordering::Relaxed);
     unsent.extend_from_slice(&buf[written..n]);
-    Ok(if n == buf.len() { Copied::Full } else { Copied::Some(n) })
+    Ok(if n == buf.len() { Copied::Full } else { Copied::Drained })
 }
 
 /// One non-blocking read. A read that does not fill `buf` proves the socket drained, so it also
@@ -114,11 +115,14 @@ fn read_draining(from: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
-async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+async fn write_all(to: &TcpStream, mut data: &[u8], moved: &AtomicU64) -> io::Result<()> {
     while !data.is_empty() {
         to.writable().await?;
         match to.try_write(data) {
-            Ok(written) => data = &data[written..],
+            Ok(written) => {
+                moved.fetch_add(written as u64, Ordering::Relaxed);
+                data = &data[written..];
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
         }
