@@ -170,7 +170,7 @@ fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Result<us
 
 #[cfg(test)]
 mod tests {
-    use std::{sync::Arc, time::Duration};
+    use std::time::Duration;
 
     use tokio::{
         io::{AsyncReadExt, AsyncWriteExt},
@@ -192,9 +192,9 @@ mod tests {
         let (client, downstream) = connection().await;
         let (server, upstream) = connection().await;
         let relay = tokio::spawn(async move {
-            let counts = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
-            bidirectional(&downstream, &upstream, &counts.0, &counts.1).await?;
-            Ok((counts.0.load(Ordering::Relaxed), counts.1.load(Ordering::Relaxed)))
+            let (to_server, to_client) = (AtomicU64::new(0), AtomicU64::new(0));
+            bidirectional(&downstream, &upstream, &to_server, &to_client).await?;
+            Ok((to_server.into_inner(), to_client.into_inner()))
         });
         (client, server, relay)
     }
