@@ -312,6 +312,60 @@ fn paths_sandbox() -> Result<Sandbox> {
     Ok(sb)
 }
 
+/// A measurement every path runs in turn.
+struct Workload {
+    /// What the numbers sandbox-app prints are, in order.
+    metrics: Vec<&'static str>,
+    unit: &'static str,
+    /// sandbox-app's arguments, with {addr} (the echo server) and {sink} (the sink).
+    args: Vec<String>,
+    /// The word that starts sandbox-app's result line.
+    word: &'static str,
+    link: Link,
+}
+
+/// Requests per second of the "beside bulk" case: a trickle, so that what it measures is the
+/// wait behind the bulk, not a queue of its own requests.
+const BESIDE_BULK_RATE: u64 = 200;
+
+/// What the link between the nodes is while a workload runs.
+enum Link {
+    /// The veth as it is: faster than the agents, so they are the bottleneck.
+    Free,
+    /// 1 Gbit/s with a 256 KiB FIFO from node1 to node2 ([`CongestedLink`]).
+    Congested,
+}
+
+/// node1's side of the underlay shaped to 1 Gbit/s with a 256 KiB (2 ms) FIFO, as a busy link
+/// whose queue a bulk transfer fills; unshaped again on drop. With it a request waits behind
+/// whatever bulk is queued ahead of it: in the link's queue on every path, and through Ferry
+/// also in the one HBONE connection all streams between two pods share.
+struct CongestedLink<'a> {
+    netns: &'a str,
+}
+
+impl<'a> CongestedLink<'a> {
+    fn on(netns: &'a str) -> Result<CongestedLink<'a>> {
+        let link = CongestedLink { netns };
+        link.tc(&["qdisc", "add", "dev", "ul", "root", "handle", "1:", "htb", "default", "10"])?;
+        link.tc(&["class", "add", "dev", "ul", "parent", "1:", "classid", "1:10", "htb", "rate", "1gbit"])?;
+        link.tc(&["qdisc", "add", "dev", "ul", "parent", "1:10", "bfifo", "limit", "262144"])?;
+        Ok(link)
+    }
+
+    fn tc(&self, args: &[&str]) -> Result<()> {
+        let status = std::process::Command::new("tc").arg("-n").arg(self.netns).args(args).status()?;
+        ensure!(status.success(), "tc -n {} {}: {status}", self.netns, args.join(" "));
+        Ok(())
+    }
+}
+
+impl Drop for CongestedLink<'_> {
+    fn drop(&mut self) {
+        let _ = self.tc(&["qdisc", "del", "dev", "ul", "root"]);
+    }
+}
+
 fn measure_paths(params: &Params, only: Option<&str>) -> Result<Vec<Sample>> {
     let sb = paths_sandbox()?;
     let mut servers = Vec::new();
@@ -323,72 +377,110 @@ fn measure_paths(params: &Params, only: Option<&str>) -> Result<Vec<Sample>> {
     let secs = params.seconds.to_string();
     let count = params.rr_count.to_string();
     let rate = params.rate.to_string();
-    // (metric names, unit, sandbox-app arguments with {addr} and {sink}, result word)
-    let workloads: Vec<(Vec<&str>, &str, Vec<String>, &str)> = vec![
-        (
-            vec!["bulk 1 stream"],
-            "Gbit/s",
-            vec!["send".into(), "{sink}".into(), secs.clone(), "1".into()],
-            "send",
-        ),
-        (
-            vec!["bulk 4 streams"],
-            "Gbit/s",
-            vec!["send".into(), "{sink}".into(), secs.clone(), "4".into()],
-            "send",
-        ),
-        (
-            vec![
+    let workloads = vec![
+        Workload {
+            metrics: vec!["bulk 1 stream"],
+            unit: "Gbit/s",
+            args: vec!["send".into(), "{sink}".into(), secs.clone(), "1".into()],
+            word: "send",
+            link: Link::Free,
+        },
+        Workload {
+            metrics: vec!["bulk 4 streams"],
+            unit: "Gbit/s",
+            args: vec!["send".into(), "{sink}".into(), secs.clone(), "4".into()],
+            word: "send",
+            link: Link::Free,
+        },
+        Workload {
+            metrics: vec![
                 "rr 1B saturated p50",
                 "rr 1B saturated p99",
                 "rr 1B saturated p90",
                 "rr 1B saturated p99.9",
             ],
-            "us",
-            vec!["rr".into(), "{addr}".into(), count.clone(), "1".into()],
-            "rr",
-        ),
-        (
-            vec![
+            unit: "us",
+            args: vec!["rr".into(), "{addr}".into(), count.clone(), "1".into()],
+            word: "rr",
+            link: Link::Free,
+        },
+        Workload {
+            metrics: vec![
                 "rr 1KiB saturated p50",
                 "rr 1KiB saturated p99",
                 "rr 1KiB saturated p90",
                 "rr 1KiB saturated p99.9",
             ],
-            "us",
-            vec!["rr".into(), "{addr}".into(), count.clone(), "1024".into()],
-            "rr",
-        ),
-        (
-            vec![
+            unit: "us",
+            args: vec!["rr".into(), "{addr}".into(), count.clone(), "1024".into()],
+            word: "rr",
+            link: Link::Free,
+        },
+        Workload {
+            metrics: vec![
                 "rr 1B fixed-rate p50",
                 "rr 1B fixed-rate p99",
                 "rr 1B fixed-rate p90",
                 "rr 1B fixed-rate p99.9",
             ],
-            "us",
-            vec!["rro".into(), "{addr}".into(), "1".into(), rate.clone(), secs.clone()],
-            "rro",
-        ),
-        (
-            vec![
+            unit: "us",
+            args: vec!["rro".into(), "{addr}".into(), "1".into(), rate.clone(), secs.clone()],
+            word: "rro",
+            link: Link::Free,
+        },
+        Workload {
+            metrics: vec![
                 "rr 1KiB fixed-rate p50",
                 "rr 1KiB fixed-rate p99",
                 "rr 1KiB fixed-rate p90",
                 "rr 1KiB fixed-rate p99.9",
             ],
-            "us",
-            vec!["rro".into(), "{addr}".into(), "1024".into(), rate.clone(), secs.clone()],
-            "rro",
-        ),
-        (vec!["new connections"], "conn/s", vec!["cps".into(), "{addr}".into(), secs.clone()], "cps"),
+            unit: "us",
+            args: vec!["rro".into(), "{addr}".into(), "1024".into(), rate.clone(), secs.clone()],
+            word: "rro",
+            link: Link::Free,
+        },
+        Workload {
+            metrics: vec!["new connections"],
+            unit: "conn/s",
+            args: vec!["cps".into(), "{addr}".into(), secs.clone()],
+            word: "cps",
+            link: Link::Free,
+        },
+        Workload {
+            metrics: vec![
+                "rr 1B beside bulk p50",
+                "rr 1B beside bulk p99",
+                "rr 1B beside bulk p90",
+                "rr 1B beside bulk p99.9",
+            ],
+            unit: "us",
+            args: vec![
+                "rrob".into(),
+                "{addr}".into(),
+                "{sink}".into(),
+                "1".into(),
+                BESIDE_BULK_RATE.to_string(),
+                secs.clone(),
+            ],
+            word: "rro",
+            link: Link::Congested,
+        },
     ];
     let mut samples = Vec::new();
     for repetition in 0..params.repetitions {
-        for (metrics, unit, args, word) in &workloads {
+        for Workload { metrics, unit, args, word, link } in &workloads {
+            let _shaped = match link {
+                Link::Free => None,
+                Link::Congested => Some(CongestedLink::on(sb.node("node1").netns.name())?),
+            };
             // Interleaved: every path runs each workload before the next workload starts.
             for path in &PATHS {
                 if only.is_some_and(|only| !format!("{} {}", path.name, metrics[0]).contains(only)) {
+                    continue;
+                }
+                // A congested link is between the nodes: only cross-node paths cross it.
+                if matches!(link, Link::Congested) && path.baseline != DIRECT_CROSS {
                     continue;
                 }
                 let server = sb.pod(path.server).ip;

@@ -12,6 +12,8 @@
 //! rr ADDR COUNT [SIZE]            -> "rr P50 P99 P90 P99.9" (us): closed-loop ping-pong of SIZE bytes
 //! rro ADDR SIZE RATE SECONDS      -> "rro P50 P90 P99 P99.9 RATE": open loop, latency from each
 //!                                    request's scheduled time (no coordinated omission)
+//! rrob ADDR SINK SIZE RATE SECONDS -> as rro, while one connection streams bulk to SINK (from a
+//!                                    second before the first request to after the last)
 //! bulk ADDR MIB                   -> "bulk GBIT_PER_S": MIB MiB each way through the echo server
 //! sink PORT                       -> "listening"; reads and discards each connection to its end
 //! stall PORT                      -> "listening"; accepts connections and never reads them
@@ -61,6 +63,17 @@ fn main() -> ExitCode {
             rate.parse().expect("rate"),
             secs.parse().expect("seconds"),
         ),
+        ["rrob", addr, sink, size, rate, secs] => {
+            let bulk = Bulk::start(sink.parse().expect("sink address"));
+            std::thread::sleep(Duration::from_secs(1));
+            open_loop(
+                addr.parse().expect("address"),
+                size.parse().expect("size"),
+                rate.parse().expect("rate"),
+                secs.parse().expect("seconds"),
+            );
+            bulk.stop();
+        }
         ["sink", port] => sink(port.parse().expect("port")),
         ["stall", port] => stall(port.parse().expect("port")),
         ["send", addr, secs, streams, rest @ ..] => send(
@@ -87,7 +100,7 @@ fn main() -> ExitCode {
         ["bulk", addr, mib] => bulk(addr.parse().expect("address"), mib.parse().expect("MiB")),
         _ => {
             eprintln!(
-                "usage: sandbox-app MODE ARGS, MODE one of serve, greet, abort, await, connect, rr, rro, bulk, sink, stall, send, cps, idle, hold, loaded, stream, probe"
+                "usage: sandbox-app MODE ARGS, MODE one of serve, greet, abort, await, connect, rr, rro, rrob, bulk, sink, stall, send, cps, idle, hold, loaded, stream, probe"
             );
             return ExitCode::from(2);
         }
@@ -300,6 +313,32 @@ fn open_loop(addr: SocketAddr, size: usize, rate: u64, seconds: u64) {
     sender.join().expect("sender");
     let achieved = total as f64 / start.elapsed().as_secs_f64();
     println!("rro {} {achieved:.0}", percentiles(latencies));
+}
+
+/// One connection sending as fast as it can until stopped.
+struct Bulk {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    sender: std::thread::JoinHandle<()>,
+}
+
+impl Bulk {
+    fn start(sink: SocketAddr) -> Bulk {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let mut stream = TcpStream::connect(sink).expect("connect to sink");
+        let sender = std::thread::spawn(move || {
+            let chunk = vec![3u8; 256 * 1024];
+            while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                stream.write_all(&chunk).expect("bulk write");
+            }
+        });
+        Bulk { stop, sender }
+    }
+
+    fn stop(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.sender.join().expect("bulk sender");
+    }
 }
 
 fn sink(port: u16) {
