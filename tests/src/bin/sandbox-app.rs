@@ -10,7 +10,7 @@
 //! connect ADDR BYTES [--mark M]   -> "peer ADDR" (getpeername), "local ADDR" (getsockname), then one of
 //!                                    "echoed N" | "refused" | "reset" | "timeout" | "error MSG"
 //! rr ADDR COUNT [SIZE]            -> "rr P50 P99 P90 P99.9" (us): closed-loop ping-pong of SIZE bytes
-//! rro ADDR SIZE RATE SECONDS      -> "rro P50 P90 P99 P99.9 RATE": open loop, latency from each
+//! rro ADDR SIZE RATE SECONDS      -> "rro P50 P99 P90 P99.9 RATE": open loop, latency from each
 //!                                    request's scheduled time (no coordinated omission)
 //! rrob ADDR SINK SIZE RATE SECONDS -> as rro, while one connection streams bulk to SINK (from a
 //!                                    second before the first request to after the last)
